@@ -1,0 +1,27 @@
+"""Plain PyTorch references for every fused kernel: the CPU path and the ground truth in tests."""
+import torch
+import torch.nn.functional as F
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def rms_norm(x, weight, eps: float = 1e-6):
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype) if weight is not None else y.to(x.dtype)
+
+
+def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None):
+    """q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with Hq % Hkv == 0 (GQA/MQA)."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    # With a KV cache Tq < Tk: query i sits at position Tk - Tq + i (bottom-right aligned mask).
+    if causal and q.shape[2] != k.shape[2]:
+        tq, tk = q.shape[2], k.shape[2]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale)

@@ -1,0 +1,224 @@
+"""Megatron-compatible memory-mapped token shards: ``PREFIX.bin`` + ``PREFIX.idx`` (MMIDIDX v1).
+
+``.idx`` layout (little-endian): magic ``MMIDIDX\\x00\\x00``, ``<Q`` version 1, ``<B`` dtype code,
+``<Q`` N sequences, ``<Q`` D = len(doc_idx), then int32 sizes[N], int64 byte pointers[N]
+(exclusive prefix sum of size * itemsize), int64 doc_idx[D] (0 ... N). ``.bin`` is the token
+arrays back to back. megatron-core's ``IndexedDataset`` reads exactly these bytes.
+
+The reader maps both files (zero-copy; resident memory does not grow with the corpus) and
+validates everything it can check cheaply, so a truncated or foreign file fails here with its
+path in the message rather than deep inside training.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from megagpt.errors import MegaGPTError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
+# Megatron's dtype codes; only uint16 and int32 are written by megagpt, all are readable.
+DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
+               6: np.float64, 7: np.float32, 8: np.uint16}
+CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits comfortably (Megatron's rule: vocab < 65500), else int32."""
+    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+
+
+def bin_path(prefix) -> str:
+    return f"{prefix}.bin"
+
+
+def idx_path(prefix) -> str:
+    return f"{prefix}.idx"
+
+
+class IndexedDatasetWriter:
+    """Streams documents to ``PREFIX.bin``/``.idx`` under temporary names; ``finalize`` renames.
+
+    Nothing at ``PREFIX`` is touched until ``finalize`` succeeds, so an interrupted run never
+    leaves a shard that looks complete. Use as a context manager: an exception discards the temp
+    files.
+    """
+
+    def __init__(self, prefix, dtype):
+        self.prefix = str(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise MegaGPTError(f"unsupported token dtype {self.dtype} for {self.prefix}")
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        self._tmp_suffix = f".tmp-{os.getpid()}"
+        self._bin_tmp = bin_path(self.prefix) + self._tmp_suffix
+        self._idx_tmp = idx_path(self.prefix) + self._tmp_suffix
+        self._bin = open(self._bin_tmp, "wb")
+        self._sizes: list[int] = []
+        self._doc_idx: list[int] = [0]
+        self.num_tokens = 0
+
+    def add_document(self, tokens) -> None:
+        """Append one document (one sequence, then a document boundary)."""
+        self.add_item(tokens)
+        self.end_document()
+
+    def add_item(self, tokens) -> None:
+        arr = np.asarray(tokens, dtype=self.dtype)
+        self._bin.write(arr.tobytes(order="C"))
+        self._sizes.append(int(arr.size))
+        self.num_tokens += int(arr.size)
+
+    def end_document(self) -> None:
+        self._doc_idx.append(len(self._sizes))
+
+    def add_index(self, other_prefix) -> None:
+        """Append a whole existing shard (its tokens, sizes and document boundaries)."""
+        other = IndexedDataset(other_prefix)
+        if other.dtype != self.dtype:
+            raise MegaGPTError(f"{other_prefix}: dtype {other.dtype} differs from {self.dtype} of {self.prefix}")
+        offset = len(self._sizes)
+        self._sizes.extend(other.sizes.tolist())
+        self._doc_idx.extend((other.doc_idx[1:] + offset).tolist())
+        self.num_tokens += int(other.sizes.sum())
+        with open(bin_path(other_prefix), "rb") as src:
+            while chunk := src.read(1 << 24):
+                self._bin.write(chunk)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._doc_idx) - 1
+
+    def finalize(self) -> None:
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        sizes = np.asarray(self._sizes, dtype=np.int32)
+        pointers = np.zeros(len(sizes), dtype=np.int64)
+        if len(sizes) > 1:
+            np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        doc_idx = np.asarray(self._doc_idx, dtype=np.int64)
+        with open(self._idx_tmp, "wb") as f:
+            f.write(MAGIC)
+            f.write(struct.pack("<Q", VERSION))
+            f.write(struct.pack("<B", CODE_OF_DTYPE[self.dtype]))
+            f.write(struct.pack("<Q", len(sizes)))
+            f.write(struct.pack("<Q", len(doc_idx)))
+            f.write(sizes.tobytes(order="C"))
+            f.write(pointers.tobytes(order="C"))
+            f.write(doc_idx.tobytes(order="C"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self._bin_tmp, bin_path(self.prefix))
+        os.replace(self._idx_tmp, idx_path(self.prefix))
+
+    def abort(self) -> None:
+        if not self._bin.closed:
+            self._bin.close()
+        for p in (self._bin_tmp, self._idx_tmp):
+            if os.path.exists(p):
+                os.remove(p)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+        return False
+
+
+class IndexedDataset:
+    """Read-only, memory-mapped view of one ``PREFIX.bin``/``.idx`` pair.
+
+    ``ds[i]`` is sequence i as a numpy view (no copy); ``ds.get(i, offset, length)`` a slice of it.
+    ``doc_idx`` maps documents to sequence ranges (megagpt writes one sequence per document).
+    """
+
+    def __init__(self, prefix):
+        self.prefix = str(prefix)
+        ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
+        for p in (ipath, bpath):
+            if not os.path.isfile(p):
+                raise MegaGPTError(f"{p}: no such file (expected a .bin/.idx pair at prefix {self.prefix})")
+        idx_len = os.path.getsize(ipath)
+        with open(ipath, "rb") as f:
+            header = f.read(HEADER_SIZE)
+        if len(header) < HEADER_SIZE or header[: len(MAGIC)] != MAGIC:
+            raise MegaGPTError(f"{ipath}: not a Megatron MMIDIDX index (bad magic or truncated header)")
+        version, code, n, d = struct.unpack("<QBQQ", header[len(MAGIC):])
+        if version != VERSION:
+            raise MegaGPTError(f"{ipath}: index version {version}, only version {VERSION} is supported")
+        if code not in DTYPE_CODES:
+            raise MegaGPTError(f"{ipath}: unknown dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        expected = HEADER_SIZE + n * 4 + n * 8 + d * 8
+        if idx_len != expected:
+            raise MegaGPTError(
+                f"{ipath}: file is {idx_len} bytes but its header (N={n} sequences, D={d} doc entries) "
+                f"needs {expected}; the index is truncated or corrupt")
+        self._idx_mmap = np.memmap(ipath, mode="r", dtype=np.uint8)
+        off = HEADER_SIZE
+        self.sizes = np.frombuffer(self._idx_mmap, dtype=np.int32, count=n, offset=off)
+        off += n * 4
+        self.pointers = np.frombuffer(self._idx_mmap, dtype=np.int64, count=n, offset=off)
+        off += n * 8
+        self.doc_idx = np.frombuffer(self._idx_mmap, dtype=np.int64, count=d, offset=off)
+        bin_len = os.path.getsize(bpath)
+        total = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
+        if bin_len != total:
+            raise MegaGPTError(
+                f"{bpath}: file is {bin_len} bytes but {ipath} describes {total} bytes of tokens; "
+                f"the pair does not match (truncated, or from different runs)")
+        if d == 0 or self.doc_idx[0] != 0 or self.doc_idx[-1] != n:
+            raise MegaGPTError(f"{ipath}: doc_idx must start at 0 and end at N={n}")
+        self._bin_mmap = np.memmap(bpath, mode="r", dtype=self.dtype) if bin_len else np.zeros(0, self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sizes.sum(dtype=np.int64))
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_idx) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = int(self.pointers[i]) // self.dtype.itemsize
+        return self._bin_mmap[start: start + int(self.sizes[i])]
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        seq = self[i]
+        end = len(seq) if length is None else offset + length
+        return seq[offset:end]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All tokens of the shard as one flat memory-mapped array."""
+        return self._bin_mmap
+
+    def check_token_range(self, vocab_size: int, chunk: int = 1 << 24) -> None:
+        """Raise naming this shard if any token id is >= vocab_size (or negative)."""
+        toks = self._bin_mmap
+        for s in range(0, len(toks), chunk):
+            part = toks[s: s + chunk]
+            hi, lo = int(part.max()), int(part.min())
+            if hi >= vocab_size or lo < 0:
+                bad = hi if hi >= vocab_size else lo
+                pos = s + int(np.argmax(part == bad))
+                raise MegaGPTError(
+                    f"{bin_path(self.prefix)}: token id {bad} at token offset {pos} is outside the "
+                    f"tokenizer's vocabulary (size {vocab_size}); was this shard made with another tokenizer?")
+
+
+def exists(prefix) -> bool:
+    return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
