@@ -1,0 +1,323 @@
+"""Text → Megatron token shards, streamed, in parallel, byte-identical for any worker count.
+
+Pipeline: the main process reads the inputs as chunks of raw lines / paragraphs / files
+(``read_chunks``), a Pool of workers decodes, parses and batch-encodes each chunk
+(``encode_chunk``; each worker loads the tokenizer once), and the main process writes the
+results *in input order*. At most ``2 * workers + 2`` chunks are in flight, so memory does not
+grow with the corpus. Chunk boundaries never change the output: a document is always one item.
+
+Outputs (Megatron naming), one set per json key (txt inputs use key ``text``):
+  ``{output_prefix}_{key}_document.bin/.idx``                 (default)
+  ``{output_prefix}_{key}_document_{00000,00001,...}.bin/.idx`` (``shard_size_tokens`` > 0: a new
+  shard starts once the current one holds >= shard_size_tokens tokens; documents are never split)
+
+Nothing appears at a final name until the whole run succeeded: shards are finalized under a
+``.partial-PID`` prefix and renamed at the end; any error removes them.
+
+Documents: one per jsonl line (per key); one per txt file, or with ``split_paragraphs`` one per
+blank-line-separated paragraph (its lines, joined by their newlines, without the trailing one).
+A document whose text is empty or only whitespace is skipped and counted. A bad line (malformed
+JSON, not an object, missing key, non-string value, invalid UTF-8) raises a MegaGPTError naming
+``file:line`` or, with ``skip_bad_lines``, is skipped (all keys of that line) and counted.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megagpt.data.indexed import IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path
+from megagpt.errors import MegaGPTError
+from megagpt.tokenizer import expand_inputs, is_json_file, load_tokenizer, open_binary
+
+CHUNK_BYTES = 1 << 18
+CHUNK_ITEMS = 2048
+
+
+@dataclass
+class Summary:
+    docs: int = 0
+    tokens: int = 0
+    empty_docs: int = 0
+    bad_lines: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    output_prefixes: list[str] = field(default_factory=list)
+
+    def __str__(self):
+        s = max(self.seconds, 1e-9)
+        return (f"{self.docs} docs, {self.tokens} tokens, {self.empty_docs} empty docs skipped, "
+                f"{self.bad_lines} bad lines skipped, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
+                f"({self.docs / s:.0f} docs/s, {self.bytes / 1e6 / s:.2f} MB/s, {self.tokens / s:.0f} tokens/s)")
+
+
+@dataclass
+class Chunk:
+    path: str
+    is_json: bool
+    items: list  # [(first line number, raw bytes)]
+
+
+@dataclass
+class Encoded:
+    path: str
+    tokens: dict     # key -> flat np array of all docs' tokens (eod included)
+    sizes: dict      # key -> np.int64 array of per-doc lengths
+    empty: int
+    errors: list     # [(line, message)]
+
+
+# ----------------------------------------------------------------------------- reading
+def read_chunks(files, split_paragraphs=False, chunk_bytes=CHUNK_BYTES, chunk_items=CHUNK_ITEMS):
+    """Yield Chunks of raw items: jsonl lines, txt paragraphs, or whole txt files."""
+    pending, size = [], 0
+    for path in files:
+        is_json = is_json_file(path)
+        for item in _read_items(path, is_json, split_paragraphs):
+            pending.append(item)
+            size += len(item[1])
+            if size >= chunk_bytes or len(pending) >= chunk_items:
+                yield Chunk(path, is_json, pending)
+                pending, size = [], 0
+        if pending:  # a chunk never spans files, so errors name the right file
+            yield Chunk(path, is_json, pending)
+            pending, size = [], 0
+
+
+def _read_items(path, is_json, split_paragraphs):
+    try:
+        with open_binary(path) as f:
+            if not is_json and not split_paragraphs:
+                yield 1, f.read()
+                return
+            para, start = [], 0
+            for lineno, raw in enumerate(f, 1):
+                if raw.strip():
+                    if is_json:
+                        yield lineno, raw
+                    else:
+                        start = start or lineno
+                        para.append(raw)
+                elif para:
+                    yield start, _join_paragraph(para)
+                    para, start = [], 0
+            if para:
+                yield start, _join_paragraph(para)
+    except (OSError, EOFError, zlib.error) as e:
+        raise MegaGPTError(f"{path}: read failed: {e}") from None
+
+
+def _join_paragraph(lines):
+    text = b"".join(lines)
+    return text[:-1] if text.endswith(b"\n") else text
+
+
+# ----------------------------------------------------------------------------- encoding (workers)
+_TOK = None
+_CFG = None
+
+
+def _init_worker(tokenizer_path, json_keys, append_eod):
+    global _TOK, _CFG
+    _TOK = load_tokenizer(tokenizer_path)
+    _CFG = (tuple(json_keys), append_eod, dtype_for_vocab(_TOK.vocab_size))
+
+
+def _parse(raw, start, is_json, keys):
+    """Raw item → list of texts (one per key); raises ValueError(line, message)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = start + raw.count(b"\n", 0, e.start)
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(line, f"invalid UTF-8 (byte {raw[e.start]:#04x} at column {col})") from None
+    if not is_json:
+        return [text]
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(start, f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(start, f"JSON line is a {type(obj).__name__}, expected an object")
+    texts = []
+    for k in keys:
+        if k not in obj:
+            present = ", ".join(repr(x) for x in list(obj)[:8])
+            raise ValueError(start, f"missing key {k!r} (keys present: {present or 'none'})")
+        if not isinstance(obj[k], str):
+            raise ValueError(start, f"key {k!r} holds a {type(obj[k]).__name__}, expected a string")
+        texts.append(obj[k])
+    return texts
+
+
+def encode_chunk(chunk: Chunk) -> Encoded:
+    keys, append_eod, dtype = _CFG
+    per_key = {k: [] for k in keys}
+    empty, errors = 0, []
+    for start, raw in chunk.items:
+        try:
+            texts = _parse(raw, start, chunk.is_json, keys)
+        except ValueError as e:
+            errors.append(e.args)
+            continue
+        for k, t in zip(keys, texts):
+            if t.strip():
+                per_key[k].append(t)
+            else:
+                empty += 1
+    tokens, sizes = {}, {}
+    for k, texts in per_key.items():
+        ids = _TOK.encode_batch(texts) if texts else []
+        if append_eod:
+            for x in ids:
+                x.append(_TOK.eod_id)
+        sizes[k] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.empty(int(sizes[k].sum()), dtype=dtype)
+        pos = 0
+        for x in ids:  # slice assignment from a list is numpy's fastest list → array path
+            flat[pos: pos + len(x)] = x
+            pos += len(x)
+        tokens[k] = flat
+    return Encoded(chunk.path, tokens, sizes, empty, errors)
+
+
+# ----------------------------------------------------------------------------- writing
+class ShardedOutput:
+    """Writes one key's documents, rolling to a new shard every ``shard_size_tokens`` tokens."""
+
+    def __init__(self, base: str, dtype, shard_size_tokens: int):
+        self.base, self.dtype, self.shard_size = base, dtype, shard_size_tokens
+        self.staged: list[tuple[str, str]] = []  # (partial prefix, final prefix) of finalized shards
+        self.writer = None
+        self.tag = f".partial-{os.getpid()}"
+
+    def _open(self):
+        final = f"{self.base}_{len(self.staged):05d}" if self.shard_size else self.base
+        self.writer = IndexedDatasetWriter(final + self.tag, self.dtype)
+        self.final = final
+
+    def add(self, flat: np.ndarray, sizes: np.ndarray):
+        pos = 0
+        for n in sizes.tolist():
+            if self.writer is None:
+                self._open()
+            self.writer.add_document(flat[pos: pos + n])
+            pos += n
+            if self.shard_size and self.writer.num_tokens >= self.shard_size:
+                self._close()
+
+    def _close(self):
+        self.writer.finalize()
+        self.staged.append((self.writer.prefix, self.final))
+        self.writer = None
+
+    def commit(self) -> list[str]:
+        if self.writer is not None or not self.staged:  # an empty input still yields one (empty) shard
+            if self.writer is None:
+                self._open()
+            self._close()
+        for partial, final in self.staged:
+            os.replace(bin_path(partial), bin_path(final))
+            os.replace(idx_path(partial), idx_path(final))
+        return [final for _, final in self.staged]
+
+    def abort(self):
+        if self.writer is not None:
+            self.writer.abort()
+        for partial, _ in self.staged:
+            for p in (bin_path(partial), idx_path(partial)):
+                if os.path.exists(p):
+                    os.remove(p)
+
+
+# ----------------------------------------------------------------------------- driver
+def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), workers=1, append_eod=True,
+               split_paragraphs=False, skip_bad_lines=False, shard_size_tokens=0, log_interval=1.0,
+               progress=None, chunk_bytes=CHUNK_BYTES) -> Summary:
+    """Tokenize ``inputs`` into ``{output_prefix}_{key}_document`` shard(s); see the module doc."""
+    if workers < 1:
+        raise MegaGPTError(f"workers must be >= 1, got {workers}")
+    if shard_size_tokens < 0:
+        raise MegaGPTError(f"shard_size_tokens must be >= 0, got {shard_size_tokens}")
+    files = expand_inputs(inputs)
+    json_keys = tuple(json_keys)
+    txt = [f for f in files if not is_json_file(f)]
+    if len(txt) == len(files):
+        json_keys = ("text",)  # a txt document has exactly one text, written under key "text"
+    elif txt and json_keys != ("text",):
+        raise MegaGPTError(f"plain-text input {txt[0]} has no json keys {list(json_keys)}: preprocess "
+                           f"it separately, or use only --json-keys text when mixing txt and jsonl")
+    tok = load_tokenizer(tokenizer_path)  # fail fast, before any worker starts
+    if append_eod and tok.eod_id is None:
+        raise MegaGPTError(f"{tokenizer_path}: tokenizer has no eos/eod token; use append_eod=False")
+    dtype = dtype_for_vocab(tok.vocab_size)
+    outputs = {k: ShardedOutput(f"{output_prefix}_{k}_document", dtype, shard_size_tokens) for k in json_keys}
+    summary = Summary()
+    t0 = time.perf_counter()
+    init = (tok.path, json_keys, append_eod)
+    chunks = read_chunks(files, split_paragraphs, chunk_bytes=chunk_bytes)
+    bar = _progress_bar(files, progress, log_interval)
+    try:
+        for chunk, enc in _map_ordered(encode_chunk, chunks, workers, init):
+            for line, msg in enc.errors:
+                if not skip_bad_lines:
+                    raise MegaGPTError(f"{enc.path}:{line}: {msg} (skip such lines with --skip-bad-lines)")
+                summary.bad_lines += 1
+            for k, out in outputs.items():
+                out.add(enc.tokens[k], enc.sizes[k])
+                summary.docs += len(enc.sizes[k])
+                summary.tokens += int(enc.tokens[k].size)
+            summary.empty_docs += enc.empty
+            nbytes = sum(len(raw) for _, raw in chunk.items)
+            summary.bytes += nbytes
+            if bar is not None:
+                el = max(time.perf_counter() - t0, 1e-9)
+                bar.update(nbytes)
+                bar.set_postfix_str(f"{summary.docs / el:.0f} docs/s, {summary.tokens / el:.0f} tok/s", refresh=False)
+        for out in outputs.values():
+            summary.output_prefixes += out.commit()
+    except BaseException:
+        for out in outputs.values():
+            out.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _map_ordered(fn, chunks, workers, init):
+    """Yield (chunk, fn(chunk)) in input order; a Pool with bounded in-flight chunks if workers > 1."""
+    if workers == 1:
+        _init_worker(*init)
+        for c in chunks:
+            yield c, fn(c)
+        return
+    with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init) as pool:
+        inflight = deque()
+        for c in chunks:
+            inflight.append((c, pool.apply_async(fn, (c,))))
+            if len(inflight) >= 2 * workers + 2:
+                c0, r = inflight.popleft()
+                yield c0, r.get()
+        while inflight:
+            c0, r = inflight.popleft()
+            yield c0, r.get()
+
+
+def _progress_bar(files, progress, log_interval):
+    """tqdm over input bytes (None when disabled); ``progress=None`` shows it only on a terminal."""
+    if progress is False:
+        return None
+    from tqdm import tqdm
+
+    total = None if any(f.endswith(".gz") for f in files) else sum(os.path.getsize(f) for f in files)
+    return tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", mininterval=log_interval,
+                disable=None if progress is None else not progress)

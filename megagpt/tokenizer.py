@@ -1,0 +1,271 @@
+"""Tokenizers: train a sentencepiece model with reserved special ids, or load one (or GPT-2 BPE).
+
+Special tokens (ids FIXED for every sentencepiece model trained here, so that checkpoints,
+shards and finetune transforms agree without looking anything up):
+
+====  ===========  ==========================================================================
+ id    piece        use
+====  ===========  ==========================================================================
+ 0     ``<pad>``    padding of finetune batches (never in pretraining shards)
+ 1     ``<unk>``    unknown piece (rare: byte fallback spells unseen chars as ``<0xNN>`` bytes)
+ 2     ``<s>``      bos: GPT-1's start token
+ 3     ``</s>``     eos == eod: appended after every document by preprocessing
+ 4     ``<delim>``  GPT-1 paper's delimiter ``$`` between premise/hypothesis etc.
+ 5     ``<cls>``    GPT-1 paper's extract token ``<e>``; its hidden state feeds the task head
+====  ===========  ==========================================================================
+
+``<delim>`` and ``<cls>`` are sentencepiece *control* symbols, not user-defined ones: user text
+that happens to contain the literal string ``"<cls>"`` (or ``"<s>"``) is spelled out as
+ordinary pieces and can never inject a structural token. Finetune transforms insert these ids
+directly (``tok.delim_id``), never by text. The GPT-2 BPE loader behaves the same way:
+``<|endoftext|>`` (50256, bos/eos/eod) and the appended ``<pad>``=50257, ``<delim>``=50258,
+``<cls>``=50259 are special tokens that ``encode`` never produces from text.
+
+``decode`` drops control/special tokens, so ``decode(encode(x)) == x`` holds for any text
+(the sentencepiece models use identity normalization and byte fallback to make that true).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from megagpt.errors import MegaGPTError
+
+PAD, UNK, BOS, EOS, DELIM, CLS = "<pad>", "<unk>", "<s>", "</s>", "<delim>", "<cls>"
+SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "delim": 4, "cls": 5}
+GPT2_EOT = "<|endoftext|>"
+
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+
+
+# ----------------------------------------------------------------------------- input files
+def expand_inputs(inputs: Iterable[str]) -> list[str]:
+    """Files, globs or folders (recursive) → a sorted, de-duplicated list of files.
+
+    Each argument expands in sorted order and arguments keep their order, so the document order
+    (and hence the output bytes) is reproducible.
+    """
+    import glob
+
+    files: list[str] = []
+    for arg in inputs:
+        arg = str(arg)
+        if os.path.isdir(arg):
+            found = sorted(str(p) for p in Path(arg).rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not found:
+                raise MegaGPTError(f"{arg}: folder contains no input files")
+        elif os.path.isfile(arg):
+            found = [arg]
+        elif glob.has_magic(arg):
+            found = sorted(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise MegaGPTError(f"{arg}: pattern matches no files")
+        else:
+            raise MegaGPTError(f"{arg}: no such file or folder")
+        for f in found:
+            if f not in files:
+                files.append(f)
+    return files
+
+
+def is_json_file(path: str) -> bool:
+    return str(path).endswith(JSON_SUFFIXES)
+
+
+def open_binary(path: str):
+    """Open for reading bytes (transparently gunzipping ``.gz``); errors name the file."""
+    try:
+        return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+    except OSError as e:
+        raise MegaGPTError(f"{path}: cannot open: {e.strerror or e}") from None
+
+
+def sentence_iterator(inputs: Sequence[str], json_keys=("text",)) -> Iterator[str]:
+    """Stream training sentences (non-empty lines) from txt/jsonl(.gz) files, one at a time.
+
+    Bad lines (malformed JSON, missing key, bad UTF-8) are skipped here: a tokenizer sample does
+    not need every line, and ``preprocess`` is the strict gate.
+    """
+    for path in expand_inputs(inputs):
+        as_json = is_json_file(path)
+        with open_binary(path) as f:
+            for raw in f:
+                try:
+                    line = raw.decode("utf-8")
+                    texts = [json.loads(line)[k] for k in json_keys] if as_json else [line]
+                except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+                    continue
+                for text in texts:
+                    if not isinstance(text, str):
+                        continue
+                    for sent in text.splitlines():
+                        if sent.strip():
+                            yield sent
+
+
+# ----------------------------------------------------------------------------- training
+def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int, model_type: str = "bpe",
+                        json_keys=("text",), byte_fallback: bool = True, input_sentence_size: int = 0,
+                        num_threads: int | None = None, verbose: bool = False) -> str:
+    """Train PREFIX.model/.vocab with the reserved specials at ids 0..5; returns the .model path.
+
+    ``input_sentence_size`` > 0 makes sentencepiece keep a random sample of that many sentences
+    (reservoir, so memory stays bounded); 0 uses every sentence.
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram"):
+        raise MegaGPTError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    minimum = len(SPECIAL_IDS) + (256 if byte_fallback else 0) + 1
+    if vocab_size < minimum:
+        raise MegaGPTError(f"vocab_size {vocab_size} is too small: the specials"
+                           f"{' and 256 byte pieces' if byte_fallback else ''} alone need {minimum - 1}")
+    files = expand_inputs(inputs)  # fail on missing inputs before sentencepiece starts
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentence_iterator(files, json_keys),
+            model_prefix=str(output_prefix), vocab_size=vocab_size, model_type=model_type,
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
+            control_symbols=[DELIM, CLS],
+            byte_fallback=byte_fallback,
+            # identity + keep whitespace: decode(encode(x)) == x, whitespace runs are not lost
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_digits=True, character_coverage=0.9995 if byte_fallback else 1.0,
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=0 if verbose else 2,
+        )
+    except RuntimeError as e:
+        raise MegaGPTError(f"sentencepiece training on {', '.join(files)} failed: {e}") from None
+    return str(output_prefix) + ".model"
+
+
+# ----------------------------------------------------------------------------- wrapper
+class Tokenizer:
+    """Common interface over sentencepiece and GPT-2 BPE (see docs/architecture.md).
+
+    Picklable: the state is the path, and unpickling re-loads it (cheap: a few ms for
+    sentencepiece), so multiprocessing workers can receive a Tokenizer directly.
+    """
+
+    type: str
+    path: str
+    vocab_size: int
+    pad_id: int | None
+    unk_id: int | None
+    bos_id: int | None
+    eos_id: int | None
+    delim_id: int | None
+    cls_id: int | None
+
+    @property
+    def eod_id(self) -> int | None:
+        return self.eos_id
+
+    def spec(self) -> dict:
+        return {"type": self.type, "path": self.path}
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__dict__.update(load_tokenizer(state["path"]).__dict__)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    type = "sentencepiece"
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        self.path = str(path)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(self.path)
+        except (OSError, RuntimeError) as e:
+            raise MegaGPTError(f"{self.path}: not a valid sentencepiece model ({e})") from None
+        self.vocab_size = self.sp.get_piece_size()
+
+        def piece_id(piece):  # None when a foreign model lacks the piece
+            i = self.sp.piece_to_id(piece)
+            return i if self.sp.id_to_piece(i) == piece else None
+
+        self.pad_id, self.unk_id = piece_id(PAD), self.sp.unk_id()
+        self.bos_id, self.eos_id = piece_id(BOS), piece_id(EOS)
+        self.delim_id, self.cls_id = piece_id(DELIM), piece_id(CLS)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        # num_threads=1: parallelism comes from processes (preprocess workers), not oversubscription
+        return self.sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class GPT2BPETokenizer(Tokenizer):
+    """GPT-2's byte-level BPE from ``encoder.json`` + ``vocab.bpe`` via HF ``tokenizers``."""
+
+    type = "gpt2-bpe"
+
+    def __init__(self, path: str):
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        self.path = str(path)
+        vocab, merges = os.path.join(self.path, "encoder.json"), os.path.join(self.path, "vocab.bpe")
+        try:
+            bpe = models.BPE.from_file(vocab, merges)
+        except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
+            raise MegaGPTError(f"{self.path}: cannot load GPT-2 BPE from encoder.json + vocab.bpe ({e})") from None
+        tok = HFTokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in (GPT2_EOT, PAD, DELIM, CLS)])
+        tok.encode_special_tokens = True  # literal "<|endoftext|>" in user text stays text
+        self.hf = tok
+        ids = {t: tok.token_to_id(t) for t in (GPT2_EOT, PAD, DELIM, CLS)}
+        if ids[GPT2_EOT] != 50256 or ids[PAD] != 50257:
+            raise MegaGPTError(f"{self.path}: encoder.json is not GPT-2's 50257-token vocabulary "
+                               f"({GPT2_EOT} has id {ids[GPT2_EOT]}, expected 50256)")
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self.eos_id = ids[GPT2_EOT]
+        self.pad_id, self.delim_id, self.cls_id = ids[PAD], ids[DELIM], ids[CLS]
+        self.unk_id = None  # byte-level: every string is representable
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """A sentencepiece ``.model`` file, or a folder holding GPT-2's ``encoder.json`` + ``vocab.bpe``."""
+    path = str(path)
+    if os.path.isdir(path):
+        missing = [f for f in ("encoder.json", "vocab.bpe") if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise MegaGPTError(f"{path}: tokenizer folder lacks {' and '.join(missing)} "
+                               f"(expected GPT-2 encoder.json + vocab.bpe, or pass a sentencepiece .model)")
+        return GPT2BPETokenizer(path)
+    if not os.path.isfile(path):
+        raise MegaGPTError(f"{path}: tokenizer not found (expected a sentencepiece .model file or a "
+                           f"folder with GPT-2 encoder.json + vocab.bpe)")
+    return SentencePieceTokenizer(path)
