@@ -29,6 +29,7 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -167,7 +168,7 @@ def encode_chunk(chunk: Chunk) -> Encoded:
             errors.append(e.args)
             continue
         for k, t in zip(keys, texts):
-            if t.strip():
+            if t and not t.isspace():  # isspace stops at the first visible char
                 per_key[k].append(t)
             else:
                 empty += 1
@@ -178,12 +179,7 @@ def encode_chunk(chunk: Chunk) -> Encoded:
             for x in ids:
                 x.append(_TOK.eod_id)
         sizes[k] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.empty(int(sizes[k].sum()), dtype=dtype)
-        pos = 0
-        for x in ids:  # slice assignment from a list is numpy's fastest list → array path
-            flat[pos: pos + len(x)] = x
-            pos += len(x)
-        tokens[k] = flat
+        tokens[k] = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(sizes[k].sum()))
     return Encoded(chunk.path, tokens, sizes, empty, errors)
 
 

@@ -1,0 +1,144 @@
+"""Tokenizer: sentencepiece training with fixed specials, round trips, GPT-2 BPE vs transformers."""
+import gzip
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megagpt.errors import MegaGPTError
+from megagpt.tokenizer import load_tokenizer, train_sentencepiece
+
+REPO = Path(__file__).resolve().parents[1]
+UNSEEN = ["emoji 😀🚀 end", "日本語のテキスト", "Ελληνικά и кириллица", "tabs\tand  double  spaces ",
+          "  leading and trailing  ", "line one\nline two\n\n", "ünïcödé façade — “quotes”"]
+
+
+@pytest.fixture(scope="module")
+def sp(sp_model):
+    return load_tokenizer(sp_model)
+
+
+@pytest.fixture(scope="module")
+def gpt2(shared_data):
+    return load_tokenizer(shared_data / "tokenizers" / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def shakespeare_lines(shakespeare_txt):
+    return shakespeare_txt.read_text(encoding="utf-8").splitlines()
+
+
+def test_special_ids_are_fixed(sp):
+    assert (sp.pad_id, sp.unk_id, sp.bos_id, sp.eos_id, sp.delim_id, sp.cls_id) == (0, 1, 2, 3, 4, 5)
+    assert sp.eod_id == sp.eos_id == 3
+    assert [sp.sp.id_to_piece(i) for i in range(6)] == ["<pad>", "<unk>", "<s>", "</s>", "<delim>", "<cls>"]
+    assert sp.vocab_size == 1000
+    assert sp.spec() == {"type": "sentencepiece", "path": sp.path}
+
+
+def test_round_trip_shakespeare_and_unseen_chars(sp, shakespeare_lines):
+    lines = shakespeare_lines[:3000]
+    for line, ids in zip(lines, sp.encode_batch(lines)):
+        assert sp.decode(ids) == line
+    paragraph = "\n".join(shakespeare_lines[:40])
+    assert sp.decode(sp.encode(paragraph)) == paragraph
+    for text in UNSEEN:  # byte fallback: never <unk>, always reversible
+        ids = sp.encode(text)
+        assert sp.unk_id not in ids, text
+        assert sp.decode(ids) == text
+        assert all(0 <= i < sp.vocab_size for i in ids)
+
+
+def test_literal_special_strings_stay_text(sp, gpt2):
+    text = "<s> </s> <pad> <unk> <delim> <cls> <|endoftext|>"
+    for tok in (sp, gpt2):
+        ids = tok.encode(text)
+        specials = {tok.pad_id, tok.bos_id, tok.eos_id, tok.delim_id, tok.cls_id}
+        assert not specials & set(ids), (tok, ids)
+        assert tok.decode(ids) == text
+    # inserted by id (as finetune transforms do), they decode to nothing
+    a, b = sp.encode("premise"), sp.encode("hypothesis")
+    assert sp.decode(a + [sp.delim_id] + b + [sp.cls_id]) == sp.decode(a + b) == "premise hypothesis"
+
+
+def test_unigram_jsonl_gz_sampling_and_no_byte_fallback(tmp_path, shakespeare_lines):
+    src = tmp_path / "part.jsonl.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        for i in range(0, 4000, 4):
+            f.write(json.dumps({"body": "\n".join(shakespeare_lines[i:i + 4]), "id": i}) + "\n")
+    model = train_sentencepiece([str(tmp_path)], str(tmp_path / "uni"), vocab_size=600, model_type="unigram",
+                                json_keys=("body",), input_sentence_size=2000)
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(model).read_bytes())
+    assert proto.trainer_spec.model_type == pb.TrainerSpec.UNIGRAM
+    assert proto.trainer_spec.input_sentence_size == 2000
+    tok = load_tokenizer(model)
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.delim_id, tok.cls_id) == (0, 1, 2, 3, 4, 5)
+    line = shakespeare_lines[10]
+    assert tok.decode(tok.encode(line)) == line
+
+    no_fb = load_tokenizer(train_sentencepiece([str(src)], str(tmp_path / "nofb"), vocab_size=300,
+                                               json_keys=("body",), byte_fallback=False))
+    assert no_fb.unk_id in no_fb.encode("emoji 😀")  # without byte fallback unseen chars are <unk>
+
+
+def test_gpt2_matches_transformers(gpt2, shared_data, shakespeare_lines):
+    from transformers import GPT2Tokenizer
+
+    d = shared_data / "tokenizers" / "gpt2"
+    merges = [tuple(line.split()) for line in (d / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]
+    ref = GPT2Tokenizer(vocab=json.loads((d / "encoder.json").read_text(encoding="utf-8")), merges=merges)
+    assert gpt2.encode("Hello world") == [15496, 995]
+    texts = shakespeare_lines[:500] + UNSEEN
+    assert gpt2.encode_batch(texts) == [ref(t)["input_ids"] for t in texts]
+    for t in texts:
+        assert gpt2.decode(gpt2.encode(t)) == t
+    assert gpt2.vocab_size == 50260
+    assert (gpt2.bos_id, gpt2.eos_id, gpt2.eod_id) == (50256, 50256, 50256)
+    assert (gpt2.pad_id, gpt2.delim_id, gpt2.cls_id) == (50257, 50258, 50259)
+    assert gpt2.spec()["type"] == "gpt2-bpe"
+
+
+def test_pickle_round_trip(sp, gpt2):
+    for tok in (sp, gpt2):
+        clone = pickle.loads(pickle.dumps(tok))
+        text = "To be, or not to be <|endoftext|> 😀"
+        assert clone.encode(text) == tok.encode(text)
+        assert clone.vocab_size == tok.vocab_size and clone.spec() == tok.spec()
+
+
+def test_bad_tokenizer_paths(tmp_path):
+    with pytest.raises(MegaGPTError, match="nope.model: tokenizer not found"):
+        load_tokenizer(tmp_path / "nope.model")
+    with pytest.raises(MegaGPTError, match="lacks encoder.json and vocab.bpe"):
+        load_tokenizer(tmp_path)
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"this is not a protobuf")
+    with pytest.raises(MegaGPTError, match="junk.model: not a valid sentencepiece model"):
+        load_tokenizer(junk)
+    with pytest.raises(MegaGPTError, match="missing-input: no such file"):
+        train_sentencepiece([str(tmp_path / "missing-input")], str(tmp_path / "t"), vocab_size=500)
+
+
+def test_cli(tmp_path, shakespeare_lines):
+    script = str(REPO / "tools" / "train_tokenizer.py")
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("--input", "--json-keys", "--vocab-size", "--output-prefix", "--model-type",
+                 "--byte-fallback", "--no-byte-fallback", "--input-sentence-size", "--workers"):
+        assert flag in out.stdout
+    src = tmp_path / "small.txt"
+    src.write_text("\n".join(shakespeare_lines[:2000]), encoding="utf-8")
+    ok = subprocess.run([sys.executable, script, "--input", str(src), "--vocab-size", "400",
+                         "--output-prefix", str(tmp_path / "cli"), "--workers", "1"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "pad=0 unk=1 bos=2 eos=3 (eod=3) delim=4 cls=5" in ok.stdout
+    assert (tmp_path / "cli.model").is_file() and (tmp_path / "cli.vocab").is_file()
+    bad = subprocess.run([sys.executable, script, "--input", str(tmp_path / "absent.txt"), "--vocab-size", "400",
+                          "--output-prefix", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "absent.txt: no such file or folder" in bad.stderr

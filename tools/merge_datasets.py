@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Concatenate Megatron .bin/.idx shards into one, keeping document boundaries (doc_idx) right.
+
+    python tools/merge_datasets.py --input shards/web_text_document_00000 shards/web_text_document_00001 \\
+        --output-prefix shards/web_all
+    python tools/merge_datasets.py --input shards/ --pattern 'web_text_document_*' --output-prefix shards/web_all
+
+Inputs are merged in the order given (a folder's shards in sorted name order). All inputs must
+share one dtype (made with the same tokenizer); the output appears only once complete.
+"""
+import argparse
+import fnmatch
+import os
+from pathlib import Path
+
+from megagpt.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, idx_path
+from megagpt.errors import MegaGPTError, cli_main
+
+
+def find_prefixes(inputs, pattern="*") -> list[str]:
+    """Shard prefixes from prefixes and/or folders (each folder: its *.idx matching ``pattern``, sorted)."""
+    prefixes = []
+    for arg in inputs:
+        arg = str(arg)
+        if os.path.isdir(arg):
+            found = sorted(str(p.with_suffix("")) for p in Path(arg).glob("*.idx")
+                           if fnmatch.fnmatch(p.stem, pattern))
+            if not found:
+                raise MegaGPTError(f"{arg}: no *.idx shards matching {pattern!r} in this folder")
+            prefixes += found
+        else:
+            prefixes.append(arg[:-4] if arg.endswith((".bin", ".idx")) else arg)
+    return prefixes
+
+
+def merge_datasets(prefixes, output_prefix) -> IndexedDataset:
+    """Write the concatenation of ``prefixes`` to ``output_prefix`` (atomic) and return it opened."""
+    if not prefixes:
+        raise MegaGPTError("no input shards to merge")
+    out = os.path.abspath(output_prefix)
+    if any(os.path.abspath(p) == out for p in prefixes):
+        raise MegaGPTError(f"{output_prefix}: the output prefix is also an input; choose another")
+    datasets = [IndexedDataset(p) for p in prefixes]  # validates every input before writing anything
+    dtype = datasets[0].dtype
+    for p, ds in zip(prefixes, datasets):
+        if ds.dtype != dtype:
+            raise MegaGPTError(f"{p}: token dtype {ds.dtype} differs from {dtype} of {prefixes[0]}; "
+                               f"these shards were made with different tokenizers and cannot be merged")
+    with IndexedDatasetWriter(output_prefix, dtype) as w:
+        for p in prefixes:
+            w.add_index(p)
+    return IndexedDataset(output_prefix)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="shard prefixes (PREFIX of PREFIX.bin/.idx) and/or folders holding shards")
+    p.add_argument("--pattern", default="*", help="for folder inputs: glob on the shard name (default: *)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    a = parse_args(argv)
+    prefixes = find_prefixes(a.input, a.pattern)
+    ds = merge_datasets(prefixes, a.output_prefix)
+    print(f"merged {len(prefixes)} shards: {ds.num_documents} docs, {ds.num_tokens} tokens ({ds.dtype}) "
+          f"→ {bin_path(a.output_prefix)}, {idx_path(a.output_prefix)}")
+
+
+if __name__ == "__main__":
+    main()
