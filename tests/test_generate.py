@@ -1,0 +1,105 @@
+"""generate(): KV cache equivalence, greedy decoding, top-k/top-p support, eos, input handling."""
+import pytest
+import torch
+
+from megagpt.errors import MegaGPTError
+from megagpt.model import GPT, get_preset
+from megagpt.model.generate import filter_logits, generate
+
+
+def _model(name, **overrides):
+    torch.manual_seed(0)
+    return GPT(get_preset(name, **overrides)).eval()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2", "tiny-modern"])  # learned positions and rope
+def test_kv_cache_generation_equals_full_recompute(name):
+    model = _model(name)
+    prompt = torch.randint(0, 1000, (3, 5))
+    greedy = [generate(model, prompt, 20, temperature=0, use_kv_cache=c) for c in (True, False)]
+    assert torch.equal(greedy[0], greedy[1])
+    sampled = [generate(model, prompt, 20, temperature=1.0, top_k=50, use_kv_cache=c,
+                        generator=torch.Generator().manual_seed(7)) for c in (True, False)]
+    assert torch.equal(sampled[0], sampled[1])
+    assert sampled[0].shape == (3, 25) and torch.equal(sampled[0][:, :5], prompt)
+    assert not torch.equal(sampled[0], greedy[0])  # sampling really samples
+
+
+def test_greedy_picks_the_argmax_of_the_model():
+    model = _model("tiny-gpt2")
+    prompt = [5, 17, 256, 3]
+    out = generate(model, prompt, 3, temperature=0)
+    assert out.shape == (7,) and out[:4].tolist() == prompt
+    seq = torch.tensor(prompt)
+    for _ in range(3):
+        seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
+    assert torch.equal(out, seq)
+
+
+def test_top_k_restricts_samples_to_the_k_most_likely():
+    model = _model("tiny", n_layer=1)
+    prompt = torch.tensor([[1, 2, 3]]).repeat(400, 1)
+    with torch.no_grad():
+        top3 = set(model(prompt[:1])[0, -1].topk(3).indices.tolist())
+    out = generate(model, prompt, 1, temperature=5.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert set(out[:, -1].tolist()) == top3  # all three seen, nothing else
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    logits = probs.log()
+    keep = lambda p: torch.isfinite(filter_logits(logits, top_p=p))[0].tolist()  # noqa: E731
+    assert keep(0.5) == [True, False, False, False]
+    assert keep(0.6) == [True, False, True, False]
+    assert keep(0.8) == [True, False, True, False]
+    assert keep(0.81) == [True, False, True, True]
+    assert keep(1.0) == [True, True, True, True]
+    both = filter_logits(logits, top_k=1, top_p=0.9)
+    assert torch.isfinite(both)[0].tolist() == [True, False, False, False]
+
+
+def test_top_p_generation_samples_only_from_the_nucleus():
+    model = _model("tiny", n_layer=1)
+    prompt = torch.tensor([[4, 9]]).repeat(400, 1)
+    with torch.no_grad():
+        probs = model(prompt[:1])[0, -1].div(5.0).softmax(-1)
+    sorted_p, order = probs.sort(descending=True)
+    n_nucleus = int((sorted_p.cumsum(0) - sorted_p < 0.05).sum())
+    out = generate(model, prompt, 1, temperature=5.0, top_p=0.05, generator=torch.Generator().manual_seed(0))
+    seen = set(out[:, -1].tolist())
+    assert seen <= set(order[:n_nucleus].tolist()) and len(seen) > 1
+
+
+def test_eos_stops_rows_and_pads_finished_ones():
+    model = _model("tiny-modern")
+    prompt = torch.randint(0, 1000, (2, 4))
+    free = generate(model, prompt, 12, temperature=0)
+    eos = int(free[0, 6])  # the token row 0 emits third
+    out = generate(model, prompt, 12, temperature=0, eos_id=eos)
+    first = (free[0, 4:] == eos).nonzero()[0].item() + 4
+    assert torch.equal(out[0, :first + 1], free[0, :first + 1])
+    assert torch.all(out[0, first:] == eos)
+    if (free[1, 4:] == eos).any():  # the batch ends once every row has finished
+        assert out.shape[1] <= free.shape[1]
+    else:
+        assert out.shape == free.shape and torch.equal(out[1], free[1])
+
+
+def test_batched_list_prompts_and_training_mode_is_restored():
+    model = _model("tiny")
+    model.train()
+    out = generate(model, [[1, 2, 3], [4, 5, 6]], 2, temperature=0)
+    assert out.shape == (2, 5) and model.training
+    assert torch.equal(out[1], generate(model, [4, 5, 6], 2, temperature=0))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompt_ids=[[1, 2], [3]], max_new_tokens=1), "equal length"),
+    (dict(prompt_ids=[1] * 60, max_new_tokens=5), "exceeds max_seq_len=64"),
+    (dict(prompt_ids=[1], max_new_tokens=1, temperature=-1.0), "temperature"),
+    (dict(prompt_ids=[1], max_new_tokens=1, top_p=0.0), "top_p"),
+    (dict(prompt_ids=[1], max_new_tokens=1, top_k=0), "top_k"),
+])
+def test_bad_generation_arguments_are_clear_errors(kwargs, match):
+    with pytest.raises(MegaGPTError, match=match):
+        generate(_model("tiny"), **kwargs)
