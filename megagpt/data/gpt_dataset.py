@@ -1,0 +1,234 @@
+"""GPT pretraining samples: fixed ``seq_length + 1`` token windows over a shuffled document stream.
+
+As in Megatron, the documents of a split are concatenated (reshuffled every epoch) into one
+stream and sample ``i`` is stream tokens ``[i*S, (i+1)*S]`` (S = seq_length): windows cross
+document boundaries, no token is padded away, and consecutive windows share one token so that
+``tokens[:-1]``/``tokens[1:]`` give inputs/labels for every position. Samples are then shuffled
+within each epoch, so each epoch still shows every document once before the next begins.
+
+Three index arrays describe this (all numpy, built vectorised, cached on disk):
+  ``doc_idx``     document ids in stream order, one shuffled permutation of the split per epoch;
+  ``sample_idx``  ``(num_samples + 1, 2)``: (position in doc_idx, token offset) where sample i
+                  starts; sample i ends at (inclusive) the start of sample i + 1;
+  ``shuffle_idx`` dataset index -> stream sample index.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megagpt.data import index_cache
+from megagpt.data.indexed import IndexedDataset
+from megagpt.errors import MegaGPTError
+
+CLASS_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def document_lengths(shard: IndexedDataset, lo: int, hi: int) -> np.ndarray:
+    """Token count of documents ``lo .. hi-1`` (a document may span several sequences)."""
+    s0, s1 = int(shard.doc_idx[lo]), int(shard.doc_idx[hi])
+    cum = np.zeros(s1 - s0 + 1, dtype=np.int64)
+    np.cumsum(shard.sizes[s0:s1], out=cum[1:])
+    bounds = np.asarray(shard.doc_idx[lo: hi + 1], dtype=np.int64) - s0
+    return np.diff(cum[bounds])
+
+
+def num_epochs_needed(tokens_per_epoch: int, num_samples: int, seq_length: int) -> int:
+    """Fewest epochs E with ``(E*T - 1) // S >= num_samples`` (the +1 is the overlap token)."""
+    return -(-(num_samples * seq_length + 1) // tokens_per_epoch)
+
+
+def build_doc_idx(lo: int, n_docs: int, num_epochs: int, seed: int) -> np.ndarray:
+    """Each epoch a fresh permutation of documents ``lo .. lo+n_docs-1``, seeded by (seed, epoch)."""
+    out = np.empty(num_epochs * n_docs, dtype=np.int64)
+    for e in range(num_epochs):
+        out[e * n_docs:(e + 1) * n_docs] = lo + np.random.default_rng([seed, 0, e]).permutation(n_docs)
+    return out
+
+
+def build_sample_idx(stream_doc_lengths: np.ndarray, num_samples: int, seq_length: int) -> np.ndarray:
+    """Start (doc_idx position, offset) of every window; ``searchsorted`` over the cumulative
+    stream length, so empty documents are stepped over and no Python loop runs per sample."""
+    cum = np.zeros(len(stream_doc_lengths) + 1, dtype=np.int64)
+    np.cumsum(stream_doc_lengths, out=cum[1:])
+    pos = np.arange(num_samples + 1, dtype=np.int64) * seq_length
+    if pos[-1] >= cum[-1]:
+        raise ValueError("document stream too short for the requested samples")
+    where = np.searchsorted(cum, pos, side="right") - 1
+    return np.stack([where, pos - cum[where]], axis=1)
+
+
+def build_shuffle_idx(num_samples: int, tokens_per_epoch: int, seq_length: int, seed: int) -> np.ndarray:
+    """Permute samples within each epoch's block (block e = samples starting in epoch e), so a
+    run of 1.5 epochs sees every document once before any repeats."""
+    n_epochs = -(-(num_samples * seq_length) // tokens_per_epoch) if num_samples else 0
+    starts = [min(-(-(e * tokens_per_epoch) // seq_length), num_samples) for e in range(n_epochs + 1)]
+    starts[-1] = num_samples
+    out = np.empty(num_samples, dtype=np.int64)
+    for b, (s, t) in enumerate(zip(starts[:-1], starts[1:])):
+        out[s:t] = s + np.random.default_rng([seed, 1, b]).permutation(t - s)
+    return out
+
+
+def check_tokens_cached(shard: IndexedDataset, vocab_size: int, cache_dir: Path, fingerprint: dict) -> None:
+    """``shard.check_token_range`` once per (shard content, vocab): a marker file records the pass."""
+    key = index_cache.describe_hash({"check": "token_range", "vocab_size": vocab_size, **fingerprint})
+    marker = cache_dir / f"{Path(shard.prefix).name}_tokens_ok_{key}.json"
+    if marker.exists():
+        return
+    shard.check_token_range(vocab_size)
+    index_cache.save_text_atomic(marker, json.dumps({"shard": shard.prefix, "vocab_size": vocab_size, **fingerprint}))
+
+
+class GPTDataset(torch.utils.data.Dataset):
+    """``num_samples`` windows over documents ``doc_range = (lo, hi)`` of one shard.
+
+    ``ds[i] -> {"tokens": int64 array of seq_length + 1}``. ``built_index`` tells whether this
+    process built the index arrays (False: loaded from cache).
+    """
+
+    def __init__(self, shard, doc_range, num_samples: int, seq_length: int, seed: int, *,
+                 name: str = "train", split=None, cache_dir=None, vocab_size: int | None = None,
+                 fingerprint: dict | None = None):
+        self.shard = shard if isinstance(shard, IndexedDataset) else IndexedDataset(shard)
+        lo, hi = (int(x) for x in doc_range)
+        if not (0 <= lo < hi <= self.shard.num_documents):
+            raise MegaGPTError(f"{self.shard.prefix}: document range [{lo}, {hi}) is empty or outside "
+                               f"its {self.shard.num_documents} documents")
+        if num_samples < 1 or seq_length < 1:
+            raise MegaGPTError(f"{self.shard.prefix}: num_samples={num_samples} and seq_length={seq_length} must be >= 1")
+        self.doc_range, self.num_samples, self.seq_length, self.seed = (lo, hi), int(num_samples), int(seq_length), int(seed)
+        fingerprint = fingerprint or index_cache.shard_fingerprint(self.shard.prefix)
+        self.cache_dir = index_cache.resolve_cache_dir(self.shard.prefix, cache_dir)
+        self.description = {"class": "GPTDataset", "version": CLASS_VERSION, "shard": fingerprint,
+                            "doc_range": [lo, hi], "seq_length": self.seq_length, "seed": self.seed,
+                            "num_samples": self.num_samples, "split": [name, split]}
+        self.cache_hash = index_cache.describe_hash(self.description)
+        stem = self.cache_dir / f"{Path(self.shard.prefix).name}_{name}_{self.cache_hash}"
+        self.paths = {k: Path(f"{stem}_{k}.npy") for k in ("doc_idx", "sample_idx", "shuffle_idx")}
+        self.built_index = False
+
+        def build():
+            if vocab_size is not None:
+                check_tokens_cached(self.shard, vocab_size, self.cache_dir, fingerprint)
+            if all(p.exists() for p in self.paths.values()):
+                return
+            for k, arr in self._build_arrays().items():
+                index_cache.save_npy_atomic(self.paths[k], arr)
+            index_cache.save_text_atomic(Path(f"{stem}_desc.json"), json.dumps(self.description, indent=1))
+            self.built_index = True
+
+        index_cache.rank0_first(build, self._load)
+        self._tokens = self.shard.tokens
+        self._seq_ptr = self.shard.pointers
+        self._sizes = self.shard.sizes
+        self._shard_doc_idx = self.shard.doc_idx
+        self._itemsize = self.shard.dtype.itemsize
+
+    def _build_arrays(self) -> dict:
+        lo, hi = self.doc_range
+        lengths = document_lengths(self.shard, lo, hi)
+        tokens_per_epoch = int(lengths.sum())
+        if tokens_per_epoch == 0:
+            raise MegaGPTError(f"{self.shard.prefix}: documents [{lo}, {hi}) hold no tokens")
+        epochs = num_epochs_needed(tokens_per_epoch, self.num_samples, self.seq_length)
+        doc_idx = build_doc_idx(lo, hi - lo, epochs, self.seed)
+        sample_idx = build_sample_idx(lengths[doc_idx - lo], self.num_samples, self.seq_length)
+        shuffle_idx = build_shuffle_idx(self.num_samples, tokens_per_epoch, self.seq_length, self.seed)
+        return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
+
+    def _load(self):
+        arrs = {k: index_cache.load_npy(p) for k, p in self.paths.items()}
+        n = self.num_samples
+        if arrs["shuffle_idx"].shape != (n,) or arrs["sample_idx"].shape != (n + 1, 2):
+            raise MegaGPTError(f"{self.paths['sample_idx']}: cached index does not match its description "
+                               f"(expected {n} samples); delete the cache files and rerun")
+        self.doc_idx, self.sample_idx, self.shuffle_idx = arrs["doc_idx"], arrs["sample_idx"], arrs["shuffle_idx"]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _doc_tokens(self, doc: int) -> np.ndarray:
+        """All tokens of shard document ``doc`` (its sequences are stored back to back)."""
+        s0, s1 = int(self._shard_doc_idx[doc]), int(self._shard_doc_idx[doc + 1])
+        if s0 == s1:
+            return self._tokens[:0]
+        start = int(self._seq_ptr[s0]) // self._itemsize
+        n = int(self._sizes[s0]) if s1 == s0 + 1 else int(self._sizes[s0:s1].sum())
+        return self._tokens[start:start + n]
+
+    def stream_sample(self, j: int) -> np.ndarray:
+        """Sample ``j`` in stream (unshuffled) order."""
+        (p0, o0), (p1, o1) = self.sample_idx[j], self.sample_idx[j + 1]
+        p0, o0, p1, o1 = int(p0), int(o0), int(p1), int(o1)
+        if p0 == p1:
+            out = self._doc_tokens(int(self.doc_idx[p0]))[o0:o1 + 1]
+        else:
+            parts = [self._doc_tokens(int(self.doc_idx[p0]))[o0:]]
+            parts += [self._doc_tokens(int(d)) for d in self.doc_idx[p0 + 1:p1]]
+            parts.append(self._doc_tokens(int(self.doc_idx[p1]))[:o1 + 1])
+            out = np.concatenate(parts)
+        return out.astype(np.int64)
+
+    def __getitem__(self, i: int) -> dict:
+        if not -self.num_samples <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        return {"tokens": self.stream_sample(int(self.shuffle_idx[i]))}
+
+
+def split_document_ranges(num_docs: int, ratios) -> list[tuple[int, int]]:
+    """Contiguous (train, valid, test) document ranges; boundaries are the rounded cumulative
+    ratios, so each split is within one document of its share and the three never overlap."""
+    cum = np.cumsum(np.asarray(ratios, dtype=np.float64))
+    bounds = [0] + [int(round(c / cum[-1] * num_docs)) for c in cum]
+    bounds[-1] = num_docs
+    return [(bounds[k], max(bounds[k], bounds[k + 1])) for k in range(3)]
+
+
+def build_gpt_datasets(data_config, num_samples, vocab_size: int):
+    """(train, valid, test): each a ``GPTDataset`` (one prefix), a ``BlendedDataset`` (several),
+    or None when the split has no documents or 0 samples are requested.
+
+    Every prefix is split by documents with the same ratios; a blend draws ``num_samples[k]``
+    from the k-th split of each prefix in proportion to the weights.
+    """
+    from megagpt.data.blend import BlendedDataset, max_draws, normalise_weights
+
+    if len(num_samples) != 3 or any(isinstance(n, bool) or int(n) != n or n < 0 for n in num_samples):
+        raise MegaGPTError(f"num_samples={num_samples!r} must be 3 non-negative integers (train, valid, test)")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise MegaGPTError(f"vocab_size={vocab_size!r} must be a positive integer")
+    cfg = data_config
+    shards = [IndexedDataset(p) for p in cfg.prefixes]
+    prints = [index_cache.shard_fingerprint(p) for p in cfg.prefixes]
+    ranges = [split_document_ranges(s.num_documents, cfg.split_ratios) for s in shards]
+    out = []
+    for k, name in enumerate(("train", "valid", "test")):
+        members = [(s, r[k], w, fp) for s, r, w, fp in zip(shards, ranges, cfg.weights, prints) if r[k][1] > r[k][0]]
+        n = int(num_samples[k])
+        if n == 0 or not members:
+            if n > 0:
+                log.warning("%s split is empty (split=%s): no %s dataset", name, cfg.split, name)
+            out.append(None)
+            continue
+        if len(members) < len(shards):
+            log.warning("%s split: %d of %d prefixes have no documents in it; blending the rest",
+                        name, len(shards) - len(members), len(shards))
+        weights = normalise_weights([m[2] for m in members])
+
+        def make(shard, doc_range, count, fp):
+            return GPTDataset(shard, doc_range, count, cfg.seq_length, cfg.seed, name=name, split=list(cfg.split_ratios),
+                              cache_dir=cfg.cache_dir, vocab_size=vocab_size, fingerprint=fp)
+
+        if len(members) == 1:
+            s, r, _, fp = members[0]
+            out.append(make(s, r, n, fp))
+        else:
+            parts = [make(s, r, max_draws(w, n), fp) for (s, r, _, fp), w in zip(members, weights)]
+            out.append(BlendedDataset(parts, weights, n, cfg.seed))
+    return tuple(out)

@@ -1,0 +1,126 @@
+"""On-disk cache of index arrays: naming by content hash, atomic writes, rank 0 builds first.
+
+Index arrays (document order, sample boundaries, shuffles, blend order) are cheap to load and
+expensive to build for big corpora, and every data-parallel rank must see the *same* arrays. So
+rank 0 builds them once and writes them under a name hashing everything they depend on; the
+other ranks wait on a collective and then memory-map the same files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from megagpt.data import indexed
+from megagpt.errors import MegaGPTError
+
+
+def shard_fingerprint(prefix) -> dict:
+    """Identity of a shard's content: sha256 of the ``.idx`` (sizes + doc boundaries) and the
+    ``.bin`` byte size. Unlike mtimes it is the same on every node and survives copies."""
+    h = hashlib.sha256()
+    with open(indexed.idx_path(prefix), "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return {"idx_sha256": h.hexdigest(), "bin_bytes": os.path.getsize(indexed.bin_path(prefix))}
+
+
+def describe_hash(desc: dict) -> str:
+    """Short stable hash of a JSON-able description (keys sorted)."""
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _writable(d: Path) -> bool:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".megagpt-write-test-"):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_cache_dir(prefix, cache_dir=None) -> Path:
+    """``cache_dir`` if given (must be writable), else ``index-cache/`` beside the shard, else a per-user
+    cache (``$XDG_CACHE_HOME/megagpt/index-cache``) when the data lives on a read-only mount."""
+    if cache_dir is not None:
+        d = Path(cache_dir)
+        if not _writable(d):
+            raise MegaGPTError(f"data config: cache_dir={str(cache_dir)!r} is not a writable directory")
+        return d
+    d = Path(os.path.abspath(prefix)).parent / "index-cache"
+    if os.access(d.parent, os.W_OK) and _writable(d):
+        return d
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    d = base / "megagpt" / "index-cache"
+    if not _writable(d):
+        raise MegaGPTError(f"{prefix}: neither the shard's directory nor {d} is writable for index "
+                           f"caches; set cache_dir in the data config")
+    return d
+
+
+def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` to a temp name in the same directory, fsync, rename: never a half file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_npy(path: Path) -> np.ndarray:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def rank0_first(build_on_rank0, then_on_all):
+    """Run ``build_on_rank0()`` on rank 0 only, then ``then_on_all()`` everywhere.
+
+    The wait is a broadcast rather than a bare barrier so that a ``MegaGPTError`` on rank 0
+    (say, a bad token id) is re-raised on every rank instead of leaving them hung at a barrier.
+    Without an initialised process group this is simply build-then-load.
+    """
+    dist = _dist()
+    if dist is None:
+        build_on_rank0()
+        return then_on_all()
+    err, exc = [None], None
+    if dist.get_rank() == 0:
+        try:
+            build_on_rank0()
+        except Exception as e:  # tell the other ranks, then re-raise the original here
+            exc = e
+            err = [str(e) if isinstance(e, MegaGPTError) else f"rank 0 failed: {type(e).__name__}: {e}"]
+    dist.broadcast_object_list(err, src=0)
+    if exc is not None:
+        raise exc
+    if err[0] is not None:
+        raise MegaGPTError(err[0])
+    return then_on_all()
