@@ -1,0 +1,90 @@
+"""The finetuning tasks: which reader, which input transform, which head, which metric.
+
+``encode(task, example, tok_ids, sp, max_len)`` turns one Example into its list of token
+sequences ("views": 1 for classification/entailment, 2 for similarity, K for multiple choice).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megagpt.errors import MegaGPTError
+
+from . import readers, transforms
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str               # classification | entailment | similarity | multiple_choice
+    num_outputs: int        # classes (1 = regression for similarity, 1 score per choice for MC)
+    regression: bool
+    metric_kind: str        # see metrics.compute
+    main_metric: str        # the metric that picks the best checkpoint
+    train_file: str         # relative to the data root (../shared/data)
+    eval_file: str
+    single_file: bool = False   # only one file ships: split it (readers.split_examples)
+
+    def read(self, path, skip_bad=False):
+        if self.name in readers.GLUE_FORMATS:
+            return readers.read_glue(path, self.name, skip_bad)
+        if self.name == "copa":
+            return readers.read_copa(path, skip_bad)
+        if self.name == "storycloze":
+            return readers.read_storycloze(path, skip_bad)
+        raise MegaGPTError(f"task {self.name}: no reader")
+
+    def load(self, data_root, skip_bad=False, train_fraction=0.8, log=print):
+        """(train examples, eval examples) from the files under ``data_root``."""
+        root = Path(data_root)
+        if self.single_file:
+            exs, st = self.read(root / self.train_file, skip_bad)
+            _report(st, log)
+            return readers.split_examples(exs, train_fraction)
+        train, st1 = self.read(root / self.train_file, skip_bad)
+        ev, st2 = self.read(root / self.eval_file, skip_bad)
+        _report(st1, log)
+        _report(st2, log)
+        return train, ev
+
+
+def _report(stats, log):
+    if stats.skipped:
+        log(f"{stats.path}: skipped {stats.skipped} bad row(s) of {stats.rows} "
+            f"(first: {', '.join(stats.skipped_where[:3])})")
+
+
+TASKS = {t.name: t for t in [
+    Task("sst2", "classification", 2, False, "accuracy", "accuracy", "glue/SST-2/train.tsv", "glue/SST-2/dev.tsv"),
+    Task("rte", "entailment", 2, False, "accuracy", "accuracy", "glue/RTE/train.tsv", "glue/RTE/dev.tsv"),
+    Task("mrpc", "similarity", 2, False, "accuracy_f1", "f1", "glue/MRPC/train.tsv", "glue/MRPC/dev.tsv"),
+    Task("stsb", "similarity", 1, True, "correlation", "pearson", "glue/STS-B/train.tsv", "glue/STS-B/dev.tsv"),
+    Task("copa", "multiple_choice", 1, False, "accuracy", "accuracy", "copa/copa-dev.xml", "copa/copa-dev.xml",
+         single_file=True),
+    Task("storycloze", "multiple_choice", 1, False, "accuracy", "accuracy", "storycloze/val.csv",
+         "storycloze/val.csv", single_file=True),
+]}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise MegaGPTError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def encode(task: Task, ex: readers.Example, tokenize, sp: transforms.SpecialIds, max_len: int) -> list[list[int]]:
+    """Token sequences of one example under the task's GPT-1 transform (``tokenize``: str → ids)."""
+    t = [tokenize(x) for x in ex.texts]
+    if task.kind == "classification":
+        return transforms.classification(t[0], sp, max_len)
+    if task.kind == "entailment":
+        return transforms.entailment(t[0], t[1], sp, max_len)
+    if task.kind == "similarity":
+        return transforms.similarity(t[0], t[1], sp, max_len)
+    if task.kind == "multiple_choice":
+        return transforms.multiple_choice(t[0], [tokenize(c) for c in ex.choices], sp, max_len)
+    raise MegaGPTError(f"task {task.name}: unknown kind {task.kind!r}")
+
+
+def views_per_example(task: Task, ex: readers.Example) -> int:
+    return {"similarity": 2, "multiple_choice": len(ex.choices)}.get(task.kind, 1)

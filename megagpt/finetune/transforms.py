@@ -1,0 +1,101 @@
+"""GPT-1 input transforms on token-id lists (Radford et al. 2018, figure 1), plus padding.
+
+    classification   <s> x <cls>
+    entailment       <s> premise <delim> hypothesis <cls>
+    similarity       <s> a <delim> b <cls>   and   <s> b <delim> a <cls>   (both orders)
+    multiple choice  <s> context <delim> answer_k <cls>   for each k
+
+``<cls>`` is the paper's extract token ``<e>``: its final hidden state feeds the task head. The
+special ids come from the tokenizer and are inserted as ids, never by text, so user text cannot
+forge them.
+
+Truncation keeps the answer side: when a sequence is too long the *first* segment (the context /
+premise) loses tokens from its left, keeping its end (the words next to the answer); only if the
+second segment alone does not fit does that one lose tokens from its right. The special tokens are
+always kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megagpt.errors import MegaGPTError
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    delim: int
+    cls: int
+    pad: int
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "SpecialIds":
+        ids = {"bos": tok.bos_id, "delim": tok.delim_id, "cls": tok.cls_id, "pad": tok.pad_id}
+        missing = [k for k, v in ids.items() if v is None]
+        if missing:
+            raise MegaGPTError(f"tokenizer {tok.path} has no {', '.join(missing)} token; finetuning needs "
+                               f"<s>, <delim>, <cls> and <pad> (train it with megagpt's train_tokenizer)")
+        return cls(**ids)
+
+
+def single(x: list[int], sp: SpecialIds, max_len: int) -> list[int]:
+    """``<s> x <cls>``; x keeps its end when too long (the paper's classification layout)."""
+    room = max_len - 2
+    if room < 1:
+        raise MegaGPTError(f"max_len {max_len} leaves no room for text between <s> and <cls>")
+    x = x[len(x) - room:] if len(x) > room else x
+    return [sp.bos, *x, sp.cls]
+
+
+def pair(first: list[int], second: list[int], sp: SpecialIds, max_len: int) -> list[int]:
+    """``<s> first <delim> second <cls>``, truncating ``first`` from the left before ``second``."""
+    room = max_len - 3
+    if room < 1:
+        raise MegaGPTError(f"max_len {max_len} leaves no room for text around <s>, <delim>, <cls>")
+    second = second[:room]                       # only when the answer alone overflows
+    keep_first = room - len(second)
+    first = first[len(first) - keep_first:] if len(first) > keep_first else first
+    return [sp.bos, *first, sp.delim, *second, sp.cls]
+
+
+def classification(x, sp, max_len):
+    return [single(x, sp, max_len)]
+
+
+def entailment(premise, hypothesis, sp, max_len):
+    return [pair(premise, hypothesis, sp, max_len)]
+
+
+def similarity(a, b, sp, max_len):
+    """Both orderings: the head sums their final hidden states, so the order carries no meaning."""
+    return [pair(a, b, sp, max_len), pair(b, a, sp, max_len)]
+
+
+def multiple_choice(context, answers, sp, max_len):
+    return [pair(context, ans, sp, max_len) for ans in answers]
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, cls_id: int, max_len: int | None = None):
+    """Right-pad to the longest sequence → (input_ids (N, T), cls_pos (N,), lm_labels (N, T)).
+
+    ``cls_pos`` is found per row (the last ``<cls>``), never assumed to be the last column.
+    ``lm_labels`` are the next-token targets for the auxiliary LM loss on the same tokens:
+    ``lm_labels[i, t] = ids[i, t+1]`` and -100 where that is padding or past the end.
+    """
+    if not seqs:
+        raise MegaGPTError("pad_batch: empty batch")
+    T = max(len(s) for s in seqs) if max_len is None else max_len
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    cls_pos = torch.empty(len(seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s) > T:
+            raise MegaGPTError(f"pad_batch: sequence of length {len(s)} exceeds {T}")
+        if cls_id not in s:
+            raise MegaGPTError(f"pad_batch: sequence {i} has no <cls> token (id {cls_id})")
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        labels[i, :len(s) - 1] = ids[i, 1:len(s)]
+        cls_pos[i] = len(s) - 1 - s[::-1].index(cls_id)
+    return ids, cls_pos, labels
