@@ -1,0 +1,37 @@
+"""Helpers shared by the Triton kernels: dtype mapping and row flattening.
+
+Kept tiny and free of ``@triton.jit`` so importing it never decides interpreter-vs-compiled mode.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+def acc_dtype(t: torch.dtype):
+    """fp32 accumulation for every half/float input; fp64 stays fp64 (so gradcheck can run)."""
+    return tl.float64 if t == torch.float64 else tl.float32
+
+
+def acc_torch_dtype(t: torch.dtype) -> torch.dtype:
+    return torch.float64 if t == torch.float64 else torch.float32
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """(…, N) -> contiguous (M, N) view/copy for row-wise kernels."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def row_block(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def num_row_programs(m: int, device: torch.device) -> int:
+    """Programs used by the stage-1 weight-gradient reduction: a few per SM on a GPU."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(m, 4 * sms))
+    return max(1, min(m, 4))
+
+
+def warps_for(block: int) -> int:
+    return max(1, min(16, block // 256))

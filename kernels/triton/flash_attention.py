@@ -1,0 +1,293 @@
+"""Triton causal/non-causal flash attention, forward and backward, with GQA/MQA and KV-cache masks.
+
+Why: eager attention materialises the (T, T) score matrix per head (O(T^2) memory and traffic).
+Here each program streams K/V blocks past a Q block with an online softmax (running max + sum in
+fp32, base-2 exponentials), so only O(T) extra memory is kept: the output and one log-sum-exp per
+query row. Backward recomputes P from that LSE: one kernel per K/V block accumulates dK/dV (and
+loops over the q-heads sharing that K/V head, so GQA needs no repeat_interleave copy and no
+atomics), another per Q block accumulates dQ.
+
+Layouts: q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D), Hq % Hkv == 0, any strides with unit last-dim stride.
+Causal masking is bottom-right aligned like ``reference.attention``: query i sits at position
+Tk - Tq + i (the KV-cache case); Tq > Tk with causal=True is not supported here (dispatch routes
+it to the reference). Head dims 16/32/64/128; any Tq/Tk (masked tails); fp16/bf16/fp32 (fp32
+uses IEEE dots, not TF32, to stay an exact fp32 op) and fp64 (for gradcheck). No dropout.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+LOG2E = 1.4426950408889634
+
+
+def unsupported_reason(q, k, v, causal: bool, dropout_p: float):
+    """None if this kernel handles the call, else a short reason (dispatch logs it)."""
+    if dropout_p > 0.0:
+        return f"dropout_p={dropout_p} > 0 (kernel is dropout-free)"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "expects 4-D (B, H, T, D) tensors"
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
+        return f"head dim {d} not in {SUPPORTED_HEAD_DIMS}"
+    if q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
+        return f"Hq={q.shape[1]} is not a multiple of Hkv={k.shape[1]}"
+    if causal and q.shape[2] > k.shape[2]:
+        return f"causal with Tq={q.shape[2]} > Tk={k.shape[2]}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"dtype {q.dtype}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return "q/k/v dtypes differ"
+    return None
+
+
+@triton.jit
+def _dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with ACC accumulation. UPCAST (interpreter + bf16 only): triton 3.9's CPU interpreter
+    multiplies bf16 bit patterns as integers, so feed it the exactly-equal fp32 values instead."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, out_dtype=ACC, input_precision=PREC)
+
+
+@triton.jit
+def _fwd(Q, K, V, O, LSE, qk_scale,
+         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+         H, TQ, TK, GROUP,
+         CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                mask=offs_m[:, None] < TQ, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    shift = TK - TQ  # bottom-right aligned causal mask: query i is at key position shift + i
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, D], dtype=ACC)
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, shift + (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt = tl.load(k_base + cols[None, :] * skt + offs_d[:, None], mask=cols[None, :] < TK, other=0.0)
+        s = _dot(q, kt, ACC, PREC, UPCAST) * qk_scale
+        valid = cols[None, :] < TK
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= shift + offs_m[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vb = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=cols[:, None] < TK, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, ACC, PREC, UPCAST)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    row_ok = offs_m < TQ
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * TQ + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, TQ,
+               ACC: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id, the softmax-backward row term."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    mask = offs_m[:, None] < TQ
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(ACC) * do.to(ACC), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * TQ + offs_m, delta, mask=offs_m < TQ)
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
+              sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+              sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+              H, HKV, TQ, TK, GROUP,
+              CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """One program per (K/V block, kv head): loops over every q head of its group and every q block."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64)
+    hk = (bhk % HKV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    kmask = offs_n[:, None] < TK
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=kmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, D], dtype=ACC)
+    shift = TK - TQ
+    lo = 0
+    if CAUSAL:  # queries before (first key of this block - shift) never see it
+        lo = tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        row_base = (b * H + h) * TQ
+        for start_m in range(lo, TQ, BLOCK_M):
+            rows = start_m + offs_m
+            rmask = rows < TQ
+            qt = tl.load(q_base + rows[None, :] * sqt + offs_d[:, None], mask=rmask[None, :], other=0.0)
+            do = tl.load(do_base + rows[:, None] * sdt + offs_d[None, :], mask=rmask[:, None], other=0.0)
+            lse = tl.load(LSE + row_base + rows, mask=rmask, other=0.0)
+            delta = tl.load(DELTA + row_base + rows, mask=rmask, other=0.0)
+            st = _dot(k, qt, ACC, PREC, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M)
+            valid = rmask[None, :] & (offs_n[:, None] < TK)
+            if CAUSAL:
+                valid = valid & (offs_n[:, None] <= shift + rows[None, :])
+            pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
+            dv += _dot(pt.to(do.dtype), do, ACC, PREC, UPCAST)
+            dpt = _dot(v, tl.trans(do), ACC, PREC, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(qt.dtype), tl.trans(qt), ACC, PREC, UPCAST)
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
+            sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sdqb, sdqh, sdqt,
+            H, TQ, TK, GROUP,
+            CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    rmask = offs_m < TQ
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * TQ + offs_m, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * TQ + offs_m, mask=rmask, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq = tl.zeros([BLOCK_M, D], dtype=ACC)
+    shift = TK - TQ
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, shift + (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        cmask = cols < TK
+        kt = tl.load(k_base + cols[None, :] * skt + offs_d[:, None], mask=cmask[None, :], other=0.0)
+        vt = tl.load(v_base + cols[None, :] * svt + offs_d[:, None], mask=cmask[None, :], other=0.0)
+        s = _dot(q, kt, ACC, PREC, UPCAST) * qk_scale
+        valid = rmask[:, None] & cmask[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= shift + offs_m[:, None])
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, vt, ACC, PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), ACC, PREC, UPCAST)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _cfg(q, phase: str):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per phase; 32-bit+ dtypes get smaller tiles (shared memory)."""
+    d, big = q.shape[-1], q.element_size() >= 4
+    if big:
+        return 32, 32, 4, 2
+    if phase == "fwd":
+        return (128, 64, 8, 3) if d == 128 else (128, 64, 4, 3)
+    return (64, 64, 8, 2) if d == 128 else (64, 64, 4, 2)
+
+
+def _upcast(dtype) -> bool:
+    return dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret)
+
+
+def _prec(dtype):
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+class FlashAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        bsz, h, tq, d = q.shape
+        hkv, tk = k.shape[1], k.shape[2]
+        sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
+        o = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty((bsz, h, tq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                          device=q.device)
+        bm, bn, warps, stages = _cfg(q, "fwd")
+        grid = (triton.cdiv(tq, bm), bsz * h)
+        _fwd[grid](q, k, v, o, lse, sm_scale * LOG2E,
+                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                   h, tq, tk, h // hkv, CAUSAL=causal, ACC=acc_dtype(q.dtype), PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype),
+                   BLOCK_M=bm, BLOCK_N=bn, D=d, num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.sm_scale = causal, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = _unit_last(do)
+        bsz, h, tq, d = q.shape
+        hkv, tk = k.shape[1], k.shape[2]
+        acc, prec = acc_dtype(q.dtype), _prec(q.dtype)
+        delta = torch.empty_like(lse)
+        _bwd_delta[(triton.cdiv(tq, 64), bsz * h)](o, do, delta, *o.stride()[:3], *do.stride()[:3], h, tq,
+                                                   ACC=acc, BLOCK_M=64, D=d)
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        bm, bn, warps, stages = _cfg(q, "bwd")
+        qk_scale = ctx.sm_scale * LOG2E
+        common = dict(CAUSAL=ctx.causal, ACC=acc, PREC=prec, UPCAST=_upcast(q.dtype), BLOCK_M=bm, BLOCK_N=bn, D=d,
+                      num_warps=warps, num_stages=stages)
+        _bwd_dkdv[(triton.cdiv(tk, bn), bsz * hkv)](
+            q, k, v, do, lse, delta, dk, dv, qk_scale, ctx.sm_scale,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dk.stride()[:3], *dv.stride()[:3], h, hkv, tq, tk, h // hkv, **common)
+        _bwd_dq[(triton.cdiv(tq, bm), bsz * h)](
+            q, k, v, do, lse, delta, dq, qk_scale, ctx.sm_scale,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+            h, tq, tk, h // hkv, **common)
+        return dq, dk, dv, None, None
+
+
+def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None):
+    """Same signature as ``reference.attention``; raises ValueError for calls it cannot serve."""
+    why = unsupported_reason(q, k, v, causal, dropout_p)
+    if why:
+        raise ValueError(f"triton flash attention: {why}")
+    return FlashAttentionFn.apply(q, k, v, causal, scale)
