@@ -98,6 +98,15 @@ def test_tied_embedding_is_one_parameter_with_one_summed_gradient():
     torch.testing.assert_close(tied.embed.tok.weight.grad, expected)
 
 
+def test_meta_build_then_materialise_keeps_weights_tied():
+    with torch.device("meta"):
+        model = GPT(get_preset("tiny-gpt2"))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.lm_head.weight is model.embed.tok.weight
+    assert abs(model.embed.tok.weight.std().item() - 0.02) < 0.002
+
+
 def test_init_statistics():
     model = _model("tiny-gpt2", n_embd=128, ffn_hidden=512)
     L = model.cfg.n_layer

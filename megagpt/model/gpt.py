@@ -38,7 +38,7 @@ from .attention import CausalSelfAttention, KVCache
 from .config import ModelConfig
 from .embedding import Embedding, rope_cos_sin
 from .mlp import MLP
-from .norm import make_norm
+from .norm import LayerNorm, RMSNorm, make_norm
 
 log = logging.getLogger("megagpt.model")
 
@@ -79,8 +79,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg) if cfg.norm_position == "pre" else None
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.tok.weight
+        self.tie_weights()
         self.checkpoint_fn = activation_checkpoint
         self.init_weights()
         log.info(
@@ -88,6 +87,16 @@ class GPT(nn.Module):
             cfg.name, f"{self.num_params():,}", f"{self.num_params(non_embedding=True):,}",
             cfg.n_layer, cfg.n_embd, dispatch.backend_name(),
         )
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.tok.weight
+
+    def _apply(self, fn, *args, **kwargs):
+        # Conversions that create new Parameters (to_empty from meta, swapped params) would untie.
+        super()._apply(fn, *args, **kwargs)
+        self.tie_weights()
+        return self
 
     def init_weights(self) -> None:
         """N(0, init_std) weights, zero biases, unit norms; output projections scaled when configured."""
@@ -100,35 +109,51 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-            if hasattr(module, "eps"):  # our norms
+            if isinstance(module, (LayerNorm, RMSNorm)):
                 nn.init.ones_(module.weight)
 
     # ---- forward ------------------------------------------------------------------------
-    def forward_hidden(self, input_ids, kv_cache: KVCache = None):
-        """Final hidden states (B, T, n_embd): after ln_f (pre-LN) or the last block (post-LN)."""
+    # forward = embed_inputs -> blocks -> final_norm -> logits (-> loss); the pieces are public so
+    # pipeline stages and tensor-parallel heads can reuse them.
+    def embed_inputs(self, input_ids, start: int = 0):
+        """Embedded tokens (B, T, n_embd) at positions start.., and the rope (cos, sin) or None."""
         cfg = self.cfg
-        B, T = input_ids.shape
-        start = kv_cache.seq_len if kv_cache is not None else 0
+        T = input_ids.shape[1]
         if start + T > cfg.max_seq_len:
             raise MegaGPTError(
                 f"sequence of {start + T} tokens (cached {start} + new {T}) exceeds max_seq_len={cfg.max_seq_len}"
             )
         positions = torch.arange(start, start + T, device=input_ids.device)
         rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta) if cfg.pos_emb == "rope" else None
-        x = self.embed(input_ids, positions)
+        return self.embed(input_ids, positions), rope
+
+    def final_norm(self, x):
+        return self.ln_f(x) if self.ln_f is not None else x
+
+    def forward_hidden(self, input_ids, kv_cache: KVCache = None):
+        """Final hidden states (B, T, n_embd): after ln_f (pre-LN) or the last block (post-LN)."""
+        start = kv_cache.seq_len if kv_cache is not None else 0
+        x, rope = self.embed_inputs(input_ids, start)
+        checkpointing = self.cfg.activation_checkpointing and self.training and kv_cache is None
         for block in self.blocks:
-            if cfg.activation_checkpointing and self.training and kv_cache is None:
+            if checkpointing:
                 x = self.checkpoint_fn(block, x, rope)
             else:
                 x = block(x, rope, kv_cache)
         if kv_cache is not None:
-            kv_cache.seq_len = start + T
-        return self.ln_f(x) if self.ln_f is not None else x
+            kv_cache.seq_len = start + input_ids.shape[1]
+        return self.final_norm(x)
+
+    def logits(self, hidden):
+        """lm_head output sliced to vocab_size: padded ids are never predicted."""
+        return self.lm_head(hidden)[..., : self.cfg.vocab_size]
 
     def forward(self, input_ids, labels=None, kv_cache: KVCache = None):
-        """Logits (B, T, vocab_size), or the mean cross-entropy over labels != -100 if given."""
-        hidden = self.forward_hidden(input_ids, kv_cache)
-        logits = self.lm_head(hidden)[..., : self.cfg.vocab_size]
+        """Logits (B, T, vocab_size), or the mean cross-entropy over labels != -100 if given.
+
+        Labels are already aligned with the inputs (labels[t] is the token after input_ids[t]).
+        """
+        logits = self.logits(self.forward_hidden(input_ids, kv_cache))
         if labels is None:
             return logits
         if labels.shape != input_ids.shape:
