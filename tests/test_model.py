@@ -130,7 +130,8 @@ def test_gpt1_parameter_count_analytic_and_built():
     # 12 blocks of 7,087,872 + tied token table 40064*768 + positions 512*768; no final norm.
     expected = 12 * 7_087_872 + 40064 * 768 + 512 * 768
     assert expected == _expected_params(cfg) == 116_216_832  # "117M" (GPT-1 itself had 40478 tokens)
-    model = GPT(cfg)
+    with torch.device("meta"):  # the built structure, without paying for a 117M-parameter CPU init
+        model = GPT(cfg)
     assert model.num_params() == expected
     assert model.num_params(non_embedding=True) == 12 * 7_087_872
     assert {n for n, _ in model.named_parameters() if n.startswith("ln_f")} == set()
