@@ -271,7 +271,7 @@ def evaluate(model, task, data, sp, micro, rank, world) -> dict:
     preds = [p for g in gathered for p in g[0]]
     labels = [y for g in gathered for y in g[1]]
     model.train()
-    res = {"eval_loss": sum(g[2] for g in gathered) / len(labels)}
+    res = {"eval_loss": sum(g[2] for g in gathered) / len(labels), "eval_examples": len(labels)}
     if task.regression:   # the STS-B head predicts the 0..5 score directly
         res.update(metrics.compute(task.metric_kind, np.asarray(preds), np.asarray(labels)))
     else:

@@ -69,8 +69,12 @@ def entailment(premise, hypothesis, sp, max_len):
 
 
 def similarity(a, b, sp, max_len):
-    """Both orderings: the head sums their final hidden states, so the order carries no meaning."""
-    return [pair(a, b, sp, max_len), pair(b, a, sp, max_len)]
+    """Both orderings: the head sums their final hidden states, so the order carries no meaning.
+
+    The two views are listed in a canonical (sorted) order, so (a, b) and (b, a) produce the
+    identical batch and the output is *bitwise* order-invariant: a BLAS matmul may round a row
+    differently depending on where in the batch it sits, which a mere sum would not undo."""
+    return sorted([pair(a, b, sp, max_len), pair(b, a, sp, max_len)])
 
 
 def multiple_choice(context, answers, sp, max_len):
