@@ -1,0 +1,94 @@
+"""Blending: greedy interleaving equals megatron-core's, tracks the weights, real blended datasets."""
+import glob
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from megagpt.data import BlendedDataset, DataConfig, build_gpt_datasets
+from megagpt.data.blend import blending_indices
+from megagpt.data.indexed import IndexedDatasetWriter
+from megagpt.errors import MegaGPTError
+
+WEIGHT_SETS = [[0.7, 0.3], [0.2, 0.5, 0.3], [1 / 3, 1 / 3, 1 / 3], [0.01, 0.99], [0.1, 0.2, 0.3, 0.15, 0.25]]
+
+
+def write_shard(prefix, docs):
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for d in docs:
+            w.add_document(d)
+    return str(prefix)
+
+
+def megatron_helpers():
+    spec = importlib.util.find_spec("megatron")
+    if spec is None:
+        pytest.skip("megatron-core not installed")
+    so = glob.glob(os.path.join(spec.submodule_search_locations[0], "core", "datasets", "helpers_cpp*.so"))
+    mspec = importlib.util.spec_from_file_location("helpers_cpp", so[0])
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("weights", WEIGHT_SETS)
+def test_equals_megatron_core(weights):
+    n = 20000
+    ref_index, ref_sample = np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.int64)
+    megatron_helpers().build_blending_indices(ref_index, ref_sample, np.array(weights), len(weights), n, False)
+    index, sample = blending_indices(weights, n)
+    np.testing.assert_array_equal(index, ref_index)
+    np.testing.assert_array_equal(sample, ref_sample)
+
+
+@pytest.mark.parametrize("weights", WEIGHT_SETS)
+def test_every_prefix_tracks_weights(weights):
+    n = 20000
+    index, sample = blending_indices(weights, n)
+    onehot = index[:, None] == np.arange(len(weights))[None, :]
+    counts = np.cumsum(onehot, axis=0)  # counts[k, d]: draws from d among the first k+1
+    expected = np.arange(1, n + 1)[:, None] * np.asarray(weights)[None, :]
+    assert np.abs(counts - expected).max() <= 1.0 + 1e-9
+    final = counts[-1] / n
+    assert np.abs(final - weights).max() < 0.01 * min(weights) + 1 / n
+    for d in range(len(weights)):  # each dataset's samples are taken in order, none twice
+        np.testing.assert_array_equal(sample[index == d], np.arange(counts[-1, d]))
+
+
+def test_blended_gpt_datasets_follow_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    # shard a uses token ids < 500, shard b ids >= 500: every sample tells where it came from
+    a = write_shard(tmp_path / "a", [rng.integers(0, 500, rng.integers(5, 60)) for _ in range(300)])
+    b = write_shard(tmp_path / "b", [rng.integers(500, 1000, rng.integers(5, 60)) for _ in range(300)])
+    cfg = DataConfig([0.7, a, 0.3, b], split="90,10,0", seq_length=16, seed=3)
+    n = 3000
+    train, valid, test = build_gpt_datasets(cfg, (n, 100, 0), vocab_size=1000)
+    assert isinstance(train, BlendedDataset) and isinstance(valid, BlendedDataset) and test is None
+    assert len(train) == n and len(valid) == 100
+    from_b = np.array([bool((train[i]["tokens"] >= 500).all()) for i in range(n)])
+    from_a = np.array([bool((train[i]["tokens"] < 500).all()) for i in range(n)])
+    assert (from_a ^ from_b).all()
+    assert abs(from_a.mean() - 0.7) < 0.01 and abs(from_a[:100].sum() - 70) <= 1
+    # no window is served twice (per-dataset sample indices are distinct)
+    keys = {(int(d), int(s)) for d, s in zip(train.dataset_index, train.dataset_sample_index)}
+    assert len(keys) == n
+    # cached: a second build loads every array
+    again, _, _ = build_gpt_datasets(cfg, (n, 100, 0), vocab_size=1000)
+    assert not again.built_index and not any(d.built_index for d in again.datasets)
+    np.testing.assert_array_equal(again.dataset_index, train.dataset_index)
+    # prefixes without weights weigh 1 each
+    even, _, _ = build_gpt_datasets(DataConfig([a, b], split="1,0,0", seq_length=16), (1000, 0, 0), vocab_size=1000)
+    assert np.bincount(even.dataset_index).tolist() == [500, 500]
+
+
+def test_blend_errors(tmp_path):
+    rng = np.random.default_rng(1)
+    a = write_shard(tmp_path / "a", [rng.integers(0, 100, 20) for _ in range(20)])
+    train, _, _ = build_gpt_datasets(DataConfig([a], split="1,0,0", seq_length=8), (10, 0, 0), vocab_size=100)
+    with pytest.raises(MegaGPTError, match="2 datasets but 1 weights"):
+        BlendedDataset([train, train], [1.0], 10, seed=0)
+    with pytest.raises(MegaGPTError, match="positive"):
+        BlendedDataset([train, train], [1.0, -1.0], 10, seed=0)
+    with pytest.raises(MegaGPTError, match=r"a.*has 10 samples but the blend draws 15"):
+        BlendedDataset([train, train], [0.5, 0.5], 30, seed=0)
