@@ -1,0 +1,130 @@
+"""ParallelState: this rank's coordinates and process groups, built once and passed explicitly.
+
+``build_parallel_state(cfg)`` needs ``torch.distributed`` initialised (every rank calls it; group
+creation is collective). ``state.mpu`` is the adapter ``deepspeed.initialize(mpu=...)`` reads:
+DeepSpeed 0.19.8 calls get_{model,data}_parallel_{rank,world_size,group} (ZeRO partitioning over
+the DP group, grad-norm/overflow sums over the model-parallel group, ``mp_rank_XX`` checkpoint file
+names), the tensor/pipe variants through ``deepspeed.utils.bwc``, and
+get_data_parallel_group_ranks. "Model parallel" there means TP x PP (as in Megatron and in
+DeepSpeed's own PipelineParallelGrid); the tensor variants mean TP only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from megagpt.errors import MegaGPTError
+
+from .random import RNGTracker
+from .topology import Coord, ParallelConfig, group_ranks, rank_to_coord
+
+
+@dataclass
+class ParallelState:
+    config: ParallelConfig
+    rank: int
+    world_size: int
+    coord: Coord
+    dp_size: int
+    groups: dict = field(repr=False)       # kind -> torch ProcessGroup containing this rank
+    ranks: dict = field(repr=False)        # kind -> list of global ranks in that group
+    rng: RNGTracker = field(repr=False)    # TP-aware dropout/init random state (random.py)
+
+    tp_size = property(lambda self: self.config.tensor_parallel)
+    pp_size = property(lambda self: self.config.pipeline_parallel)
+    tp_rank = property(lambda self: self.coord.tp)
+    pp_rank = property(lambda self: self.coord.pp)
+    dp_rank = property(lambda self: self.coord.dp)
+    tp_group = property(lambda self: self.groups["tp"])
+    dp_group = property(lambda self: self.groups["dp"])
+    pp_group = property(lambda self: self.groups["pp"])
+    sequence_parallel = property(lambda self: self.config.sequence_parallel and self.tp_size > 1)
+    is_first_stage = property(lambda self: self.coord.pp == 0)
+    is_last_stage = property(lambda self: self.coord.pp == self.pp_size - 1)
+
+    @property
+    def mpu(self) -> "DeepSpeedMPU":
+        return DeepSpeedMPU(self)
+
+    def topology(self):
+        from .topology import deepspeed_topology
+
+        return deepspeed_topology(self.world_size, self.tp_size, self.pp_size)
+
+
+def build_parallel_state(cfg: ParallelConfig) -> ParallelState:
+    if not dist.is_initialized():
+        raise MegaGPTError("build_parallel_state: torch.distributed is not initialised "
+                           "(run under the deepspeed launcher or call deepspeed.init_distributed first)")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp_size = cfg.data_parallel_size(world)
+    if cfg.sequence_parallel and cfg.tensor_parallel == 1:
+        raise MegaGPTError("parallel config: sequence_parallel=true needs tensor_parallel > 1")
+    groups, ranks = {}, {}
+    for kind, lists in group_ranks(world, cfg.tensor_parallel, cfg.pipeline_parallel).items():
+        for members in lists:                      # every rank creates every group, same order
+            g = dist.new_group(ranks=members)
+            if rank in members:
+                groups[kind], ranks[kind] = g, members
+    coord = rank_to_coord(rank, world, cfg.tensor_parallel, cfg.pipeline_parallel)
+    rng = RNGTracker(cfg.seed, coord.tp, coord.pp)
+    rng.seed_default()
+    return ParallelState(cfg, rank, world, coord, dp_size, groups, ranks, rng)
+
+
+class DeepSpeedMPU:
+    """What DeepSpeed expects of ``mpu`` (Megatron's parallel_state interface)."""
+
+    def __init__(self, state: ParallelState):
+        self._s = state
+
+    # model parallel = TP x PP
+    def get_model_parallel_rank(self):
+        return self._s.ranks["mp"].index(self._s.rank)
+
+    def get_model_parallel_world_size(self):
+        return len(self._s.ranks["mp"])
+
+    def get_model_parallel_group(self):
+        return self._s.groups["mp"]
+
+    # tensor
+    def get_tensor_model_parallel_rank(self):
+        return self._s.tp_rank
+
+    def get_tensor_model_parallel_world_size(self):
+        return self._s.tp_size
+
+    def get_tensor_model_parallel_group(self):
+        return self._s.tp_group
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self._s.ranks["tp"][0]
+
+    # pipeline
+    def get_pipeline_model_parallel_rank(self):
+        return self._s.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self._s.pp_size
+
+    def get_pipeline_model_parallel_group(self):
+        return self._s.pp_group
+
+    get_pipe_parallel_rank = get_pipeline_model_parallel_rank
+    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
+    get_pipe_parallel_group = get_pipeline_model_parallel_group
+
+    # data
+    def get_data_parallel_rank(self):
+        return self._s.dp_rank
+
+    def get_data_parallel_world_size(self):
+        return self._s.dp_size
+
+    def get_data_parallel_group(self):
+        return self._s.dp_group
+
+    def get_data_parallel_group_ranks(self):
+        return list(self._s.ranks["dp"])

@@ -1,0 +1,79 @@
+"""TP-aware random state: which dropout masks match across tensor-parallel ranks and which differ.
+
+* Default generator: seeded ``seed + 100 * pp_rank`` — identical on every TP (and DP) rank of a
+  stage, so dropout on *replicated* activations (embedding, residual outside sequence
+  parallelism) draws the same mask everywhere, as the serial model would once.
+* Tracker generator (``tracker.fork()``): seeded ``seed + 2718 + 100 * pp_rank + tp_rank`` —
+  different per TP rank, for dropout on *split* activations (attention probabilities, which are
+  per-head; any activation that sequence parallelism splits along the sequence) and for
+  initialising split weights.
+
+Activation checkpointing must replay the tracker as well as the default generator:
+``checkpoint(tracker, fn, *args)`` restores the tracker state for the recomputation.
+"""
+import contextlib
+
+import torch
+import torch.utils.checkpoint
+
+
+def _get_state():
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_state(state):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
+class RNGTracker:
+    def __init__(self, seed: int, tp_rank: int, pp_rank: int = 0):
+        self.default_seed = seed + 100 * pp_rank
+        self.tp_seed = seed + 2718 + 100 * pp_rank + tp_rank
+        outer = _get_state()
+        torch.manual_seed(self.tp_seed)
+        self._state = _get_state()
+        _set_state(outer)
+
+    def seed_default(self) -> None:
+        """Seed the default generator (same on all TP/DP ranks of a stage)."""
+        torch.manual_seed(self.default_seed)
+
+    @contextlib.contextmanager
+    def fork(self):
+        """Run the body on the per-TP-rank generator; the default generator is left untouched."""
+        outer = _get_state()
+        _set_state(self._state)
+        try:
+            yield
+        finally:
+            self._state = _get_state()
+            _set_state(outer)
+
+    def get_state(self):
+        return self._state
+
+    def set_state(self, state) -> None:
+        self._state = state
+
+
+def checkpoint(tracker: RNGTracker, fn, *args):
+    """Non-reentrant activation checkpoint of ``fn(*args)`` that replays the tracker's state too
+    (torch's checkpoint restores only the default generator)."""
+    saved = {}
+
+    def run(*a):
+        if "state" not in saved:                   # first (real) forward
+            saved["state"] = tracker.get_state()
+            return fn(*a)
+        current = tracker.get_state()              # recomputation in backward
+        tracker.set_state(saved["state"])
+        try:
+            return fn(*a)
+        finally:
+            tracker.set_state(current)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)

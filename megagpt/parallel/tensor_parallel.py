@@ -1,0 +1,212 @@
+"""Megatron-style tensor-parallel layers on plain torch.distributed collectives.
+
+Conjugate pairs of autograd Functions move activations in and out of TP regions:
+
+    copy_to_tp         fwd identity          bwd all-reduce      (replicated input -> column-parallel)
+    reduce_from_tp     fwd all-reduce        bwd identity        (row-parallel partial sums -> replicated)
+    gather_from_tp     fwd all-gather(last)  bwd take own chunk  (vocab logits for sampling only)
+  sequence parallel (activations split along dim 1 = sequence):
+    scatter_to_seq     fwd take own chunk    bwd all-gather
+    gather_from_seq    fwd all-gather        bwd reduce-scatter  (before column-parallel)
+    reduce_scatter_seq fwd reduce-scatter    bwd all-gather      (after row-parallel)
+
+Parameters split across TP ranks carry ``tensor_model_parallel = True`` (DeepSpeed counts their
+grad norm on every TP rank, replicated ones on TP rank 0 only). Every collective is skipped when
+the group has one rank, so tp=1 layers are plain Linear/Embedding.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _size(group):
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def _all_reduce(x, group):
+    if _size(group) > 1:
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x, group, dim):
+    n = _size(group)
+    if n == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _chunk(x, group, dim):
+    n = _size(group)
+    if n == 1:
+        return x
+    return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _reduce_scatter(x, group, dim):
+    n = _size(group)
+    if n == 1:
+        return x
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter: all-reduce, keep own chunk
+        return _chunk(_all_reduce(x.clone(), group), group, dim)
+    parts = [p.contiguous() for p in x.chunk(n, dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g.clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, group, -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _chunk(g, ctx.group, -1), None
+
+
+class _ScatterToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _chunk(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.group, 1), None
+
+
+class _GatherFromSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, ctx.group, 1), None
+
+
+class _ReduceScatterToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.group, 1), None
+
+
+def copy_to_tp(x, group):
+    return _CopyToTP.apply(x, group) if _size(group) > 1 else x
+
+
+def reduce_from_tp(x, group):
+    return _ReduceFromTP.apply(x, group) if _size(group) > 1 else x
+
+
+def gather_from_tp(x, group):
+    return _GatherFromTP.apply(x, group) if _size(group) > 1 else x
+
+
+def scatter_to_seq(x, group):
+    return _ScatterToSeq.apply(x, group) if _size(group) > 1 else x
+
+
+def gather_from_seq(x, group):
+    return _GatherFromSeq.apply(x, group) if _size(group) > 1 else x
+
+
+def reduce_scatter_seq(x, group):
+    return _ReduceScatterToSeq.apply(x, group) if _size(group) > 1 else x
+
+
+def mark_tp(param: nn.Parameter) -> nn.Parameter:
+    param.tensor_model_parallel = True
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T + b_local, W split along output rows; the input is replicated
+    (or, with sequence parallelism, sequence-split and all-gathered here)."""
+
+    def __init__(self, in_features, out_local, bias, group, sequence_parallel=False):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.weight = mark_tp(nn.Parameter(torch.empty(out_local, in_features)))
+        self.bias = mark_tp(nn.Parameter(torch.zeros(out_local))) if bias else None
+
+    def forward(self, x):
+        x = gather_from_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_ranks x_local W_local^T + b, W split along input columns; the output is
+    all-reduced (or reduce-scattered along the sequence). The bias is replicated and added once."""
+
+    def __init__(self, in_local, out_features, bias, group, sequence_parallel=False):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.weight = mark_tp(nn.Parameter(torch.empty(out_features, in_local)))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_seq(y, self.group)
+            # each rank's bias grad covers only its sequence chunk: sum them across TP
+            return y + copy_to_tp(self.bias, self.group) if self.bias is not None else y
+        y = reduce_from_tp(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [vocab_start, vocab_end) of the (padded) table on each rank; ids outside are looked
+    up as row 0 and zeroed, then partial results are summed across TP (reduce-scattered along
+    the sequence with sequence parallelism)."""
+
+    def __init__(self, padded_vocab, dim, group, tp_rank, tp_size, sequence_parallel=False):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        per = padded_vocab // tp_size
+        self.vocab_start, self.vocab_end = tp_rank * per, (tp_rank + 1) * per
+        self.weight = mark_tp(nn.Parameter(torch.empty(per, dim)))
+
+    def forward(self, ids):
+        if _size(self.group) == 1:
+            out = F.embedding(ids, self.weight)
+        else:
+            outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+            local = (ids - self.vocab_start).masked_fill(outside, 0)
+            out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_seq(out, self.group)
+        return reduce_from_tp(out, self.group)
