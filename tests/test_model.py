@@ -275,6 +275,15 @@ def test_loss_decreases_when_overfitting_a_tiny_batch(name):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("which", ["embd_dropout", "resid_dropout", "attn_dropout"])
+def test_each_dropout_acts_in_training_only(which):
+    model = _model("tiny-modern", **{which: 0.5})
+    x = torch.randint(0, 1000, (2, 16))
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
 def test_ignored_labels_do_not_count():
     model = _model("tiny").eval()
     x = torch.randint(0, 1000, (1, 10))
