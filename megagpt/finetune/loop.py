@@ -63,6 +63,12 @@ class FinetuneConfig:
             raise MegaGPTError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
         if self.lm_coef < 0:
             raise MegaGPTError(f"lm_coef must be >= 0, got {self.lm_coef}")
+        if self.init == "random" and not self.tokenizer:
+            raise MegaGPTError("--init random needs --tokenizer (a sentencepiece .model or GPT-2 BPE dir)")
+        if self.init != "random" and not os.path.isdir(self.init):
+            raise MegaGPTError(f"--init {self.init}: no such checkpoint directory (or pass 'random')")
+        if not os.path.isdir(self.data_root):
+            raise MegaGPTError(f"--data-root {self.data_root}: no such directory")
         if self.zero_stage not in (0, 1, 2):
             raise MegaGPTError(f"zero_stage {self.zero_stage} is not supported for finetuning (0, 1 or 2: "
                                f"the best-checkpoint save reads full parameters on rank 0)")
@@ -155,11 +161,11 @@ def ds_config(cfg: FinetuneConfig, micro_batch: int) -> dict:
 # ----------------------------------------------------------------------------- run
 def finetune(cfg: FinetuneConfig, log=None) -> dict:
     """Train and evaluate; returns {"history": [per-epoch metrics], "best": {...}, "best_dir": ...}."""
+    cfg.validate()   # before the slow deepspeed import: config mistakes fail fast
     import deepspeed
     import torch.distributed as dist
     from torch.utils.data import DistributedSampler
 
-    cfg.validate()
     task = get_task(cfg.task)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

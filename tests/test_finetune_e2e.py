@@ -1,0 +1,141 @@
+"""End to end: all four GPT-1 task types finetune under the real `deepspeed` launcher (2 gloo ranks)
+from random, consolidated and DeepSpeed-ZeRO pretrained inits, evaluate, and write a best checkpoint.
+
+One launch runs everything (this file is also the worker script: ``--worker``) to keep CI time low.
+"""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_RUNS = {   # task -> init kind
+    "sst2": "random", "rte": "consolidated", "stsb": "deepspeed", "copa": "random",
+}
+EVAL_LIMIT = 40
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(out: Path, tok_path: str, data_root: str):
+    """Runs on every rank: make both pretrained checkpoint kinds, then finetune each task via run.main."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from megagpt.export.consolidated import save_consolidated
+    from megagpt.finetune import run
+    from megagpt.finetune.checkpoint import load_pretrained
+    from megagpt.finetune.loop import init_distributed
+    from megagpt.model import GPT, get_preset
+    from megagpt.tokenizer import load_tokenizer
+
+    init_distributed()
+    rank = dist.get_rank()
+    tok = load_tokenizer(tok_path)
+    torch.manual_seed(7)
+    cfg = get_preset("tiny", vocab_size=tok.vocab_size)
+    gpt = GPT(cfg)
+    engine, *_ = deepspeed.initialize(
+        model=gpt, optimizer=torch.optim.AdamW(gpt.parameters(), lr=1e-3),
+        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+                "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9})
+    engine.save_checkpoint(str(out / "pre_ds"), tag="global_step5",
+                           client_state={"config": {"model": cfg.to_dict()}, "tokenizer": tok.spec()})
+    dist.barrier()
+    ref = {k: v.clone() for k, v in gpt.state_dict().items()}
+    if rank == 0:
+        save_consolidated(out / "pre_cons", ref, cfg.to_dict(), tokenizer_path=tok_path)
+        for kind in ("pre_ds", "pre_cons"):   # both loaders give back exactly the saved weights
+            model, tpath = load_pretrained(out / kind)
+            got = model.state_dict()
+            assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), kind
+            assert tpath is not None
+    dist.barrier()
+    inits = {"random": "random", "consolidated": str(out / "pre_cons"), "deepspeed": str(out / "pre_ds")}
+    for task, init in TASK_RUNS.items():
+        run.main(["--task", task, "--data-root", data_root, "--init", inits[init], "--tokenizer", tok_path,
+                  "--train-limit", "64", "--eval-limit", str(EVAL_LIMIT), "--epochs", "1",
+                  "--batch-size", "16", "--lr", "1e-4", "--save-dir", str(out / task), "--log-every", "2"])
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory, sp_model, shared_data):
+    out = tmp_path_factory.mktemp("finetune_e2e")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(Path(__file__).resolve()),
+           "--worker", str(out), sp_model, str(shared_data)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return out, log
+
+
+def test_all_task_types_under_deepspeed_launcher(e2e_run):
+    out, log = e2e_run
+    assert "2 rank(s)" in log
+    for task in TASK_RUNS:
+        hist = json.loads((out / task / "history.json").read_text())
+        (res,) = hist["history"]
+        assert math.isfinite(res["train_loss"]) and math.isfinite(res["eval_loss"]), res
+        assert res["eval_examples"] == EVAL_LIMIT          # both ranks' slices gathered, none twice
+        if task == "stsb":
+            assert -1 <= res["pearson"] <= 1 and -1 <= res["spearman"] <= 1
+        else:
+            assert 0 <= res["accuracy"] <= 1
+        info = json.loads((out / task / "best" / "finetune.json").read_text())
+        assert info["task"] == task and info["epoch"] == 1 and (out / task / "best" / "model.safetensors").is_file()
+        assert not list((out / task).glob(".best*"))       # no temp dirs left behind
+
+
+def test_best_checkpoint_reproduces_its_metric(e2e_run, sp_model, shared_data):
+    """Reload sst2's best/ in this process, re-evaluate single-process: same accuracy as logged."""
+    import torch
+
+    from megagpt.finetune.checkpoint import load_finetuned
+    from megagpt.finetune.heads import FinetuneModel
+    from megagpt.finetune.loop import collate, encode_examples
+    from megagpt.finetune.tasks import get_task
+    from megagpt.finetune.transforms import SpecialIds
+    from megagpt.model import GPT, ModelConfig
+    from megagpt.tokenizer import load_tokenizer
+
+    out, _ = e2e_run
+    sd, info = load_finetuned(out / "sst2" / "best")
+    task = get_task("sst2")
+    model = FinetuneModel(GPT(ModelConfig.from_dict(info["model"])), task.kind, task.num_outputs)
+    model.load_state_dict(sd)
+    model.eval()
+    tok = load_tokenizer(out / "sst2" / "best" / "tokenizer.model")
+    _, ev = task.load(shared_data)
+    data = encode_examples(task, ev[:EVAL_LIMIT], tok, 64)
+    sp = SpecialIds.from_tokenizer(tok)
+    ids, cls_pos, _, labels = collate(data, sp.pad, sp.cls, False)
+    with torch.no_grad():
+        pred = model(ids, cls_pos)[1].argmax(-1)
+    assert (pred == labels).float().mean().item() == pytest.approx(info["metrics"]["accuracy"])
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "megagpt/finetune/run.py", "--task", "sst2", "--init", "random"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --init random needs --tokenizer"), r.stderr
+    r = subprocess.run([sys.executable, "megagpt/finetune/run.py", "--task", "rte", "--init", str(tmp_path / "nope")],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no such checkpoint directory" in r.stderr
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    i = args.index("--worker")
+    worker(Path(args[i + 1]), args[i + 2], args[i + 3])
