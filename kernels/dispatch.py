@@ -1,37 +1,149 @@
 """The one place the model asks for layer_norm / rms_norm / attention.
 
-Backend choice: env ``MEGAGPT_KERNELS`` = ``auto`` (default: fused on CUDA, reference otherwise),
-``reference`` or ``triton``. The choice is logged once per op. (The fused backends are added by
-the kernels issue; until then every op resolves to the reference.)
+Backend choice: ``set_backend(name)`` (from config) else env ``MEGAGPT_KERNELS``:
+  auto      (default) fused Triton kernels for CUDA tensors, the PyTorch reference otherwise;
+  reference always the reference;
+  triton    Triton for every tensor (CPU tensors only when ``TRITON_INTERPRET=1``, i.e. tests);
+  cuda      the CUDA C++ LayerNorm for layer_norm (JIT-built on first use), Triton for the rest.
+Calls a fused kernel cannot serve (dropout > 0, an unsupported head dim, causal with Tq > Tk, …)
+go to the reference with the reason logged. A missing/broken Triton or a failed CUDA build never
+breaks training: it is reported once as a warning and that op falls back to the reference.
+Each (op, backend, reason) choice is logged once at INFO. ``describe()`` reports the choice.
 """
+import importlib
 import logging
 import os
+
+import torch
 
 from . import reference
 
 log = logging.getLogger("megagpt.kernels")
+MODES = ("auto", "reference", "triton", "cuda")
+_TRITON_MODULES = {"layer_norm": "layer_norm", "rms_norm": "rms_norm", "attention": "flash_attention"}
+_override = None
 _logged: set = set()
+_broken: dict = {}  # (backend, op) -> reason it cannot be used in this process
+
+
+def set_backend(name):
+    """Config switch (takes precedence over the env var); ``None`` returns control to the env."""
+    global _override
+    if name is not None and name.lower() not in MODES:
+        raise ValueError(f"kernel backend {name!r} is not one of {', '.join(MODES)}")
+    _override = None if name is None else name.lower()
 
 
 def backend_name() -> str:
-    return os.environ.get("MEGAGPT_KERNELS", "auto").lower()
+    if _override is not None:
+        return _override
+    name = os.environ.get("MEGAGPT_KERNELS", "auto").lower()
+    if name not in MODES:
+        raise ValueError(f"MEGAGPT_KERNELS={name!r} is not one of {', '.join(MODES)}")
+    return name
 
 
-def _pick(op: str, x):
-    impl, why = getattr(reference, op), "reference (no fused backend available)"
-    if (op, why) not in _logged:
-        _logged.add((op, why))
-        log.info("megagpt kernels: %s -> %s", op, why)
+def reset() -> None:
+    """Forget logged choices and remembered failures (tests; after fixing a toolchain)."""
+    _logged.clear()
+    _broken.clear()
+
+
+def fallbacks() -> dict:
+    """{(backend, op): reason} for every fused backend that failed in this process."""
+    return dict(_broken)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _load(backend: str, op: str):
+    """The fused implementation, or None after warning (once) why it is unavailable."""
+    if (backend, op) in _broken:
+        return None
+    try:
+        if backend == "cuda":
+            from .cuda import layer_norm as cuda_ln
+            cuda_ln.load()
+            return cuda_ln.layer_norm
+        importlib.import_module("triton")
+        return getattr(importlib.import_module(f"{__package__}.triton.{_TRITON_MODULES[op]}"), op)
+    except Exception as e:  # ImportError, a build failure, a broken install: never fatal
+        reason = f"{type(e).__name__}: {e}".strip()
+        _broken[(backend, op)] = reason
+        log.warning("megagpt kernels: %s %s unavailable (%s); falling back to reference", backend, op, reason)
+        return None
+
+
+def _plan(op: str, on_cuda: bool):
+    """(backend, reason) before per-call checks; backend in reference/triton/cuda."""
+    mode = backend_name()
+    if mode == "reference":
+        return "reference", "MEGAGPT_KERNELS=reference"
+    if mode == "auto" and not on_cuda:
+        return "reference", "CPU tensors (auto)"
+    if not on_cuda and not _interpreting():
+        return "reference", f"{mode} requested but tensors are on CPU and TRITON_INTERPRET is unset"
+    if mode == "cuda" and op == "layer_norm":
+        return "cuda", "MEGAGPT_KERNELS=cuda" + (" (interpreter has no CUDA: see fallback)" if not on_cuda else "")
+    return "triton", f"MEGAGPT_KERNELS={mode}" + ("" if on_cuda else " with TRITON_INTERPRET=1")
+
+
+def _resolve(op: str, on_cuda: bool, why_not=None):
+    backend, reason = _plan(op, on_cuda)
+    impl = None
+    if backend != "reference":
+        if why_not:
+            backend, reason = "reference", why_not
+        elif backend == "cuda" and not on_cuda:
+            backend, reason = "reference", "cuda layer_norm needs CUDA tensors"
+        else:
+            impl = _load(backend, op)
+            if impl is None:
+                reason = f"{backend} unavailable: {_broken[(backend, op)]}"
+                backend = "reference"
+    return backend, reason, impl or getattr(reference, op)
+
+
+def _pick(op: str, on_cuda: bool, why_not=None):
+    backend, reason, impl = _resolve(op, on_cuda, why_not)
+    if (op, backend, reason) not in _logged:
+        _logged.add((op, backend, reason))
+        log.info("megagpt kernels: %s -> %s (%s)", op, backend, reason)
     return impl
 
 
+def describe(device=None, with_reasons: bool = False) -> dict:
+    """Which backend each op would use for tensors on ``device`` (default: cuda if available)."""
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = {}
+    for op in _TRITON_MODULES:
+        backend, reason, _ = _resolve(op, dev.type == "cuda")
+        out[op] = (backend, reason) if with_reasons else backend
+    return out
+
+
 def layer_norm(x, weight, bias, eps: float = 1e-5):
-    return _pick("layer_norm", x)(x, weight, bias, eps)
+    return _pick("layer_norm", x.is_cuda)(x, weight, bias, eps)
 
 
 def rms_norm(x, weight, eps: float = 1e-6):
-    return _pick("rms_norm", x)(x, weight, eps)
+    return _pick("rms_norm", x.is_cuda)(x, weight, eps)
+
+
+def _attention_why_not(q, k, v, causal, dropout_p):
+    if dropout_p > 0.0:  # checked without importing triton
+        return f"dropout_p={dropout_p} > 0: the fused kernel is dropout-free"
+    if backend_name() == "reference" or (not q.is_cuda and not _interpreting()):
+        return None
+    try:
+        from .triton.flash_attention import unsupported_reason
+    except Exception:
+        return None  # _load reports the broken import
+    return unsupported_reason(q, k, v, causal, dropout_p)
 
 
 def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None):
-    return _pick("attention", q)(q, k, v, causal, dropout_p, scale)
+    why_not = _attention_why_not(q, k, v, causal, dropout_p)
+    return _pick("attention", q.is_cuda, why_not)(q, k, v, causal, dropout_p, scale)
