@@ -1,5 +1,6 @@
 """Tokenizer: sentencepiece training with fixed specials, round trips, GPT-2 BPE vs transformers."""
 import gzip
+import importlib.util
 import json
 import pickle
 import subprocess
@@ -124,7 +125,7 @@ def test_bad_tokenizer_paths(tmp_path):
         train_sentencepiece([str(tmp_path / "missing-input")], str(tmp_path / "t"), vocab_size=500)
 
 
-def test_cli(tmp_path, shakespeare_lines):
+def test_cli(tmp_path, shakespeare_lines, capsys):
     script = str(REPO / "tools" / "train_tokenizer.py")
     out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert out.returncode == 0
@@ -133,10 +134,11 @@ def test_cli(tmp_path, shakespeare_lines):
         assert flag in out.stdout
     src = tmp_path / "small.txt"
     src.write_text("\n".join(shakespeare_lines[:2000]), encoding="utf-8")
-    ok = subprocess.run([sys.executable, script, "--input", str(src), "--vocab-size", "400",
-                         "--output-prefix", str(tmp_path / "cli"), "--workers", "1"], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert "pad=0 unk=1 bos=2 eos=3 (eod=3) delim=4 cls=5" in ok.stdout
+    spec = importlib.util.spec_from_file_location("train_tokenizer_tool", script)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)  # the successful run in-process: a subprocess costs seconds of imports
+    tool.main(["--input", str(src), "--vocab-size", "400", "--output-prefix", str(tmp_path / "cli"), "--workers", "1"])
+    assert "pad=0 unk=1 bos=2 eos=3 (eod=3) delim=4 cls=5" in capsys.readouterr().out
     assert (tmp_path / "cli.model").is_file() and (tmp_path / "cli.vocab").is_file()
     bad = subprocess.run([sys.executable, script, "--input", str(tmp_path / "absent.txt"), "--vocab-size", "400",
                           "--output-prefix", str(tmp_path / "x")], capture_output=True, text=True)

@@ -13,7 +13,6 @@ import fnmatch
 import os
 from pathlib import Path
 
-from megagpt.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, idx_path
 from megagpt.errors import MegaGPTError, cli_main
 
 
@@ -33,8 +32,10 @@ def find_prefixes(inputs, pattern="*") -> list[str]:
     return prefixes
 
 
-def merge_datasets(prefixes, output_prefix) -> IndexedDataset:
+def merge_datasets(prefixes, output_prefix) -> "IndexedDataset":
     """Write the concatenation of ``prefixes`` to ``output_prefix`` (atomic) and return it opened."""
+    from megagpt.data.indexed import IndexedDataset, IndexedDatasetWriter  # lazy: megagpt.data pulls in torch
+
     if not prefixes:
         raise MegaGPTError("no input shards to merge")
     out = os.path.abspath(output_prefix)
@@ -67,7 +68,7 @@ def main(argv=None):
     prefixes = find_prefixes(a.input, a.pattern)
     ds = merge_datasets(prefixes, a.output_prefix)
     print(f"merged {len(prefixes)} shards: {ds.num_documents} docs, {ds.num_tokens} tokens ({ds.dtype}) "
-          f"→ {bin_path(a.output_prefix)}, {idx_path(a.output_prefix)}")
+          f"→ {a.output_prefix}.bin/.idx")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ writes shards/web_text_document.bin/.idx (one pair per --json-keys key; with
 import argparse
 import os
 
-from megagpt.data.preprocess import preprocess
 from megagpt.errors import cli_main
 
 
@@ -41,6 +40,8 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     a = parse_args(argv)
+    from megagpt.data.preprocess import preprocess  # after parsing: megagpt.data pulls in torch, --help should not
+
     summary = preprocess(a.input, a.output_prefix, a.tokenizer_model, json_keys=tuple(a.json_keys),
                          workers=a.workers, append_eod=a.append_eod, split_paragraphs=a.split_paragraphs,
                          skip_bad_lines=a.skip_bad_lines, shard_size_tokens=a.shard_size_tokens,
