@@ -251,7 +251,7 @@ def layouts(m: ModelShape, s: TrainSetup, c: Cluster):
             rows.append({"tp": tp, "pp": pp, "dp": dp, "micro_batches": _micro_batches(s, dp),
                          "fits": mem["total"] <= budget, "mem_gib": mem["total"] / GIB,
                          "memory": mem, "time": t})
-    rows.sort(key=lambda r: (not r["fits"], r["time"]["step_s"]))
+    rows.sort(key=lambda r: (not r["fits"], r["time"]["step_s"], r["mem_gib"]))
     return rows
 
 

@@ -1,0 +1,160 @@
+"""Planner: parameter/FLOP counts against the real model, the activation formula against
+Korthikanti et al., layout constraints, the CLI, and predicted vs measured peak memory of real
+CPU training runs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megagpt.model import GPT, get_preset
+from megagpt.parallel.plan import (Cluster, ModelShape, TrainSetup, activation_bytes_per_layer, layouts,
+                                   memory_breakdown, step_time)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["gpt1", "gpt2-medium", "modern-small", "tiny", "tiny-modern"])
+def test_param_and_flop_counts_match_model(name):
+    cfg = get_preset(name)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    shape = ModelShape.from_config(cfg)
+    assert shape.total_params() == model.num_params()
+    assert shape.flops_per_token() == model.flops_per_token(cfg.max_seq_len)
+
+
+def test_activations_match_korthikanti():
+    """GPT-3-like layer, fp16, dropout on, scores materialised: the paper's per-layer bytes
+    s*b*h*(34 + 5*a*s/h) (no TP), s*b*h*(10 + 24/t + 5*a*s/(h*t)) (TP), /t with SP, plus the
+    2 bytes/element of megagpt's separate attention-output copy (docs/planner.md)."""
+    s_, b, h, a = 2048, 2, 12288, 96
+    m = ModelShape(layers=96, hidden=h, heads=a, vocab=51200, ffn=4 * h, seq_len=s_)
+    setup = dict(global_batch=8, micro_batch=b, dtype="fp16", flash_attention=False, dropout=True)
+    sbh = s_ * b * h
+    got = activation_bytes_per_layer(m, TrainSetup(**setup), tp=1)
+    assert got == pytest.approx(sbh * (34 + 2 + 5 * a * s_ / h))
+    for t in (2, 8):
+        got = activation_bytes_per_layer(m, TrainSetup(**setup), tp=t)
+        assert got == pytest.approx(sbh * (10 + (24 + 2) / t + 5 * a * s_ / (h * t)))
+        got = activation_bytes_per_layer(m, TrainSetup(**setup, sequence_parallel=True), tp=t)
+        assert got == pytest.approx(sbh / t * (34 + 2 + 5 * a * s_ / h))
+    flash = activation_bytes_per_layer(m, TrainSetup(**{**setup, "flash_attention": True}), tp=1)
+    assert flash == pytest.approx(sbh * 36 + 4 * a * s_ * b)  # s^2 term gone, fp32 log-sum-exp left
+
+
+def test_layouts_respect_constraints_and_zero_ordering():
+    m = ModelShape.from_config(get_preset("gpt2-medium"), 1024)  # 16 heads, 24 layers
+    c = Cluster(num_gpus=32, gpus_per_node=8, gpu_mem_gib=40)
+    rows = layouts(m, TrainSetup(global_batch=256, micro_batch=2, zero_stage=1), c)
+    assert rows and all(r["tp"] * r["pp"] * r["dp"] == 32 for r in rows)
+    assert all(16 % r["tp"] == 0 and r["tp"] <= 8 and 24 % r["pp"] == 0 for r in rows)
+    assert {(r["tp"], r["pp"]) for r in rows} >= {(1, 1), (8, 4), (2, 8)}
+    fits = [r["fits"] for r in rows]
+    assert fits == sorted(fits, reverse=True)  # fitting layouts first
+    totals = [memory_breakdown(m, TrainSetup(global_batch=256, micro_batch=2, zero_stage=z), 2, 2, 8)["total"]
+              for z in range(4)]
+    assert totals == sorted(totals, reverse=True) and totals[0] > totals[3]
+    off = memory_breakdown(m, TrainSetup(global_batch=256, zero_stage=2, offload_optimizer=True), 1, 1, 32)
+    assert off["optimizer"] == 0 and off["cpu_offload"] > 0
+
+
+def test_step_time_model():
+    m = ModelShape.from_config(get_preset("gpt2-medium"), 1024)
+    c = Cluster(num_gpus=16)
+    s = TrainSetup(global_batch=64, micro_batch=1)
+    flat = step_time(m, s, c, tp=1, pp=1, dp=16)
+    assert flat["tp_comm_s"] == 0 and flat["bubble_s"] == 0 and flat["dp_comm_s"] > 0
+    assert 0 < flat["mfu"] < c.efficiency
+    piped = step_time(m, s, c, tp=1, pp=4, dp=4)  # 16 micro-batches per pipeline: bubble 3/16
+    work = piped["compute_s"] + piped["tp_comm_s"] + piped["pp_p2p_s"]
+    assert piped["bubble_s"] == pytest.approx(work * 3 / 16)
+    tp8 = step_time(m, s, c, tp=8, pp=1, dp=2)
+    assert tp8["tp_comm_s"] > 0 and tp8["step_s"] > tp8["compute_s"]
+
+
+def test_cli_json_and_errors():
+    cmd = [sys.executable, str(REPO / "tools" / "plan.py"), "--preset", "gpt2-small", "--seq-len", "1024",
+           "--global-batch", "64", "--micro-batch", "4", "--gpus", "8", "--gpu-mem-gib", "24", "--json"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    assert out["params"] == 124475904 and out["layouts"][0]["fits"]
+    assert all(12 % r["tp"] == 0 and r["tp"] * r["pp"] * r["dp"] == 8 for r in out["layouts"])
+    bad = subprocess.run(cmd[:2] + ["--layers", "4", "--global-batch", "8", "--gpus", "2"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "error: give --preset or all of" in bad.stderr
+
+
+# --- predicted vs measured peak memory -------------------------------------------------------
+
+MEASURE = r'''
+"""Peak memory above baseline of real megagpt GPT + AdamW training steps on CPU.
+
+glibc is told (MALLOC_MMAP_THRESHOLD_) to mmap every allocation >= 64 KiB, so a freed tensor
+leaves RSS at once, and torch's CPU allocator does not cache: RSS tracks live tensor bytes.
+VmHWM (peak RSS) is reset through /proc/self/clear_refs after a warm-up that runs the same code
+paths at a tiny size (so lazily paged-in library code is part of the baseline)."""
+import gc, json, sys
+import torch
+from megagpt.model import GPT, get_preset
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+def train(cfg, batch, steps):
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len))
+    for _ in range(steps):
+        model(x, labels=x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # gradient buffers persist across steps, as in DeepSpeed
+
+torch.manual_seed(0)
+torch.set_num_threads(1)
+runs = json.loads(sys.argv[1])
+tiny = {"n_layer": 1, "vocab_size": 64, "n_embd": 32, "n_head": 4, "max_seq_len": 16}
+for preset, over, _ in runs:
+    train(get_preset(preset, **{**over, **tiny}), 2, 2)
+gc.collect()
+peaks = []
+for preset, over, batch in runs:
+    base = rss("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")
+    train(get_preset(preset, **over), batch, 2)
+    peaks.append(rss("VmHWM:") - base)
+    gc.collect()
+print(json.dumps(peaks))
+'''
+
+BASE = {"vocab_size": 1000, "n_layer": 4, "n_embd": 256, "n_head": 4, "max_seq_len": 128}
+RUNS = [
+    ("tiny-gpt2", BASE, 8),                                                   # GPT-2 block
+    ("tiny-gpt2", {**BASE, "activation": "swiglu", "n_kv_head": 2}, 8),       # SwiGLU + GQA
+    ("tiny-gpt2", {**BASE, "activation_checkpointing": True}, 16),            # recompute
+    ("tiny-modern", {**BASE, "n_kv_head": 2}, 8),                             # RMSNorm + RoPE, untied
+]
+
+
+def test_memory_prediction_within_15_percent_of_measured():
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak-RSS counter")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(RUNS)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    measured = json.loads(res.stdout.strip().splitlines()[-1])
+    report = []
+    for (preset, over, batch), got in zip(RUNS, measured):
+        cfg = get_preset(preset, **over)
+        setup = TrainSetup(global_batch=batch, micro_batch=batch, dtype="fp32", zero_stage=0,
+                           activation_checkpointing=cfg.activation_checkpointing)
+        mem = memory_breakdown(ModelShape.from_config(cfg), setup)
+        assert mem["activations"] + mem["working"] > 0.3 * mem["total"]  # not just a parameter count
+        report.append((preset, over.get("activation"), batch, mem["total"] / got))
+    print("predicted/measured:", report)
+    assert all(0.85 <= ratio <= 1.15 for *_, ratio in report), report

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Which TP x PP x DP layouts fit a model on a cluster, with per-GPU memory and estimated step
+time / MFU. Formulas and assumptions: docs/planner.md.
+
+    python tools/plan.py --preset gpt2-xl --seq-len 1024 --global-batch 512 --micro-batch 4 \\
+        --gpus 16 --gpus-per-node 8 --gpu-mem-gib 80 --dtype bf16 --zero-stage 1
+"""
+import argparse
+import json
+import sys
+
+from megagpt.errors import MegaGPTError, cli_main
+from megagpt.parallel.plan import GIB, Cluster, ModelShape, TrainSetup, describe, layouts
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model (a preset, or explicit sizes; explicit sizes override the preset)")
+    g.add_argument("--preset", help="megagpt.model preset name, e.g. gpt2-small")
+    for name in ("layers", "hidden", "heads", "kv-heads", "vocab", "ffn"):
+        g.add_argument(f"--{name}", type=int)
+    g.add_argument("--activation", choices=("gelu", "swiglu"))
+    g.add_argument("--seq-len", type=int, help="training sequence length (default: the preset's max)")
+    t = p.add_argument_group("training")
+    t.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
+    t.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
+    t.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
+    t.add_argument("--zero-stage", default="1", help="0, 1, 2, 3 or 'all' to compare them")
+    t.add_argument("--offload-optimizer", action="store_true")
+    t.add_argument("--offload-params", action="store_true", help="ZeRO-3 parameter offload")
+    t.add_argument("--checkpoint-activations", action="store_true")
+    t.add_argument("--sequence-parallel", action="store_true")
+    t.add_argument("--no-flash", action="store_true", help="attention stores the s x s scores")
+    t.add_argument("--dropout", action="store_true", help="count dropout masks")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--gpus", type=int, required=True)
+    c.add_argument("--gpus-per-node", type=int, default=8)
+    c.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    c.add_argument("--reserve-gib", type=float, default=2.0, help="per GPU, not for the model")
+    c.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU, for --dtype")
+    c.add_argument("--efficiency", type=float, default=0.5, help="achieved fraction of peak")
+    c.add_argument("--intra-node-gbps", type=float, default=450.0, help="GB/s per GPU per direction")
+    c.add_argument("--inter-node-gbps", type=float, default=50.0, help="GB/s per GPU per direction")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--top", type=int, default=20, help="rows in the table (0 = all)")
+    return p.parse_args(argv)
+
+
+def model_shape(a):
+    sizes = {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "vocab": a.vocab, "ffn": a.ffn}
+    if a.preset:
+        from megagpt.model import get_preset
+
+        shape = ModelShape.from_config(get_preset(a.preset), a.seq_len)
+        over = {k: v for k, v in sizes.items() if v is not None}
+        over.update({k: v for k, v in (("kv_heads", a.kv_heads), ("activation", a.activation)) if v})
+        return ModelShape(**{**shape.__dict__, **over})
+    missing = [f"--{k}" for k, v in sizes.items() if v is None]
+    if missing or a.seq_len is None:
+        raise MegaGPTError(f"give --preset or all of --layers --hidden --heads --vocab --ffn --seq-len "
+                           f"(missing: {' '.join(missing + ([] if a.seq_len else ['--seq-len']))})")
+    return ModelShape(**sizes, seq_len=a.seq_len, kv_heads=a.kv_heads or 0, activation=a.activation or "gelu")
+
+
+def check(a, m):
+    for name in ("global_batch", "micro_batch", "gpus", "gpus_per_node"):
+        if getattr(a, name) < 1:
+            raise MegaGPTError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if m.hidden % m.heads or m.heads % m.kv:
+        raise MegaGPTError(f"--hidden {m.hidden} must divide by --heads {m.heads}, and heads by kv heads {m.kv}")
+    if a.zero_stage not in ("0", "1", "2", "3", "all"):
+        raise MegaGPTError(f"--zero-stage must be 0, 1, 2, 3 or all, got {a.zero_stage!r}")
+    if a.offload_params and a.zero_stage not in ("3", "all"):
+        raise MegaGPTError("--offload-params needs --zero-stage 3")
+
+
+def row_text(stage, r):
+    mem, t = r["memory"], r["time"]
+    gib = {k: mem[k] / GIB for k in ("params", "grads", "optimizer", "activations", "working")}
+    return (f"{stage:>4} {r['tp']:>3} {r['pp']:>3} {r['dp']:>4} {r['micro_batches']:>4} "
+            f"{gib['params']:>7.2f} {gib['grads']:>7.2f} {gib['optimizer']:>7.2f} {gib['activations']:>7.2f} "
+            f"{gib['working']:>7.2f} {r['mem_gib']:>7.2f} {'yes' if r['fits'] else 'NO':>4} "
+            f"{t['step_s']:>8.3f} {100 * t['mfu']:>5.1f} {t['tokens_per_s']:>10.0f}")
+
+
+@cli_main
+def main(argv=None):
+    a = parse_args(argv)
+    m = model_shape(a)
+    check(a, m)
+    stages = range(4) if a.zero_stage == "all" else [int(a.zero_stage)]
+    cluster = Cluster(num_gpus=a.gpus, gpus_per_node=a.gpus_per_node, gpu_mem_gib=a.gpu_mem_gib,
+                      peak_tflops=a.peak_tflops, efficiency=a.efficiency, intra_node_gbps=a.intra_node_gbps,
+                      inter_node_gbps=a.inter_node_gbps, reserve_gib=a.reserve_gib)
+    rows = []
+    for z in stages:
+        setup = TrainSetup(global_batch=a.global_batch, micro_batch=a.micro_batch, dtype=a.dtype, zero_stage=z,
+                           offload_optimizer=a.offload_optimizer, offload_params=a.offload_params and z == 3,
+                           activation_checkpointing=a.checkpoint_activations,
+                           sequence_parallel=a.sequence_parallel, flash_attention=not a.no_flash,
+                           dropout=a.dropout)
+        rows += [dict(r, zero_stage=z) for r in layouts(m, setup, cluster)]
+    rows.sort(key=lambda r: (not r["fits"], r["time"]["step_s"], r["mem_gib"]))
+    if not rows:
+        raise MegaGPTError(f"no TP x PP x DP layout of {a.gpus} GPUs divides heads={m.heads}, layers={m.layers} "
+                           f"and global batch {a.global_batch} (micro batch {a.micro_batch})")
+    if a.json:
+        json.dump({**describe(m, setup, cluster), "layouts": rows}, sys.stdout, indent=1)
+        print()
+        return
+    print(f"model: {m.total_params() / 1e6:.1f}M params, {m.layers} layers, hidden {m.hidden}, "
+          f"{m.heads} heads, seq {m.seq_len}; {a.gpus} GPUs x {a.gpu_mem_gib:g} GiB; {a.dtype}")
+    print("zero  tp  pp   dp   mb  params   grads     opt    acts    work   total fits   step_s   mfu   tokens/s")
+    for r in rows[: a.top or None]:
+        print(row_text(r["zero_stage"], r))
+    fits = sum(r["fits"] for r in rows)
+    print(f"{fits} of {len(rows)} layouts fit (memory in GiB per GPU; mb = micro-batches per step)")
+
+
+if __name__ == "__main__":
+    main()
