@@ -103,7 +103,7 @@ def test_seed_determinism_and_cache(tmp_path):
     again = GPTDataset(prefix, (0, 50), seed=1, cache_dir=tmp_path / "c1", **kw)
     assert not again.built_index and again.paths == a.paths
     assert mtimes == {k: os.stat(p).st_mtime_ns for k, p in again.paths.items()}
-    assert isinstance(again.doc_idx, np.memmap)
+    assert isinstance(again.doc_idx.base, np.memmap)  # mapped, not read into memory
     fresh = GPTDataset(prefix, (0, 50), seed=1, cache_dir=tmp_path / "c2", **kw)  # rebuilt elsewhere
     assert fresh.built_index
     for x, y in ((a, fresh), (a, again)):

@@ -124,10 +124,9 @@ class GPTDataset(torch.utils.data.Dataset):
             self.built_index = True
 
         index_cache.rank0_first(build, self._load)
-        self._tokens = self.shard.tokens
-        self._seq_ptr = self.shard.pointers
-        self._sizes = self.shard.sizes
-        self._shard_doc_idx = self.shard.doc_idx
+        # plain ndarray views of the shard's maps (np.memmap indexing is slow per scalar)
+        self._tokens = self.shard.tokens.view(np.ndarray)
+        self._seq_ptr, self._sizes, self._shard_doc_idx = self.shard.pointers, self.shard.sizes, self.shard.doc_idx
         self._itemsize = self.shard.dtype.itemsize
 
     def _build_arrays(self) -> dict:
@@ -155,30 +154,36 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def _doc_tokens(self, doc: int) -> np.ndarray:
         """All tokens of shard document ``doc`` (its sequences are stored back to back)."""
-        s0, s1 = int(self._shard_doc_idx[doc]), int(self._shard_doc_idx[doc + 1])
+        s0, s1 = self._shard_doc_idx[doc:doc + 2].tolist()
+        if s1 == s0 + 1:  # the usual case: one sequence per document
+            start = self._seq_ptr[s0].item() // self._itemsize
+            return self._tokens[start:start + self._sizes[s0].item()]
         if s0 == s1:
             return self._tokens[:0]
-        start = int(self._seq_ptr[s0]) // self._itemsize
-        n = int(self._sizes[s0]) if s1 == s0 + 1 else int(self._sizes[s0:s1].sum())
-        return self._tokens[start:start + n]
+        start = self._seq_ptr[s0].item() // self._itemsize
+        return self._tokens[start:start + int(self._sizes[s0:s1].sum())]
 
     def stream_sample(self, j: int) -> np.ndarray:
         """Sample ``j`` in stream (unshuffled) order."""
-        (p0, o0), (p1, o1) = self.sample_idx[j], self.sample_idx[j + 1]
-        p0, o0, p1, o1 = int(p0), int(o0), int(p1), int(o1)
+        (p0, o0), (p1, o1) = self.sample_idx[j:j + 2].tolist()
+        docs = self.doc_idx[p0:p1 + 1].tolist()
         if p0 == p1:
-            out = self._doc_tokens(int(self.doc_idx[p0]))[o0:o1 + 1]
-        else:
-            parts = [self._doc_tokens(int(self.doc_idx[p0]))[o0:]]
-            parts += [self._doc_tokens(int(d)) for d in self.doc_idx[p0 + 1:p1]]
-            parts.append(self._doc_tokens(int(self.doc_idx[p1]))[:o1 + 1])
-            out = np.concatenate(parts)
-        return out.astype(np.int64)
+            return self._doc_tokens(docs[0])[o0:o1 + 1].astype(np.int64)
+        out = np.empty(self.seq_length + 1, dtype=np.int64)
+        first = self._doc_tokens(docs[0])[o0:]
+        out[:len(first)] = first
+        n = len(first)
+        for d in docs[1:-1]:
+            t = self._doc_tokens(d)
+            out[n:n + len(t)] = t
+            n += len(t)
+        out[n:] = self._doc_tokens(docs[-1])[:o1 + 1]
+        return out
 
     def __getitem__(self, i: int) -> dict:
         if not -self.num_samples <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
-        return {"tokens": self.stream_sample(int(self.shuffle_idx[i]))}
+        return {"tokens": self.stream_sample(self.shuffle_idx[i].item())}
 
 
 def split_document_ranges(num_docs: int, ratios) -> list[tuple[int, int]]:

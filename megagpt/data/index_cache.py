@@ -89,7 +89,9 @@ def save_text_atomic(path: Path, text: str) -> None:
 
 
 def load_npy(path: Path) -> np.ndarray:
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+    """Memory-mapped (nothing read until used), as a plain ndarray view: indexing an
+    ``np.memmap`` subclass costs microseconds per scalar, which dominates ``__getitem__``."""
+    return np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
 
 
 def _dist():
