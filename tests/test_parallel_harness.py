@@ -1,0 +1,112 @@
+"""Helpers for the parallelism tests (no tests here): spawn gloo ranks, a serial torch reference, DeepSpeed configs."""
+import os
+import socket
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+from megagpt.model import GPT, get_preset
+
+LR, WD, CLIP = 1e-2, 0.1, 0.05      # clip small enough to be active: tests the TP grad-norm sums
+# Adam's first steps move each weight by ~lr * g/|g|: with the default eps=1e-8 an element whose
+# gradient is ~1e-9 (fp32 noise level of a summation-order change) flips sign freely. eps=1e-6
+# keeps the update a smooth function of g, so layouts can be compared elementwise.
+EPS = 1e-6
+SEQ = 32
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, err_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+        fn(rank, world, *args)
+    except BaseException:
+        with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def spawn(fn, world, *args, tmp_path):
+    """Run fn(rank, world, *args) on ``world`` gloo ranks; re-raise the first rank's traceback."""
+    err_dir = str(tmp_path)
+    try:
+        mp.spawn(_entry, args=(world, free_port(), fn, args, err_dir), nprocs=world, join=True)
+    except Exception as e:
+        errs = sorted(f for f in os.listdir(err_dir) if f.endswith(".err"))
+        msg = "\n".join(open(os.path.join(err_dir, f)).read() for f in errs[:1])
+        raise AssertionError(f"rank failure:\n{msg}") from e
+
+
+def tiny_cfg(preset="tiny", **kw):
+    return get_preset(preset, max_seq_len=SEQ, **kw)
+
+
+def make_batches(cfg, n, batch, seed=0):
+    """n global batches of (input_ids, labels), (batch, SEQ) each."""
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(0, cfg.vocab_size, (n, batch, SEQ + 1), generator=g)
+    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in toks]
+
+
+def reference_sd(cfg, seed=0):
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in GPT(cfg).state_dict().items()}
+
+
+def serial_reference(cfg, full_sd, batches, micro_splits=1):
+    """Plain torch: serial GPT, AdamW, clip_grad_norm_; each global batch is one optimizer step
+    (grads averaged over ``micro_splits`` equal micro-batches). Returns (losses, final state dict)."""
+    model = GPT(cfg)
+    model.load_state_dict(full_sd)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, eps=EPS)
+    losses = []
+    for ids, labels in batches:
+        opt.zero_grad()
+        total = 0.0
+        for i, l in zip(ids.chunk(micro_splits), labels.chunk(micro_splits)):
+            loss = model(i, labels=l) / micro_splits
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        losses.append(total)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def ds_config(micro_batch, gas, dp, stage=1):
+    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": gas,
+            "train_batch_size": micro_batch * gas * dp, "zero_optimization": {"stage": stage},
+            "gradient_clipping": CLIP, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False}
+
+
+def make_engine(model, state, micro_batch, gas=1, stage=1):
+    import deepspeed
+
+    opt = torch.optim.AdamW([p for p in model.parameters()], lr=LR, weight_decay=WD, eps=EPS)
+    cfg = ds_config(micro_batch, gas, state.dp_size, stage)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg,
+                                      mpu=None if state.pp_size > 1 else state.mpu)
+    return engine
+
+
+def dp_slice(batch, dp_rank, dp_size):
+    ids, labels = batch
+    return ids.chunk(dp_size)[dp_rank], labels.chunk(dp_size)[dp_rank]
+
+
+def assert_sd_close(got, want, atol=1e-5, rtol=1e-4):
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
