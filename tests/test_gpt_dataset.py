@@ -254,3 +254,12 @@ def test_real_shakespeare_shard(shakespeare_prefix):
     np.testing.assert_array_equal(seen, np.arange(n))
     assert valid is not None and len(valid) == 10 and n_docs > 100
     assert set(np.asarray(valid.doc_idx).tolist()).isdisjoint(range(lo, hi))
+
+
+def test_writer_refuses_ids_that_would_wrap(tmp_path):
+    with IndexedDatasetWriter(tmp_path / "w", np.uint16) as w:
+        w.add_document(np.array([0, 65535], dtype=np.int64))
+        for bad in (np.array([1, 70000]), [5, -1]):
+            with pytest.raises(MegaGPTError, match=r"w: token id (70000|-1) does not fit the shard dtype uint16"):
+                w.add_document(bad)
+    assert IndexedDataset(tmp_path / "w")[0].tolist() == [0, 65535]

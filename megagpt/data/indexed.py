@@ -69,7 +69,15 @@ class IndexedDatasetWriter:
         self.end_document()
 
     def add_item(self, tokens) -> None:
-        arr = np.asarray(tokens, dtype=self.dtype)
+        src = np.asarray(tokens)
+        if src.size and src.dtype != self.dtype and src.dtype.kind in "iu":
+            # astype would wrap silently (70000 -> 4464 in uint16): refuse instead
+            info = np.iinfo(self.dtype)
+            lo, hi = int(src.min()), int(src.max())
+            if lo < info.min or hi > info.max:
+                raise MegaGPTError(f"{self.prefix}: token id {hi if hi > info.max else lo} does not fit the "
+                                   f"shard dtype {self.dtype}; use dtype_for_vocab(vocab_size)")
+        arr = np.asarray(src, dtype=self.dtype)
         self._bin.write(arr.tobytes(order="C"))
         self._sizes.append(int(arr.size))
         self.num_tokens += int(arr.size)
