@@ -1,0 +1,241 @@
+"""``MegaGPTConfig``: one YAML/JSON file with ``model``, ``data``, ``train`` (and test-only
+``debug``) sections — everything a pretraining run needs besides the DeepSpeed JSON.
+
+Loading is strict: an unknown key anywhere is a ``MegaGPTError`` naming the dotted key path, the
+file and (for YAML) the line, so a typo fails before any process group starts, not silently.
+
+Schema (defaults in the dataclasses below)::
+
+    model:  {preset: tiny, <any ModelConfig field overriding the preset>}
+    data:   {data_path: [PREFIX] | [w1, P1, w2, P2], tokenizer: PATH, split: "969,30,1",
+             seq_length: null (= model.max_seq_len), seed: 1234, cache_dir: null}
+    train:  {micro_batch_size, gradient_accumulation_steps, global_batch_size, train_iters,
+             lr, min_lr, lr_warmup_iters, lr_decay_style, lr_decay_iters, weight_decay,
+             adam_beta1, adam_beta2, adam_eps, clip_grad, seed, log_interval, eval_interval,
+             eval_iters, save, load, save_interval, keep_last, tensorboard_dir, nan_policy,
+             progress_bar, deepspeed_config}
+    debug:  {inject_nan_at_step, sigkill_in_save_at_step}   # test hooks only, never in real runs
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from megagpt.errors import MegaGPTError
+
+_DECAY_STYLES = ("cosine", "linear", "constant")
+_NAN_POLICIES = ("skip", "stop")
+
+
+@dataclass
+class DataSection:
+    data_path: list = field(default_factory=list)
+    tokenizer: Optional[str] = None
+    split: str = "969,30,1"
+    seq_length: Optional[int] = None
+    seed: int = 1234
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainSection:
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    global_batch_size: Optional[int] = None   # if set, must equal micro * accum * dp_world
+    train_iters: int = 1000
+    lr: float = 2.5e-4
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: Optional[int] = None      # None = train_iters
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 100                  # 0 = no periodic validation
+    eval_iters: int = 10
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: int = 0                    # 0 = only at the end / on SIGTERM / on NaN stop
+    keep_last: int = 0                        # 0 = keep every checkpoint
+    tensorboard_dir: Optional[str] = None     # None = <save>/tensorboard if save is set
+    nan_policy: str = "skip"
+    progress_bar: bool = True
+    deepspeed_config: Optional[str] = None
+
+
+@dataclass
+class DebugSection:
+    """Test-only hooks (tests/test_train_*.py); they deliberately break a run."""
+    inject_nan_at_step: Optional[int] = None       # loss of this step becomes NaN on every rank
+    sigkill_in_save_at_step: Optional[int] = None  # rank 0 SIGKILLs itself after writing this
+                                                   # step's files but before marking it complete
+
+
+_SECTIONS = {"data": DataSection, "train": TrainSection, "debug": DebugSection}
+
+
+@dataclass
+class MegaGPTConfig:
+    model: dict                 # resolved ModelConfig fields (preset applied) — see .model_config()
+    data: DataSection
+    train: TrainSection
+    debug: DebugSection
+    source: str = "<dict>"
+
+    def model_config(self):
+        from megagpt.model import ModelConfig
+        return ModelConfig.from_dict(dict(self.model))
+
+    def data_config(self):
+        from megagpt.data import DataConfig
+        d = self.data
+        try:
+            return DataConfig(data_path=list(d.data_path), split=d.split, seq_length=d.seq_length,
+                              seed=d.seed, cache_dir=d.cache_dir)
+        except MegaGPTError as e:
+            raise MegaGPTError(f"{self.source}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return {"model": dict(self.model), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train), "debug": dataclasses.asdict(self.debug)}
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>", lines: dict | None = None,
+                  overrides: dict | None = None) -> "MegaGPTConfig":
+        """Build from a nested dict; ``overrides`` {(section, key): value} are CLI flags."""
+        lines = lines or {}
+
+        def where(path):
+            line = lines.get(path)
+            return f"{source}" + (f", line {line}" if line else "") + f", key '{path}'"
+
+        if not isinstance(raw, dict):
+            raise MegaGPTError(f"{source}: top level must be a mapping with model/data/train sections")
+        for k in raw:
+            if k not in ("model", "data", "train", "debug"):
+                raise MegaGPTError(f"{where(k)}: unknown section; known: model, data, train, debug")
+        raw = {k: dict(raw.get(k) or {}) for k in ("model", "data", "train", "debug")}
+        for (sec, key), val in (overrides or {}).items():
+            raw[sec][key] = val
+        sections = {}
+        for name, klass in _SECTIONS.items():
+            known = {f.name: f for f in fields(klass)}
+            hints = typing.get_type_hints(klass)
+            for k, v in raw[name].items():
+                if k not in known:
+                    raise MegaGPTError(f"{where(f'{name}.{k}')}: unknown key; known {name} keys: {', '.join(known)}")
+                _check_type(where(f"{name}.{k}"), v, hints[k])
+            sections[name] = klass(**raw[name])
+        model = _resolve_model(raw["model"], sections["data"], where)
+        cfg = cls(model=model, source=source, **sections)
+        cfg._validate(where)
+        return cfg
+
+    def _validate(self, where):
+        t, d = self.train, self.data
+        for k in ("micro_batch_size", "gradient_accumulation_steps", "train_iters", "log_interval"):
+            if getattr(t, k) < 1:
+                raise MegaGPTError(f"{where('train.' + k)}: {getattr(t, k)} must be >= 1")
+        for k in ("lr_warmup_iters", "eval_interval", "eval_iters", "save_interval", "keep_last"):
+            if getattr(t, k) < 0:
+                raise MegaGPTError(f"{where('train.' + k)}: {getattr(t, k)} must be >= 0")
+        if t.lr_decay_style not in _DECAY_STYLES:
+            raise MegaGPTError(f"{where('train.lr_decay_style')}: {t.lr_decay_style!r} must be one of {_DECAY_STYLES}")
+        if t.nan_policy not in _NAN_POLICIES:
+            raise MegaGPTError(f"{where('train.nan_policy')}: {t.nan_policy!r} must be one of {_NAN_POLICIES}")
+        if not (0 <= t.min_lr <= t.lr):
+            raise MegaGPTError(f"{where('train.min_lr')}: {t.min_lr} must be in [0, lr={t.lr}]")
+        if not d.data_path:
+            raise MegaGPTError(f"{where('data.data_path')}: missing; give the shard prefix(es) to train on")
+        if not d.tokenizer:
+            raise MegaGPTError(f"{where('data.tokenizer')}: missing; give the tokenizer the shards were made with")
+        if not os.path.exists(d.tokenizer):
+            raise MegaGPTError(f"{where('data.tokenizer')}: {d.tokenizer} does not exist")
+        if d.seq_length > self.model["max_seq_len"]:
+            raise MegaGPTError(f"{where('data.seq_length')}: {d.seq_length} exceeds model max_seq_len="
+                               f"{self.model['max_seq_len']}")
+        if t.save_interval and not t.save:
+            raise MegaGPTError(f"{where('train.save_interval')}: set but train.save (checkpoint dir) is not")
+        try:
+            self.data_config()  # existence of every shard, split syntax
+        except MegaGPTError as e:
+            raise MegaGPTError(f"{where('data')}: {str(e).split(': ', 1)[-1]}") from None
+
+
+def _resolve_model(m: dict, data: DataSection, where) -> dict:
+    """Preset + overrides → full ModelConfig dict; vocab_size from the tokenizer when not given."""
+    from megagpt.model import ModelConfig, get_preset
+
+    m = dict(m)
+    preset = m.pop("preset", None)
+    if data.tokenizer and "vocab_size" not in m and os.path.exists(data.tokenizer):
+        from megagpt.tokenizer import load_tokenizer
+        m["vocab_size"] = load_tokenizer(data.tokenizer).vocab_size
+    try:
+        cfg = get_preset(preset, **m) if preset else ModelConfig.from_dict(m)
+    except MegaGPTError as e:
+        raise MegaGPTError(f"{where('model')}: {e}") from None
+    except TypeError as e:
+        raise MegaGPTError(f"{where('model')}: {e}") from None
+    if data.seq_length is None:
+        data.seq_length = cfg.max_seq_len
+    return cfg.to_dict()
+
+
+def _check_type(where, value, hint):
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return
+        hint = next(a for a in args if a is not type(None))
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          list: lambda v: isinstance(v, (list, str))}[hint](value)
+    if not ok:
+        raise MegaGPTError(f"{where}: {value!r} must be of type {hint.__name__}")
+
+
+def _yaml_with_lines(text: str, path: str):
+    """Parse YAML and remember the line of every ``section.key`` for error messages."""
+    import yaml
+
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise MegaGPTError(f"{path}: not valid YAML: {str(e).splitlines()[0]} {getattr(e, 'problem_mark', '')}") from None
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            lines[k.value] = k.start_mark.line + 1
+            if isinstance(v, yaml.MappingNode):
+                for k2, _ in v.value:
+                    lines[f"{k.value}.{k2.value}"] = k2.start_mark.line + 1
+    return data, lines
+
+
+def load_config(path, overrides: dict | None = None) -> MegaGPTConfig:
+    """Read a YAML (``.yaml``/``.yml``) or JSON megagpt config; ``overrides`` from CLI flags."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise MegaGPTError(f"{path}: config file not found")
+    text = open(path).read()
+    if path.endswith(".json"):
+        try:
+            raw, lines = json.loads(text), {}
+        except json.JSONDecodeError as e:
+            raise MegaGPTError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
+    else:
+        raw, lines = _yaml_with_lines(text, path)
+    return MegaGPTConfig.from_dict(raw or {}, source=path, lines=lines, overrides=overrides)

@@ -1,0 +1,156 @@
+"""Crash-safe DeepSpeed checkpoints: a tag counts only once every rank's files are on disk.
+
+Save: every rank writes its shard (``engine.save_checkpoint(..., save_latest=False)``) and fsyncs
+the tag dir; after a barrier rank 0 checks the expected files exist, writes ``complete`` and then
+``latest`` (each via temp + fsync + rename), and prunes old tags. A run SIGKILLed anywhere in
+between leaves a tag without ``complete``, which load ignores and removes — so a resume always
+starts from a checkpoint that was whole, never from a half-written one.
+
+Per-rank RNG states go to ``rng_rank{R}.pt`` beside DeepSpeed's files because DeepSpeed keeps only
+rank 0's client state (ZeRO <= 2) and dropout streams differ per rank.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from megagpt.errors import MegaGPTError
+
+COMPLETE = "complete"
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    get_accelerator().set_rng_state(s["accelerator"])
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(d: str) -> None:
+    for root, _, files in os.walk(d):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def complete_tags(save_dir: str) -> list[tuple[int, str]]:
+    """(step, tag) of every tag dir with a ``complete`` marker, oldest first."""
+    out = []
+    for p in glob.glob(os.path.join(save_dir, "global_step*")):
+        m = _TAG.match(os.path.basename(p))
+        if m and os.path.isfile(os.path.join(p, COMPLETE)):
+            out.append((int(m.group(1)), os.path.basename(p)))
+    return sorted(out)
+
+
+def _check_files(tag_dir: str, zero_stage: int, world: int) -> None:
+    model = glob.glob(os.path.join(tag_dir, "*model_states.pt"))
+    optim = glob.glob(os.path.join(tag_dir, "*optim_states.pt"))
+    rng = glob.glob(os.path.join(tag_dir, "rng_rank*.pt"))
+    want_optim = world if zero_stage > 0 else 0
+    if not model or len(optim) < want_optim or len(rng) != world:
+        raise MegaGPTError(f"{tag_dir}: incomplete after every rank saved ({len(model)} model, {len(optim)} "
+                           f"optimizer, {len(rng)} rng files for {world} ranks); not marking it complete")
+    for f in model + optim:
+        if os.path.getsize(f) == 0:
+            raise MegaGPTError(f"{f}: empty checkpoint file")
+
+
+def save(engine, save_dir: str, step: int, client_state: dict, dp_group, keep_last: int = 0,
+         kill_before_complete: bool = False) -> str:
+    """Save tag ``global_step{step}``; returns the tag. Collective over the whole world."""
+    tag = tag_for(step)
+    tag_dir = os.path.join(save_dir, tag)
+    rank = dist.get_rank()
+    if rank == 0 and os.path.isdir(tag_dir):  # a half-written leftover of the same step
+        shutil.rmtree(tag_dir)
+    dist.barrier()
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
+    _fsync_tree(tag_dir)
+    dist.barrier()
+    if kill_before_complete and rank == 0:  # test hook: die with every shard written, no marker
+        os.kill(os.getpid(), 9)
+    if rank == 0:
+        _check_files(tag_dir, engine.zero_optimization_stage(), dist.get_world_size())
+        atomic_write(os.path.join(tag_dir, COMPLETE), b"ok\n")
+        atomic_write(os.path.join(save_dir, "latest"), tag.encode())
+        if keep_last:
+            for _, old in complete_tags(save_dir)[:-keep_last]:
+                shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def resume_tag(load_dir: str) -> str | None:
+    """The newest complete tag under ``load_dir`` (None if there is none)."""
+    tags = complete_tags(load_dir)
+    return tags[-1][1] if tags else None
+
+
+def load(engine, load_dir: str):
+    """Load the newest complete tag into ``engine``; returns its client state (None: fresh start).
+
+    Rank 0 first deletes tag dirs without a ``complete`` marker (work lost to a crash mid-save)."""
+    if not os.path.isdir(load_dir):
+        return None
+    if dist.get_rank() == 0:
+        done = {t for _, t in complete_tags(load_dir)}
+        for p in glob.glob(os.path.join(load_dir, "global_step*")):
+            if _TAG.match(os.path.basename(p)) and os.path.basename(p) not in done:
+                shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    tag = resume_tag(load_dir)
+    if tag is None:
+        return None
+    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise MegaGPTError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
+    rng_file = os.path.join(load_dir, tag, f"rng_rank{dist.get_rank()}.pt")
+    if os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        raise MegaGPTError(f"{rng_file}: missing (checkpoint saved with a different number of ranks?)")
+    client["_tag"] = tag
+    return client

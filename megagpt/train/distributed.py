@@ -1,0 +1,126 @@
+"""Process group set-up and the DeepSpeed JSON, filled from our config and checked up front.
+
+The dp world size is known from the launcher's environment (``WORLD_SIZE``) before any process
+group exists, so batch-size arithmetic and DeepSpeed-config mistakes fail as one clear message
+before ``init_distributed``. A plain ``python`` run gets a 1-rank group on a free local port.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+
+import torch.distributed as dist
+
+from megagpt.errors import MegaGPTError
+
+# top-level keys DeepSpeed 0.19 understands (its own config parser silently ignores others)
+_DS_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "bfloat16", "amp", "torch_autocast",
+    "steps_per_print", "wall_clock_breakdown", "dump_state", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "communication_data_type",
+    "seq_parallel_communication_data_type", "activation_checkpointing", "flops_profiler", "tensorboard",
+    "wandb", "csv_monitor", "comet", "comms_logger", "aio", "data_efficiency", "data_types", "compression_training",
+    "checkpoint", "elasticity", "autotuning", "pipeline", "memory_breakdown", "disable_allgather",
+    "graph_harvesting", "use_data_before_expert_parallelism", "timers", "nebula", "weight_quantization",
+    "hybrid_engine", "eigenvalue", "progressive_layer_drop", "curriculum_learning", "quantize_training",
+    "sparse_attention", "load_universal_checkpoint", "compile", "zenflow", "tensor_parallel",
+}
+
+
+def dp_world_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _fill(d: dict, key: str, value, where: str, path: str):
+    """Replace "auto" (or a missing key) by our value; an explicit different value is an error."""
+    cur = d.get(key, "auto")
+    if cur == "auto":
+        d[key] = value
+    elif cur != value and not (isinstance(cur, (int, float)) and isinstance(value, (int, float))
+                               and abs(cur - value) <= 1e-12 * max(1.0, abs(value))):
+        raise MegaGPTError(f"{where}: '{path}' is {cur!r} but the megagpt config gives {value!r}; "
+                           f"set it to \"auto\" or make them agree")
+
+
+def build_ds_config(path: str, train_cfg, dp_world: int) -> dict:
+    """Load the DeepSpeed JSON and fill every "auto" from ``train_cfg``; validate batch sizes."""
+    if not path:
+        raise MegaGPTError("no DeepSpeed config: pass --deepspeed_config ds_configs/zero2.json "
+                           "(or set train.deepspeed_config)")
+    if not os.path.isfile(path):
+        raise MegaGPTError(f"{path}: DeepSpeed config not found")
+    try:
+        ds = json.load(open(path))
+    except json.JSONDecodeError as e:
+        raise MegaGPTError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
+    ds = copy.deepcopy(ds)
+    unknown = sorted(set(ds) - _DS_KEYS)
+    if unknown:
+        raise MegaGPTError(f"{path}: unknown DeepSpeed config key(s) {', '.join(map(repr, unknown))}")
+    t = train_cfg
+    mbs, ga = t.micro_batch_size, t.gradient_accumulation_steps
+    gbs = mbs * ga * dp_world
+    if t.global_batch_size is not None and t.global_batch_size != gbs:
+        raise MegaGPTError(
+            f"train.global_batch_size={t.global_batch_size} != micro_batch_size {mbs} x gradient_accumulation_steps "
+            f"{ga} x data-parallel world {dp_world} = {gbs}")
+    _fill(ds, "train_micro_batch_size_per_gpu", mbs, path, "train_micro_batch_size_per_gpu")
+    _fill(ds, "gradient_accumulation_steps", ga, path, "gradient_accumulation_steps")
+    _fill(ds, "train_batch_size", gbs, path, "train_batch_size")
+    _fill(ds, "gradient_clipping", float(t.clip_grad), path, "gradient_clipping")
+    if "scheduler" in ds:
+        raise MegaGPTError(f"{path}: remove the 'scheduler' block; megagpt's schedule comes from the train "
+                           f"section (lr, min_lr, lr_warmup_iters, lr_decay_style)")
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        raise MegaGPTError(f"{path}: optimizer.type {opt.get('type')!r}: megagpt pretraining expects AdamW")
+    params = opt.setdefault("params", {})
+    for key, val in (("lr", float(t.lr)), ("betas", [float(t.adam_beta1), float(t.adam_beta2)]),
+                     ("eps", float(t.adam_eps)), ("weight_decay", float(t.weight_decay))):
+        if key == "betas" and isinstance(params.get(key), list):
+            params[key] = [float(b) for b in params[key]]
+        _fill(params, key, val, path, f"optimizer.params.{key}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise MegaGPTError(f"{path}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        raise MegaGPTError(f"{path}: fp16 and bf16 are both enabled; pick one")
+    try:  # let DeepSpeed's own pydantic models reject bad sub-keys now, not after init
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        DeepSpeedZeroConfig(**ds.get("zero_optimization", {}))
+    except Exception as e:  # pydantic.ValidationError
+        first = str(e).strip().splitlines()
+        raise MegaGPTError(f"{path}: zero_optimization: {' '.join(first[:3])}") from None
+    return ds
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Init the default group via DeepSpeed (gloo on CPU, NCCL on GPU); returns (rank, world, dp_group).
+
+    The dp group is the whole world today; tensor/pipeline parallelism will pass a sub-group."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # plain `python pretrain.py`: a 1-rank group
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+
+
+def device():
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    return acc.device_name() if acc.device_name() == "cpu" else f"{acc.device_name()}:{acc.current_device()}"

@@ -1,0 +1,135 @@
+"""The training loop: composes data, engine step, NaN policy, eval, metrics and checkpoints.
+
+DeepSpeed owns the optimizer, ZeRO, precision, gradient accumulation and clipping: per micro-batch
+we call ``engine(...)``, ``engine.backward`` and ``engine.step`` (the engine updates on the
+accumulation boundary). We own what DeepSpeed does not know: the sample position
+(``consumed_samples``), the bad-loss policy, SIGTERM and when to evaluate or save.
+"""
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megagpt.data import DistributedBatchSampler
+from megagpt.train import checkpoint
+
+
+@dataclass
+class TrainState:
+    step: int = 0               # optimizer steps taken (or skipped) so far
+    consumed_samples: int = 0   # global samples drawn so far (skipped steps included)
+    skipped_steps: int = 0      # steps dropped by nan_policy=skip
+
+
+class NonFiniteLoss(Exception):
+    """nan_policy=stop hit a NaN/inf loss; the last good step has been saved."""
+
+
+class StopFlag:
+    """Set by SIGTERM (slurm preemption); read collectively so every rank stops at the same step."""
+
+    def __init__(self):
+        self.set = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.set = True
+
+    def any_rank(self, group, device) -> bool:
+        t = torch.tensor([1.0 if self.set else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return bool(t.item())
+
+
+def to_batch(dataset, indices, device):
+    tokens = torch.from_numpy(np.stack([dataset[i]["tokens"] for i in indices]).astype(np.int64)).to(device)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def train_step(engine, micro_batches, dp_group, device, inject_nan: bool):
+    """One optimizer step over ``micro_batches``; returns (dp-mean loss, finite?).
+
+    The dp-summed loss of each micro-batch is all-reduced *before* backward: if any rank's loss is
+    NaN/inf the sum is too, every rank learns it at once, and none calls backward or step — so no
+    gradient or optimizer state is touched (with gradient accumulation the check runs per
+    micro-batch; a bad micro-batch after good ones is treated as "stop", see pretrain.py)."""
+    total = 0.0
+    world = dist.get_world_size(dp_group)
+    for m, (x, y) in enumerate(micro_batches):
+        loss = engine(x, labels=y)
+        if inject_nan:
+            loss = loss * float("nan")
+        s = loss.detach().float().clone()
+        dist.all_reduce(s, group=dp_group)
+        mean = s.item() / world
+        if not math.isfinite(mean):
+            return mean, False, m
+        engine.backward(loss)
+        engine.step()
+        total += mean
+    return total / len(micro_batches), True, len(micro_batches)
+
+
+@torch.no_grad()
+def evaluate(engine, valid_ds, micro_batch_size, eval_iters, dp_rank, dp_size, dp_group, device) -> float:
+    """Mean loss over the first ``eval_iters`` global micro-batches of the validation split."""
+    engine.eval()
+    n = min(eval_iters * micro_batch_size * dp_size, len(valid_ds))
+    n -= n % (micro_batch_size * dp_size)
+    sampler = DistributedBatchSampler(n, 0, micro_batch_size, dp_rank, dp_size)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for idx in sampler:
+        x, y = to_batch(valid_ds, idx, device)
+        total[0] += engine(x, labels=y).double()
+        total[1] += 1
+    dist.all_reduce(total, group=dp_group)
+    engine.train()
+    return (total[0] / total[1]).item()
+
+
+def train(cfg, engine, model, train_ds, valid_ds, state: TrainState, metrics, dp_group, device, save_fn):
+    """Run from ``state.step`` to ``train.train_iters``; returns the reason it ended."""
+    t, dbg = cfg.train, cfg.debug
+    dp_rank, dp_size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
+    ga, mbs = t.gradient_accumulation_steps, t.micro_batch_size
+    gbs = mbs * ga * dp_size
+    sampler = DistributedBatchSampler(len(train_ds), state.consumed_samples, mbs, dp_rank, dp_size)
+    it = iter(sampler)
+    stop = StopFlag()
+    engine.train()
+    while state.step < t.train_iters:
+        micro = [to_batch(train_ds, next(it), device) for _ in range(ga)]
+        loss, ok, done = train_step(engine, micro, dp_group, device, dbg.inject_nan_at_step == state.step + 1)
+        if not ok:
+            if t.nan_policy == "stop" or done > 0:
+                save_fn(state)  # the model is still at the last good step
+                raise NonFiniteLoss(
+                    f"non-finite loss ({loss}) at step {state.step + 1} (micro-batch {done}); saved the last good "
+                    f"step {state.step} (nan_policy={t.nan_policy}" +
+                    (", and gradients of earlier micro-batches were already accumulated" if done else "") + ")")
+            state.skipped_steps += 1
+            if engine.lr_scheduler is not None:  # keep the schedule aligned with the step count
+                engine.lr_scheduler.step()
+            metrics.print(f"step {state.step + 1}: non-finite loss, step skipped "
+                          f"({state.skipped_steps} skipped so far)")
+        state.step += 1
+        state.consumed_samples += gbs
+        metrics.step(state.step, loss, engine.get_lr()[0], engine.get_global_grad_norm() if ok else None,
+                     state.skipped_steps, log=state.step % t.log_interval == 0)
+        last = state.step == t.train_iters
+        if t.eval_interval and valid_ds is not None and (state.step % t.eval_interval == 0 or last):
+            metrics.eval(state.step, evaluate(engine, valid_ds, mbs, t.eval_iters, dp_rank, dp_size, dp_group, device))
+            metrics.reset_timer()
+        preempted = stop.any_rank(dp_group, device)
+        if t.save and (last or preempted or (t.save_interval and state.step % t.save_interval == 0)):
+            save_fn(state, kill=dbg.sigkill_in_save_at_step == state.step)
+            metrics.reset_timer()
+        if preempted:
+            metrics.print(f"SIGTERM: stopped after step {state.step}" + (", checkpoint saved" if t.save else ""))
+            return "preempted"
+    return "done"

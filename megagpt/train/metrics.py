@@ -1,0 +1,134 @@
+"""Throughput and utilisation accounting, console line, tensorboard scalars, jsonl log.
+
+MFU = achieved model FLOP/s per device / peak FLOP/s per device, with model FLOPs per token from
+``model.flops_per_token`` (PaLM: 6N + 12·L·H·Q·T). The peak is a datasheet number on known GPUs;
+on CPU there is none worth quoting, so we time fp32 ``torch.mm`` once at start and use that.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+from deepspeed.accelerator import get_accelerator
+
+# dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s
+_GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
+
+
+def measure_matmul_flops(n: int = 1024, reps: int = 5) -> float:
+    """Best-of-``reps`` fp32 ``torch.mm`` FLOP/s on the CPU (with this process's thread count)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops() -> tuple[float, str]:
+    """(peak FLOP/s per device, where the number comes from)."""
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return measure_matmul_flops(), "measured fp32 torch.mm on this CPU"
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else acc.device_name()
+    for key, val in _GPU_PEAKS.items():
+        if key in name:
+            return val, f"{key} bf16 datasheet peak"
+    return 989e12, f"unknown device {name!r}: assuming H100 bf16 peak"
+
+
+def memory_gib() -> float:
+    """Peak accelerator memory, or the process's peak RSS on CPU, in GiB."""
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        return acc.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class Metrics:
+    """Rank-0 sink: console line (via tqdm.write), tensorboard scalars and a jsonl log."""
+
+    def __init__(self, rank: int, tb_dir: str | None, jsonl_path: str | None, flops_per_token: int,
+                 tokens_per_step: int, world: int, peak: float, peak_src: str, total_steps: int, start_step: int,
+                 progress_bar: bool):
+        self.rank, self.world = rank, world
+        self.flops_per_token, self.tokens_per_step = flops_per_token, tokens_per_step
+        self.peak, self.total = peak, total_steps
+        self.writer = self.bar = self.jsonl = None
+        self._t = time.perf_counter()
+        self._steps = 0
+        if rank != 0:
+            return
+        if tb_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(tb_dir)
+        if jsonl_path:
+            os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
+            self.jsonl = open(jsonl_path, "a")
+        if progress_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        self.print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_src})")
+
+    def print(self, msg: str) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def step(self, step: int, loss: float, lr: float, grad_norm, skipped: int, log: bool) -> None:
+        """Called every step on every rank (cheap); logs on rank 0 every ``log_interval``."""
+        self._steps += 1
+        if self.rank != 0:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+            self.jsonl.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+        if not log:
+            return
+        dt = (time.perf_counter() - self._t) / self._steps
+        self._t, self._steps = time.perf_counter(), 0
+        tok_s = self.tokens_per_step / dt
+        flops_dev = self.flops_per_token * tok_s / self.world
+        gn = float(grad_norm) if grad_norm is not None else float("nan")
+        eta = (self.total - step) * dt
+        scalars = {"loss": loss, "lr": lr, "grad_norm": gn, "tokens_per_s": tok_s, "tflops_per_device": flops_dev / 1e12,
+                   "mfu": flops_dev / self.peak, "memory_gib": memory_gib(), "skipped_steps": skipped}
+        self.print(f"step {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | grad norm {gn:.3f} | "
+                   f"{tok_s:,.0f} tok/s | {flops_dev / 1e12:.3f} TFLOP/s/dev | MFU {100 * scalars['mfu']:.1f}% | "
+                   f"mem {scalars['memory_gib']:.2f} GiB | skipped {skipped} | ETA {eta / 60:.1f} min")
+        if self.writer:
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+
+    def eval(self, step: int, loss: float) -> None:
+        import math
+        ppl = math.exp(min(loss, 50.0))
+        self.print(f"step {step:>6} | validation loss {loss:.4f} | perplexity {ppl:.2f}")
+        if self.rank == 0 and self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "val_loss": loss, "val_ppl": ppl}) + "\n")
+            self.jsonl.flush()
+        if self.writer:
+            self.writer.add_scalar("valid/loss", loss, step)
+            self.writer.add_scalar("valid/perplexity", ppl, step)
+
+    def reset_timer(self) -> None:
+        """Exclude eval/checkpoint time from the next throughput figure."""
+        self._t, self._steps = time.perf_counter(), 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer:
+            self.writer.close()
+        if self.jsonl:
+            self.jsonl.close()
