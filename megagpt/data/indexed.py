@@ -82,6 +82,22 @@ class IndexedDatasetWriter:
         self._sizes.append(int(arr.size))
         self.num_tokens += int(arr.size)
 
+    def add_documents(self, tokens: np.ndarray, sizes) -> None:
+        """Append many one-sequence documents in one write: ``tokens`` is their concatenation in
+        this shard's dtype, ``sizes`` their lengths. The per-document loop of ``add_document`` is
+        what bounds preprocessing's writer process; this is its bulk path."""
+        tokens = np.asarray(tokens)
+        if tokens.dtype != self.dtype:
+            raise MegaGPTError(f"{self.prefix}: add_documents needs {self.dtype} tokens, got {tokens.dtype}")
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if int(sizes.sum()) != tokens.size or (sizes.size and int(sizes.min()) < 0):
+            raise MegaGPTError(f"{self.prefix}: document sizes sum to {int(sizes.sum())} but {tokens.size} tokens were given")
+        self._bin.write(np.ascontiguousarray(tokens).tobytes())
+        first = len(self._sizes)
+        self._sizes.extend(sizes.tolist())
+        self._doc_idx.extend(range(first + 1, first + len(sizes) + 1))
+        self.num_tokens += int(tokens.size)
+
     def end_document(self) -> None:
         self._doc_idx.append(len(self._sizes))
 

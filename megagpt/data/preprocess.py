@@ -199,12 +199,19 @@ class ShardedOutput:
         self.final = final
 
     def add(self, flat: np.ndarray, sizes: np.ndarray):
-        pos = 0
-        for n in sizes.tolist():
+        """Append a chunk's documents, in bulk up to each shard boundary."""
+        ends = np.cumsum(sizes)
+        doc, pos = 0, 0
+        while doc < len(sizes):
             if self.writer is None:
                 self._open()
-            self.writer.add_document(flat[pos: pos + n])
-            pos += n
+            stop = len(sizes)
+            if self.shard_size:  # the shard is full after the first doc whose end reaches `room`
+                room = pos + self.shard_size - self.writer.num_tokens
+                stop = min(int(np.searchsorted(ends, room, side="left")) + 1, stop)
+            end = int(ends[stop - 1])
+            self.writer.add_documents(flat[pos:end], sizes[doc:stop])
+            doc, pos = stop, end
             if self.shard_size and self.writer.num_tokens >= self.shard_size:
                 self._close()
 

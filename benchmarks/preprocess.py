@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Preprocessing throughput vs raw sentencepiece ``encode`` on the same text and cores.
+
+    python benchmarks/preprocess.py [--repeat 4] [--reps 5] [--workers 1 2]
+
+Corpus: tinyshakespeare repeated ``--repeat`` times as jsonl, one document per paragraph.
+* ours: ``megagpt.data.preprocess.preprocess`` end to end (read, JSON parse, encode, write
+  .bin/.idx), timed from the call to the return (pool start-up included).
+* raw: the baseline: the same documents already in memory as str, the same chunking, a Pool of
+  the same size whose workers call ``sp.encode(chunk)`` and return only a token count (no
+  reading, no parsing, no transfer of tokens, no writing); workers=1 runs in-process.
+Runs are interleaved (ours, raw, ours, raw, ...) after one warm-up of each; medians of ``--reps``.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "corpus" / "tinyshakespeare.txt"
+
+_SP = None
+
+
+def _raw_init(model):
+    global _SP
+    import sentencepiece as spm
+
+    _SP = spm.SentencePieceProcessor(model_file=model)
+
+
+def _raw_encode(texts):
+    return sum(map(len, _SP.encode(texts, num_threads=1)))
+
+
+def raw_encode(model, chunks, workers):
+    t0 = time.perf_counter()
+    if workers == 1:
+        _raw_init(model)
+        n = sum(_raw_encode(c) for c in chunks)
+    else:
+        with mp.get_context("fork").Pool(workers, initializer=_raw_init, initargs=(model,)) as pool:
+            n = sum(pool.imap(_raw_encode, chunks))
+    return n, time.perf_counter() - t0
+
+
+def ours(src, out, model, workers):
+    from megagpt.data.preprocess import preprocess
+
+    t0 = time.perf_counter()
+    s = preprocess([src], out, model, workers=workers, progress=False)
+    return s.tokens, time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=4, help="copies of tinyshakespeare in the corpus")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--vocab-size", type=int, default=4000)
+    a = p.parse_args()
+    from megagpt.data.preprocess import CHUNK_BYTES, CHUNK_ITEMS, read_chunks
+    from megagpt.tokenizer import train_sentencepiece
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_pre_"))
+    model = train_sentencepiece([str(SHAKESPEARE)], str(tmp / "tok"), vocab_size=a.vocab_size)
+    paras = [x for x in SHAKESPEARE.read_text(encoding="utf-8").split("\n\n") if x.strip()] * a.repeat
+    src = tmp / "corpus.jsonl"
+    with open(src, "w", encoding="utf-8") as f:
+        for x in paras:
+            f.write(json.dumps({"text": x}) + "\n")
+    # the baseline sees exactly the chunks preprocess makes, as decoded strings
+    chunks = [[json.loads(raw)["text"] for _, raw in c.items]
+              for c in read_chunks([str(src)], chunk_bytes=CHUNK_BYTES, chunk_items=CHUNK_ITEMS)]
+    mb = src.stat().st_size / 1e6
+    print(f"corpus: {len(paras)} docs, {mb:.1f} MB jsonl, vocab {a.vocab_size}, {len(chunks)} chunks; "
+          f"{os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}")
+
+    times = {(w, k): [] for w in a.workers for k in ("ours", "raw")}
+    tokens = {}
+    for rep in range(a.reps + 1):  # rep 0 is the warm-up
+        for w in a.workers:
+            n1, t1 = ours(str(src), str(tmp / f"out{w}"), model, w)
+            n2, t2 = raw_encode(model, chunks, w)
+            assert n1 == n2 + len(paras), (n1, n2)  # ours adds one eod per document
+            tokens[w] = n2
+            if rep:
+                times[(w, "ours")].append(t1)
+                times[(w, "raw")].append(t2)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n| workers | preprocess tok/s (MB/s) | raw sp.encode tok/s | ratio |")
+    print("|---|---|---|---|")
+    for w in a.workers:
+        o, r = tokens[w] / med[(w, "ours")], tokens[w] / med[(w, "raw")]
+        print(f"| {w} | {o:,.0f} ({mb / med[(w, 'ours')]:.2f}) | {r:,.0f} | {o / r:.1%} |")
+    if len(a.workers) > 1:
+        w0, w1 = a.workers[0], a.workers[-1]
+        print(f"\nscaling workers {w0} → {w1}: preprocess x{med[(w0, 'ours')] / med[(w1, 'ours')]:.2f}, "
+              f"raw encode x{med[(w0, 'raw')] / med[(w1, 'raw')]:.2f}")
+    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split(":")[-1]
+    print(f"\nmedian of {a.reps} interleaved runs after warm-up; {cpu.strip()}; python {platform.python_version()}; "
+          f"load avg after {os.getloadavg()[0]:.2f}")
+    shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
