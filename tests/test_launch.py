@@ -232,3 +232,22 @@ def test_mpirun_gloo_allreduce(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     lines = sorted(l for l in res.stdout.splitlines() if l.startswith("rank="))
     assert lines == ["rank=0 world=2 local=0 sum=3.0", "rank=1 world=2 local=1 sum=3.0"]
+
+
+def test_deepspeed_no_ssh_two_nodes_on_localhost(tmp_path):
+    """The exact per-node command of pretrain_deepspeed.sbatch, for a 2-"node" job whose node
+    names both resolve here: two `launch exec-node` processes (SLURM_NODEID 0 and 1), each
+    running DeepSpeed's launcher with --no_ssh, form one 2-rank gloo world."""
+    script = tmp_path / "allreduce.py"
+    script.write_text(MPI_ALLREDUCE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
+    env.update(SLURM_JOB_NODELIST="localhost,127.0.0.1", SLURM_JOB_ID="77", SLURM_GPUS_ON_NODE="1",
+               MASTER_PORT=str(free_port()), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "megagpt.parallel.launch", "exec-node", str(script)],
+                              env={**env, "SLURM_NODEID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for i, out in enumerate(outs):
+        assert f"--no_ssh --node_rank {i} --num_nodes 2 --num_gpus 1 --master_addr localhost" in out
+        assert f"rank={i} world=2 local=0 sum=3.0" in out, out
