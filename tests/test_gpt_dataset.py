@@ -263,3 +263,22 @@ def test_writer_refuses_ids_that_would_wrap(tmp_path):
             with pytest.raises(MegaGPTError, match=r"w: token id (70000|-1) does not fit the shard dtype uint16"):
                 w.add_document(bad)
     assert IndexedDataset(tmp_path / "w")[0].tolist() == [0, 65535]
+
+
+def test_pickles_as_paths_for_dataloader_workers(tmp_path):
+    import pickle
+
+    import torch
+
+    a = write_shard(tmp_path / "a", random_docs(200, seed=8, max_len=400))
+    b = write_shard(tmp_path / "b", random_docs(200, seed=9, max_len=400))
+    for path in ([a], [0.6, a, 0.4, b]):
+        ds, _, _ = build_gpt_datasets(DataConfig(path, split="1,0,0", seq_length=32), (300, 0, 0), vocab_size=1000)
+        blob = pickle.dumps(ds)
+        assert len(blob) < 20_000  # the corpus and index arrays are not in the pickle
+        back = pickle.loads(blob)
+        assert all(np.array_equal(back[i]["tokens"], ds[i]["tokens"]) for i in range(300))
+    # spawn-started DataLoader workers unpickle it and serve the same batches
+    loader = torch.utils.data.DataLoader(ds, batch_size=50, num_workers=1, multiprocessing_context="spawn")
+    got = torch.cat([x["tokens"] for x in loader])
+    np.testing.assert_array_equal(got.numpy(), np.stack([ds[i]["tokens"] for i in range(300)]))

@@ -77,7 +77,7 @@ class BlendedDataset(torch.utils.data.Dataset):
             raise MegaGPTError(f"blend: num_samples={num_samples} must be >= 1")
         self.weights = normalise_weights(weights)
         self.num_samples, self.seed = int(num_samples), int(seed)
-        self.built_index = False
+        self.built_index, self.paths = False, None
         if cache_dir is None:
             cache_dir = getattr(self.datasets[0], "cache_dir", None)
         keys = [getattr(d, "cache_hash", None) for d in self.datasets]
@@ -91,7 +91,7 @@ class BlendedDataset(torch.utils.data.Dataset):
         desc = {"class": "BlendedDataset", "version": CLASS_VERSION, "children": keys,
                 "weights": self.weights, "num_samples": self.num_samples, "seed": self.seed}
         stem = cache_dir / f"blend_{index_cache.describe_hash(desc)}"
-        paths = [Path(f"{stem}_dataset_index.npy"), Path(f"{stem}_dataset_sample_index.npy")]
+        self.paths = paths = [Path(f"{stem}_dataset_index.npy"), Path(f"{stem}_dataset_sample_index.npy")]
 
         def build():
             if all(p.exists() for p in paths):
@@ -101,12 +101,24 @@ class BlendedDataset(torch.utils.data.Dataset):
             index_cache.save_text_atomic(Path(f"{stem}_desc.json"), json.dumps(desc, indent=1))
             self.built_index = True
 
-        def load():
-            self.dataset_index, self.dataset_sample_index = (index_cache.load_npy(p) for p in paths)
-            if self.dataset_index.shape != (self.num_samples,):
-                raise MegaGPTError(f"{paths[0]}: cached blend index has the wrong length; delete it and rerun")
+        index_cache.rank0_first(build, self._load)
 
-        index_cache.rank0_first(build, load)
+    def _load(self):
+        self.dataset_index, self.dataset_sample_index = (index_cache.load_npy(p) for p in self.paths)
+        if self.dataset_index.shape != (self.num_samples,):
+            raise MegaGPTError(f"{self.paths[0]}: cached blend index has the wrong length; delete it and rerun")
+
+    def __getstate__(self):
+        """Cached arrays travel as paths (see ``GPTDataset.__getstate__``)."""
+        state = dict(self.__dict__)
+        if self.paths is not None:
+            del state["dataset_index"], state["dataset_sample_index"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.paths is not None:
+            self._load()
 
     def _check_sizes(self):
         need = np.bincount(self.dataset_index, minlength=len(self.datasets))

@@ -124,10 +124,28 @@ class GPTDataset(torch.utils.data.Dataset):
             self.built_index = True
 
         index_cache.rank0_first(build, self._load)
+        self._attach_shard()
+
+    def _attach_shard(self):
         # plain ndarray views of the shard's maps (np.memmap indexing is slow per scalar)
         self._tokens = self.shard.tokens.view(np.ndarray)
         self._seq_ptr, self._sizes, self._shard_doc_idx = self.shard.pointers, self.shard.sizes, self.shard.doc_idx
         self._itemsize = self.shard.dtype.itemsize
+
+    _MAPPED = ("shard", "doc_idx", "sample_idx", "shuffle_idx", "_tokens", "_seq_ptr", "_sizes", "_shard_doc_idx")
+
+    def __getstate__(self):
+        """Pickle paths, not arrays: pickling a memory map copies its whole content, which would
+        ship the corpus to every spawned DataLoader worker."""
+        state = {k: v for k, v in self.__dict__.items() if k not in self._MAPPED}
+        state["shard_prefix"] = self.shard.prefix
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.shard = IndexedDataset(state["shard_prefix"])
+        self._load()
+        self._attach_shard()
 
     def _build_arrays(self) -> dict:
         lo, hi = self.doc_range
@@ -198,6 +216,9 @@ def split_document_ranges(num_docs: int, ratios) -> list[tuple[int, int]]:
 def build_gpt_datasets(data_config, num_samples, vocab_size: int):
     """(train, valid, test): each a ``GPTDataset`` (one prefix), a ``BlendedDataset`` (several),
     or None when the split has no documents or 0 samples are requested.
+
+    Call it on every rank: with torch.distributed initialised it is a collective (rank 0
+    builds and checks, the others wait and load).
 
     Every prefix is split by documents with the same ratios; a blend draws ``num_samples[k]``
     from the k-th split of each prefix in proportion to the weights.

@@ -102,21 +102,24 @@ def _dist():
     return None
 
 
-def rank0_first(build_on_rank0, then_on_all):
-    """Run ``build_on_rank0()`` on rank 0 only, then ``then_on_all()`` everywhere.
+def rank0_first(build, load):
+    """``build()`` on rank 0 while the other ranks wait, then ``load()`` everywhere.
 
+    ``build`` must be a no-op when its files already exist: the other ranks call it too after
+    the wait, so that with node-local cache directories (no shared filesystem) each node builds
+    its own (identical, deterministic) copy instead of failing to find rank 0's files.
     The wait is a broadcast rather than a bare barrier so that a ``MegaGPTError`` on rank 0
     (say, a bad token id) is re-raised on every rank instead of leaving them hung at a barrier.
-    Without an initialised process group this is simply build-then-load.
+    It is a collective: every rank of the default group must get here.
     """
     dist = _dist()
     if dist is None:
-        build_on_rank0()
-        return then_on_all()
+        build()
+        return load()
     err, exc = [None], None
     if dist.get_rank() == 0:
         try:
-            build_on_rank0()
+            build()
         except Exception as e:  # tell the other ranks, then re-raise the original here
             exc = e
             err = [str(e) if isinstance(e, MegaGPTError) else f"rank 0 failed: {type(e).__name__}: {e}"]
@@ -125,4 +128,6 @@ def rank0_first(build_on_rank0, then_on_all):
         raise exc
     if err[0] is not None:
         raise MegaGPTError(err[0])
-    return then_on_all()
+    if dist.get_rank() != 0:
+        build()
+    return load()
