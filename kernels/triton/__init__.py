@@ -1,37 +1,35 @@
 """Fused Triton kernels: layer_norm.py, rms_norm.py, flash_attention.py (each says why it exists).
 
-``interpreted()`` runs them in Triton's CPU interpreter. Triton decides interpreter-vs-compiled
-when a ``@triton.jit`` function is *defined*, so setting ``TRITON_INTERPRET=1`` after these modules
-were imported has no effect; the context manager sets the env var and re-imports the kernel
-modules, then restores both on exit, so interpreted tests cannot leak into other tests.
+CPU testing goes through Triton's interpreter (``TRITON_INTERPRET=1``). Triton reads that variable
+when a ``@triton.jit`` function is *defined* -- including the ``tl.sum``/``tl.max`` helpers inside
+``triton`` itself -- so it only works if it is set before ``triton`` is first imported in the
+process. ``interpreter_ready()`` tells a test whether this process can run the kernels on CPU,
+setting the variable itself when triton has not been imported yet; otherwise a test must re-run
+itself in a subprocess with the variable set (see tests/test_kernels_norms.py).
 """
-import contextlib
-import importlib
 import os
 import sys
 
-KERNEL_MODULES = ("layer_norm", "rms_norm", "flash_attention")  # reload order: rms_norm uses layer_norm
+
+def _env_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _reload_kernels() -> None:
-    for name in KERNEL_MODULES:
-        full = f"{__name__}.{name}"
-        if full in sys.modules:
-            importlib.reload(sys.modules[full])
-        else:
-            importlib.import_module(full)
+def interpreter_ready() -> bool:
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return True
+    if not _env_on():
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.language import standard
+    return isinstance(standard.sum, InterpretedFunction)
 
 
-@contextlib.contextmanager
-def interpreted():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        _reload_kernels()
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-        _reload_kernels()
+def rerun_interpreted(test_file: str, timeout: float = 300):
+    """Run one pytest file in a fresh process with TRITON_INTERPRET=1; returns (returncode, output)."""
+    import subprocess
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
