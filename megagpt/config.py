@@ -14,7 +14,7 @@ Schema (defaults in the dataclasses below)::
              adam_beta1, adam_beta2, adam_eps, clip_grad, seed, log_interval, eval_interval,
              eval_iters, save, load, save_interval, keep_last, tensorboard_dir, nan_policy,
              progress_bar, deepspeed_config}
-    debug:  {inject_nan_at_step, sigkill_in_save_at_step}   # test hooks only, never in real runs
+    debug:  {inject_nan_at_step, sigkill_in_save_at_step, dump_weights}   # test hooks only, never in real runs
 """
 from __future__ import annotations
 
@@ -77,6 +77,8 @@ class DebugSection:
     inject_nan_at_step: Optional[int] = None       # loss of this step becomes NaN on every rank
     sigkill_in_save_at_step: Optional[int] = None  # rank 0 SIGKILLs itself after writing this
                                                    # step's files but before marking it complete
+    dump_weights: bool = False                     # rank 0 writes the gathered fp32 weights into
+                                                   # each saved tag as weights_at_save.pt
 
 
 _SECTIONS = {"data": DataSection, "train": TrainSection, "debug": DebugSection}

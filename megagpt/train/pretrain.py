@@ -70,6 +70,15 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def dump_weights(model, path, rank) -> None:
+    """Test hook: the full fp32 weights as the model holds them now (gathered under ZeRO-3)."""
+    import deepspeed
+    import torch
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if rank == 0:
+            torch.save({k: v.detach().float().clone() for k, v in model.state_dict().items()}, path)
+
+
 def seed_all(seed: int) -> None:
     import numpy as np
     import torch
@@ -100,6 +109,7 @@ def run(cfg, ds_config) -> int:
 
     seed_all(t.seed)  # identical initial weights on every rank
     model = GPT(mcfg)
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_length)  # before ZeRO-3 shards
     seed_all(t.seed + 1000 * dp_rank)  # per-rank dropout streams
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_config,
@@ -120,16 +130,19 @@ def run(cfg, ds_config) -> int:
     def save_fn(st, kill=False):
         client = {"step": st.step, "consumed_samples": st.consumed_samples, "skipped_steps": st.skipped_steps,
                   "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "tokenizer": tok.spec()}
-        if t.save:
-            checkpoint.save(engine, t.save, st.step, client, dp_group, t.keep_last, kill_before_complete=kill)
+        if not t.save:
+            return
+        if cfg.debug.dump_weights:
+            dump_weights(model, os.path.join(t.save, checkpoint.tag_for(st.step) + "_weights_at_save.pt"), rank)
+        checkpoint.save(engine, t.save, st.step, client, dp_group, t.keep_last, kill_before_complete=kill)
 
     peak, peak_src = peak_flops()
     tb = t.tensorboard_dir or (os.path.join(t.save, "tensorboard") if t.save else None)
     metrics = Metrics(rank, tb, os.path.join(t.save, "train_log.jsonl") if t.save else None,
-                      model.flops_per_token(cfg.data.seq_length), gbs * cfg.data.seq_length, dp_size, peak, peak_src,
+                      flops_per_token, gbs * cfg.data.seq_length, dp_size, peak, peak_src,
                       t.train_iters, state.step, t.progress_bar)
     if rank == 0:
-        metrics.print(f"model {mcfg.name}: {model.num_params():,} params | dp={dp_size} | zero stage "
+        metrics.print(f"model {mcfg.name}: {n_params:,} params | dp={dp_size} | zero stage "
                       f"{engine.zero_optimization_stage()} | global batch {gbs} x {cfg.data.seq_length} tokens | "
                       f"device {device}")
     try:

@@ -1,0 +1,142 @@
+"""Config loading and the errors a pretraining run reports before any process group starts; the
+LR schedule; checkpoint tag bookkeeping. All in-process and fast (no launcher)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import yaml
+
+from megagpt.config import load_config
+from megagpt.errors import MegaGPTError
+from megagpt.train import checkpoint
+from megagpt.train.distributed import build_ds_config
+from megagpt.train.schedule import lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_cfg(path, prefix, tok, **sections):
+    cfg = {"model": {"preset": "tiny"}, "data": {"data_path": [prefix], "tokenizer": tok, "seq_length": 32},
+           "train": {"micro_batch_size": 2, "train_iters": 4}}
+    for sec, kv in sections.items():
+        cfg.setdefault(sec, {}).update(kv)
+    Path(path).write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_config_loads_preset_overrides_and_vocab_from_tokenizer(tmp_path, shakespeare_prefix, sp_model):
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model, model={"n_layer": 3})
+    cfg = load_config(path, {("train", "lr"): 1e-3})
+    assert cfg.model["n_layer"] == 3 and cfg.model["n_embd"] == 64 and cfg.model["vocab_size"] == 1000
+    assert cfg.train.lr == 1e-3 and cfg.data.seq_length == 32
+    assert cfg.to_dict()["model"]["name"] == "tiny"
+
+
+@pytest.mark.parametrize("sections,fragment", [
+    ({"train": {"lrr": 1.0}}, "key 'train.lrr': unknown key"),
+    ({"trian": {}}, "key 'trian': unknown section"),
+    ({"model": {"n_layers": 2}}, "n_layers"),
+    ({"train": {"micro_batch_size": "4"}}, "train.micro_batch_size"),
+    ({"data": {"data_path": ["/nonexistent/shard"]}}, "/nonexistent/shard"),
+    ({"data": {"tokenizer": "/nonexistent/tok.model"}}, "data.tokenizer"),
+    ({"data": {"seq_length": 4096}}, "exceeds model max_seq_len"),
+    ({"train": {"nan_policy": "ignore"}}, "nan_policy"),
+])
+def test_config_errors_name_key_and_file(tmp_path, shakespeare_prefix, sp_model, sections, fragment):
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model, **sections)
+    with pytest.raises(MegaGPTError) as e:
+        load_config(path)
+    assert fragment in str(e.value) and str(tmp_path / "c.yaml") in str(e.value)
+
+
+def test_unknown_key_error_has_yaml_line(tmp_path, shakespeare_prefix, sp_model):
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model, train={"warmup": 3})
+    line = next(i + 1 for i, l in enumerate(Path(path).read_text().splitlines()) if "warmup" in l)
+    with pytest.raises(MegaGPTError, match=f"line {line}, key 'train.warmup'"):
+        load_config(path)
+
+
+def test_ds_config_auto_filled_and_batch_checked(tmp_path, shakespeare_prefix, sp_model):
+    cfg = load_config(write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model,
+                                train={"gradient_accumulation_steps": 3, "weight_decay": 0.1}))
+    ds = build_ds_config(str(REPO / "ds_configs/zero2.json"), cfg.train, dp_world=2)
+    assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 3 and ds["optimizer"]["params"]["weight_decay"] == 0.1
+    cfg.train.global_batch_size = 10
+    with pytest.raises(MegaGPTError, match="global_batch_size=10 != micro_batch_size 2 x gradient_accumulation_steps 3"):
+        build_ds_config(str(REPO / "ds_configs/zero2.json"), cfg.train, dp_world=2)
+    cfg.train.global_batch_size = None
+    bad = json.loads((REPO / "ds_configs/zero2.json").read_text())
+    bad["zero_optimisation"] = bad.pop("zero_optimization")
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(MegaGPTError, match="unknown DeepSpeed config key.*zero_optimisation"):
+        build_ds_config(str(tmp_path / "bad.json"), cfg.train, dp_world=1)
+    bad = json.loads((REPO / "ds_configs/zero2.json").read_text())
+    bad["train_batch_size"] = 7
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(MegaGPTError, match="'train_batch_size' is 7 but the megagpt config gives 6"):
+        build_ds_config(str(tmp_path / "bad.json"), cfg.train, dp_world=1)
+    bad = json.loads((REPO / "ds_configs/zero2.json").read_text())
+    bad["zero_optimization"]["stage3_prefetch_bucket_sizee"] = 1
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(MegaGPTError, match="zero_optimization"):
+        build_ds_config(str(tmp_path / "bad.json"), cfg.train, dp_world=1)
+
+
+def test_every_shipped_ds_config_is_valid(tmp_path, shakespeare_prefix, sp_model):
+    cfg = load_config(write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model))
+    names = sorted(p.name for p in (REPO / "ds_configs").glob("*.json"))
+    assert {"zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero3_offload.json", "zero2_bf16.json",
+            "zero2_fp16.json"} <= set(names)
+    readme = (REPO / "ds_configs/README.md").read_text()
+    for n in names:
+        assert n in readme, f"{n} not explained in ds_configs/README.md"
+        build_ds_config(str(REPO / "ds_configs" / n), cfg.train, dp_world=4)
+
+
+def test_cli_error_is_one_line_exit_2_before_process_group(tmp_path, shakespeare_prefix, sp_model, capsys):
+    from megagpt.train.pretrain import main
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model, train={"micro_batch_sizes": 4})
+    with pytest.raises(SystemExit) as e:
+        main(["--config", path, "--deepspeed_config", str(REPO / "ds_configs/zero1.json")])
+    assert e.value.code == 2 and not dist.is_initialized()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "train.micro_batch_sizes" in err and len(err.splitlines()) == 1
+    # same through the file entry the launcher runs, in a fresh interpreter
+    r = subprocess.run([sys.executable, str(REPO / "megagpt/train/pretrain.py"), "--config", path,
+                        "--deepspeed_config", str(REPO / "ds_configs/zero1.json")], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert r.returncode == 2 and "error: " in r.stderr and "train.micro_batch_sizes" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_lr_schedule_warmup_cosine_constant():
+    assert lr_at(0, 2.5e-4, 0.0, 2000, 100000, "cosine") == pytest.approx(2.5e-4 / 2000)
+    assert lr_at(1999, 2.5e-4, 0.0, 2000, 100000, "cosine") == pytest.approx(2.5e-4)
+    mid = 2000 + (100000 - 2000) // 2
+    assert lr_at(mid, 2.5e-4, 1e-5, 2000, 100000, "cosine") == pytest.approx(1e-5 + 0.5 * (2.5e-4 - 1e-5))
+    assert lr_at(100000, 2.5e-4, 1e-5, 2000, 100000, "cosine") == pytest.approx(1e-5)
+    assert lr_at(10**6, 2.5e-4, 1e-5, 2000, 100000, "cosine") == pytest.approx(1e-5)
+    assert lr_at(5000, 1e-3, 0.0, 10, 100, "constant") == 1e-3
+    steps = [lr_at(s, 1.0, 0.0, 5, 50, "cosine") for s in range(60)]
+    assert all(a <= b for a, b in zip(steps[:5], steps[1:5])) and all(a >= b for a, b in zip(steps[4:], steps[5:]))
+    assert not any(math.isnan(x) for x in steps)
+
+
+def test_checkpoint_tags_only_complete_count(tmp_path):
+    for step, done in ((2, True), (4, True), (6, False)):
+        d = tmp_path / f"global_step{step}"
+        d.mkdir()
+        if done:
+            (d / "complete").write_text("ok\n")
+    (tmp_path / "global_stepX").mkdir()
+    assert checkpoint.complete_tags(str(tmp_path)) == [(2, "global_step2"), (4, "global_step4")]
+    assert checkpoint.resume_tag(str(tmp_path)) == "global_step4"
+    checkpoint.atomic_write(str(tmp_path / "latest"), b"global_step4")
+    assert (tmp_path / "latest").read_text() == "global_step4"
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
