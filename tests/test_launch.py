@@ -251,3 +251,34 @@ def test_deepspeed_no_ssh_two_nodes_on_localhost(tmp_path):
     for i, out in enumerate(outs):
         assert f"--no_ssh --node_rank {i} --num_nodes 2 --num_gpus 1 --master_addr localhost" in out
         assert f"rank={i} world=2 local=0 sum=3.0" in out, out
+
+
+PRETRAIN_CFG = """
+model: {{preset: tiny, max_seq_len: 32}}
+data: {{data_path: [{prefix}], tokenizer: {tok}, seq_length: 32}}
+train: {{micro_batch_size: 2, gradient_accumulation_steps: 1, train_iters: 3, lr: 1.0e-3,
+        log_interval: 1, eval_interval: 0, progress_bar: false}}
+"""
+
+
+def test_mpirun_pretrain_two_ranks(tmp_path, sp_model, shakespeare_prefix):
+    """`mpirun -np 2 python megagpt/train/pretrain.py ...` is one 2-rank data-parallel job."""
+    entry = (REPO / "megagpt" / "train" / "pretrain.py", REPO / "megagpt" / "train" / "distributed.py")
+    if not all(p.exists() for p in entry):
+        pytest.skip("megagpt/train/pretrain.py not there yet")
+    if not any("discover_dist_env" in p.read_text() for p in entry):
+        pytest.skip("the training entry does not call megagpt.parallel.launch.discover_dist_env() yet: "
+                    "under mpirun every process would train alone")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(PRETRAIN_CFG.format(prefix=shakespeare_prefix, tok=sp_model))
+    ckpt = tmp_path / "ckpt"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
+    res = subprocess.run(mpirun_cmd(2) + [sys.executable, "megagpt/train/pretrain.py", "--config", str(cfg),
+                                          "--deepspeed_config", "ds_configs/zero1.json", "--save", str(ckpt)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "dp=2" in out and re.search(r"step\s+3/3", out), out[-4000:]
+    tag = ckpt / (ckpt / "latest").read_text().strip()
+    assert sorted(p.name for p in tag.glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
