@@ -67,7 +67,7 @@ def main():
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--vocab-size", type=int, default=4000)
     a = p.parse_args()
-    from megagpt.data.preprocess import CHUNK_BYTES, CHUNK_ITEMS, read_chunks
+    from megagpt.data.preprocess import CHUNK_BYTES, CHUNK_ITEMS, _split_items, read_chunks
     from megagpt.tokenizer import train_sentencepiece
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_pre_"))
@@ -78,7 +78,7 @@ def main():
         for x in paras:
             f.write(json.dumps({"text": x}) + "\n")
     # the baseline sees exactly the chunks preprocess makes, as decoded strings
-    chunks = [[json.loads(raw)["text"] for _, raw in c.items]
+    chunks = [[json.loads(line)["text"] for _, line in _split_items(c)]
               for c in read_chunks([str(src)], chunk_bytes=CHUNK_BYTES, chunk_items=CHUNK_ITEMS)]
     mb = src.stat().st_size / 1e6
     print(f"corpus: {len(paras)} docs, {mb:.1f} MB jsonl, vocab {a.vocab_size}, {len(chunks)} chunks; "

@@ -39,6 +39,7 @@ SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "delim": 4, "cls": 5}
 GPT2_EOT = "<|endoftext|>"
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+SKIP_IN_FOLDERS = (".bin", ".idx")
 
 
 # ----------------------------------------------------------------------------- input files
@@ -46,7 +47,8 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     """Files, globs or folders (recursive) → a sorted, de-duplicated list of files.
 
     Each argument expands in sorted order and arguments keep their order, so the document order
-    (and hence the output bytes) is reproducible.
+    (and hence the output bytes) is reproducible. Folders skip hidden files and token shards
+    (.bin/.idx), so re-running with outputs inside an input folder does not read them as text.
     """
     import glob
 
@@ -54,7 +56,8 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     for arg in inputs:
         arg = str(arg)
         if os.path.isdir(arg):
-            found = sorted(str(p) for p in Path(arg).rglob("*") if p.is_file() and not p.name.startswith("."))
+            found = sorted(str(p) for p in Path(arg).rglob("*")
+                           if p.is_file() and not p.name.startswith(".") and p.suffix not in SKIP_IN_FOLDERS)
             if not found:
                 raise MegaGPTError(f"{arg}: folder contains no input files")
         elif os.path.isfile(arg):

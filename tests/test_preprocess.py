@@ -130,6 +130,11 @@ def test_shard_size_tokens(tmp_path, sp_model, tok, lines, shakespeare_prefix):
     got = [seq.tolist() for sh in shards for seq in (sh[i] for i in range(len(sh)))]
     assert got == [tok.encode(d) + [tok.eod_id] for d in lines[:2000]]
     assert sum(sh.num_documents for sh in shards) == s.docs == 2000
+    del shards
+    with pytest.warns(UserWarning, match=r"shard\(s\) from an earlier run remain.*sh_text_document_00001.idx"):
+        again = preprocess([str(tmp_path / "in.txt")], str(tmp_path / "sh"), sp_model, split_paragraphs=True,
+                           shard_size_tokens=10**9)
+    assert again.output_prefixes == [str(tmp_path / "sh_text_document_00000")]
 
 
 def test_gpt2_tokenizer_output(tmp_path, shared_data, lines):

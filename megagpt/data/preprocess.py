@@ -22,10 +22,12 @@ JSON, not an object, missing key, non-string value, invalid UTF-8) raises a Mega
 """
 from __future__ import annotations
 
+import glob
 import json
 import multiprocessing as mp
 import os
 import time
+import warnings
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -62,7 +64,7 @@ class Summary:
 class Chunk:
     path: str
     is_json: bool
-    items: list  # [(first line number, raw bytes)]
+    items: list  # [(first line number, raw bytes)]: jsonl blocks of whole lines, or txt documents
 
 
 @dataclass
@@ -76,35 +78,55 @@ class Encoded:
 
 # ----------------------------------------------------------------------------- reading
 def read_chunks(files, split_paragraphs=False, chunk_bytes=CHUNK_BYTES, chunk_items=CHUNK_ITEMS):
-    """Yield Chunks of raw items: jsonl lines, txt paragraphs, or whole txt files."""
-    pending, size = [], 0
+    """Yield Chunks of raw items. jsonl: one item per ~chunk_bytes block of whole lines (workers
+    split it, so the reader does no per-line work); txt: paragraphs or whole files."""
     for path in files:
-        is_json = is_json_file(path)
-        for item in _read_items(path, is_json, split_paragraphs):
+        if is_json_file(path):
+            for item in _read_line_blocks(path, chunk_bytes):
+                yield Chunk(path, True, [item])
+            continue
+        pending, size = [], 0
+        for item in _read_text_items(path, split_paragraphs):
             pending.append(item)
             size += len(item[1])
             if size >= chunk_bytes or len(pending) >= chunk_items:
-                yield Chunk(path, is_json, pending)
+                yield Chunk(path, False, pending)
                 pending, size = [], 0
         if pending:  # a chunk never spans files, so errors name the right file
-            yield Chunk(path, is_json, pending)
-            pending, size = [], 0
+            yield Chunk(path, False, pending)
 
 
-def _read_items(path, is_json, split_paragraphs):
+def _read_line_blocks(path, block_bytes):
+    """(first line number, bytes ending at a line end) blocks of about ``block_bytes``."""
     try:
         with open_binary(path) as f:
-            if not is_json and not split_paragraphs:
+            lineno, rest = 1, b""
+            while buf := f.read(block_bytes):
+                buf = rest + buf
+                cut = buf.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than a block: keep reading
+                    rest = buf
+                    continue
+                block, rest = buf[:cut], buf[cut:]
+                yield lineno, block
+                lineno += block.count(b"\n")
+            if rest:
+                yield lineno, rest
+    except (OSError, EOFError, zlib.error) as e:
+        raise MegaGPTError(f"{path}: read failed: {e}") from None
+
+
+def _read_text_items(path, split_paragraphs):
+    try:
+        with open_binary(path) as f:
+            if not split_paragraphs:
                 yield 1, f.read()
                 return
             para, start = [], 0
             for lineno, raw in enumerate(f, 1):
                 if raw.strip():
-                    if is_json:
-                        yield lineno, raw
-                    else:
-                        start = start or lineno
-                        para.append(raw)
+                    start = start or lineno
+                    para.append(raw)
                 elif para:
                     yield start, _join_paragraph(para)
                     para, start = [], 0
@@ -157,11 +179,22 @@ def _parse(raw, start, is_json, keys):
     return texts
 
 
+def _split_items(chunk):
+    """jsonl blocks → (line number, line) for each non-blank line; txt items as they are."""
+    if not chunk.is_json:
+        yield from chunk.items
+        return
+    for start, block in chunk.items:
+        for i, line in enumerate(block.split(b"\n")):
+            if line and not line.isspace():
+                yield start + i, line
+
+
 def encode_chunk(chunk: Chunk) -> Encoded:
     keys, append_eod, dtype = _CFG
     per_key = {k: [] for k in keys}
     empty, errors = 0, []
-    for start, raw in chunk.items:
+    for start, raw in _split_items(chunk):
         try:
             texts = _parse(raw, start, chunk.is_json, keys)
         except ValueError as e:
@@ -228,6 +261,12 @@ class ShardedOutput:
         for partial, final in self.staged:
             os.replace(bin_path(partial), bin_path(final))
             os.replace(idx_path(partial), idx_path(final))
+        if self.shard_size:  # higher-numbered shards of an earlier run would silently join a glob
+            stale = sorted(p for p in glob.glob(glob.escape(self.base) + "_[0-9][0-9][0-9][0-9][0-9].idx")
+                           if int(p[-9:-4]) >= len(self.staged))
+            if stale:
+                warnings.warn(f"{len(stale)} shard(s) from an earlier run remain beside the new ones and are "
+                              f"not part of this output: {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}")
         return [final for _, final in self.staged]
 
     def abort(self):
