@@ -192,6 +192,7 @@ def test_config_forms(tmp_path):
     a, b = write_shard(tmp_path / "a", random_docs(5)), write_shard(tmp_path / "b", random_docs(5))
     assert DataConfig([a]).weights == [1.0]
     assert DataConfig([a, b]).weights == [0.5, 0.5]
+    assert DataConfig(tmp_path / "a").prefixes == [a]  # a path-like prefix
     c = DataConfig(["3", a, "1", b], split="969,30,1")
     assert c.prefixes == [a, b] and c.weights == [0.75, 0.25]
     assert c.split_ratios == pytest.approx((0.969, 0.030, 0.001))

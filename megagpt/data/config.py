@@ -43,9 +43,9 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.data_path, str):
-            self.data_path = [self.data_path]
-        self.data_path = list(self.data_path)
+        if isinstance(self.data_path, (str, os.PathLike)):
+            self.data_path = [os.fspath(self.data_path)]
+        self.data_path = [os.fspath(x) if isinstance(x, os.PathLike) else x for x in self.data_path]
         self._prefixes, self._weights = self._parse_data_path(self.data_path)
         self._split = self._parse_split(self.split)
         for key in ("seq_length", "seed"):
