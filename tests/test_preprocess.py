@@ -3,6 +3,7 @@ import filecmp
 import gzip
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,17 @@ def test_cli(tmp_path, sp_model, lines, capsys):
     assert "20 docs" in out and "1 bad lines skipped" in out
     assert IndexedDataset(str(tmp_path / "c_text_document")).num_tokens == sum(
         len(load_tokenizer(sp_model).encode(l)) for l in lines[:20])
+
+
+def _die(chunk):
+    os._exit(3)  # what the OOM killer does to a worker
+
+
+def test_dead_worker_fails_the_run_instead_of_hanging(tmp_path, sp_model, lines, monkeypatch):
+    import megagpt.data.preprocess as pre
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": l} for l in lines[:200]])
+    monkeypatch.setattr(pre, "encode_chunk", _die)
+    with pytest.raises(MegaGPTError, match="a preprocessing worker died"):
+        preprocess([src], str(tmp_path / "out"), sp_model, workers=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

@@ -30,6 +30,8 @@ import time
 import warnings
 import zlib
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -305,8 +307,9 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
     init = (tok.path, json_keys, append_eod)
     chunks = read_chunks(files, split_paragraphs, chunk_bytes=chunk_bytes)
     bar = _progress_bar(files, progress, log_interval)
+    results = _map_ordered(encode_chunk, chunks, workers, init)
     try:
-        for chunk, enc in _map_ordered(encode_chunk, chunks, workers, init):
+        for chunk, enc in results:
             for line, msg in enc.errors:
                 if not skip_bad_lines:
                     raise MegaGPTError(f"{enc.path}:{line}: {msg} (skip such lines with --skip-bad-lines)")
@@ -329,6 +332,7 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
             out.abort()
         raise
     finally:
+        results.close()  # stops the workers now, not at garbage collection
         if bar is not None:
             bar.close()
     summary.seconds = time.perf_counter() - t0
@@ -336,22 +340,29 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
 
 
 def _map_ordered(fn, chunks, workers, init):
-    """Yield (chunk, fn(chunk)) in input order; a Pool with bounded in-flight chunks if workers > 1."""
+    """Yield (chunk, fn(chunk)) in input order; worker processes with bounded in-flight chunks if
+    workers > 1. (ProcessPoolExecutor, not Pool: a worker killed e.g. by the OOM killer fails the
+    run instead of hanging it.)"""
     if workers == 1:
         _init_worker(*init)
         for c in chunks:
             yield c, fn(c)
         return
-    with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init) as pool:
-        inflight = deque()
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker, initargs=init)
+    inflight = deque()
+    try:
         for c in chunks:
-            inflight.append((c, pool.apply_async(fn, (c,))))
+            inflight.append((c, pool.submit(fn, c)))
             if len(inflight) >= 2 * workers + 2:
-                c0, r = inflight.popleft()
-                yield c0, r.get()
+                c0, f = inflight.popleft()
+                yield c0, f.result()
         while inflight:
-            c0, r = inflight.popleft()
-            yield c0, r.get()
+            c0, f = inflight.popleft()
+            yield c0, f.result()
+    except BrokenProcessPool:
+        raise MegaGPTError(f"a preprocessing worker died (out of memory? try fewer --workers than {workers})") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _progress_bar(files, progress, log_interval):
