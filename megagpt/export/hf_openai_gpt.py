@@ -1,0 +1,74 @@
+"""megagpt post-LN GPT-1-style models ⇄ transformers ``OpenAIGPTLMHeadModel``.
+
+Same Conv1D block names as GPT-2 (see ``hf_gpt2``) under ``transformer.``, with
+``tokens_embed``/``positions_embed`` for the embeddings and no final norm (post-LN has none):
+
+==================================  =================================================  ==========
+ megagpt                             OpenAIGPTLMHeadModel                               transform
+==================================  =================================================  ==========
+ embed.tok.weight                    transformer.tokens_embed.weight                    rows[:vocab_size]
+ embed.pos.weight                    transformer.positions_embed.weight                 —
+ blocks.{i}.{ln1,ln2}.*              transformer.h.{i}.{ln_1,ln_2}.*                    —
+ blocks.{i}.attn.{qkv,proj}.*        transformer.h.{i}.attn.{c_attn,c_proj}.*           transpose
+ blocks.{i}.mlp.{fc,proj}.*          transformer.h.{i}.mlp.{c_fc,c_proj}.*              transpose
+ lm_head.weight (untied only)        lm_head.weight                                     rows[:vocab_size]
+==================================  =================================================  ==========
+
+Activation: OpenAIGPT's ``afn="gelu"`` is the *tanh approximation* (its ``ACT_FNS["gelu"]`` is
+``gelu_new``) and it has no exact GELU at all. So ``activation="gelu_tanh"`` exports exactly;
+exact ``activation="gelu"`` is refused unless the caller accepts the approximation
+(``approximate_gelu=True``; at most 4.7e-4 per activation, at x ≈ -2.7).
+The MLP width is fixed at 4 * n_embd in OpenAIGPT.
+"""
+from __future__ import annotations
+
+from megagpt.model import ModelConfig
+
+from .hf_gpt2 import common_refusals, conv1d_names
+
+ARCHITECTURE = "OpenAIGPTLMHeadModel"
+MODEL_TYPE = "openai-gpt"
+_ACT_FROM_HF = {"gelu": "gelu_tanh"}  # ACT_FNS["gelu"] is gelu_new, see the module docstring
+
+
+def refusals(cfg: ModelConfig, approximate_gelu: bool = False) -> list[str]:
+    out = common_refusals(cfg, ARCHITECTURE)
+    if cfg.norm_position != "post":
+        out.append(f"norm_position={cfg.norm_position!r} ({ARCHITECTURE} is post-LN)")
+    if cfg.activation == "gelu" and not approximate_gelu:
+        out.append(f"activation='gelu' ({ARCHITECTURE}'s only GELU is the tanh approximation, up to "
+                   f"4.7e-4 off per activation; use activation='gelu_tanh' or accept it with --approximate-gelu)")
+    if cfg.ffn_dim != 4 * cfg.n_embd:
+        out.append(f"ffn_hidden={cfg.ffn_hidden} ({ARCHITECTURE}'s MLP is fixed at 4*n_embd={4 * cfg.n_embd})")
+    return out
+
+
+def names(cfg: ModelConfig) -> list:
+    return conv1d_names(cfg, "transformer", "tokens_embed", "positions_embed", final_norm=False)
+
+
+def to_hf_config(cfg: ModelConfig, token_ids: dict):
+    from transformers import OpenAIGPTConfig
+
+    return OpenAIGPTConfig(
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, afn="gelu", resid_pdrop=cfg.resid_dropout, embd_pdrop=cfg.embd_dropout,
+        attn_pdrop=cfg.attn_dropout, layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings, architectures=[ARCHITECTURE], **token_ids,
+    )
+
+
+def from_hf_config(c: dict, where: str) -> tuple[dict, list[str]]:
+    bad = []
+    if c.get("afn", "gelu") not in _ACT_FROM_HF:
+        bad.append(f"afn={c.get('afn')!r}")
+    kw = dict(
+        vocab_size=c.get("vocab_size", 40478), n_layer=c.get("n_layer", 12), n_embd=c.get("n_embd", 768),
+        n_head=c.get("n_head", 12), ffn_hidden=None, max_seq_len=c.get("n_positions", 512),
+        norm="layernorm", norm_position="post", norm_eps=c.get("layer_norm_epsilon", 1e-5), pos_emb="learned",
+        activation="gelu_tanh", bias=True, tie_embeddings=c.get("tie_word_embeddings", True),
+        embd_dropout=c.get("embd_pdrop", 0.1), resid_dropout=c.get("resid_pdrop", 0.1),
+        attn_dropout=c.get("attn_pdrop", 0.1), init_std=c.get("initializer_range", 0.02),
+        scaled_residual_init=False,
+    )
+    return kw, bad

@@ -1,0 +1,133 @@
+"""Our tokenizers as HF tokenizer files that ``AutoTokenizer.from_pretrained`` loads with no custom code.
+
+* sentencepiece (BPE, byte fallback) → ``tokenizer.json`` built with ``tokenizers`` from the vocab
+  and merges transformers' ``SentencePieceExtractor`` reads out of the model, with sentencepiece's
+  own pipeline spelled out (dummy ``▁`` prefix, spaces → ``▁``, byte fallback; no extra
+  normalisation, because our models use the identity rule), wrapped as ``PreTrainedTokenizerFast``.
+  ``tokenizer.model`` is copied beside it so the import direction gets the original back.
+* GPT-2 BPE → ``vocab.json`` + ``merges.txt`` (GPT-2's files under HF's names) and ``GPT2TokenizerFast``
+  with our appended ``<pad>``, ``<delim>``, ``<cls>``.
+
+Both set ``split_special_tokens=True``: like ours, a literal ``"<cls>"`` in user text is spelled
+out, never turned into the structural token. Neither adds bos/eos on ``encode`` (ours doesn't).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from megagpt.errors import MegaGPTError
+from megagpt.tokenizer import BOS, CLS, DELIM, EOS, GPT2_EOT, PAD, UNK, load_tokenizer
+
+# the files this module writes, for "is there a tokenizer in this HF dir?" checks
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def special_token_ids(tokenizer_path) -> dict:
+    """bos/eos/pad ids for config.json and generation_config.json (None when absent)."""
+    tok = load_tokenizer(tokenizer_path)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def _sentencepiece_fast(model_path: str):
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(model_path).read_bytes())
+    ts, ns = proto.trainer_spec, proto.normalizer_spec
+    problems = []
+    if ts.model_type != 2:
+        problems.append(f"model_type={ts.model_type} (only BPE=2 is exported)")
+    if ns.precompiled_charsmap or ns.name not in ("identity", ""):
+        problems.append(f"normalization rule {ns.name!r} (only 'identity' is exported exactly)")
+    if ns.remove_extra_whitespaces:
+        problems.append("remove_extra_whitespaces=true")
+    if problems:
+        raise MegaGPTError(f"{model_path}: sentencepiece model cannot be exported faithfully: {'; '.join(problems)}")
+
+    kw = SentencePieceExtractor(model_path).extract(BPE)
+    tok = Tokenizer(BPE(kw["vocab"], kw["merges"], unk_token=ts.unk_piece, fuse_unk=True,
+                        byte_fallback=ts.byte_fallback, dropout=None))
+    norm = [normalizers.Prepend("▁")] if ns.add_dummy_prefix else []
+    tok.normalizer = normalizers.Sequence(norm + [normalizers.Replace(" ", "▁")])
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if ns.add_dummy_prefix:
+        dec.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(dec)
+    # control pieces (<pad> <s> </s> <delim> <cls>) and <unk> are never produced from text
+    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
+                            for p in proto.pieces if p.type in (2, 3)])   # unknown, control
+    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False)  # user-defined: matched in text
+                    for p in proto.pieces if p.type == 4])
+
+    vocab = tok.get_vocab()
+    present = lambda piece: piece if piece in vocab else None  # noqa: E731
+    extra = [t for t in (DELIM, CLS) if t in vocab]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=present(BOS), eos_token=present(EOS), unk_token=present(UNK),
+        pad_token=present(PAD), additional_special_tokens=extra, split_special_tokens=True,
+        clean_up_tokenization_spaces=False, add_bos_token=False, add_eos_token=False,
+        model_max_length=None,
+    )
+
+
+def _gpt2_fast(bpe_dir: str, dest: Path):
+    from transformers import GPT2TokenizerFast
+
+    shutil.copyfile(Path(bpe_dir) / "encoder.json", dest / "vocab.json")
+    shutil.copyfile(Path(bpe_dir) / "vocab.bpe", dest / "merges.txt")
+    return GPT2TokenizerFast.from_pretrained(
+        str(dest), bos_token=GPT2_EOT, eos_token=GPT2_EOT, unk_token=GPT2_EOT, pad_token=PAD,
+        additional_special_tokens=[DELIM, CLS], split_special_tokens=True,
+        add_prefix_space=False, clean_up_tokenization_spaces=False,
+    )
+
+
+def export_tokenizer(tokenizer_path, dest, max_length: int | None = None) -> None:
+    """Write HF tokenizer files for our tokenizer (a sentencepiece .model or a GPT-2 BPE dir) into ``dest``."""
+    ours = load_tokenizer(tokenizer_path)  # validates the files first
+    dest = Path(dest)
+    if ours.type == "sentencepiece":
+        hf = _sentencepiece_fast(ours.path)
+        shutil.copyfile(ours.path, dest / "tokenizer.model")
+    else:
+        hf = _gpt2_fast(ours.path, dest)
+    if max_length:
+        hf.model_max_length = max_length
+    hf.save_pretrained(str(dest))
+    if len(hf) != ours.vocab_size:
+        raise MegaGPTError(f"{tokenizer_path}: exported tokenizer has {len(hf)} tokens, ours {ours.vocab_size}")
+
+
+def import_tokenizer(hf_dir, dest) -> str | None:
+    """Recover our tokenizer files from an HF dir into ``dest``; returns the path for
+    ``save_consolidated(tokenizer_path=...)``, or None when the dir has no tokenizer we can read.
+
+    sentencepiece ``tokenizer.model`` is used as-is; GPT-2's ``vocab.json``/``merges.txt`` are
+    exactly ``encoder.json``/``vocab.bpe``.
+    """
+    src, dest = Path(hf_dir), Path(dest)
+    if (src / "tokenizer.model").is_file():
+        return str(src / "tokenizer.model")
+    if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "vocab.json", dest / "encoder.json")
+        shutil.copyfile(src / "merges.txt", dest / "vocab.bpe")
+        try:
+            load_tokenizer(str(dest))
+        except MegaGPTError:
+            return None  # a byte-level BPE, but not GPT-2's vocabulary: not one of ours
+        return str(dest)
+    return None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MegaGPTError(f"{path}: cannot read JSON ({e})") from None
