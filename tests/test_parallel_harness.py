@@ -13,6 +13,8 @@ LR, WD, CLIP = 1e-2, 0.1, 0.05      # clip small enough to be active: tests the 
 # gradient is ~1e-9 (fp32 noise level of a summation-order change) flips sign freely. eps=1e-6
 # keeps the update a smooth function of g, so layouts can be compared elementwise.
 EPS = 1e-6
+TOL = dict(atol=2e-5, rtol=1e-4)    # losses, logits, grads: fp32 with a different reduction order
+WTOL = dict(atol=5e-5, rtol=1e-4)   # updated weights after a few steps: 0.5% of one lr=1e-2 step
 SEQ = 32
 
 
@@ -110,3 +112,57 @@ def assert_sd_close(got, want, atol=1e-5, rtol=1e-4):
     assert set(got) == set(want), sorted(set(got) ^ set(want))
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
+def train_pipeline(state, preset, steps, micro_batch, gas, ckpt_dir=None, data_on_all=False):
+    """Train ``steps`` at ``state``'s layout; return (cfg, engine, losses, reference losses, reference sd)."""
+    from megagpt.parallel.pipeline import build_model, full_state_dict, load_full_state_dict, train_step
+
+    cfg = tiny_cfg(preset)
+    sd = reference_sd(cfg)
+    global_batch = micro_batch * gas * state.dp_size
+    batches = make_batches(cfg, steps, global_batch, seed=3)
+    model = build_model(cfg, state)
+    load_full_state_dict(model, sd)
+    engine = make_engine(model, state, micro_batch=micro_batch, gas=gas)
+    losses = []
+    for step, (ids, labels) in enumerate(batches, start=1):
+        # this DP rank's micro-batches, in order
+        mine = [(i.chunk(state.dp_size)[state.dp_rank], l.chunk(state.dp_size)[state.dp_rank])
+                for i, l in zip(ids.chunk(gas), labels.chunk(gas))]
+        reads = []
+
+        def data_iter():
+            for mb in mine:
+                reads.append(1)
+                yield mb
+
+        it = data_iter()
+        losses.append(train_step(engine, it, state).item())
+        if state.pp_size > 1 and not (state.is_first_stage or state.is_last_stage):
+            assert not reads, "a middle pipeline stage read data"
+        if ckpt_dir is not None and step == steps - 1:
+            engine.save_checkpoint(ckpt_dir, tag=f"global_step{step}",
+                                   client_state={"config": {"model": cfg.to_dict()}})
+    # the reference: each global batch split into gas micro-batches of all DP ranks' samples
+    ref_losses, ref_sd = serial_reference(cfg, sd, _per_step_order(batches, gas, state.dp_size), micro_splits=gas)
+    # DeepSpeed reports the mean over this rank's micro-batches; average over DP for the global loss
+    t = torch.tensor(losses)
+    if state.dp_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, group=state.dp_group)
+        t /= state.dp_size
+    torch.testing.assert_close(t, torch.tensor(ref_losses), **TOL)
+    assert_sd_close(full_state_dict(engine), ref_sd, **WTOL)
+    return cfg, engine, losses
+
+
+def _per_step_order(batches, gas, dp):
+    """Global batches re-ordered so that chunk(gas) gives micro-batch k of every DP rank."""
+    out = []
+    for ids, labels in batches:
+        ids_mb = [[m.chunk(dp)[d] for d in range(dp)] for m in ids.chunk(gas)]
+        lab_mb = [[m.chunk(dp)[d] for d in range(dp)] for m in labels.chunk(gas)]
+        out.append((torch.cat([torch.cat(x) for x in ids_mb]), torch.cat([torch.cat(x) for x in lab_mb])))
+    return out

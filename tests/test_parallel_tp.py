@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from megagpt.model import GPT
-from test_parallel_harness import (assert_sd_close, make_batches, make_engine, reference_sd, serial_reference,
+from test_parallel_harness import (TOL, WTOL, assert_sd_close, make_batches, make_engine, reference_sd, serial_reference,
                                    spawn, tiny_cfg)
 
-TOL = dict(atol=2e-5, rtol=1e-4)   # fp32, different reduction order
-WTOL = dict(atol=5e-5, rtol=1e-4)  # updated weights: 0.5% of one lr=1e-2 Adam step
 
 
 def _check_cross_entropy(state):

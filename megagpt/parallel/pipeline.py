@@ -102,8 +102,6 @@ def build_pipeline_model(cfg, state):
 
     reshape.check_tp(cfg, state.tp_size)
     pc = state.config
-    if cfg.n_layer < state.pp_size:
-        raise MegaGPTError(f"pipeline_parallel={state.pp_size} exceeds n_layer={cfg.n_layer}")
     layers = [TiedLayerSpec("tok", TokPipe, cfg, state, tied_weight_attr="weight") if cfg.tie_embeddings
               else LayerSpec(TokPipe, cfg, state),
               LayerSpec(PosDropPipe, cfg, state)]
@@ -115,6 +113,9 @@ def build_pipeline_model(cfg, state):
                                     forward_fn=functools.partial(_tied_head, state=state)))
     else:
         layers.append(LayerSpec(LMHeadPipe, cfg, state))
+    if len(layers) < state.pp_size:
+        raise MegaGPTError(f"pipeline_parallel={state.pp_size} exceeds the {len(layers)} pipeline layers "
+                           f"of a {cfg.n_layer}-layer model")
     module = PipelineModule(
         layers=layers, topology=state.topology(), loss_fn=functools.partial(_loss, cfg=cfg, state=state),
         partition_method=pc.partition_method, activation_checkpoint_interval=pc.activation_checkpoint_interval,
