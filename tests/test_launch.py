@@ -16,8 +16,8 @@ import pytest
 
 from megagpt.errors import MegaGPTError
 from megagpt.parallel.launch import (deepspeed_node_command, discover_dist_env, expand_nodelist,
-                                     format_hostfile, parse_hostfile, slurm_job, slurm_master_port,
-                                     srun_task_env)
+                                     format_hostfile, node_launcher_command, parse_hostfile, slurm_job,
+                                     slurm_master_port, srun_task_env)
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "tools" / "slurm"
@@ -140,11 +140,19 @@ for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do wait "$p"; done; do
 
 FAKE_TRAINER = r"""
 import os, signal, sys, time
-out = sys.argv[sys.argv.index("--save") + 1]
 stop = []
-signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))  # megagpt's trainer: finish the step, save, exit 0
+out = sys.argv[sys.argv.index("--save") + 1]
+total = "-"
+if os.environ.get("FAKE_TRAINER_DIST"):  # prove the ranks form one world
+    import torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    total = str(t.item())
 keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-open(os.path.join(out, f"started{os.environ['RANK']}"), "w").write(" ".join(os.environ[k] for k in keys))
+info = " ".join([os.environ[k] for k in keys] + [total])
+open(os.path.join(out, f"started{os.environ['RANK']}"), "w").write(info)
 while not stop:
     time.sleep(0.05)
 open(os.path.join(out, f"saved{os.environ['RANK']}"), "w").write("ok")
@@ -152,8 +160,9 @@ sys.exit(0)
 """
 
 
-def test_srun_template_requeue_flow(tmp_path):
-    """SIGTERM to the batch shell -> every task saves and exits 0 -> `scontrol requeue JOBID`."""
+def run_template_until_term(tmp_path, template, n_tasks, extra_env, timeout=120):
+    """Run an sbatch template under stand-in srun/scontrol; once all n_tasks trainers started,
+    SIGTERM the batch shell (as --signal=B:TERM does). Returns (ckpt dir, started info, output)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
@@ -164,23 +173,56 @@ def test_srun_template_requeue_flow(tmp_path):
     trainer.write_text(FAKE_TRAINER)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "2",
-           "MEGAGPT_DIR": str(REPO), "CONFIG": "c.yaml", "DS_CONFIG": "z.json", "CKPT_DIR": str(ckpt),
-           "TRAIN_SCRIPT": str(trainer), "PYTHON": sys.executable}
-    proc = subprocess.Popen(["bash", str(SLURM_DIR / "pretrain_srun.sbatch")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 30
-    while len(list(ckpt.glob("started*"))) < 4 and time.time() < deadline and proc.poll() is None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
+    env.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "MEGAGPT_DIR": str(REPO), "CONFIG": "c.yaml",
+                "DS_CONFIG": "z.json", "CKPT_DIR": str(ckpt), "TRAIN_SCRIPT": str(trainer),
+                "PYTHON": sys.executable, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1", **extra_env})
+    proc = subprocess.Popen(["bash", str(SLURM_DIR / template)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while len(list(ckpt.glob("started*"))) < n_tasks and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
-    assert len(list(ckpt.glob("started*"))) == 4, proc.communicate()[0] if proc.poll() is not None else ""
+    if len(list(ckpt.glob("started*"))) < n_tasks:
+        proc.kill()
+        pytest.fail(f"trainers did not start: {proc.communicate()[0][-3000:]}")
+    time.sleep(0.5)  # let the 'started' files be complete
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, out
-    assert sorted(p.name for p in ckpt.glob("saved*")) == ["saved0", "saved1", "saved2", "saved3"], out
-    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
-    started = {p.name: p.read_text().split() for p in ckpt.glob("started*")}
-    assert started["started3"] == ["3", "4", "1", "n1", "24242"]
+    assert sorted(p.name for p in ckpt.glob("saved*")) == [f"saved{i}" for i in range(n_tasks)], out
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", env["SLURM_JOB_ID"]], out
+    return {p.name: p.read_text().split() for p in ckpt.glob("started*")}, out
+
+
+def test_srun_template_requeue_flow(tmp_path):
+    """SIGTERM to the batch shell -> every task saves and exits 0 -> `scontrol requeue JOBID`."""
+    started, _ = run_template_until_term(tmp_path, "pretrain_srun.sbatch", 4, {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "2"})
+    assert started["started3"] == ["3", "4", "1", "n1", "24242", "-"]
+    assert started["started0"] == ["0", "4", "0", "n1", "24242", "-"]
+
+
+def test_deepspeed_template_two_nodes_on_localhost(tmp_path):
+    """pretrain_deepspeed.sbatch for a 2-node job whose node names both resolve here: the
+    per-node DeepSpeed launchers (--node_rank 0 and 1, no ssh) form one 2-rank gloo world, and a
+    SIGTERM reaches the ranks through the launchers, which wait for them to save."""
+    port = free_port()
+    started, out = run_template_until_term(tmp_path, "pretrain_deepspeed.sbatch", 2, {
+        "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "localhost,127.0.0.1", "SLURM_NNODES": "2",
+        "SLURM_GPUS_ON_NODE": "1", "MASTER_PORT": str(port), "FAKE_TRAINER_DIST": "1"}, timeout=240)
+    assert started == {"started0": ["0", "2", "0", "localhost", str(port), "3.0"],
+                       "started1": ["1", "2", "0", "localhost", str(port), "3.0"]}
+    assert "node 1/2 of localhost,127.0.0.1" in out
+
+
+def test_node_launcher_command_matches_deepspeed():
+    from deepspeed.launcher.runner import encode_world_info
+
+    job = slurm_job(SLURM_ENV)
+    cmd = node_launcher_command(job, "train.py", ["--x", "1"], python="py")
+    world = encode_world_info({"gpu07": list(range(8)), "gpu08": list(range(8)), "gpu10": list(range(8))})
+    assert cmd == ["py", "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}", "--master_addr=gpu07",
+                   "--master_port=23456", "--node_rank=2", "train.py", "--x", "1"]
 
 
 # --- MPI ------------------------------------------------------------------------------------
@@ -232,25 +274,6 @@ def test_mpirun_gloo_allreduce(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     lines = sorted(l for l in res.stdout.splitlines() if l.startswith("rank="))
     assert lines == ["rank=0 world=2 local=0 sum=3.0", "rank=1 world=2 local=1 sum=3.0"]
-
-
-def test_deepspeed_no_ssh_two_nodes_on_localhost(tmp_path):
-    """The exact per-node command of pretrain_deepspeed.sbatch, for a 2-"node" job whose node
-    names both resolve here: two `launch exec-node` processes (SLURM_NODEID 0 and 1), each
-    running DeepSpeed's launcher with --no_ssh, form one 2-rank gloo world."""
-    script = tmp_path / "allreduce.py"
-    script.write_text(MPI_ALLREDUCE)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
-    env.update(SLURM_JOB_NODELIST="localhost,127.0.0.1", SLURM_JOB_ID="77", SLURM_GPUS_ON_NODE="1",
-               MASTER_PORT=str(free_port()), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "megagpt.parallel.launch", "exec-node", str(script)],
-                              env={**env, "SLURM_NODEID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    for i, out in enumerate(outs):
-        assert f"--no_ssh --node_rank {i} --num_nodes 2 --num_gpus 1 --master_addr localhost" in out
-        assert f"rank={i} world=2 local=0 sum=3.0" in out, out
 
 
 PRETRAIN_CFG = """

@@ -5,6 +5,8 @@ cluster; the sbatch templates in ``tools/slurm/`` call the CLI at the bottom
 (``python -m megagpt.parallel.launch ...``). See ``docs/launch.md``.
 """
 import argparse
+import base64
+import json
 import os
 import re
 import shlex
@@ -186,6 +188,24 @@ def deepspeed_node_command(job, hostfile, script, script_args):
             script, *script_args]
 
 
+def node_launcher_command(job, script, script_args, python=sys.executable):
+    """What ``deepspeed --no_ssh --node_rank R`` itself runs on a node (DeepSpeed 0.19.8
+    ``launcher/runner.py``): its per-node launcher ``deepspeed.launcher.launch``.
+
+    The templates run this directly because the ``deepspeed`` CLI process installs no SIGTERM
+    handler in the no-ssh path: on preemption it dies at once, srun's task is over, and Slurm
+    kills the rest of the step, trainers mid-checkpoint included. ``launch`` forwards SIGTERM to
+    its ranks and waits for them (up to 30 s), staying the task's main process meanwhile.
+    """
+    if not 0 <= job["node_rank"] < job["num_nodes"]:
+        raise MegaGPTError(f"SLURM_NODEID={job['node_rank']} outside 0..{job['num_nodes'] - 1}")
+    world = {h: list(range(job["gpus_per_node"])) for h in job["hosts"]}
+    world_info = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
+    return [python, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+            f"--master_addr={job['master_addr']}", f"--master_port={job['master_port']}",
+            f"--node_rank={job['node_rank']}", script, *script_args]
+
+
 def srun_task_env(env):
     """torch.distributed env for one srun task per GPU (no launcher in between: signals from
     srun reach the trainer directly)."""
@@ -267,8 +287,8 @@ def _build_parser():
     h = sub.add_parser("slurm-hostfile", help="write a DeepSpeed hostfile for this Slurm job")
     h.add_argument("--out", help="default: $TMPDIR/megagpt-hostfile-$SLURM_JOB_ID")
     h.add_argument("--gpus-per-node", type=int)
-    for name, hlp in (("build-command", "print the per-node deepspeed --no_ssh command"),
-                      ("exec-node", "write the hostfile and exec the per-node deepspeed command"),
+    for name, hlp in (("build-command", "print the per-node `deepspeed --no_ssh` command"),
+                      ("exec-node", "exec DeepSpeed's per-node launcher (what that command runs)"),
                       ("exec-task", "set RANK/WORLD_SIZE/... from SLURM_* and exec python SCRIPT")):
         c = sub.add_parser(name, help=hlp)
         c.add_argument("--hostfile")
@@ -295,12 +315,12 @@ def main(argv=None):
     if args.cmd == "slurm-hostfile":
         print(write_hostfile(hostfile, job["hosts"], job["gpus_per_node"]))
         return
-    cmd = deepspeed_node_command(job, hostfile, args.script, args.script_args)
     if args.cmd == "build-command":
-        print(shlex.join(cmd))
+        print(shlex.join(deepspeed_node_command(job, hostfile, args.script, args.script_args)))
         return
-    write_hostfile(hostfile, job["hosts"], job["gpus_per_node"])
-    print(f"[megagpt.launch] node {job['node_rank']}/{job['num_nodes']}: {shlex.join(cmd)}", flush=True)
+    cmd = node_launcher_command(job, args.script, args.script_args)
+    print(f"[megagpt.launch] node {job['node_rank']}/{job['num_nodes']} of {','.join(job['hosts'])}, "
+          f"master {job['master_addr']}:{job['master_port']}: {shlex.join(cmd)}", flush=True)
     os.execvpe(cmd[0], cmd, env)
 
 

@@ -243,8 +243,6 @@ def layouts(m: ModelShape, s: TrainSetup, c: Cluster):
             dp = c.num_gpus // (tp * pp)
             if s.global_batch % (s.micro_batch * dp):
                 continue
-            if s.sequence_parallel and tp == 1:
-                continue
             mem = memory_breakdown(m, s, tp, pp, dp)
             t = step_time(m, s, c, tp, pp, dp)
             budget = (c.gpu_mem_gib - c.reserve_gib) * GIB
