@@ -124,12 +124,32 @@ def describe(device=None, with_reasons: bool = False) -> dict:
     return out
 
 
+def _call(op: str, on_cuda: bool, args, why_not=None):
+    """Run the chosen impl; a Triton compile/resource failure (e.g. a tile config that exceeds this
+    GPU's shared memory) marks the op broken, warns once and reruns on the reference. Errors in
+    a fused *backward* kernel surface from autograd and are not caught here."""
+    impl = _pick(op, on_cuda, why_not)
+    ref = getattr(reference, op)
+    if impl is ref:
+        return ref(*args)
+    try:
+        return impl(*args)
+    except Exception as e:
+        if not type(e).__module__.startswith("triton"):
+            raise
+        backend = "cuda" if getattr(impl, "__module__", "").endswith(".cuda.layer_norm") else "triton"
+        _broken[(backend, op)] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+        log.warning("megagpt kernels: %s %s failed (%s); falling back to reference", backend, op,
+                    _broken[(backend, op)])
+        return ref(*args)
+
+
 def layer_norm(x, weight, bias, eps: float = 1e-5):
-    return _pick("layer_norm", x.is_cuda)(x, weight, bias, eps)
+    return _call("layer_norm", x.is_cuda, (x, weight, bias, eps))
 
 
 def rms_norm(x, weight, eps: float = 1e-6):
-    return _pick("rms_norm", x.is_cuda)(x, weight, eps)
+    return _call("rms_norm", x.is_cuda, (x, weight, eps))
 
 
 def _attention_why_not(q, k, v, causal, dropout_p):
@@ -146,4 +166,4 @@ def _attention_why_not(q, k, v, causal, dropout_p):
 
 def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None):
     why_not = _attention_why_not(q, k, v, causal, dropout_p)
-    return _pick("attention", q.is_cuda, why_not)(q, k, v, causal, dropout_p, scale)
+    return _call("attention", q.is_cuda, (q, k, v, causal, dropout_p, scale), why_not)
