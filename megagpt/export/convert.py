@@ -127,6 +127,9 @@ def consolidated_to_hf(src, out, force: bool = False, dtype: str = "float32", ap
     sd, meta = load_consolidated(src)
     cfg = ModelConfig.from_dict(meta["model"])
     target = hf_target(cfg, approximate_gelu)
+    if approximate_gelu and cfg.activation == "gelu" and target is hf_openai_gpt:
+        log.warning("exporting exact GELU as OpenAIGPT's tanh-approximate GELU (--approximate-gelu): "
+                    "outputs will differ slightly from megagpt's")
     tok_path = tokenizer_path_in(src)
     token_ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tok_path:
@@ -252,3 +255,63 @@ def load_model(consolidated_dir):
         raise MegaGPTError(f"{consolidated_dir}: weights do not match config.json "
                            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------- dispatch
+def detect_format(path) -> str:
+    """"deepspeed" (latest / global_stepN), "consolidated" (our config.json) or "hf" (an HF config.json)."""
+    from .deepspeed_ckpt import is_deepspeed_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise MegaGPTError(f"{p}: no such file or directory")
+    if not p.is_dir():
+        raise MegaGPTError(f"{p}: expected a checkpoint directory")
+    if is_deepspeed_checkpoint(p):
+        return "deepspeed"
+    if (p / "config.json").is_file():
+        c = read_json(p / "config.json")
+        if c.get("format") == "megagpt-consolidated":
+            return "consolidated"
+        if "model_type" in c or "architectures" in c:
+            return "hf"
+    raise MegaGPTError(f"{p}: not a DeepSpeed checkpoint (latest or global_stepN/), a consolidated megagpt "
+                       f"checkpoint, nor an HF transformers dir (config.json with model_type)")
+
+
+def convert(input_path, output_path, to: str, tag: str | None = None, force: bool = False,
+            tokenizer: str | None = None, dtype: str = "float32", approximate_gelu: bool = False,
+            max_shard_size="5GB") -> Path:
+    """Convert between the three formats; ``to`` is "consolidated" (alias "megagpt") or "hf"."""
+    from .deepspeed_ckpt import deepspeed_to_consolidated
+
+    src = detect_format(input_path)
+    to = "consolidated" if to == "megagpt" else to
+    if to not in ("consolidated", "hf"):
+        raise MegaGPTError(f"--to {to!r}: must be consolidated, megagpt or hf")
+    if tag is not None and src != "deepspeed":
+        raise MegaGPTError(f"--tag only applies to DeepSpeed checkpoints; {input_path} is {src}")
+    if tokenizer is not None and src != "deepspeed":
+        raise MegaGPTError(f"--tokenizer only applies to DeepSpeed checkpoints; {input_path} is {src}")
+    if Path(output_path).exists() and not force:   # fail before any (slow) reading
+        raise MegaGPTError(f"{output_path}: already exists; pass --force to overwrite")
+    if src == to:
+        raise MegaGPTError(f"{input_path} is already a {src} checkpoint")
+    if src == "deepspeed" and to == "consolidated":
+        return deepspeed_to_consolidated(input_path, output_path, tag=tag, force=force, tokenizer_path=tokenizer)
+    if src == "deepspeed":   # deepspeed → consolidated (scratch) → hf; refuse before the slow merge
+        from .deepspeed_ckpt import _model_config, read_client_state, resolve_tag
+
+        states, where = read_client_state(Path(input_path) / resolve_tag(input_path, tag))
+        hf_target(_model_config(states, where), approximate_gelu)
+        del states
+        with tempfile.TemporaryDirectory(dir=Path(output_path).parent if Path(output_path).parent.exists()
+                                         else None) as scratch:
+            mid = deepspeed_to_consolidated(input_path, Path(scratch) / "consolidated", tag=tag,
+                                            tokenizer_path=tokenizer)
+            return consolidated_to_hf(mid, output_path, force=force, dtype=dtype,
+                                      approximate_gelu=approximate_gelu, max_shard_size=max_shard_size)
+    if src == "consolidated":
+        return consolidated_to_hf(input_path, output_path, force=force, dtype=dtype,
+                                  approximate_gelu=approximate_gelu, max_shard_size=max_shard_size)
+    return hf_to_consolidated(input_path, output_path, force=force)

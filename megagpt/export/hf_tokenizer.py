@@ -100,6 +100,10 @@ def export_tokenizer(tokenizer_path, dest, max_length: int | None = None) -> Non
     if max_length:
         hf.model_max_length = max_length
     hf.save_pretrained(str(dest))
+    # transformers 5 keeps specials in tokenizer_config.json only; older readers look here
+    specials = {k: getattr(hf, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if getattr(hf, k)}
+    specials["additional_special_tokens"] = [t for t in (DELIM, CLS) if t in hf.get_vocab()]
+    (dest / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
     if len(hf) != ours.vocab_size:
         raise MegaGPTError(f"{tokenizer_path}: exported tokenizer has {len(hf)} tokens, ours {ours.vocab_size}")
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Convert checkpoints: DeepSpeed (any ZeRO stage) → consolidated megagpt → HF transformers, and
+HF transformers (GPT-2, OpenAI GPT, Llama) → consolidated megagpt. Mappings, refusals: docs/export.md.
+
+The input type is detected: a DeepSpeed checkpoint dir (``latest`` or ``global_stepN/``), a
+consolidated megagpt dir (``config.json`` with ``"format": "megagpt-consolidated"``), or an HF
+dir (``config.json`` with ``model_type``). Outputs are written to a temporary directory and
+renamed into place when complete; an existing output is never overwritten without --force.
+
+    python tools/convert_checkpoint.py --input runs/gpt2/checkpoints --to consolidated --output ckpt/gpt2
+    python tools/convert_checkpoint.py --input ckpt/gpt2 --to hf --output hf/gpt2
+    python tools/convert_checkpoint.py --input runs/gpt2/checkpoints --tag global_step5000 --to hf --output hf/gpt2
+    python tools/convert_checkpoint.py --input hf/llama --to megagpt --output ckpt/llama
+
+Conversions to HF are refused (with every offending field named) when the model has no exact
+transformers equivalent, e.g. post-LN with RoPE, LayerNorm with SwiGLU, GQA in a GPT-2 block.
+"""
+import argparse
+import logging
+
+from megagpt.errors import cli_main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, metavar="PATH",
+                   help="DeepSpeed checkpoint dir, consolidated megagpt dir, or HF transformers dir")
+    p.add_argument("--output", required=True, metavar="PATH", help="directory to create")
+    p.add_argument("--to", required=True, choices=("consolidated", "hf", "megagpt"),
+                   help="consolidated (= megagpt): one unsharded megagpt checkpoint (model.safetensors, "
+                        "config.json, tokenizer/) to continue training or finetune; hf: a transformers dir "
+                        "that AutoModelForCausalLM/AutoTokenizer.from_pretrained load with no custom code")
+    p.add_argument("--tag", help="DeepSpeed input only: checkpoint tag, e.g. global_step1000 "
+                                 "(default: the one named in 'latest', else the highest global_stepN)")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="DeepSpeed input only: tokenizer to bundle (sentencepiece .model or GPT-2 BPE dir) "
+                        "instead of the path recorded in the checkpoint")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="HF output only: weight dtype (default float32)")
+    p.add_argument("--max-shard-size", default="5GB", help="HF output only: largest safetensors shard")
+    p.add_argument("--approximate-gelu", action="store_true",
+                   help="HF output only: export a post-LN model with exact GELU as OpenAIGPT, whose only "
+                        "GELU is the tanh approximation (up to 4.7e-4 off per activation)")
+    p.add_argument("--quiet", action="store_true", help="only errors")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from megagpt.export.convert import convert
+
+    out = convert(args.input, args.output, args.to, tag=args.tag, force=args.force, tokenizer=args.tokenizer,
+                  dtype=args.dtype, approximate_gelu=args.approximate_gelu, max_shard_size=args.max_shard_size)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
