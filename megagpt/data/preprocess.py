@@ -146,6 +146,7 @@ def _join_paragraph(lines):
 # ----------------------------------------------------------------------------- encoding (workers)
 _TOK = None
 _CFG = None
+_SCAN = json.JSONDecoder().scan_once
 
 
 def _init_worker(tokenizer_path, json_keys, append_eod):
@@ -164,10 +165,15 @@ def _parse(raw, start, is_json, keys):
         raise ValueError(line, f"invalid UTF-8 (byte {raw[e.start]:#04x} at column {col})") from None
     if not is_json:
         return [text]
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(start, f"malformed JSON ({e.msg} at column {e.colno})") from None
+    try:  # json's C scanner directly: same grammar as json.loads, without its per-call Python layers
+        obj, end = _SCAN(text, 0)
+        if end != len(text) and text[end:].strip(" \t\r\n"):
+            raise ValueError
+    except (StopIteration, ValueError):
+        try:  # slow path: leading whitespace, or an error whose exact message we want
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(start, f"malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise ValueError(start, f"JSON line is a {type(obj).__name__}, expected an object")
     texts = []
