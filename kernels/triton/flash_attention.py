@@ -56,6 +56,35 @@ def _dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, lo, hi, offs_m, offs_n, offs_d, shift, TK,
+               qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update over key blocks [lo, hi). MASK=False: blocks known to be fully visible
+    (no causal cut, no key tail), so the compare/select work is skipped."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK:
+            kt = tl.load(k_base + cols[None, :] * skt + offs_d[:, None], mask=cols[None, :] < TK, other=0.0)
+            vb = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=cols[:, None] < TK, other=0.0)
+        else:
+            kt = tl.load(k_base + cols[None, :] * skt + offs_d[:, None])
+            vb = tl.load(v_base + cols[:, None] * svt + offs_d[None, :])
+        s = _dot(q, kt, ACC, PREC, UPCAST) * qk_scale
+        if MASK:
+            valid = cols[None, :] < TK
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= shift + offs_m[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, ACC, PREC, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd(Q, K, V, O, LSE, qk_scale,
          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
          H, TQ, TK, GROUP,
@@ -77,24 +106,16 @@ def _fwd(Q, K, V, O, LSE, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, D], dtype=ACC)
-    hi = TK
-    if CAUSAL:
+    if CAUSAL:  # keys < shift + first row + 1 are visible to every row of this block
+        full_hi = (shift + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
         hi = tl.minimum(TK, shift + (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kt = tl.load(k_base + cols[None, :] * skt + offs_d[:, None], mask=cols[None, :] < TK, other=0.0)
-        s = _dot(q, kt, ACC, PREC, UPCAST) * qk_scale
-        valid = cols[None, :] < TK
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= shift + offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vb = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=cols[:, None] < TK, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, ACC, PREC, UPCAST)
-        m_i = m_new
+    else:
+        full_hi = TK // BLOCK_N * BLOCK_N
+        hi = TK
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, 0, full_hi, offs_m, offs_n,
+                               offs_d, shift, TK, qk_scale, False, CAUSAL, ACC, PREC, UPCAST, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, full_hi, hi, offs_m, offs_n,
+                               offs_d, shift, TK, qk_scale, True, CAUSAL, ACC, PREC, UPCAST, BLOCK_N)
     acc = acc / l_i[:, None]
     row_ok = offs_m < TQ
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
@@ -120,6 +141,30 @@ def _bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, TQ,
 
 
 @triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, sqt, sdt, lo, hi, offs_n, offs_m,
+                offs_d, shift, TQ, qk_scale, MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dK/dV of one key block over query blocks [lo, hi). Tails need no score mask:
+    padded query rows have q = dO = lse = delta = 0 and padded keys are never stored, so both add
+    exactly zero; MASK=True applies the causal cut (diagonal blocks only)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        rmask = rows < TQ
+        qt = tl.load(q_base + rows[None, :] * sqt + offs_d[:, None], mask=rmask[None, :], other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdt + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        lse = tl.load(LSE + row_base + rows, mask=rmask, other=0.0)
+        delta = tl.load(DELTA + row_base + rows, mask=rmask, other=0.0)
+        pt = tl.exp2(_dot(k, qt, ACC, PREC, UPCAST) * qk_scale - lse[None, :])  # P^T: (BLOCK_N, BLOCK_M)
+        if MASK:
+            pt = tl.where(offs_n[:, None] <= shift + rows[None, :], pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, ACC, PREC, UPCAST)
+        dpt = _dot(v, tl.trans(do), ACC, PREC, UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(qt.dtype), tl.trans(qt), ACC, PREC, UPCAST)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
               sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
@@ -140,35 +185,51 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
     dk = tl.zeros([BLOCK_N, D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, D], dtype=ACC)
     shift = TK - TQ
-    lo = 0
-    if CAUSAL:  # queries before (first key of this block - shift) never see it
+    if CAUSAL:
+        # queries before (first key - shift) never see this block; from (last key - shift) on, all keys
         lo = tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M, TQ)
+    else:
+        lo = 0
+        full_lo = 0
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         row_base = (b * H + h) * TQ
-        for start_m in range(lo, TQ, BLOCK_M):
-            rows = start_m + offs_m
-            rmask = rows < TQ
-            qt = tl.load(q_base + rows[None, :] * sqt + offs_d[:, None], mask=rmask[None, :], other=0.0)
-            do = tl.load(do_base + rows[:, None] * sdt + offs_d[None, :], mask=rmask[:, None], other=0.0)
-            lse = tl.load(LSE + row_base + rows, mask=rmask, other=0.0)
-            delta = tl.load(DELTA + row_base + rows, mask=rmask, other=0.0)
-            st = _dot(k, qt, ACC, PREC, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M)
-            valid = rmask[None, :] & (offs_n[:, None] < TK)
-            if CAUSAL:
-                valid = valid & (offs_n[:, None] <= shift + rows[None, :])
-            pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
-            dv += _dot(pt.to(do.dtype), do, ACC, PREC, UPCAST)
-            dpt = _dot(v, tl.trans(do), ACC, PREC, UPCAST)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(qt.dtype), tl.trans(qt), ACC, PREC, UPCAST)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, sqt, sdt, lo, full_lo,
+                             offs_n, offs_m, offs_d, shift, TQ, qk_scale, True, ACC, PREC, UPCAST, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, sqt, sdt, full_lo, TQ,
+                             offs_n, offs_m, offs_d, shift, TQ, qk_scale, False, ACC, PREC, UPCAST, BLOCK_M)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, lo, hi, offs_m, offs_n, offs_d, shift, TK,
+              qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+              UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi). MASK=True (diagonal and key-tail
+    blocks only) zeroes P where the causal cut or the key tail hides it: a padded key's score 0 minus
+    a very negative LSE could overflow exp2, so tails are masked rather than relied on to be zero."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        cmask = cols[None, :] < TK
+        kt = tl.load(k_base + cols[None, :] * skt + offs_d[:, None], mask=cmask, other=0.0)
+        vt = tl.load(v_base + cols[None, :] * svt + offs_d[:, None], mask=cmask, other=0.0)
+        p = tl.exp2(_dot(q, kt, ACC, PREC, UPCAST) * qk_scale - lse[:, None])
+        if MASK:
+            valid = cmask
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= shift + offs_m[:, None])
+            p = tl.where(valid, p, 0.0)
+        dp = _dot(do, vt, ACC, PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), ACC, PREC, UPCAST)
+    return dq
 
 
 @triton.jit
@@ -194,22 +255,16 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
     shift = TK - TQ
-    hi = TK
     if CAUSAL:
+        full_hi = (shift + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
         hi = tl.minimum(TK, shift + (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        cmask = cols < TK
-        kt = tl.load(k_base + cols[None, :] * skt + offs_d[:, None], mask=cmask[None, :], other=0.0)
-        vt = tl.load(v_base + cols[None, :] * svt + offs_d[:, None], mask=cmask[None, :], other=0.0)
-        s = _dot(q, kt, ACC, PREC, UPCAST) * qk_scale
-        valid = rmask[:, None] & cmask[None, :]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= shift + offs_m[:, None])
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, vt, ACC, PREC, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), ACC, PREC, UPCAST)
+    else:
+        full_hi = TK // BLOCK_N * BLOCK_N
+        hi = TK
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, 0, full_hi, offs_m, offs_n, offs_d,
+                   shift, TK, qk_scale, False, CAUSAL, ACC, PREC, UPCAST, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, full_hi, hi, offs_m, offs_n, offs_d,
+                   shift, TK, qk_scale, True, CAUSAL, ACC, PREC, UPCAST, BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
