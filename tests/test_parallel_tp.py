@@ -10,7 +10,11 @@ One launch, several proofs (each rank asserts; a failure on any rank fails the t
     on) gives the same losses and the same updated (gathered) weights as plain torch AdamW on the
     serial model, gradient clipping active (so the TP grad-norm is right);
   * checkpoint reshaping: the TP=2 engine's DeepSpeed checkpoint after step 2, consolidated
-    offline into serial names and loaded at TP=1, gives the TP=2 run's step-3 loss.
+    offline (library and tools/reshape_checkpoint.py) into serial names and loaded at TP=1, gives
+    the TP=2 run's step-3 loss; the live engine consolidated after step 2 and re-split into a
+    TP=2 + sequence-parallel model gives it too;
+  * the RNG tracker: per-TP-rank draws differ across TP ranks, default draws match, and the
+    activation checkpoint replays both in the recomputation (same output and grads).
 """
 import json
 
@@ -67,8 +71,38 @@ def _check_forward_backward(state):
             torch.testing.assert_close(grads[name], p.grad, **TOL, msg=lambda m: f"{preset} grad {name}: {m}")
 
 
-def _train(state, preset, steps, ckpt_dir=None):
+def _check_rng(state):
+    from megagpt.parallel.random import checkpoint
+
+    state.rng.seed_default()
+    with state.rng.fork():
+        split = torch.rand(8)
+    replicated = torch.rand(8)
+    both = [torch.empty(16) for _ in range(2)]
+    torch.distributed.all_gather(both, torch.cat([split, replicated]), group=state.tp_group)
+    assert not torch.equal(both[0][:8], both[1][:8]), "tracker draws must differ across TP ranks"
+    assert torch.equal(both[0][8:], both[1][8:]), "default draws must match across TP ranks"
+
+    def f(x):
+        with state.rng.fork():
+            x = F.dropout(x, 0.5, True)
+        return F.dropout(x, 0.5, True).sin()
+
+    x = torch.randn(4, 16, requires_grad=True)
+    before = (torch.get_rng_state(), state.rng.get_state())
+    ref = f(x)
+    ref.sum().backward()
+    ref_grad, x.grad = x.grad, None
+    torch.set_rng_state(before[0])
+    state.rng.set_state(before[1])
+    out = checkpoint(state.rng, f, x)
+    out.sum().backward()
+    assert torch.equal(out, ref) and torch.equal(x.grad, ref_grad)
+
+
+def _train(state, preset, steps, ckpt_dir=None, resplit_state=None):
     from megagpt.parallel.pipeline import full_state_dict, train_step
+    from megagpt.parallel.reshape import load_consolidated_into, save_consolidated_from_engine
     from megagpt.parallel.tp_model import TPGPT
 
     cfg = tiny_cfg(preset)
@@ -83,9 +117,16 @@ def _train(state, preset, steps, ckpt_dir=None):
         if ckpt_dir is not None and step == steps - 1:
             engine.save_checkpoint(ckpt_dir, tag=f"global_step{step}",
                                    client_state={"config": {"model": cfg.to_dict()}})
+            save_consolidated_from_engine(engine, f"{ckpt_dir}-live", cfg, step=step)
     ref_losses, ref_sd = serial_reference(cfg, sd, batches)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **TOL)
     assert_sd_close(full_state_dict(engine), ref_sd, **WTOL)
+    if resplit_state is not None:   # live consolidation -> re-split into another layout
+        resumed = TPGPT(cfg, resplit_state)
+        assert load_consolidated_into(resumed, f"{ckpt_dir}-live")["step"] == steps - 1
+        with torch.no_grad():
+            loss = resumed(*batches[-1][:1], labels=batches[-1][1]).item()
+        assert abs(loss - losses[-1]) < 2e-5, (loss, losses)
     return cfg, batches, losses
 
 
@@ -95,10 +136,11 @@ def _worker(rank, world, tmp):
 
     tp = build_parallel_state(ParallelConfig(tensor_parallel=2))
     sp = build_parallel_state(ParallelConfig(tensor_parallel=2, sequence_parallel=True))
+    _check_rng(tp)
     _check_cross_entropy(tp)
     _check_forward_backward(tp)
     _check_forward_backward(sp)
-    cfg, batches, losses = _train(tp, "tiny-gpt2", 3, ckpt_dir=f"{tmp}/ds")
+    cfg, batches, losses = _train(tp, "tiny-gpt2", 3, ckpt_dir=f"{tmp}/ds", resplit_state=sp)
     _train(sp, "tiny-modern", 3)
     if rank == 0:
         json.dump({"losses": losses}, open(f"{tmp}/losses.json", "w"))
@@ -122,3 +164,22 @@ def test_tensor_and_sequence_parallel_match_serial(tmp_path):
     with torch.no_grad():
         resumed = model(ids, labels=labels).item()
     assert abs(resumed - losses[2]) < 2e-5, (resumed, losses)
+
+    # the CLI does the same, and refuses a directory that is not a DeepSpeed checkpoint
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "reshape_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("reshape_checkpoint", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    main = module.main
+
+    main([str(tmp_path / "ds"), str(tmp_path / "cli"), "--tag", "global_step2"])
+    cli_sd, _ = load_consolidated(tmp_path / "cli")
+    assert all(torch.equal(cli_sd[k], sd[k]) for k in sd)
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "cli"), str(tmp_path / "x")])
+    assert e.value.code == 2

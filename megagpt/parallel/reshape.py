@@ -177,3 +177,19 @@ def load_consolidated_into(model, ckpt_dir) -> dict:
     sd, meta = load_consolidated(ckpt_dir)
     load_full_state_dict(getattr(model, "module", model), sd)
     return meta
+
+
+def save_consolidated_from_engine(engine_or_model, out_dir, cfg, tokenizer_path=None, run_config=None,
+                                  step=None, force=False):
+    """Gather a live model/engine of any layout (collective: call on every rank); rank 0 writes."""
+    import torch.distributed as dist
+
+    from .pipeline import full_state_dict
+
+    full = full_state_dict(engine_or_model)
+    out = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out = save_consolidated_checkpoint(out_dir, full, cfg, tokenizer_path, run_config, step, force)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
