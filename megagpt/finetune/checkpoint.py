@@ -2,16 +2,16 @@
 
 Pretrained inits accepted by ``load_pretrained``:
   * a consolidated megagpt checkpoint dir (``config.json`` + ``model.safetensors``);
-  * a DeepSpeed pretraining checkpoint dir (``latest`` + ``global_stepN/``): consolidated here with
-    DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint``; the model config and tokenizer
-    spec come from the client state the pretraining loop saved (``config``, ``tokenizer``).
+  * a DeepSpeed pretraining checkpoint dir (``latest`` + ``global_stepN/``): merged in memory by
+    ``megagpt.export.deepspeed_ckpt.load_deepspeed`` (DeepSpeed's own
+    ``get_fp32_state_dict_from_zero_checkpoint`` for ZeRO partitions); the model config and
+    tokenizer spec come from the client state the pretraining loop saved (``config``, ``tokenizer``).
 
 The best finetuned model is written by rank 0 to ``<save_dir>/best`` through a temporary sibling
 directory that is renamed into place only when complete.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -56,11 +56,6 @@ def _load_weights(model, sd: dict, where: str) -> None:
                            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
 
 
-def is_deepspeed_checkpoint(path) -> bool:
-    p = Path(path)
-    return (p / "latest").is_file() or bool(glob.glob(str(p / "global_step*" / "*model_states.pt")))
-
-
 def load_pretrained(path):
     """A pretrained checkpoint dir → (GPT with its weights, tokenizer path or None)."""
     from megagpt.model import GPT
@@ -75,6 +70,8 @@ def load_pretrained(path):
         model = GPT(_model_config_from(meta, str(p / "config.json")))
         _load_weights(model, sd, str(p))
         return model, tokenizer_path_in(p)
+    from megagpt.export.deepspeed_ckpt import is_deepspeed_checkpoint
+
     if is_deepspeed_checkpoint(p):
         return _load_deepspeed(p)
     raise MegaGPTError(f"{p}: neither a consolidated checkpoint (config.json) nor a DeepSpeed "
@@ -82,27 +79,15 @@ def load_pretrained(path):
 
 
 def _load_deepspeed(p: Path):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    """Merged with megagpt.export.deepspeed_ckpt (ZeRO 0-3 via DeepSpeed's zero_to_fp32, TP/PP via
+    reshape; model config and tokenizer spec from the pretraining client state)."""
+    from megagpt.export.deepspeed_ckpt import load_deepspeed
     from megagpt.model import GPT
 
-    tag = (p / "latest").read_text().strip() if (p / "latest").is_file() else None
-    if tag is None:
-        tags = sorted(glob.glob(str(p / "global_step*")), key=lambda s: int(s.rsplit("global_step", 1)[1] or 0))
-        tag = Path(tags[-1]).name
-    states = sorted(glob.glob(str(p / tag / "*model_states.pt")))
-    if not states:
-        raise MegaGPTError(f"{p / tag}: no *model_states.pt file (incomplete DeepSpeed checkpoint?)")
-    client = torch.load(states[0], map_location="cpu", weights_only=False)
-    if "config" not in client:
-        raise MegaGPTError(f"{states[0]}: client state has no 'config' (not a megagpt pretraining checkpoint)")
-    model = GPT(_model_config_from(client["config"], states[0]))
-    try:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(p), tag=tag)
-    except (FileNotFoundError, ValueError) as e:
-        raise MegaGPTError(f"{p}: cannot consolidate DeepSpeed checkpoint {tag}: {e}") from None
-    _load_weights(model, sd, f"{p}/{tag}")
-    spec = client.get("tokenizer") or {}
+    sd, states, _ = load_deepspeed(p)
+    model = GPT(_model_config_from(states["config"], str(p)))
+    _load_weights(model, sd, str(p))
+    spec = states.get("tokenizer") or {}
     return model, spec.get("path")
 
 
