@@ -10,12 +10,15 @@ Corpus: tinyshakespeare repeated ``--repeat`` times as jsonl, one document per p
   the same size whose workers call ``sp.encode(chunk)`` and return only a token count (no
   reading, no parsing, no transfer of tokens, no writing); workers=1 runs in-process.
 Runs are interleaved (ours, raw, ours, raw, ...) after one warm-up of each; medians of ``--reps``.
+Wall-clock ratios need an idle machine; the CPU-seconds columns (process + workers) compare the
+work done and are far less sensitive to other load on the box.
 """
 import argparse
 import json
 import multiprocessing as mp
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -41,23 +44,29 @@ def _raw_encode(texts):
     return sum(map(len, _SP.encode(texts, num_threads=1)))
 
 
+def cpu_seconds():
+    """CPU time of this process plus its reaped children (worker pools are joined before we read it)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def raw_encode(model, chunks, workers):
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     if workers == 1:
         _raw_init(model)
         n = sum(_raw_encode(c) for c in chunks)
     else:
         with mp.get_context("fork").Pool(workers, initializer=_raw_init, initargs=(model,)) as pool:
             n = sum(pool.imap(_raw_encode, chunks))
-    return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0, cpu_seconds() - c0
 
 
 def ours(src, out, model, workers):
     from megagpt.data.preprocess import preprocess
 
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     s = preprocess([src], out, model, workers=workers, progress=False)
-    return s.tokens, time.perf_counter() - t0
+    return s.tokens, time.perf_counter() - t0, cpu_seconds() - c0
 
 
 def main():
@@ -85,28 +94,34 @@ def main():
           f"{os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}")
 
     times = {(w, k): [] for w in a.workers for k in ("ours", "raw")}
+    cpu = {(w, k): [] for w in a.workers for k in ("ours", "raw")}
     tokens = {}
     for rep in range(a.reps + 1):  # rep 0 is the warm-up
         for w in a.workers:
-            n1, t1 = ours(str(src), str(tmp / f"out{w}"), model, w)
-            n2, t2 = raw_encode(model, chunks, w)
+            n1, t1, c1 = ours(str(src), str(tmp / f"out{w}"), model, w)
+            n2, t2, c2 = raw_encode(model, chunks, w)
             assert n1 == n2 + len(paras), (n1, n2)  # ours adds one eod per document
             tokens[w] = n2
             if rep:
                 times[(w, "ours")].append(t1)
                 times[(w, "raw")].append(t2)
+                cpu[(w, "ours")].append(c1)
+                cpu[(w, "raw")].append(c2)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n| workers | preprocess tok/s (MB/s) | raw sp.encode tok/s | ratio |")
-    print("|---|---|---|---|")
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    print("\n| workers | preprocess tok/s (MB/s) | raw sp.encode tok/s | ratio (wall) "
+          "| preprocess CPU s | raw CPU s | ratio (CPU) |")
+    print("|---|---|---|---|---|---|---|")
     for w in a.workers:
         o, r = tokens[w] / med[(w, "ours")], tokens[w] / med[(w, "raw")]
-        print(f"| {w} | {o:,.0f} ({mb / med[(w, 'ours')]:.2f}) | {r:,.0f} | {o / r:.1%} |")
+        print(f"| {w} | {o:,.0f} ({mb / med[(w, 'ours')]:.2f}) | {r:,.0f} | {o / r:.1%} "
+              f"| {cmed[(w, 'ours')]:.2f} | {cmed[(w, 'raw')]:.2f} | {cmed[(w, 'raw')] / cmed[(w, 'ours')]:.1%} |")
     if len(a.workers) > 1:
         w0, w1 = a.workers[0], a.workers[-1]
         print(f"\nscaling workers {w0} → {w1}: preprocess x{med[(w0, 'ours')] / med[(w1, 'ours')]:.2f}, "
               f"raw encode x{med[(w0, 'raw')] / med[(w1, 'raw')]:.2f}")
-    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split(":")[-1]
-    print(f"\nmedian of {a.reps} interleaved runs after warm-up; {cpu.strip()}; python {platform.python_version()}; "
+    model_name = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split(":")[-1]
+    print(f"\nmedian of {a.reps} interleaved runs after warm-up; {model_name.strip()}; python {platform.python_version()}; "
           f"load avg after {os.getloadavg()[0]:.2f}")
     shutil.rmtree(tmp)
 
