@@ -42,6 +42,8 @@ class ParallelState:
     sequence_parallel = property(lambda self: self.config.sequence_parallel and self.tp_size > 1)
     is_first_stage = property(lambda self: self.coord.pp == 0)
     is_last_stage = property(lambda self: self.coord.pp == self.pp_size - 1)
+    # Only the first (input_ids) and last (labels) pipeline stages read batches; others build no data.
+    needs_data = property(lambda self: self.is_first_stage or self.is_last_stage)
 
     @property
     def mpu(self) -> "DeepSpeedMPU":

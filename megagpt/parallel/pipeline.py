@@ -27,7 +27,7 @@ from megagpt.errors import MegaGPTError
 from . import reshape
 from .random import checkpoint as tp_checkpoint
 from .tp_model import (TPBlock, TPGPT, TPNorm, _Dropout, gather_full, init_tp_weights, load_local,
-                       lm_logits_local, rope_for, tp_loss)
+                       lm_logits_local, rope_for, sync_replicated, tp_loss)
 from .tensor_parallel import VocabParallelEmbedding, copy_to_tp
 
 
@@ -122,6 +122,7 @@ def build_pipeline_model(cfg, state):
         activation_checkpoint_func=functools.partial(tp_checkpoint, state.rng))
     for m in _pipe_layers(module):
         init_tp_weights(m, cfg, state)
+        sync_replicated(m, state)
     module._synchronize_tied_weights()
     module.cfg, module.parallel_state = cfg, state
     return module
@@ -210,7 +211,7 @@ def train_step(engine, batch_iter, state) -> torch.Tensor:
     micro-batch loss (on every rank of the pipeline).
     """
     if state.pp_size > 1:
-        return engine.train_batch(data_iter=batch_iter if (state.is_first_stage or state.is_last_stage) else None)
+        return engine.train_batch(data_iter=batch_iter if state.needs_data else None)
     losses = []
     for _ in range(engine.gradient_accumulation_steps()):
         input_ids, labels = next(batch_iter)

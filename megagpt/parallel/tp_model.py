@@ -182,6 +182,7 @@ class TPGPT(nn.Module):
             self.lm_head.weight = nn.Parameter(torch.empty_like(self.embed.tok.weight))
             self.lm_head.weight.tensor_model_parallel = True
         init_tp_weights(self, cfg, state)
+        sync_replicated(self, state)
 
     def forward(self, input_ids, labels=None):
         cfg, state = self.cfg, self.state
@@ -230,6 +231,16 @@ def init_tp_weights(module, cfg, state, prefix=""):
                     nn.init.normal_(p, 0.0, std)
             else:
                 nn.init.normal_(p, 0.0, std)
+
+
+@torch.no_grad()
+def sync_replicated(module, state) -> None:
+    """Make replicated parameters identical across the TP group (DeepSpeed broadcasts only over DP)."""
+    if state.tp_size == 1:
+        return
+    for p in module.parameters():
+        if not getattr(p, "tensor_model_parallel", False):
+            dist.broadcast(p.data, src=state.ranks["tp"][0], group=state.tp_group)
 
 
 @torch.no_grad()
