@@ -130,6 +130,10 @@ def train_pipeline(state, preset, steps, micro_batch, gas, ckpt_dir=None, data_o
     batches = make_batches(cfg, steps, global_batch, seed=3)
     model = build_model(cfg, state)
     load_full_state_dict(model, sd)
+    from megagpt.parallel.pipeline import named_parameters_serial
+
+    names = [n for n, _ in named_parameters_serial(model)]
+    assert len(names) == len(set(names)) and set(names) <= set(sd), sorted(set(names) - set(sd))
     engine = make_engine(model, state, micro_batch=micro_batch, gas=gas)
     losses = []
     for step, (ids, labels) in enumerate(batches, start=1):

@@ -203,6 +203,30 @@ def full_state_dict(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def named_parameters_serial(model):
+    """(serial GPT name, local parameter) pairs for any layout, each parameter once — for rules
+    keyed on names (weight-decay groups) that must not depend on the layout."""
+    model = getattr(model, "module", model)
+    if not hasattr(model, "parallel_state"):
+        return list(model.named_parameters())
+    seen, out = set(), []
+    for m in _pipe_layers(model):
+        for name, p in m.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append((m.full_prefix + name, p))
+    return out
+
+
+def model_stats(cfg, seq_len: int) -> tuple:
+    """(total parameters, training FLOPs per token) of the whole (unsplit) model, for metrics."""
+    from megagpt.model import GPT
+
+    with torch.device("meta"):
+        g = GPT(cfg)
+    return g.num_params(), g.flops_per_token(seq_len)
+
+
 def train_step(engine, batch_iter, state) -> torch.Tensor:
     """One optimizer step: gradient_accumulation_steps micro-batches of (input_ids, labels).
 
