@@ -116,6 +116,8 @@ def test_txt_one_doc_per_file_no_eod_and_empty_docs(tmp_path, sp_model, tok, lin
     assert (s.docs, s.empty_docs) == (3, 1)
     assert s.tokens == sum(len(tok.encode(d)) for d in docs)
     assert_shard_is(str(tmp_path / "out_text_document"), docs, tok, eod=False)
+    with pytest.raises(MegaGPTError, match=r"doc0.txt has no json keys \['title'\]"):
+        preprocess([str(tmp_path)], str(tmp_path / "k"), sp_model, json_keys=("title",))
 
 
 def test_shard_size_tokens(tmp_path, sp_model, tok, lines, shakespeare_prefix):

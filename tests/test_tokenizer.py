@@ -123,6 +123,10 @@ def test_bad_tokenizer_paths(tmp_path):
         load_tokenizer(junk)
     with pytest.raises(MegaGPTError, match="missing-input: no such file"):
         train_sentencepiece([str(tmp_path / "missing-input")], str(tmp_path / "t"), vocab_size=500)
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hello world\nfoo bar\n", encoding="utf-8")
+    with pytest.raises(MegaGPTError, match=r"tiny.txt failed: .*Vocabulary size too high \(3000\)"):
+        train_sentencepiece([str(tiny)], str(tmp_path / "t"), vocab_size=3000)
 
 
 def test_cli(tmp_path, shakespeare_lines, capsys):

@@ -298,11 +298,9 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
     files = expand_inputs(inputs)
     json_keys = tuple(json_keys)
     txt = [f for f in files if not is_json_file(f)]
-    if len(txt) == len(files):
-        json_keys = ("text",)  # a txt document has exactly one text, written under key "text"
-    elif txt and json_keys != ("text",):
-        raise MegaGPTError(f"plain-text input {txt[0]} has no json keys {list(json_keys)}: preprocess "
-                           f"it separately, or use only --json-keys text when mixing txt and jsonl")
+    if txt and json_keys != ("text",):  # a txt document is one text, written under key "text"
+        raise MegaGPTError(f"plain-text input {txt[0]} has no json keys {list(json_keys)}: --json-keys "
+                           f"applies to .jsonl/.json(.gz) inputs; txt is always written as key 'text'")
     tok = load_tokenizer(tokenizer_path)  # fail fast, before any worker starts
     if append_eod and tok.eod_id is None:
         raise MegaGPTError(f"{tokenizer_path}: tokenizer has no eos/eod token; use append_eod=False")
