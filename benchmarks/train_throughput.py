@@ -1,0 +1,162 @@
+"""CPU training throughput: megagpt under DeepSpeed (ZeRO-0/1, 1 process) vs megagpt in a bare
+torch loop vs HF transformers GPT2LMHeadModel with the same shape, batch and optimizer (AdamW,
+clip 1.0, fp32). Measured in one process, interleaved in rounds after warm-up; median of the
+rounds. Achieved model FLOP/s (PaLM 6N + 12LHQT) is also shown as a fraction of fp32 torch.mm
+FLOP/s measured in the same run.
+
+    python benchmarks/train_throughput.py [--layers 4 --width 256 --seq 256 --batch 8 --rounds 7 --steps 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+
+def matmul_flops(m, k, n, reps=10):
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(times)
+
+
+def make_megagpt(a):
+    from megagpt.model import GPT, get_preset
+    cfg = get_preset("tiny-gpt2", vocab_size=a.vocab, n_layer=a.layers, n_embd=a.width, n_head=a.width // 64,
+                     max_seq_len=a.seq, pad_vocab_multiple=128)
+    torch.manual_seed(0)
+    return GPT(cfg)
+
+
+def make_hf(a):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=a.vocab, n_positions=a.seq, n_embd=a.width, n_layer=a.layers,
+                     n_head=a.width // 64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(cfg)
+
+
+def param_groups(model):
+    from megagpt.train.pretrain import param_groups as pg
+    return pg(model, 0.01)
+
+
+class Bare:
+    """Plain torch: forward, backward, clip, AdamW step."""
+
+    def __init__(self, model, hf=False):
+        self.model, self.hf = model, hf
+        groups = ([{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.01},
+                   {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+                  if hf else param_groups(model))
+        self.opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+
+    def step(self, x, y):
+        loss = self.model(input_ids=x, labels=x).loss if self.hf else self.model(x, labels=y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+
+class Engine:
+    """megagpt under deepspeed.initialize (optimizer, clipping from the ds config)."""
+
+    def __init__(self, model, stage, batch):
+        import deepspeed
+        ds = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "train_batch_size": batch,
+              "gradient_clipping": 1.0, "steps_per_print": 10**9, "zero_optimization": {"stage": stage},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                       "weight_decay": 0.01}}}
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds)
+
+    def step(self, x, y):
+        loss = self.engine(x, labels=y)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per contender per round")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", help="write the results here too")
+    a = p.parse_args()
+
+    from megagpt.train.distributed import init_distributed
+    init_distributed()  # 1-rank gloo group for the DeepSpeed engines
+
+    ref = make_megagpt(a)
+    flops_per_step = ref.flops_per_token(a.seq) * a.batch * a.seq
+    contenders = {
+        "megagpt + DeepSpeed ZeRO-0": Engine(make_megagpt(a), 0, a.batch),
+        "megagpt + DeepSpeed ZeRO-1": Engine(make_megagpt(a), 1, a.batch),
+        "megagpt bare torch loop": Bare(make_megagpt(a)),
+        "HF GPT2LMHeadModel bare loop": Bare(make_hf(a), hf=True),
+    }
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g) for _ in range(4)]
+    xs = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in batches]
+
+    def run(c, n):
+        t0 = time.perf_counter()
+        for i in range(n):
+            x, y = xs[i % len(xs)]
+            c.step(x, y)
+        return (time.perf_counter() - t0) / n
+
+    for c in contenders.values():
+        run(c, a.warmup)
+    times = {k: [] for k in contenders}
+    mm = []
+    for r in range(a.rounds):
+        mm.append(matmul_flops(1024, 1024, 1024))
+        order = list(contenders.items())
+        order = order[r % len(order):] + order[:r % len(order)]  # rotate so no one always goes first
+        for name, c in order:
+            times[name].append(run(c, a.steps))
+    peak = statistics.median(mm)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tok = a.batch * a.seq
+    print(f"config: {a.layers} layers, width {a.width}, {a.width // 64} heads, seq {a.seq}, batch {a.batch}, "
+          f"vocab {a.vocab}; {ref.num_params():,} params; {flops_per_step / 1e9:.2f} GFLOP/step (PaLM)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 torch.mm 1024^3: {peak / 1e9:.1f} GFLOP/s "
+          f"(median of {a.rounds})")
+    print(f"{'contender':34} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'% of mm':>8}")
+    for k, t in med.items():
+        print(f"{k:34} {1e3 * t:9.1f} {tok / t:10,.0f} {flops_per_step / t / 1e9:9.1f} {100 * flops_per_step / t / peak:7.1f}%")
+    hf = med["HF GPT2LMHeadModel bare loop"]
+    bare = med["megagpt bare torch loop"]
+    z0 = med["megagpt + DeepSpeed ZeRO-0"]
+    z1 = med["megagpt + DeepSpeed ZeRO-1"]
+    print(f"megagpt+DeepSpeed(ZeRO-0) vs HF: {hf / z0:.2f}x (target >= 1.3x) | megagpt bare vs HF: {hf / bare:.2f}x")
+    print(f"engine overhead vs bare loop: ZeRO-0 {100 * (z0 / bare - 1):+.1f}%, ZeRO-1 {100 * (z1 / bare - 1):+.1f}% "
+          f"(target <= 5%)")
+    print(f"achieved/matmul: ZeRO-0 {100 * flops_per_step / z0 / peak:.1f}% (target >= 60%)")
+    if a.json:
+        json.dump({"ms_per_step": {k: 1e3 * v for k, v in med.items()}, "mm_flops": peak,
+                   "flops_per_step": flops_per_step, "rounds": times}, open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
