@@ -102,11 +102,20 @@ def sentence_iterator(inputs: Sequence[str], json_keys=("text",)) -> Iterator[st
                 except (UnicodeDecodeError, ValueError, KeyError, TypeError):
                     continue
                 for text in texts:
-                    if not isinstance(text, str):
+                    if not isinstance(text, str) or (b"\\u" in raw and not _is_valid_unicode(text)):
                         continue
                     for sent in text.splitlines():
                         if sent.strip():
                             yield sent
+
+
+def _is_valid_unicode(text: str) -> bool:
+    """False for strings with lone surrogates (from JSON ``\\ud800`` escapes): tokenizers reject them."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 # ----------------------------------------------------------------------------- training

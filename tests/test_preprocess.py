@@ -155,6 +155,8 @@ BAD_CASES = {
     "not_object": (GOOD + "\n" + GOOD + "\n" + '["text"]' + "\n", 3, "JSON line is a list, expected an object"),
     "missing_key": (GOOD + "\n" + json.dumps({"body": "x"}) + "\n", 2, "missing key 'text' (keys present: 'body')"),
     "non_string": (json.dumps({"text": None}) + "\n" + GOOD + "\n", 1, "key 'text' holds a NoneType"),
+    "lone_surrogate": (GOOD + "\n" + r'{"text": "good line \ud83d\ude00"}' + "\n" + r'{"text": "a\ud800b"}' + "\n", 3,
+                       r"key 'text' holds an unpaired surrogate escape (\ud800)"),
     "bad_utf8": (GOOD + "\n\n" + '{"text": "caf\xff"}' + "\n", 3, "invalid UTF-8 (byte 0xff at column 14)"),
 }
 

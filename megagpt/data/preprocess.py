@@ -184,6 +184,13 @@ def _parse(raw, start, is_json, keys):
         if not isinstance(obj[k], str):
             raise ValueError(start, f"key {k!r} holds a {type(obj[k]).__name__}, expected a string")
         texts.append(obj[k])
+    if b"\\u" in raw:  # only a \u escape can make a lone surrogate, which no tokenizer accepts
+        for k, t in zip(keys, texts):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(start, f"key {k!r} holds an unpaired surrogate escape "
+                                        f"(\\u{ord(t[e.start]):04x}), which is not valid text") from None
     return texts
 
 
