@@ -149,8 +149,10 @@ _CFG = None
 _SCAN = json.JSONDecoder().scan_once
 
 
-def _init_worker(tokenizer_path, json_keys, append_eod):
+def _init_worker(tokenizer_path, json_keys, append_eod, in_pool=False):
     global _TOK, _CFG
+    if in_pool:  # parallelism comes from the worker processes; HF tokenizers' own threads would oversubscribe
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOK = load_tokenizer(tokenizer_path)
     _CFG = (tuple(json_keys), append_eod, dtype_for_vocab(_TOK.vocab_size))
 
@@ -359,7 +361,8 @@ def _map_ordered(fn, chunks, workers, init):
         for c in chunks:
             yield c, fn(c)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker, initargs=init)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                               initargs=(*init, True))
     inflight = deque()
     try:
         for c in chunks:
