@@ -4,7 +4,9 @@ gathered to serial names; gradient clipping active so cross-TP/PP grad norms are
 
   * TP=2 x DP=2 (ZeRO-1 shards over the DP group of 2) and DP=4 (ZeRO-1 over 4): same losses
     (averaged over DP) and same updated weights as the serial reference, hence as each other;
-  * TP=2 x PP=2 (tensor parallelism inside pipeline stages), checkpointed after step 2: the
+  * TP=2 x PP=2 (tensor parallelism inside pipeline stages; RMSNorm, SwiGLU, GQA, untied head)
+    with DeepSpeed's TP-sliced stage-to-stage transfers, and with sequence parallelism (which
+    needs them off: prepare_ds_config) and learned positions, checkpointed after step 2: the
     DeepSpeed per-layer files consolidated offline and loaded at TP=1 PP=1 reproduce the step-3
     loss of the TP=2 x PP=2 run;
   * PP=4 (DeepSpeed PipelineModule, 1F1B train_batch, ZeRO-1, uniform partitioning) with the
@@ -29,7 +31,10 @@ def _worker(rank, world, tmp):
     dp4 = build_parallel_state(ParallelConfig())
     train_pipeline(dp4, "tiny-gpt2", steps=2, micro_batch=1, gas=1)
     tp_pp = build_parallel_state(ParallelConfig(tensor_parallel=2, pipeline_parallel=2))
-    _, _, losses = train_pipeline(tp_pp, "tiny-modern", steps=3, micro_batch=2, gas=2, ckpt_dir=f"{tmp}/ds")
+    train_pipeline(tp_pp, "tiny-modern", steps=2, micro_batch=2, gas=2)   # DeepSpeed's TP-sliced p2p
+    tp_pp = build_parallel_state(ParallelConfig(tensor_parallel=2, pipeline_parallel=2, sequence_parallel=True))
+    _, _, losses = train_pipeline(tp_pp, "tiny-modern", steps=3, micro_batch=2, gas=2, ckpt_dir=f"{tmp}/ds",
+                                  pos_emb="learned")
     if rank == 0:
         json.dump({"losses": losses}, open(f"{tmp}/losses.json", "w"))
     pp4 = build_parallel_state(ParallelConfig(pipeline_parallel=4, partition_method="uniform",

@@ -103,7 +103,9 @@ def make_engine(model, state, micro_batch, gas=1, stage=1):
     import deepspeed
 
     opt = torch.optim.AdamW([p for p in model.parameters()], lr=LR, weight_decay=WD, eps=EPS)
-    cfg = ds_config(micro_batch, gas, state.dp_size, stage)
+    from megagpt.parallel.pipeline import prepare_ds_config
+
+    cfg = prepare_ds_config(ds_config(micro_batch, gas, state.dp_size, stage), state)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg,
                                       mpu=None if state.pp_size > 1 else state.mpu)
     return engine
@@ -120,11 +122,12 @@ def assert_sd_close(got, want, atol=1e-5, rtol=1e-4):
         torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
 
 
-def train_pipeline(state, preset, steps, micro_batch, gas, ckpt_dir=None, data_on_all=False):
-    """Train ``steps`` at ``state``'s layout; return (cfg, engine, losses, reference losses, reference sd)."""
+def train_pipeline(state, preset, steps, micro_batch, gas, ckpt_dir=None, **overrides):
+    """Train ``steps`` at ``state``'s layout (any TP/PP/DP) and assert losses and gathered weights
+    equal the serial reference; return (cfg, engine, losses)."""
     from megagpt.parallel.pipeline import build_model, full_state_dict, load_full_state_dict, train_step
 
-    cfg = tiny_cfg(preset)
+    cfg = tiny_cfg(preset, **overrides)
     sd = reference_sd(cfg)
     global_batch = micro_batch * gas * state.dp_size
     batches = make_batches(cfg, steps, global_batch, seed=3)

@@ -8,7 +8,8 @@ One launch, several proofs (each rank asserts; a failure on any rank fails the t
     parallelism;
   * a DeepSpeed ZeRO-1 engine (mpu=state.mpu) trained 3 steps at TP=2 (sequence parallel off and
     on) gives the same losses and the same updated (gathered) weights as plain torch AdamW on the
-    serial model, gradient clipping active (so the TP grad-norm is right);
+    serial model, gradient clipping active (so the TP grad-norm is right); so do ZeRO-2 and
+    ZeRO-3 (2 steps; ZeRO-3 weights gathered with GatheredParameters);
   * checkpoint reshaping: the TP=2 engine's DeepSpeed checkpoint after step 2, consolidated
     offline (library and tools/reshape_checkpoint.py) into serial names and loaded at TP=1, gives
     the TP=2 run's step-3 loss; the live engine consolidated after step 2 and re-split into a
@@ -100,7 +101,7 @@ def _check_rng(state):
     assert torch.equal(out, ref) and torch.equal(x.grad, ref_grad)
 
 
-def _train(state, preset, steps, ckpt_dir=None, resplit_state=None):
+def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1):
     from megagpt.parallel.pipeline import full_state_dict, train_step
     from megagpt.parallel.reshape import load_consolidated_into, save_consolidated_from_engine
     from megagpt.parallel.tp_model import TPGPT
@@ -110,7 +111,7 @@ def _train(state, preset, steps, ckpt_dir=None, resplit_state=None):
     batches = make_batches(cfg, steps, 4, seed=2)
     model = TPGPT(cfg, state)
     model.load_from_full_state_dict(sd)
-    engine = make_engine(model, state, micro_batch=4)
+    engine = make_engine(model, state, micro_batch=4, stage=zero_stage)
     losses = []
     for step, batch in enumerate(batches, start=1):
         losses.append(train_step(engine, iter([batch]), state).item())
@@ -142,6 +143,8 @@ def _worker(rank, world, tmp):
     _check_forward_backward(sp)
     cfg, batches, losses = _train(tp, "tiny-gpt2", 3, ckpt_dir=f"{tmp}/ds", resplit_state=sp)
     _train(sp, "tiny-modern", 3)
+    _train(tp, "tiny", 2, zero_stage=2)
+    _train(tp, "tiny", 2, zero_stage=3)
     if rank == 0:
         json.dump({"losses": losses}, open(f"{tmp}/losses.json", "w"))
 

@@ -170,6 +170,27 @@ def check_zero_stage(ds_config: dict, state) -> None:
             "DeepSpeed's PipelineEngine supports ZeRO stage 0 or 1 only (use stage 1, or pipeline_parallel=1)")
 
 
+def prepare_ds_config(ds_config: dict, state) -> dict:
+    """Check ``ds_config`` against the layout and return a copy with what the layout needs.
+
+    With TP inside a pipeline DeepSpeed by default sends each stage boundary's activation (and
+    gradient) as 1/TP slices and all-gathers them on the receiver ("pipe_partitioned",
+    "grad_partitioned"), which assumes activations are replicated across TP ranks. Under
+    sequence parallelism each TP rank holds a different sequence chunk, so both are turned off.
+    """
+    check_zero_stage(ds_config, state)
+    cfg = dict(ds_config)
+    if state.pp_size > 1 and state.sequence_parallel:
+        pipe = dict(cfg.get("pipeline") or {})
+        for key in ("pipe_partitioned", "grad_partitioned"):
+            if pipe.get(key) is True:
+                raise MegaGPTError(f"pipeline.{key}=true cannot be used with sequence_parallel "
+                                   "(activations differ across tensor-parallel ranks); remove it")
+            pipe[key] = False
+        cfg["pipeline"] = pipe
+    return cfg
+
+
 def build_model(cfg, state):
     """Serial GPT (tp=pp=1), TPGPT (tp>1, pp=1) or a PipelineModule (pp>1, any tp)."""
     if state.pp_size > 1:
@@ -195,7 +216,12 @@ def load_full_state_dict(model, full_sd) -> None:
 
 def full_state_dict(model) -> dict:
     """Serial-named full weights of a model of any layout (collective over TP/PP groups)."""
-    model = getattr(model, "module", model)       # a DeepSpeed engine
+    engine, model = model, getattr(model, "module", model)       # a DeepSpeed engine, or a model
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:   # parameters are partitioned
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            return full_state_dict(model)
     if hasattr(model, "full_state_dict"):
         return model.full_state_dict()
     if hasattr(model, "parallel_state"):
