@@ -10,7 +10,7 @@ import torch
 
 from megagpt.errors import MegaGPTError
 
-STAGES = {0: "tiny-gpt2", 2: "tiny-gpt2", 3: "tiny-modern"}   # tied (GPT-2) and untied GQA (Llama)
+STAGES = {0: "tiny-gpt2", 2: "tiny-modern", 3: "tiny-gpt2"}   # untied GQA (Llama); tied params partitioned
 
 
 def _free_port():
@@ -120,3 +120,17 @@ def test_bad_deepspeed_checkpoints_are_named(ds_checkpoints, tmp_path):
     with pytest.raises(MegaGPTError, match="client state has no config"):
         convert(src, tmp_path / "c", "hf", tag="global_step1")
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_tied_and_wrapped_names_are_restored():
+    """zero_to_fp32 may list a tied weight once, or under a wrapper prefix; GPT's names come back."""
+    from megagpt.export.deepspeed_ckpt import _restore_names
+    from megagpt.model import GPT, get_preset
+
+    cfg = get_preset("tiny-gpt2")
+    full = GPT(cfg).state_dict()
+    only_head = {f"module.{k}": v for k, v in full.items() if k != "embed.tok.weight"}
+    got = _restore_names(only_head, cfg, "ckpt")
+    assert set(got) == set(full) and torch.equal(got["embed.tok.weight"], full["lm_head.weight"])
+    with pytest.raises(MegaGPTError, match=r"ckpt: weights do not match .*missing \['blocks.0.ln1.bias'\]"):
+        _restore_names({k: v for k, v in full.items() if k != "blocks.0.ln1.bias"}, cfg, "ckpt")
