@@ -29,6 +29,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -53,6 +54,7 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     import glob
 
     files: list[str] = []
+    seen: set[str] = set()
     for arg in inputs:
         arg = str(arg)
         if os.path.isdir(arg):
@@ -69,7 +71,8 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
         else:
             raise MegaGPTError(f"{arg}: no such file or folder")
         for f in found:
-            if f not in files:
+            if f not in seen:
+                seen.add(f)
                 files.append(f)
     return files
 
@@ -93,20 +96,27 @@ def sentence_iterator(inputs: Sequence[str], json_keys=("text",)) -> Iterator[st
     not need every line, and ``preprocess`` is the strict gate.
     """
     for path in expand_inputs(inputs):
-        as_json = is_json_file(path)
-        with open_binary(path) as f:
-            for raw in f:
-                try:
-                    line = raw.decode("utf-8")
-                    texts = [json.loads(line)[k] for k in json_keys] if as_json else [line]
-                except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        try:
+            yield from _file_sentences(path, json_keys)
+        except (OSError, EOFError, zlib.error) as e:  # e.g. a truncated .gz
+            raise MegaGPTError(f"{path}: read failed: {e}") from None
+
+
+def _file_sentences(path, json_keys):
+    as_json = is_json_file(path)
+    with open_binary(path) as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8")
+                texts = [json.loads(line)[k] for k in json_keys] if as_json else [line]
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+                continue
+            for text in texts:
+                if not isinstance(text, str) or (b"\\u" in raw and not _is_valid_unicode(text)):
                     continue
-                for text in texts:
-                    if not isinstance(text, str) or (b"\\u" in raw and not _is_valid_unicode(text)):
-                        continue
-                    for sent in text.splitlines():
-                        if sent.strip():
-                            yield sent
+                for sent in text.splitlines():
+                    if sent.strip():
+                        yield sent
 
 
 def _is_valid_unicode(text: str) -> bool:
@@ -137,9 +147,18 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int, 
                            f"{' and 256 byte pieces' if byte_fallback else ''} alone need {minimum - 1}")
     files = expand_inputs(inputs)  # fail on missing inputs before sentencepiece starts
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    failure: list[MegaGPTError] = []
+
+    def sentences():  # sentencepiece turns an iterator's exception into a multi-line RuntimeError
+        try:
+            yield from sentence_iterator(files, json_keys)
+        except MegaGPTError as e:
+            failure.append(e)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentence_iterator(files, json_keys),
+            sentence_iterator=sentences(),
             model_prefix=str(output_prefix), vocab_size=vocab_size, model_type=model_type,
             pad_id=0, unk_id=1, bos_id=2, eos_id=3,
             pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
@@ -153,7 +172,10 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int, 
             minloglevel=0 if verbose else 2,
         )
     except RuntimeError as e:
-        raise MegaGPTError(f"sentencepiece training on {', '.join(files)} failed: {e}") from None
+        if failure:
+            raise failure[0] from None
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MegaGPTError(f"sentencepiece training on {', '.join(files)} failed: {msg}") from None
     return str(output_prefix) + ".model"
 
 

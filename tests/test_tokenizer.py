@@ -127,6 +127,12 @@ def test_bad_tokenizer_paths(tmp_path):
     tiny.write_text("hello world\nfoo bar\n", encoding="utf-8")
     with pytest.raises(MegaGPTError, match=r"tiny.txt failed: .*Vocabulary size too high \(3000\)"):
         train_sentencepiece([str(tiny)], str(tmp_path / "t"), vocab_size=3000)
+    broken = tmp_path / "broken.jsonl.gz"
+    full = gzip.compress("".join(json.dumps({"text": f"line {i} w{i % 97} " * 3}) + "\n" for i in range(20000)).encode())
+    broken.write_bytes(full[: len(full) // 2])
+    with pytest.raises(MegaGPTError) as e:  # raised inside sentencepiece's C++ loop, still one clean line
+        train_sentencepiece([str(broken)], str(tmp_path / "t"), vocab_size=400)
+    assert str(e.value).startswith(f"{broken}: read failed: Compressed file ended") and "\n" not in str(e.value)
 
 
 def test_cli(tmp_path, shakespeare_lines, capsys):
