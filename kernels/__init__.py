@@ -4,4 +4,4 @@ The model only calls ``megagpt_kernels.dispatch``; see that module for how a bac
 Triton and CUDA modules are imported lazily by dispatch, so importing this package never needs them.
 """
 from . import dispatch, reference  # noqa: F401
-from .dispatch import attention, describe, layer_norm, rms_norm  # noqa: F401
+from .dispatch import attention, bias_gelu, cross_entropy, describe, layer_norm, rms_norm  # noqa: F401

@@ -1,4 +1,5 @@
-"""The one place the model asks for layer_norm / rms_norm / attention.
+"""The one place the model asks for layer_norm / rms_norm / attention (and, optionally,
+cross_entropy over the vocab and a fused bias + GELU).
 
 Backend choice: ``set_backend(name)`` (from config) else env ``MEGAGPT_KERNELS``:
   auto      (default) fused Triton kernels for CUDA tensors, the PyTorch reference otherwise;
@@ -20,7 +21,8 @@ from . import reference
 
 log = logging.getLogger("megagpt.kernels")
 MODES = ("auto", "reference", "triton", "cuda")
-_TRITON_MODULES = {"layer_norm": "layer_norm", "rms_norm": "rms_norm", "attention": "flash_attention"}
+_TRITON_MODULES = {"layer_norm": "layer_norm", "rms_norm": "rms_norm", "attention": "flash_attention",
+                   "cross_entropy": "cross_entropy", "bias_gelu": "bias_gelu"}
 _override = None
 _logged: set = set()
 _broken: dict = {}  # (backend, op) -> reason it cannot be used in this process
@@ -150,6 +152,16 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
 
 def rms_norm(x, weight, eps: float = 1e-6):
     return _call("rms_norm", x.is_cuda, (x, weight, eps))
+
+
+def cross_entropy(logits, labels, ignore_index: int = -100):
+    """Mean CE over labels != ignore_index; logits (..., V), labels (...); returns an fp32 scalar."""
+    return _call("cross_entropy", logits.is_cuda, (logits, labels, ignore_index))
+
+
+def bias_gelu(x, bias, approximate: str = "none"):
+    """gelu(x + bias); ``approximate`` is "none" (erf) or "tanh" as in torch."""
+    return _call("bias_gelu", x.is_cuda, (x, bias, approximate))
 
 
 def _attention_why_not(q, k, v, causal, dropout_p):

@@ -25,3 +25,15 @@ def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None):
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale)
+
+
+def cross_entropy(logits, labels, ignore_index: int = -100):
+    """Mean token cross-entropy over labels != ignore_index; logits (..., V), labels (...). fp32 loss."""
+    x = logits.reshape(-1, logits.shape[-1])
+    x = x if x.dtype == torch.float64 else x.float()
+    return F.cross_entropy(x, labels.reshape(-1), ignore_index=ignore_index)
+
+
+def bias_gelu(x, bias, approximate: str = "none"):
+    """gelu(x + bias) with torch's exact erf GELU or ``approximate="tanh"``; output dtype of x."""
+    return F.gelu(x + bias if bias is not None else x, approximate=approximate)

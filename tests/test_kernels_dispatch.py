@@ -39,7 +39,8 @@ def _msgs(caplog, level=logging.INFO):
 
 def test_cpu_defaults_to_reference_and_logs_once_per_op(caplog):
     x, w, b = torch.randn(3, 10), torch.randn(10), torch.randn(10)
-    assert dispatch.describe("cpu") == {"layer_norm": "reference", "rms_norm": "reference", "attention": "reference"}
+    assert dispatch.describe("cpu") == {op: "reference" for op in
+                                        ("layer_norm", "rms_norm", "attention", "cross_entropy", "bias_gelu")}
     for _ in range(3):
         torch.testing.assert_close(dispatch.layer_norm(x, w, b, 1e-5), reference.layer_norm(x, w, b, 1e-5))
     dispatch.rms_norm(x, w)
@@ -108,7 +109,7 @@ def test_forced_triton_runs_the_kernels_under_the_interpreter(monkeypatch, caplo
     if not INTERPRETED:
         pytest.skip("needs TRITON_INTERPRET=1 before triton's import: covered by the subprocess test")
     monkeypatch.setenv("MEGAGPT_KERNELS", "triton")
-    assert dispatch.describe("cpu") == {"layer_norm": "triton", "rms_norm": "triton", "attention": "triton"}
+    assert set(dispatch.describe("cpu").values()) == {"triton"}
     from megagpt_kernels.triton import flash_attention, layer_norm, rms_norm
     assert dispatch._pick("layer_norm", False) is layer_norm.layer_norm
     assert dispatch._pick("rms_norm", False) is rms_norm.rms_norm
@@ -118,6 +119,9 @@ def test_forced_triton_runs_the_kernels_under_the_interpreter(monkeypatch, caplo
     torch.testing.assert_close(dispatch.rms_norm(x, w), reference.rms_norm(x, w))
     q, k = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16)
     torch.testing.assert_close(dispatch.attention(q, k, k), reference.attention(q, k, k), atol=2e-5, rtol=1e-4)
+    logits, labels = torch.randn(6, 50), torch.tensor([1, 2, -100, 4, 49, 0])
+    torch.testing.assert_close(dispatch.cross_entropy(logits, labels), reference.cross_entropy(logits, labels))
+    torch.testing.assert_close(dispatch.bias_gelu(x, w, "tanh"), reference.bias_gelu(x, w, "tanh"), atol=2e-5, rtol=1e-4)
     assert "megagpt kernels: attention -> triton (MEGAGPT_KERNELS=triton with TRITON_INTERPRET=1)" in _msgs(caplog)
     assert dispatch.fallbacks() == {}
 

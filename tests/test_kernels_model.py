@@ -41,7 +41,8 @@ def _train(preset: str, backend: str, steps: int = 2):
             opt.step()
             losses.append(loss.item())
         if backend == "triton":
-            assert dispatch.describe("cpu") == {"layer_norm": "triton", "rms_norm": "triton", "attention": "triton"}
+            used = {k: v for k, v in dispatch.describe("cpu").items() if k in ("layer_norm", "rms_norm", "attention")}
+            assert used == {"layer_norm": "triton", "rms_norm": "triton", "attention": "triton"}
             assert dispatch.fallbacks() == {}
         return losses, model
     finally:

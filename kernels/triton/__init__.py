@@ -1,4 +1,5 @@
-"""Fused Triton kernels: layer_norm.py, rms_norm.py, flash_attention.py (each says why it exists).
+"""Fused Triton kernels: layer_norm.py, rms_norm.py, flash_attention.py, cross_entropy.py,
+bias_gelu.py (each says why it exists).
 
 CPU testing goes through Triton's interpreter (``TRITON_INTERPRET=1``). Triton reads that variable
 when a ``@triton.jit`` function is *defined* -- including the ``tl.sum``/``tl.max`` helpers inside
