@@ -104,7 +104,9 @@ def test_hf_to_megagpt_to_hf_is_exact(tmp_path):
 
 def test_consolidated_round_trip_keeps_model_and_tokenizer(tmp_path, sp_model):
     ours = _random_model("tiny-modern")
-    hf_dir = _export(ours, tmp_path, sp_model)
+    cons = save_consolidated(tmp_path / "cons", ours.state_dict(), ours.cfg.to_dict(), tokenizer_path=sp_model)
+    hf_dir = consolidated_to_hf(cons, tmp_path / "hf", max_shard_size="64KB")   # sharded + index
+    assert len(json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]) == 21
     back = hf_to_consolidated(hf_dir, tmp_path / "back")
     sd, meta = load_consolidated(back)
     orig = ours.state_dict()
