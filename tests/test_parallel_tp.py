@@ -15,7 +15,10 @@ One launch, several proofs (each rank asserts; a failure on any rank fails the t
     the TP=2 run's step-3 loss; the live engine consolidated after step 2 and re-split into a
     TP=2 + sequence-parallel model gives it too;
   * the RNG tracker: per-TP-rank draws differ across TP ranks, default draws match, and the
-    activation checkpoint replays both in the recomputation (same output and grads).
+    activation checkpoint replays both in the recomputation (same output and grads), also for a
+    whole TPGPT with every dropout on (SP off and on);
+  * a same-layout resume through DeepSpeed's own checkpoint (mpu-named files, optimizer state)
+    reproduces the last step's loss and update.
 """
 import json
 
@@ -101,6 +104,28 @@ def _check_rng(state):
     assert torch.equal(out, ref) and torch.equal(x.grad, ref_grad)
 
 
+def _check_activation_checkpointing(state):
+    """TPGPT with dropout everywhere: recomputation in backward replays both generators, so
+    activation checkpointing changes neither the loss nor any gradient."""
+    from megagpt.parallel.tp_model import TPGPT
+
+    cfg = tiny_cfg("tiny-gpt2", embd_dropout=0.2, resid_dropout=0.2, attn_dropout=0.2)
+    sd = reference_sd(cfg)
+    ids, labels = make_batches(cfg, 1, 2, seed=4)[0]
+    runs, tracker_state = [], state.rng.get_state()
+    for ckpt in (False, True):
+        cfg.activation_checkpointing = ckpt
+        model = TPGPT(cfg, state)
+        model.load_from_full_state_dict(sd)
+        torch.manual_seed(99)                 # same default and tracker states for both runs
+        state.rng.set_state(tracker_state)
+        loss = model(ids, labels=labels)
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
 def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1):
     from megagpt.parallel.pipeline import full_state_dict, train_step
     from megagpt.parallel.reshape import load_consolidated_into, save_consolidated_from_engine
@@ -128,6 +153,13 @@ def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1
         with torch.no_grad():
             loss = resumed(*batches[-1][:1], labels=batches[-1][1]).item()
         assert abs(loss - losses[-1]) < 2e-5, (loss, losses)
+        # same-layout resume through DeepSpeed's own checkpoint (mp_rank files via the mpu):
+        # optimizer state included, so the last step's loss *and* update are reproduced
+        again = TPGPT(cfg, state)
+        engine2 = make_engine(again, state, micro_batch=4, stage=zero_stage)
+        engine2.load_checkpoint(ckpt_dir, tag=f"global_step{steps - 1}")
+        assert abs(train_step(engine2, iter([batches[-1]]), state).item() - losses[-1]) < 2e-5
+        assert_sd_close(full_state_dict(engine2), ref_sd, **WTOL)
     return cfg, batches, losses
 
 
@@ -139,6 +171,8 @@ def _worker(rank, world, tmp):
     sp = build_parallel_state(ParallelConfig(tensor_parallel=2, sequence_parallel=True))
     _check_rng(tp)
     _check_cross_entropy(tp)
+    _check_activation_checkpointing(tp)
+    _check_activation_checkpointing(sp)
     _check_forward_backward(tp)
     _check_forward_backward(sp)
     cfg, batches, losses = _train(tp, "tiny-gpt2", 3, ckpt_dir=f"{tmp}/ds", resplit_state=sp)
