@@ -2,6 +2,8 @@
 
 Kept tiny and free of ``@triton.jit`` so importing it never decides interpreter-vs-compiled mode.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,10 +29,12 @@ def row_block(n: int) -> int:
 
 def num_row_programs(m: int, device: torch.device) -> int:
     """Programs used by the stage-1 weight-gradient reduction: a few per SM on a GPU."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(m, 4 * sms))
-    return max(1, min(m, 4))
+    return max(1, min(m, 4 * _sm_count(device.index) if device.type == "cuda" else 4))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
 
 
 def warps_for(block: int) -> int:
