@@ -94,6 +94,45 @@ def norm_rows(args, cuda: bool, dev: str, dtype):
            ["impl", "rows x hidden", "ms", "GB/s", "vs copy BW", "speedup vs torch"], rows)
 
 
+def extras_rows(args, cuda: bool, dev: str, dtype):
+    """Optional kernels, fwd+bwd: vocab cross-entropy (bytes = logits read twice + grad written)
+    and bias+GELU (x, dy read, y, dx written), vs their PyTorch references."""
+    ce = {"reference cross_entropy": reference.cross_entropy}
+    bg = {"reference bias_gelu": lambda x, b: reference.bias_gelu(x, b, "tanh")}
+    if cuda:
+        from megagpt_kernels.triton.bias_gelu import bias_gelu
+        from megagpt_kernels.triton.cross_entropy import cross_entropy
+        ce["triton cross_entropy"] = cross_entropy
+        bg["triton bias_gelu"] = lambda x, b: bias_gelu(x, b, "tanh")
+    rows = []
+    n, v = args.ce_shape
+    logits = torch.randn(n, v, device=dev, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, v, (n,), device=dev)
+    one = torch.ones((), device=dev)
+
+    def ce_run(f):
+        def run():
+            logits.grad = None
+            f(logits, labels).backward(one)
+        return run
+    t = bench({k: ce_run(f) for k, f in ce.items()}, args.reps, cuda)
+    base = "reference cross_entropy"
+    for k in ce:
+        gbs = 3 * n * v * logits.element_size() / t[k] / 1e9
+        rows.append((k, f"{n}x{v}", f"{t[k] * 1e3:.3f}", f"{gbs:.1f}", f"{t[base] / t[k]:.2f}"))
+    m, h = args.gelu_shape
+    x = torch.randn(m, h, device=dev, dtype=dtype, requires_grad=True)
+    b = torch.randn(h, device=dev, dtype=dtype, requires_grad=True)
+    dy = torch.randn(m, h, device=dev, dtype=dtype)
+    t = bench({k: _fwd_bwd(f, (x, b), dy) for k, f in bg.items()}, args.reps, cuda)
+    base = "reference bias_gelu"
+    for k in bg:
+        gbs = 4 * m * h * x.element_size() / t[k] / 1e9
+        rows.append((k, f"{m}x{h}", f"{t[k] * 1e3:.3f}", f"{gbs:.1f}", f"{t[base] / t[k]:.2f}"))
+    _table(f"Cross-entropy and bias+GELU fwd+bwd ({str(dtype).replace('torch.', '')})",
+           ["impl", "shape", "ms", "GB/s", "speedup vs reference"], rows)
+
+
 def eager_attention(q, k, v, causal=True):
     s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if causal:
@@ -152,7 +191,7 @@ def _table(title, header, rows):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--only", choices=["norm", "attention"], default=None)
+    p.add_argument("--only", choices=["norm", "attention", "extras"], default=None)
     a = p.parse_args(argv)
     if a.reps < 5:
         p.error("--reps must be >= 5 (median of at least 5)")
@@ -162,12 +201,14 @@ def main(argv=None):
         a.norm_shapes = [(16384, n) for n in (1024, 2048, 4096, 8192)] + [(16384, 5120 + 7)]
         a.seqs, a.head_dims, a.hidden, a.tokens = [512, 1024, 2048, 4096, 8192], [64, 128], 2048, 16384
         a.eager_max_bytes = 24 << 30
+        a.ce_shape, a.gelu_shape = (8192, 50304), (16384, 8192)
         machine = torch.cuda.get_device_name()
     else:
         dev, dtype = "cpu", torch.float32
         a.norm_shapes = [(2048, 256), (2048, 1024)]
         a.seqs, a.head_dims, a.hidden, a.tokens = [128, 512], [64], 256, 1024
         a.eager_max_bytes = 1 << 30
+        a.ce_shape, a.gelu_shape = (512, 8192), (1024, 1024)
         machine = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"# megagpt kernels benchmark: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, "
           f"torch {torch.__version__}, median of {a.reps} interleaved timings after warm-up")
@@ -178,6 +219,8 @@ def main(argv=None):
         norm_rows(a, cuda, dev, dtype)
     if a.only in (None, "attention"):
         attention_rows(a, cuda, dev, dtype)
+    if a.only in (None, "extras"):
+        extras_rows(a, cuda, dev, dtype)
     return 0
 
 
