@@ -41,6 +41,8 @@ def resolve_tag(ckpt_dir, tag: str | None = None) -> str:
             raise MegaGPTError(f"{root / 'latest'}: names tag {tag!r}, which does not exist")
     else:
         steps = sorted((int(m.group(1)), q.name) for q in root.glob("global_step*") if (m := _TAG.match(q.name)))
+        if any((root / name / "complete").exists() for _, name in steps):   # megagpt's saver: whole tags only
+            steps = [(n, name) for n, name in steps if (root / name / "complete").exists()]
         if not steps:
             raise MegaGPTError(f"{root}: no 'latest' file and no global_stepN dirs (not a DeepSpeed checkpoint)")
         tag = steps[-1][1]
