@@ -39,7 +39,9 @@ def _worker(rank, world, tmp):
         json.dump({"losses": losses}, open(f"{tmp}/losses.json", "w"))
     pp4 = build_parallel_state(ParallelConfig(pipeline_parallel=4, partition_method="uniform",
                                               activation_checkpoint_interval=1))
-    train_pipeline(pp4, "tiny-gpt2", steps=2, micro_batch=1, gas=2)
+    _, _, losses4 = train_pipeline(pp4, "tiny-gpt2", steps=2, micro_batch=1, gas=2, ckpt_dir=f"{tmp}/ds4")
+    if rank == 0:
+        json.dump({"losses": losses4}, open(f"{tmp}/losses4.json", "w"))
 
 
 def test_tp_dp_pp_layouts_match_serial_and_reshape(tmp_path):
@@ -57,3 +59,14 @@ def test_tp_dp_pp_layouts_match_serial_and_reshape(tmp_path):
     with torch.no_grad():
         resumed = model(ids, labels=labels).item()
     assert abs(resumed - losses[2]) < 2e-5, (resumed, losses)
+
+    # PP=4 with the embedding tied across stages 0 and 3: consolidated, the head is the table
+    losses4 = json.load(open(tmp_path / "losses4.json"))["losses"]
+    full_sd, cfg = consolidate_deepspeed_checkpoint(tmp_path / "ds4", tag="global_step1")
+    assert cfg.tie_embeddings and full_sd["lm_head.weight"] is full_sd["embed.tok.weight"]
+    model = GPT(cfg)
+    model.load_state_dict(full_sd)
+    ids, labels = make_batches(cfg, 2, 2, seed=3)[1]
+    with torch.no_grad():
+        resumed = model(ids, labels=labels).item()
+    assert abs(resumed - losses4[1]) < 2e-5, (resumed, losses4)

@@ -47,9 +47,14 @@ def spawn(fn, world, *args, tmp_path):
     import deepspeed.runtime.pipe.engine  # noqa: F401
     import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (its torch.compile imports inductor)
     import torch._dynamo  # noqa: F401
+    import deepspeed.comm
+    import torch.distributed as dist
+
+    # a process group already set up in this (pytest) process must not leak into forked ranks
+    method = "spawn" if dist.is_initialized() or deepspeed.comm.is_initialized() else "fork"
     try:
         mp.start_processes(_entry, args=(world, free_port(), fn, args, err_dir), nprocs=world, join=True,
-                           start_method="fork")
+                           start_method=method)
     except Exception as e:
         errs = sorted(f for f in os.listdir(err_dir) if f.endswith(".err"))
         msg = "\n".join(open(os.path.join(err_dir, f)).read() for f in errs[:1])

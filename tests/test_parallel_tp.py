@@ -104,6 +104,28 @@ def _check_rng(state):
     assert torch.equal(out, ref) and torch.equal(x.grad, ref_grad)
 
 
+def _check_init(state):
+    """A fresh TPGPT follows the serial init rules (GPT-2: scaled output projections), split
+    weights differ across TP ranks' slices, replicated ones are identical on every TP rank."""
+    from megagpt.parallel.tp_model import TPGPT
+
+    cfg = tiny_cfg("tiny-gpt2")
+    model = TPGPT(cfg, state)
+    full = model.full_state_dict()
+    pos = [torch.empty_like(model.embed.pos.weight) for _ in range(2)]
+    torch.distributed.all_gather(pos, model.embed.pos.weight.detach(), group=state.tp_group)
+    assert torch.equal(pos[0], pos[1])
+    ref = GPT(cfg).state_dict()
+    for k, v in ref.items():
+        assert full[k].shape == v.shape, k
+        if v.ndim == 1:
+            assert torch.equal(full[k], v), k         # ones / zeros
+        else:
+            assert abs(full[k].std() / v.std() - 1) < 0.1, (k, full[k].std(), v.std())
+    qkv = full["blocks.0.attn.qkv.weight"]
+    assert not torch.allclose(qkv[:32], qkv[32:64])   # the two ranks' heads were drawn separately
+
+
 def _check_activation_checkpointing(state):
     """TPGPT with dropout everywhere: recomputation in backward replays both generators, so
     activation checkpointing changes neither the loss nor any gradient."""
@@ -171,6 +193,7 @@ def _worker(rank, world, tmp):
     sp = build_parallel_state(ParallelConfig(tensor_parallel=2, sequence_parallel=True))
     _check_rng(tp)
     _check_cross_entropy(tp)
+    _check_init(tp)
     _check_activation_checkpointing(tp)
     _check_activation_checkpointing(sp)
     _check_forward_backward(tp)

@@ -214,13 +214,14 @@ class TPGPT(nn.Module):
         return gather_full(self, "", self.cfg, self.state)
 
 
-def init_tp_weights(module, cfg, state, prefix=""):
-    """Serial GPT's init rules; split weights drawn from the per-TP-rank generator."""
-    for name, p in module.named_parameters(prefix=prefix.rstrip(".")):
-        full = name
+def init_tp_weights(module, cfg, state):
+    """Serial GPT's init rules (N(0, init_std) matrices, zero biases, unit norms, optionally
+    scaled output projections); split weights drawn from the per-TP-rank generator."""
+    for name, p in module.named_parameters():
+        full = getattr(module, "full_prefix", "") + name
         if name.endswith("bias"):
             nn.init.zeros_(p)
-        elif name.endswith(("ln1.weight", "ln2.weight")) or name.startswith("ln_f"):
+        elif isinstance(module, TPNorm) or full.endswith(("ln1.weight", "ln2.weight")) or full.startswith("ln_f"):
             nn.init.ones_(p)
         else:
             std = cfg.init_std
