@@ -83,15 +83,16 @@ def test_zero_checkpoint_consolidates_exactly(stage, ds_checkpoints, tmp_path, s
     assert (out / "tokenizer" / "tokenizer.model").read_bytes() == open(sp_model, "rb").read()
 
 
-def test_zero3_to_hf_runs_the_same_model(ds_checkpoints, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoint_to_hf_runs_the_same_model(stage, ds_checkpoints, tmp_path):
     transformers = pytest.importorskip("transformers")
     from megagpt.export.convert import convert
     from megagpt.model import GPT, get_preset
 
-    hf_dir = convert(ds_checkpoints / "zero3", tmp_path / "hf", "hf", tag="global_step1")
+    hf_dir = convert(ds_checkpoints / f"zero{stage}", tmp_path / "hf", "hf", tag="global_step1")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    ours = GPT(get_preset(STAGES[3])).eval()
-    ours.load_state_dict(torch.load(ds_checkpoints / "zero3" / "reference.pt")["state"])
+    ours = GPT(get_preset(STAGES[stage])).eval()
+    ours.load_state_dict(torch.load(ds_checkpoints / f"zero{stage}" / "reference.pt")["state"])
     x = torch.randint(0, 1000, (2, 32))
     with torch.no_grad():
         diff = (ours(x) - hf(x).logits).abs().max().item()
