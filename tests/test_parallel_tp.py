@@ -13,7 +13,8 @@ One launch, several proofs (each rank asserts; a failure on any rank fails the t
   * checkpoint reshaping: the TP=2 engine's DeepSpeed checkpoint after step 2, consolidated
     offline (library and tools/reshape_checkpoint.py) into serial names and loaded at TP=1, gives
     the TP=2 run's step-3 loss; the live engine consolidated after step 2 and re-split into a
-    TP=2 + sequence-parallel model gives it too;
+    TP=2 + sequence-parallel model gives it too; with the Adam moments and step gathered too and
+    re-split into TP=1 x DP=2 (ZeRO-1), step 3 reproduces the serial loss *and* updated weights;
   * the RNG tracker: per-TP-rank draws differ across TP ranks, default draws match, and the
     activation checkpoint replays both in the recomputation (same output and grads), also for a
     whole TPGPT with every dropout on (SP off and on);
@@ -23,6 +24,7 @@ One launch, several proofs (each rank asserts; a failure on any rank fails the t
 import json
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from megagpt.model import GPT
@@ -149,8 +151,11 @@ def _check_activation_checkpointing(state):
 
 
 def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1):
+    from megagpt.parallel.groups import build_parallel_state
+    from megagpt.parallel.topology import ParallelConfig
     from megagpt.parallel.pipeline import full_state_dict, train_step
-    from megagpt.parallel.reshape import load_consolidated_into, save_consolidated_from_engine
+    from megagpt.parallel.reshape import (load_consolidated_into, load_optimizer_state,
+                                          save_consolidated_with_optimizer)
     from megagpt.parallel.tp_model import TPGPT
 
     cfg = tiny_cfg(preset)
@@ -165,7 +170,7 @@ def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1
         if ckpt_dir is not None and step == steps - 1:
             engine.save_checkpoint(ckpt_dir, tag=f"global_step{step}",
                                    client_state={"config": {"model": cfg.to_dict()}})
-            save_consolidated_from_engine(engine, f"{ckpt_dir}-live", cfg, step=step)
+            save_consolidated_with_optimizer(engine, f"{ckpt_dir}-live", cfg, step=step)
     ref_losses, ref_sd = serial_reference(cfg, sd, batches)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **TOL)
     assert_sd_close(full_state_dict(engine), ref_sd, **WTOL)
@@ -182,6 +187,20 @@ def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1
         engine2.load_checkpoint(ckpt_dir, tag=f"global_step{steps - 1}")
         assert abs(train_step(engine2, iter([batches[-1]]), state).item() - losses[-1]) < 2e-5
         assert_sd_close(full_state_dict(engine2), ref_sd, **WTOL)
+        # optimizer-state reshaping TP=2 DP=1 -> TP=1 DP=2 (ZeRO-1 over 2): weights *and* Adam
+        # moments/step re-split, so the last step continues the serial trajectory exactly
+        dp2 = build_parallel_state(ParallelConfig())
+        serial = GPT(cfg)
+        load_consolidated_into(serial, f"{ckpt_dir}-live")
+        engine3 = make_engine(serial, dp2, micro_batch=2, stage=zero_stage)
+        dist.barrier()
+        assert load_optimizer_state(engine3, f"{ckpt_dir}-live") == steps - 1
+        ids, labels = batches[-1]
+        mine = (ids.chunk(2)[dp2.dp_rank], labels.chunk(2)[dp2.dp_rank])
+        loss = train_step(engine3, iter([mine]), dp2).reshape(1)
+        dist.all_reduce(loss)
+        assert abs(loss.item() / 2 - losses[-1]) < 2e-5
+        assert_sd_close(full_state_dict(engine3), ref_sd, **WTOL)
     return cfg, batches, losses
 
 

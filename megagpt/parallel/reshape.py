@@ -193,3 +193,142 @@ def save_consolidated_from_engine(engine_or_model, out_dir, cfg, tokenizer_path=
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+# ---- optimizer state (Adam moments) across layouts: live engines, ZeRO 0/1/2 -------------------
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _zero_optimizer(engine):
+    """(stage, torch optimizer, {local param -> its state holder}) with the supported checks."""
+    stage = engine.zero_optimization_stage()
+    if stage >= 3:
+        raise MegaGPTError("optimizer-state reshaping supports ZeRO stage 0-2; for stage 3 reshape weights "
+                           "only (the optimizer starts fresh)")
+    opt = engine.optimizer
+    base = opt if isinstance(opt, torch.optim.Optimizer) and stage == 0 else getattr(opt, "optimizer", None)
+    if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)) or base.defaults.get("amsgrad"):
+        raise MegaGPTError(f"optimizer-state reshaping supports Adam/AdamW (no amsgrad), not {type(base).__name__}")
+    return stage, base
+
+
+def _step_of(base) -> int:
+    for st in base.state.values():
+        if "step" in st:
+            return int(st["step"])
+    return 0
+
+
+@torch.no_grad()
+def gather_optimizer_state(engine) -> tuple:
+    """({"exp_avg.<serial name>": full tensor, "exp_avg_sq.<...>": ...}, step) of a live engine at any
+    TP/PP/DP layout (collective: call on every rank; every rank gets the result)."""
+    import torch.distributed as dist
+
+    from .pipeline import named_parameters_serial
+
+    stage, base = _zero_optimizer(engine)
+    module = engine.module
+    state = getattr(module, "parallel_state", None) or getattr(module, "state", None)
+    cfg = module.cfg
+    tp = state.tp_size if state is not None else 1
+    out = {}
+    for name, p in named_parameters_serial(module):
+        for key in _MOMENTS:
+            if stage == 0:
+                local = base.state[p][key] if p in base.state else torch.zeros_like(p)
+            else:
+                from deepspeed.utils import safe_get_full_optimizer_state
+
+                local = safe_get_full_optimizer_state(p, key)
+            local = local.detach().float().contiguous()
+            if tp > 1 and shard_kind(name) != "replicated":
+                parts = [torch.empty_like(local) for _ in range(tp)]
+                dist.all_gather(parts, local, group=state.tp_group)
+            else:
+                parts = [local]
+            out[f"{key}.{name}"] = merge(name, parts, cfg).clone()
+    if state is not None and state.pp_size > 1:
+        parts = [None] * state.pp_size
+        dist.all_gather_object(parts, out, group=state.pp_group)
+        out = {}
+        for part in parts:
+            for k, v in part.items():
+                out.setdefault(k, v)
+    return out, _step_of(base)
+
+
+def save_optimizer_state(out_dir, moments: dict, step: int) -> Path:
+    """Write ``optimizer.safetensors`` into a consolidated checkpoint dir (temp name, then rename)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(out_dir) / OPTIMIZER_FILE
+    tmp = path.with_name(f".{OPTIMIZER_FILE}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp), metadata={"step": str(step)})
+    os.replace(tmp, path)
+    return path
+
+
+@torch.no_grad()
+def load_optimizer_state(engine, ckpt_dir) -> int:
+    """Re-split ``optimizer.safetensors`` of a consolidated checkpoint into a freshly initialised
+    engine of any layout (ZeRO 0-2, Adam/AdamW), before its first step. Returns the step count."""
+    from safetensors import safe_open
+
+    from .pipeline import named_parameters_serial
+
+    path = Path(ckpt_dir) / OPTIMIZER_FILE
+    if not path.is_file():
+        raise MegaGPTError(f"{ckpt_dir}: no {OPTIMIZER_FILE} (weights-only checkpoint: the optimizer starts fresh)")
+    stage, base = _zero_optimizer(engine)
+    module = engine.module
+    state = getattr(module, "parallel_state", None) or getattr(module, "state", None)
+    tp_rank, tp = (state.tp_rank, state.tp_size) if state is not None else (0, 1)
+    with safe_open(str(path), framework="pt") as f:
+        step = int(f.metadata()["step"])
+        named = named_parameters_serial(module)
+        missing = [f"{k}.{n}" for n, _ in named for k in _MOMENTS if f"{k}.{n}" not in f.keys()]
+        if missing:
+            raise MegaGPTError(f"{path}: no optimizer state for {missing[:3]} (saved for another model?)")
+        # create Adam's state as its first step would, then overwrite it
+        holders = (engine.optimizer.single_partition_of_fp32_groups if stage > 0
+                   else [p for grp in base.param_groups for p in grp["params"]])
+        for hp in holders:
+            base.state[hp] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(hp),
+                              "exp_avg_sq": torch.zeros_like(hp)}
+        if stage > 0:
+            from deepspeed.utils import safe_set_full_optimizer_state
+
+            engine.optimizer._hp_optimizer_states_linked = False
+            engine.optimizer._lazy_init_hp_params_optimizer_state()
+        for name, p in named:
+            for key in _MOMENTS:
+                local = shard(name, f.get_tensor(f"{key}.{name}"), tp_rank, tp, module.cfg)
+                if local.shape != p.shape:
+                    raise MegaGPTError(f"{path}: {key}.{name} slice {tuple(local.shape)} does not fit {tuple(p.shape)}")
+                if stage == 0:
+                    base.state[p][key].copy_(local)
+                else:
+                    safe_set_full_optimizer_state(p, local.to(p.device), key)
+    return step
+
+
+def save_consolidated_with_optimizer(engine, out_dir, cfg, tokenizer_path=None, run_config=None, step=None,
+                                     force=False):
+    """Weights (consolidated format) plus Adam moments and step (``optimizer.safetensors``) of a live
+    engine, any layout (collective; rank 0 writes). Resume at another layout with
+    ``load_consolidated_into(model, out_dir)`` before ``deepspeed.initialize`` and
+    ``load_optimizer_state(engine, out_dir)`` after it."""
+    import torch.distributed as dist
+
+    out = save_consolidated_from_engine(engine, out_dir, cfg, tokenizer_path, run_config, step, force)
+    moments, opt_step = gather_optimizer_state(engine)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_optimizer_state(out_dir, moments, opt_step)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
