@@ -9,6 +9,8 @@ gathered to serial names; gradient clipping active so cross-TP/PP grad norms are
     needs them off: prepare_ds_config) and learned positions, checkpointed after step 2: the
     DeepSpeed per-layer files consolidated offline and loaded at TP=1 PP=1 reproduce the step-3
     loss of the TP=2 x PP=2 run;
+  * the TP=2 x PP=2 + SP run's weights and Adam state after step 2 (live, gathered), re-split
+    into PP=4: step 3 gives the serial loss and updated weights (optimizer-state reshaping);
   * PP=4 (DeepSpeed PipelineModule, 1F1B train_batch, ZeRO-1, uniform partitioning) with the
     embedding tied across the first and last stage and activation checkpointing every layer:
     matches serial, and the two middle stages never read the data iterator.
@@ -18,7 +20,8 @@ import json
 import torch
 
 from megagpt.model import GPT
-from test_parallel_harness import make_batches, spawn, train_pipeline
+from test_parallel_harness import (WTOL, assert_sd_close, make_batches, make_engine, reference_sd, serial_reference,
+                                   spawn, tiny_cfg, train_pipeline)
 
 
 def _worker(rank, world, tmp):
@@ -42,6 +45,26 @@ def _worker(rank, world, tmp):
     _, _, losses4 = train_pipeline(pp4, "tiny-gpt2", steps=2, micro_batch=1, gas=2, ckpt_dir=f"{tmp}/ds4")
     if rank == 0:
         json.dump({"losses": losses4}, open(f"{tmp}/losses4.json", "w"))
+    _resume_tp_pp_run_at_pp4(pp4, f"{tmp}/ds-live", losses)
+
+
+def _resume_tp_pp_run_at_pp4(pp4, live_dir, losses):
+    """Weights + Adam state of the TP=2 x PP=2 + SP run after step 2, re-split into PP=4: step 3
+    gives the serial loss and the serial updated weights."""
+    from megagpt.parallel.pipeline import build_model, full_state_dict, train_step
+    from megagpt.parallel.reshape import load_consolidated_into, load_optimizer_state
+
+    cfg = tiny_cfg("tiny-modern", pos_emb="learned")
+    model = build_model(cfg, pp4)
+    load_consolidated_into(model, live_dir)
+    engine = make_engine(model, pp4, micro_batch=2, gas=2)
+    assert load_optimizer_state(engine, live_dir) == 2
+    batches = make_batches(cfg, 3, 4, seed=3)
+    ids, labels = batches[2]
+    loss = train_step(engine, iter(list(zip(ids.chunk(2), labels.chunk(2)))), pp4).item()
+    assert abs(loss - losses[2]) < 2e-5, (loss, losses)
+    _, ref_sd = serial_reference(cfg, reference_sd(cfg), batches, micro_splits=2)
+    assert_sd_close(full_state_dict(engine), ref_sd, **WTOL)
 
 
 def test_tp_dp_pp_layouts_match_serial_and_reshape(tmp_path):
