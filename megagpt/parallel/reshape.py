@@ -223,8 +223,8 @@ def _step_of(base) -> int:
 
 @torch.no_grad()
 def gather_optimizer_state(engine) -> tuple:
-    """({"exp_avg.<serial name>": full tensor, "exp_avg_sq.<...>": ...}, step) of a live engine at any
-    TP/PP/DP layout (collective: call on every rank; every rank gets the result)."""
+    """({"exp_avg.<serial name>": full tensor, "exp_avg_sq.<...>", "fp32.<...>" (master weight)}, step)
+    of a live engine at any TP/PP/DP layout (collective: call on every rank; all get the result)."""
     import torch.distributed as dist
 
     from .pipeline import named_parameters_serial
@@ -236,9 +236,13 @@ def gather_optimizer_state(engine) -> tuple:
     tp = state.tp_size if state is not None else 1
     out = {}
     for name, p in named_parameters_serial(module):
-        for key in _MOMENTS:
+        for key in _MOMENTS + ("fp32",):
             if stage == 0:
-                local = base.state[p][key] if p in base.state else torch.zeros_like(p)
+                local = p if key == "fp32" else (base.state[p][key] if p in base.state else torch.zeros_like(p))
+            elif key == "fp32":   # the fp32 master (differs from the module weight under bf16/fp16)
+                from deepspeed.utils import safe_get_full_fp32_param
+
+                local = safe_get_full_fp32_param(p)
             else:
                 from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -314,6 +318,10 @@ def load_optimizer_state(engine, ckpt_dir) -> int:
                     base.state[p][key].copy_(local)
                 else:
                     safe_set_full_optimizer_state(p, local.to(p.device), key)
+            if stage > 0 and f"fp32.{name}" in f.keys():   # fp32 master, exact under mixed precision
+                from deepspeed.utils import safe_set_full_fp32_param
+
+                safe_set_full_fp32_param(p, shard(name, f.get_tensor(f"fp32.{name}"), tp_rank, tp, module.cfg).to(p.device))
     return step
 
 
