@@ -52,7 +52,7 @@ def to_batch(dataset, indices, device):
 
 
 def train_step(engine, micro_batches, dp_group, device, inject_nan: bool):
-    """One optimizer step over ``micro_batches``; returns (dp-mean loss, finite?).
+    """One optimizer step over ``micro_batches``; returns (dp-mean loss, finite?, micro-batches done).
 
     The dp-summed loss of each micro-batch is all-reduced *before* backward: if any rank's loss is
     NaN/inf the sum is too, every rank learns it at once, and none calls backward or step — so no
