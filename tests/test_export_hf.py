@@ -249,3 +249,22 @@ def test_convert_detects_formats_and_rejects_foreign_hf(tmp_path):
         convert(bert, tmp_path / "out", "megagpt")
     with pytest.raises(MegaGPTError, match="not a DeepSpeed checkpoint"):
         convert(tmp_path, tmp_path / "out2", "hf")
+
+
+def test_imports_old_hub_gpt2_layout(tmp_path):
+    """pytorch_model.bin without the "transformer." prefix, with attn.bias buffers and the tied head."""
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=16, bos_token_id=None, eos_token_id=None)).eval()
+    hf.config.save_pretrained(tmp_path / "old")
+    sd = {k.replace("transformer.", ""): v.clone() for k, v in hf.state_dict().items()}
+    sd["lm_head.weight"] = hf.lm_head.weight.detach().clone()
+    sd["h.0.attn.bias"] = torch.ones(1, 1, 16, 16)
+    torch.save(sd, tmp_path / "old" / "pytorch_model.bin")
+    ours = load_model(hf_to_consolidated(tmp_path / "old", tmp_path / "cons"))
+    x = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() < 1e-5
+    sd["h.0.mlp.extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "old" / "pytorch_model.bin")
+    with pytest.raises(MegaGPTError, match=r"unexpected \['transformer.h.0.mlp.extra.weight'\]"):
+        hf_to_consolidated(tmp_path / "old", tmp_path / "cons2")

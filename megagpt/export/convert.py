@@ -191,12 +191,11 @@ def from_hf_state_dict(hf_sd: dict, cfg, target, where: str = "HF checkpoint") -
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
     table = target.names(cfg)
-    prefix = table[0][1].split(".", 1)[0] + "."   # old hub files may omit "transformer."
-    hf_sd = {(k if k in {h for _, h, _ in table} or k.startswith(prefix) else prefix + k): v
-             for k, v in hf_sd.items()}
     wanted = {h for _, h, _ in table}
-    if cfg.tie_embeddings:
-        hf_sd.pop("lm_head.weight", None)
+    if cfg.tie_embeddings:   # some writers store the tied head too; it is the embedding
+        hf_sd = {k: v for k, v in hf_sd.items() if k != "lm_head.weight"}
+    prefix = table[0][1].split(".", 1)[0] + "."   # old hub files may omit "transformer."
+    hf_sd = {(k if k in wanted or k.startswith(prefix) else prefix + k): v for k, v in hf_sd.items()}
     unexpected = sorted(k for k in hf_sd if k not in wanted and not k.endswith(_IGNORED_HF_SUFFIXES))
     missing = sorted(wanted - set(hf_sd))
     if missing or unexpected:
