@@ -31,12 +31,22 @@ def _set_state(state):
 
 class RNGTracker:
     def __init__(self, seed: int, tp_rank: int, pp_rank: int = 0):
-        self.default_seed = seed + 100 * pp_rank
-        self.tp_seed = seed + 2718 + 100 * pp_rank + tp_rank
+        self.tp_rank, self.pp_rank = tp_rank, pp_rank
+        self.reseed(seed, seed_default=False)
+
+    def reseed(self, seed: int, seed_default: bool = True) -> None:
+        """Restart both streams from ``seed`` (the default generator too, unless told not to).
+
+        After the model is built, ``reseed(seed + 1000 * dp_rank)`` gives each data-parallel
+        replica its own dropout masks while TP ranks keep agreeing on the replicated ones."""
+        self.default_seed = seed + 100 * self.pp_rank
+        self.tp_seed = seed + 2718 + 100 * self.pp_rank + self.tp_rank
         outer = _get_state()
         torch.manual_seed(self.tp_seed)
         self._state = _get_state()
         _set_state(outer)
+        if seed_default:
+            self.seed_default()
 
     def seed_default(self) -> None:
         """Seed the default generator (same on all TP/DP ranks of a stage)."""
