@@ -140,3 +140,14 @@ def test_checkpoint_tags_only_complete_count(tmp_path):
     checkpoint.atomic_write(str(tmp_path / "latest"), b"global_step4")
     assert (tmp_path / "latest").read_text() == "global_step4"
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+@pytest.mark.parametrize("name,preset", [("tiny_cpu", "tiny"), ("gpt1", "gpt1"), ("gpt2_small", "gpt2-small")])
+def test_shipped_example_configs_load(name, preset, shakespeare_prefix, sp_model):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml",
+                      {("data", "data_path"): [shakespeare_prefix], ("data", "tokenizer"): sp_model})
+    assert cfg.model["name"] == preset and cfg.model["vocab_size"] == 1000  # from the tokenizer
+    assert cfg.data.seq_length <= cfg.model["max_seq_len"]
+    if name == "gpt1":
+        assert (cfg.train.lr, cfg.train.lr_warmup_iters, cfg.train.lr_decay_style) == (2.5e-4, 2000, "cosine")
+        build_ds_config(str(REPO / "ds_configs/zero2.json"), cfg.train, dp_world=8)  # 8 x 8 = 64
