@@ -99,11 +99,14 @@ class Metrics:
         self._t, self._steps = time.perf_counter(), 0
         tok_s = self.tokens_per_step / dt
         flops_dev = self.flops_per_token * tok_s / self.world
-        gn = float(grad_norm) if grad_norm is not None else float("nan")
+        gn = float(grad_norm) if grad_norm is not None else None  # ZeRO-0 fp32 does not expose it
         eta = (self.total - step) * dt
-        scalars = {"loss": loss, "lr": lr, "grad_norm": gn, "tokens_per_s": tok_s, "tflops_per_device": flops_dev / 1e12,
+        scalars = {"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tflops_per_device": flops_dev / 1e12,
                    "mfu": flops_dev / self.peak, "memory_gib": memory_gib(), "skipped_steps": skipped}
-        self.print(f"step {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | grad norm {gn:.3f} | "
+        if gn is not None:
+            scalars["grad_norm"] = gn
+        self.print(f"step {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
+                   f"{'n/a' if gn is None else format(gn, '.3f')} | "
                    f"{tok_s:,.0f} tok/s | {flops_dev / 1e12:.3f} TFLOP/s/dev | MFU {100 * scalars['mfu']:.1f}% | "
                    f"mem {scalars['memory_gib']:.2f} GiB | skipped {skipped} | ETA {eta / 60:.1f} min")
         if self.writer:
