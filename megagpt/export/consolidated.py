@@ -80,8 +80,8 @@ def save_consolidated(out_dir, state_dict: dict, model_config: dict, tokenizer_p
     return out
 
 
-def load_consolidated(ckpt_dir) -> tuple[dict, dict]:
-    """Return (state_dict, meta) where meta is config.json (``meta["model"]`` is the ModelConfig dict)."""
+def read_meta(ckpt_dir) -> dict:
+    """config.json of a consolidated checkpoint, validated, without reading the weights."""
     d = Path(ckpt_dir)
     cfg, weights = d / "config.json", d / "model.safetensors"
     if not cfg.is_file() or not weights.is_file():
@@ -94,4 +94,10 @@ def load_consolidated(ckpt_dir) -> tuple[dict, dict]:
         raise MegaGPTError(f"{cfg}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != VERSION:
         raise MegaGPTError(f"{cfg}: version {meta.get('version')} is not supported (expected {VERSION})")
-    return load_file(str(weights)), meta
+    return meta
+
+
+def load_consolidated(ckpt_dir) -> tuple[dict, dict]:
+    """Return (state_dict, meta) where meta is config.json (``meta["model"]`` is the ModelConfig dict)."""
+    meta = read_meta(ckpt_dir)
+    return load_file(str(Path(ckpt_dir) / "model.safetensors")), meta

@@ -25,7 +25,7 @@ import torch
 from megagpt.errors import MegaGPTError
 
 from . import hf_gpt2, hf_llama, hf_openai_gpt
-from .consolidated import load_consolidated, save_consolidated, tokenizer_path_in
+from .consolidated import load_consolidated, read_meta, save_consolidated, tokenizer_path_in
 from .hf_tokenizer import export_tokenizer, import_tokenizer, read_json, special_token_ids
 
 log = logging.getLogger("megagpt.export")
@@ -124,9 +124,11 @@ def consolidated_to_hf(src, out, force: bool = False, dtype: str = "float32", ap
 
     if dtype not in _DTYPES:
         raise MegaGPTError(f"dtype {dtype!r} must be one of {', '.join(_DTYPES)}")
-    sd, meta = load_consolidated(src)
-    cfg = ModelConfig.from_dict(meta["model"])
+    if Path(out).exists() and not force:   # refusals first, before reading (large) weights
+        raise MegaGPTError(f"{out}: already exists; pass --force to overwrite")
+    cfg = ModelConfig.from_dict(read_meta(src)["model"])
     target = hf_target(cfg, approximate_gelu)
+    sd, _ = load_consolidated(src)
     if approximate_gelu and cfg.activation == "gelu" and target is hf_openai_gpt:
         log.warning("exporting exact GELU as OpenAIGPT's tanh-approximate GELU (--approximate-gelu): "
                     "outputs will differ slightly from megagpt's")
@@ -228,6 +230,8 @@ def from_hf_state_dict(hf_sd: dict, cfg, target, where: str = "HF checkpoint") -
 def hf_to_consolidated(src, out, force: bool = False) -> Path:
     """An HF GPT-2 / OpenAI GPT / Llama dir → a consolidated megagpt checkpoint (to continue training)."""
     src = Path(src)
+    if Path(out).exists() and not force:
+        raise MegaGPTError(f"{out}: already exists; pass --force to overwrite")
     cfg, target = model_config_from_hf(src)
     sd = from_hf_state_dict(_read_hf_weights(src), cfg, target, str(src))
     with tempfile.TemporaryDirectory() as scratch:

@@ -138,6 +138,8 @@ def deepspeed_to_consolidated(ckpt_dir, out, tag: str | None = None, force: bool
     or ``tokenizer_path`` when given/when the recorded path has moved)."""
     from .consolidated import save_consolidated
 
+    if Path(out).exists() and not force:
+        raise MegaGPTError(f"{out}: already exists; pass --force to overwrite")
     sd, states, step = load_deepspeed(ckpt_dir, tag)
     config = states.get("config")
     if tokenizer_path is None:
