@@ -118,6 +118,10 @@ def load_deepspeed(ckpt_dir, tag: str | None = None) -> tuple[dict, dict, int | 
         sd, _ = consolidate_deepspeed_checkpoint(root, tag=tag, model_cfg=cfg)
     elif _zero_stage(states) == 0:
         sd = states.get("module") or {}
+        half = sorted({str(v.dtype) for v in sd.values() if v.dtype in (torch.bfloat16, torch.float16)})
+        if half:   # the fp32 masters are flattened per optimizer group, with no names recorded
+            log.warning("%s: ZeRO-0 %s checkpoint: exporting the module's %s weights (fp32 masters are "
+                        "recoverable by name only from ZeRO >= 1 checkpoints)", tag_dir, "/".join(half), "/".join(half))
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
