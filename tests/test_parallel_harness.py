@@ -116,11 +116,6 @@ def make_engine(model, state, micro_batch, gas=1, stage=1):
     return engine
 
 
-def dp_slice(batch, dp_rank, dp_size):
-    ids, labels = batch
-    return ids.chunk(dp_size)[dp_rank], labels.chunk(dp_size)[dp_rank]
-
-
 def assert_sd_close(got, want, atol=1e-5, rtol=1e-4):
     assert set(got) == set(want), sorted(set(got) ^ set(want))
     for k in want:

@@ -42,6 +42,22 @@ class ParallelConfig:
             raise MegaGPTError(
                 f"parallel config: activation_checkpoint_interval={self.activation_checkpoint_interval!r} must be >= 0")
 
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "parallel", seed: int | None = None) -> "ParallelConfig":
+        """From a config-file section; unknown keys are a MegaGPTError naming them and ``where``."""
+        import dataclasses
+
+        known = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict):
+            raise MegaGPTError(f"{where}: expected a mapping of {', '.join(known)}, got {d!r}")
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise MegaGPTError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
+        try:
+            return cls(**{**d, **({"seed": seed} if seed is not None else {})})
+        except MegaGPTError as e:
+            raise MegaGPTError(f"{where}: {e}") from None
+
     @property
     def model_parallel_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel
