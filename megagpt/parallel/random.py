@@ -17,19 +17,15 @@ import torch
 import torch.utils.checkpoint
 
 
-def _get_state():
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_state(state):
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda)
+def _cuda_on() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 class RNGTracker:
+    """The per-TP-rank stream: a CPU state, and a CUDA state created (from the same seed) the
+    first time ``fork`` runs with CUDA initialised — so a tracker built before CUDA starts never
+    falls back to the shared default CUDA stream."""
+
     def __init__(self, seed: int, tp_rank: int, pp_rank: int = 0):
         self.tp_rank, self.pp_rank = tp_rank, pp_rank
         self.reseed(seed, seed_default=False)
@@ -41,10 +37,8 @@ class RNGTracker:
         replica its own dropout masks while TP ranks keep agreeing on the replicated ones."""
         self.default_seed = seed + 100 * self.pp_rank
         self.tp_seed = seed + 2718 + 100 * self.pp_rank + self.tp_rank
-        outer = _get_state()
-        torch.manual_seed(self.tp_seed)
-        self._state = _get_state()
-        _set_state(outer)
+        self._cpu = torch.Generator().manual_seed(self.tp_seed).get_state()
+        self._cuda = None
         if seed_default:
             self.seed_default()
 
@@ -52,22 +46,37 @@ class RNGTracker:
         """Seed the default generator (same on all TP/DP ranks of a stage)."""
         torch.manual_seed(self.default_seed)
 
+    def _ensure_cuda(self) -> None:
+        if self._cuda is None and _cuda_on():
+            outer = torch.cuda.get_rng_state()
+            torch.cuda.manual_seed(self.tp_seed)
+            self._cuda = torch.cuda.get_rng_state()
+            torch.cuda.set_rng_state(outer)
+
     @contextlib.contextmanager
     def fork(self):
         """Run the body on the per-TP-rank generator; the default generator is left untouched."""
-        outer = _get_state()
-        _set_state(self._state)
+        self._ensure_cuda()
+        outer_cpu = torch.get_rng_state()
+        outer_cuda = torch.cuda.get_rng_state() if self._cuda is not None else None
+        torch.set_rng_state(self._cpu)
+        if self._cuda is not None:
+            torch.cuda.set_rng_state(self._cuda)
         try:
             yield
         finally:
-            self._state = _get_state()
-            _set_state(outer)
+            self._cpu = torch.get_rng_state()
+            torch.set_rng_state(outer_cpu)
+            if self._cuda is not None:
+                self._cuda = torch.cuda.get_rng_state()
+                torch.cuda.set_rng_state(outer_cuda)
 
     def get_state(self):
-        return self._state
+        self._ensure_cuda()
+        return self._cpu, self._cuda
 
     def set_state(self, state) -> None:
-        self._state = state
+        self._cpu, self._cuda = state
 
 
 def checkpoint(tracker: RNGTracker, fn, *args):
