@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--max-shard-size", default="5GB", help="HF output only: largest safetensors shard")
     p.add_argument("--approximate-gelu", action="store_true",
                    help="HF output only: export a post-LN model with exact GELU as OpenAIGPT, whose only "
-                        "GELU is the tanh approximation (up to 4.7e-4 off per activation)")
+                        "GELU is the tanh approximation (up to 4.7e-4 off per activation); the gpt1/tiny "
+                        "presets use exact GELU, so they need this flag (or training with gelu_tanh)")
     p.add_argument("--quiet", action="store_true", help="only errors")
     return p.parse_args(argv)
 
