@@ -150,7 +150,7 @@ def pipeline_full_state_dict(module) -> dict:
     if cfg.pos_emb != "learned":
         mine.pop("embed.pos.weight", None)
     parts = [None] * state.pp_size
-    dist.all_gather_object(parts, mine, group=state.pp_group)
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in mine.items()}, group=state.pp_group)
     full = {}
     for p in parts:
         for k, v in p.items():

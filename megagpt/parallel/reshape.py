@@ -256,7 +256,7 @@ def gather_optimizer_state(engine) -> tuple:
             out[f"{key}.{name}"] = merge(name, parts, cfg).clone()
     if state is not None and state.pp_size > 1:
         parts = [None] * state.pp_size
-        dist.all_gather_object(parts, out, group=state.pp_group)
+        dist.all_gather_object(parts, {k: v.cpu() for k, v in out.items()}, group=state.pp_group)
         out = {}
         for part in parts:
             for k, v in part.items():
