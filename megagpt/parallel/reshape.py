@@ -81,7 +81,10 @@ def pipeline_layer_prefixes(cfg) -> list:
 
 
 def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated/corrupt files raise many types
+        raise MegaGPTError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
 def _model_config(model_states: dict, model_cfg, where):
@@ -106,6 +109,8 @@ def consolidate_deepspeed_checkpoint(ckpt_dir, tag=None, model_cfg=None):
     Returns (state_dict, ModelConfig).
     """
     root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise MegaGPTError(f"{root}: no such checkpoint directory")
     if tag is None:
         latest = root / "latest"
         if not latest.is_file():
