@@ -150,7 +150,7 @@ REFUSED = {  # overrides → a field the message must name
     "gpt2 without bias": ("tiny-gpt2", {"bias": False}, "bias=False"),
     "gpt2 with GQA": ("tiny-gpt2", {"n_kv_head": 2}, "n_kv_head=2"),
     "gpt1 with wide MLP": ("tiny", {"activation": "gelu_tanh", "ffn_hidden": 96}, "ffn_hidden=96"),
-    "gpt1 exact gelu": ("tiny", {}, "activation='gelu'"),
+    "gpt1 exact gelu": ("tiny", {"activation": "gelu"}, "activation='gelu'"),
 }
 
 
@@ -166,7 +166,7 @@ def test_unfaithful_configs_are_refused(case, tmp_path):
 
 
 def test_exact_gelu_gpt1_exports_only_when_approximation_accepted(tmp_path):
-    model = _random_model("tiny")
+    model = _random_model("tiny", activation="gelu")
     cons = save_consolidated(tmp_path / "cons", model.state_dict(), model.cfg.to_dict())
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         consolidated_to_hf(cons, tmp_path / "hf", approximate_gelu=True))

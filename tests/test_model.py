@@ -348,16 +348,19 @@ def test_pre_ln_block_is_exactly_gpt2():
 
 def test_post_ln_block_is_exactly_gpt1():
     transformers = pytest.importorskip("transformers")
-    ours = _model("tiny", n_layer=3).eval()
+    # init_std 0.3: activations of order 1, where exact and tanh GELU differ by ~1e-4 (at the
+    # default 0.02 init both are ~linear and this test could not tell them apart).
+    ours = _model("tiny", n_layer=3, init_std=0.3).eval()
     hf = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(
         vocab_size=1000, n_positions=64, n_embd=64, n_layer=3, n_head=4, afn="gelu",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
     )).eval()
     _copy_into_hf(hf, ours, _gpt_conv1d_mapping("transformer", 1000))
     x = _parity_input()
+    # Measured: tanh GELU 3.5e-5 (float rounding at these magnitudes); exact GELU 6.4e-3.
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(ours.forward_hidden(x), hf.transformer(x).last_hidden_state, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=2e-4, rtol=0)
+        torch.testing.assert_close(ours.forward_hidden(x), hf.transformer(x).last_hidden_state, atol=2e-4, rtol=0)
 
 
 def test_modern_block_is_exactly_llama():

@@ -1,9 +1,11 @@
 """Named model configurations: the GPT-1 / GPT-2 papers, a modern (Llama-style) variant, and
 tiny versions of each family for tests.
 
-gpt1 uses exact GELU (``afn="gelu"`` in transformers' OpenAIGPTConfig, so HF export is exact);
-GPT-2 uses the tanh approximation (transformers' ``gelu_new``). Tiny presets have no dropout so
-tests are deterministic; pass ``embd_dropout=...`` etc. as overrides to get it back.
+Both GPT-1 and GPT-2 use the tanh approximation of GELU (``gelu_tanh``): it is what OpenAI's
+GPT-1 code computed, and what transformers' ``OpenAIGPTConfig(afn="gelu")`` and GPT-2's
+``gelu_new`` compute, so HF export of either family is exact. (Exact GELU stays available as
+``activation="gelu"``; the exporter refuses it for post-LN models, as OpenAIGPT cannot express it.)
+Tiny presets have no dropout so tests are deterministic; pass ``embd_dropout=...`` etc. as overrides to get it back.
 """
 from megagpt.errors import MegaGPTError
 
@@ -11,7 +13,7 @@ from .config import ModelConfig
 
 _GPT1 = dict(
     vocab_size=40000, n_layer=12, n_embd=768, n_head=12, ffn_hidden=3072, max_seq_len=512,
-    norm="layernorm", norm_position="post", norm_eps=1e-5, pos_emb="learned", activation="gelu",
+    norm="layernorm", norm_position="post", norm_eps=1e-5, pos_emb="learned", activation="gelu_tanh",
     bias=True, tie_embeddings=True, embd_dropout=0.1, resid_dropout=0.1, attn_dropout=0.1,
     init_std=0.02, scaled_residual_init=False,
 )
