@@ -125,14 +125,37 @@ def test_best_checkpoint_reproduces_its_metric(e2e_run, sp_model, shared_data):
     assert (pred == labels).float().mean().item() == pytest.approx(info["metrics"]["accuracy"])
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "megagpt/finetune/run.py", "--task", "sst2", "--init", "random"],
-                       cwd=REPO, capture_output=True, text=True, timeout=60,
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    """Config mistakes fail before any process group starts: one `error:` line, exit 2."""
+    from megagpt.finetune import run
+
+    for argv, msg in ((["--task", "sst2", "--init", "random"], "error: --init random needs --tokenizer"),
+                      (["--task", "rte", "--init", str(tmp_path / "nope")], "no such checkpoint directory"),
+                      (["--task", "rte", "--init", "random", "--tokenizer", "t", "--data-root", str(tmp_path / "x")],
+                       "--data-root")):
+        with pytest.raises(SystemExit) as e:
+            run.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and msg in err and "\n" not in err, err
+
+
+def test_plain_python_process_mrpc(tmp_path, sp_model, shared_data):
+    """The entry as one plain `python` process (no launcher): MRPC similarity, 2 epochs, F1 logged."""
+    r = subprocess.run([sys.executable, "megagpt/finetune/run.py", "--task", "mrpc", "--init", "random",
+                        "--tokenizer", sp_model, "--data-root", str(shared_data), "--train-limit", "32",
+                        "--eval-limit", "24", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3",
+                        "--save-dir", str(tmp_path / "mrpc")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: --init random needs --tokenizer"), r.stderr
-    r = subprocess.run([sys.executable, "megagpt/finetune/run.py", "--task", "rte", "--init", str(tmp_path / "nope")],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "no such checkpoint directory" in r.stderr
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    evals = [json.loads(line.split("eval ", 1)[1]) for line in r.stdout.splitlines() if line.startswith("eval {")]
+    assert [e["epoch"] for e in evals] == [1, 2] and "1 rank(s)" in r.stdout
+    assert all(0 <= e["f1"] <= 1 and 0 <= e["accuracy"] <= 1 and e["eval_examples"] == 24 for e in evals)
+    hist = json.loads((tmp_path / "mrpc" / "history.json").read_text())
+    best = max(evals, key=lambda e: e["f1"])           # first epoch wins ties
+    assert hist["best"]["epoch"] == best["epoch"]
+    info = json.loads((tmp_path / "mrpc" / "best" / "finetune.json").read_text())
+    assert info["epoch"] == best["epoch"] and info["main_metric"] == "f1"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
