@@ -163,8 +163,13 @@ def main(argv=None) -> int:
     from megagpt.config import load_config
     from megagpt.train.distributed import build_ds_config, dp_world_from_env
 
-    cfg = load_config(a.config, overrides)
-    ds_config = build_ds_config(cfg.train.deepspeed_config, cfg.train, dp_world_from_env())
+    try:
+        cfg = load_config(a.config, overrides)
+        ds_config = build_ds_config(cfg.train.deepspeed_config, cfg.train, dp_world_from_env())
+    except MegaGPTError:
+        if int(os.environ.get("RANK", "0")) != 0:  # every rank finds the same mistake: say it once
+            sys.exit(2)
+        raise
     return run(cfg, ds_config)
 
 
