@@ -12,7 +12,7 @@ Schema (defaults in the dataclasses below)::
     train:  {micro_batch_size, gradient_accumulation_steps, global_batch_size, train_iters,
              lr, min_lr, lr_warmup_iters, lr_decay_style, lr_decay_iters, weight_decay,
              adam_beta1, adam_beta2, adam_eps, clip_grad, seed, log_interval, eval_interval,
-             eval_iters, save, load, save_interval, keep_last, tensorboard_dir, nan_policy,
+             eval_iters, save, load, save_interval, keep_last, exit_interval, tensorboard_dir, nan_policy,
              progress_bar, deepspeed_config}
     debug:  {inject_nan_at_step, sigkill_in_save_at_step, dump_weights}   # test hooks only, never in real runs
 """
@@ -65,6 +65,9 @@ class TrainSection:
     load: Optional[str] = None
     save_interval: int = 0                    # 0 = only at the end / on SIGTERM / on NaN stop
     keep_last: int = 0                        # 0 = keep every checkpoint
+    exit_interval: int = 0                    # save and exit 0 when step % exit_interval == 0
+                                              # (stop early without changing train_iters, which
+                                              # sizes the sample stream and the LR schedule)
     tensorboard_dir: Optional[str] = None     # None = <save>/tensorboard if save is set
     nan_policy: str = "skip"
     progress_bar: bool = True
@@ -147,7 +150,7 @@ class MegaGPTConfig:
         for k in ("micro_batch_size", "gradient_accumulation_steps", "train_iters", "log_interval"):
             if getattr(t, k) < 1:
                 raise MegaGPTError(f"{where('train.' + k)}: {getattr(t, k)} must be >= 1")
-        for k in ("lr_warmup_iters", "eval_interval", "eval_iters", "save_interval", "keep_last"):
+        for k in ("lr_warmup_iters", "eval_interval", "eval_iters", "save_interval", "keep_last", "exit_interval"):
             if getattr(t, k) < 0:
                 raise MegaGPTError(f"{where('train.' + k)}: {getattr(t, k)} must be >= 0")
         if t.lr_decay_style not in _DECAY_STYLES:

@@ -4,7 +4,7 @@ tinyshakespeare shards with a real sentencepiece tokenizer.
 Launches are expensive (~10-20 s each), so each fixture is one run reused by several tests:
   zero2_reference  continuous 12 steps (saves every 4)       -> loss falls, generate.py, keep-last
   zero2_resumed    SIGKILL mid-save at step 8 -> resume from 4 with a NaN at 10 (nan_policy=stop)
-                   -> resume from 9 -> every loss bit-identical to the reference
+                   -> resume from 9, exit_interval 11 -> every loss bit-identical to the reference
   zero1_nan_skip   NaN injected at step 3 with nan_policy=skip
   zero3_saved      zero_to_fp32 consolidation == the weights gathered at save time
 plus one plain-python run for SIGTERM (same code path, 1 rank).
@@ -95,10 +95,10 @@ def zero2_resumed(tmp_path_factory, data):
     cfg = make_config(d / "nan.yaml", *data, train={"nan_policy": "stop"}, debug={"inject_nan_at_step": 10})
     runs["stopped"] = launch(cfg, "zero2.json", save, "--load", str(save))
     runs["losses_stopped"] = losses(save, start)
-    # 3. resume (from step 9) to the end
+    # 3. resume (from step 9); --exit-interval 11 saves and exits 0 after step 11
     start = n_lines(save)
     cfg = make_config(d / "resume.yaml", *data)
-    runs["resumed"] = ok(launch(cfg, "zero2.json", save, "--load", str(save)))
+    runs["resumed"] = ok(launch(cfg, "zero2.json", save, "--load", str(save), "--exit-interval", "11"))
     runs["losses_resumed"] = losses(save, start)
     runs["save"] = save
     return runs
@@ -139,9 +139,10 @@ def test_resume_after_sigkill_and_nan_stop_is_bit_identical(zero2_reference, zer
     assert st.returncode != 0 and "non-finite loss" in st.stderr and "saved the last good step 9" in st.stderr
     assert "resumed from" in st.stdout and "global_step4" in st.stdout
     assert z["losses_stopped"] == {s: ref[s] for s in range(5, 10)}
-    # resumed from 9: steps 10..12 identical to the run that never stopped
-    assert "global_step9" in z["resumed"].stdout
-    assert z["losses_resumed"] == {s: ref[s] for s in range(10, 13)}
+    # resumed from 9: steps 10..11 identical to the run that never stopped, then exit_interval
+    assert "global_step9" in z["resumed"].stdout and "exit_interval=11: stopped after step 11" in z["resumed"].stdout
+    assert z["losses_resumed"] == {s: ref[s] for s in range(10, 12)}
+    assert (z["save"] / "latest").read_text() == "global_step11"
 
 
 def test_zero_to_fp32_consolidates_zero2_checkpoint(zero2_reference):

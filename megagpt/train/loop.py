@@ -126,10 +126,12 @@ def train(cfg, engine, model, train_ds, valid_ds, state: TrainState, metrics, dp
             metrics.eval(state.step, evaluate(engine, valid_ds, mbs, t.eval_iters, dp_rank, dp_size, dp_group, device))
             metrics.reset_timer()
         preempted = stop.any_rank(dp_group, device)
-        if t.save and (last or preempted or (t.save_interval and state.step % t.save_interval == 0)):
+        exiting = bool(t.exit_interval) and state.step % t.exit_interval == 0 and not last
+        if t.save and (last or preempted or exiting or (t.save_interval and state.step % t.save_interval == 0)):
             save_fn(state, kill=dbg.sigkill_in_save_at_step == state.step)
             metrics.reset_timer()
-        if preempted:
-            metrics.print(f"SIGTERM: stopped after step {state.step}" + (", checkpoint saved" if t.save else ""))
-            return "preempted"
+        if preempted or exiting:
+            why = "SIGTERM" if preempted else f"exit_interval={t.exit_interval}"
+            metrics.print(f"{why}: stopped after step {state.step}" + (", checkpoint saved" if t.save else ""))
+            return "preempted" if preempted else "exit_interval"
     return "done"

@@ -33,6 +33,7 @@ _FLAGS = {
     "--log-interval": ("train", "log_interval", int), "--eval-interval": ("train", "eval_interval", int),
     "--eval-iters": ("train", "eval_iters", int), "--save": ("train", "save", str), "--load": ("train", "load", str),
     "--save-interval": ("train", "save_interval", int), "--keep-last": ("train", "keep_last", int),
+    "--exit-interval": ("train", "exit_interval", int),
     "--tensorboard-dir": ("train", "tensorboard_dir", str), "--nan-policy": ("train", "nan_policy", str),
 }
 
@@ -154,7 +155,7 @@ def run(cfg, ds_config) -> int:
         return 3
     metrics.close()
     torch.distributed.barrier()
-    return 0 if reason in ("done", "preempted") else 1
+    return 0 if reason in ("done", "preempted", "exit_interval") else 1
 
 
 @cli_main
