@@ -128,7 +128,20 @@ def resume_tag(load_dir: str) -> str | None:
     return tags[-1][1] if tags else None
 
 
-def load(engine, load_dir: str):
+def _check_model(load_dir: str, tag: str, expect: dict) -> None:
+    """A different architecture would fail deep inside DeepSpeed; name the differing keys instead."""
+    states = sorted(glob.glob(os.path.join(load_dir, tag, "*model_states.pt")))
+    client = torch.load(states[0], map_location="cpu", weights_only=False) if states else {}
+    saved = (client.get("config") or {}).get("model")
+    if saved is None:
+        return
+    diff = sorted(k for k in set(saved) | set(expect) if k != "name" and saved.get(k) != expect.get(k))
+    if diff:
+        raise MegaGPTError(f"{load_dir}/{tag}: checkpoint model differs from the config in "
+                           + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, config {expect.get(k)!r})" for k in diff))
+
+
+def load(engine, load_dir: str, expect_model: dict | None = None):
     """Load the newest complete tag into ``engine``; returns its client state (None: fresh start).
 
     Rank 0 first deletes tag dirs without a ``complete`` marker (work lost to a crash mid-save)."""
@@ -143,6 +156,8 @@ def load(engine, load_dir: str):
     tag = resume_tag(load_dir)
     if tag is None:
         return None
+    if expect_model is not None:
+        _check_model(load_dir, tag, expect_model)
     path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None:

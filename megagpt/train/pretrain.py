@@ -122,7 +122,7 @@ def run(cfg, ds_config) -> int:
 
     state = loop.TrainState()
     if t.load:
-        client = checkpoint.load(engine, t.load)
+        client = checkpoint.load(engine, t.load, expect_model=cfg.model)
         if client is not None:
             state = loop.TrainState(client["step"], client["consumed_samples"], client.get("skipped_steps", 0))
             if rank == 0:
