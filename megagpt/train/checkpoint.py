@@ -102,6 +102,9 @@ def save(engine, save_dir: str, step: int, client_state: dict, dp_group, keep_la
     tag = tag_for(step)
     tag_dir = os.path.join(save_dir, tag)
     rank = dist.get_rank()
+    if os.path.isfile(os.path.join(tag_dir, COMPLETE)):  # this very step is already saved whole
+        dist.barrier()                                   # (e.g. a NaN stop right after an interval
+        return tag                                       # save): never rewrite a good checkpoint
     if rank == 0 and os.path.isdir(tag_dir):  # a half-written leftover of the same step
         shutil.rmtree(tag_dir)
     dist.barrier()
