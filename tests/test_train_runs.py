@@ -7,7 +7,7 @@ Launches are expensive (~10-20 s each), so each fixture is one run reused by sev
                    -> resume from 9, exit_interval 11 -> every loss bit-identical to the reference
   zero1_nan_skip   NaN injected at step 3 with nan_policy=skip
   zero3_saved      zero_to_fp32 consolidation == the weights gathered at save time
-plus one plain-python run for SIGTERM (same code path, 1 rank).
+plus one plain-python ZeRO-0 run for SIGTERM (same code path, 1 rank).
 """
 import json
 import math
@@ -205,7 +205,7 @@ def test_sigterm_finishes_step_saves_and_exits_0(tmp_path, data):
                                                          "eval_interval": 0})
     save = tmp_path / "ckpt"
     p = subprocess.Popen([sys.executable, "-m", "megagpt.train.pretrain", "--config", cfg, "--deepspeed_config",
-                          str(REPO / "ds_configs/zero1.json"), "--save", str(save)],
+                          str(REPO / "ds_configs/zero0.json"), "--save", str(save)],
                          cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while n_lines(save) < 3 and time.time() < deadline and p.poll() is None:
@@ -217,3 +217,8 @@ def test_sigterm_finishes_step_saves_and_exits_0(tmp_path, data):
     assert (save / "latest").read_text() == f"global_step{last}"
     assert (save / f"global_step{last}" / "complete").is_file()
     assert "SIGTERM: stopped after step" in out
+    # a ZeRO-0 checkpoint (whole module in mp_rank_00_model_states.pt) also feeds generate.py
+    g = subprocess.run([sys.executable, str(REPO / "tools/generate.py"), str(save), "--prompt", "KING:",
+                        "--max-new-tokens", "5", "--temperature", "0"], env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert g.returncode == 0 and f"=== [global_step{last}] prompt 1: 'KING:'\nKING:" in g.stdout, g.stderr[-2000:]

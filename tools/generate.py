@@ -4,7 +4,8 @@
         [--tag global_stepN] [--temperature 0.8 --top-k 50 --top-p 0.95 --max-new-tokens 100 --seed 0]
 
 The model config and tokenizer spec come from the checkpoint's client state; the weights are
-consolidated from the (possibly ZeRO-sharded) DeepSpeed files by DeepSpeed's own zero_to_fp32.
+consolidated from the ZeRO-sharded DeepSpeed files by DeepSpeed's own zero_to_fp32 (ZeRO-0
+checkpoints hold the whole module in mp_rank_00_model_states.pt and are read directly).
 """
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ def load_checkpoint(ckpt_dir: str, tag: str | None = None, tokenizer: str | None
     if "config" not in client:
         raise MegaGPTError(f"{states[0]}: no megagpt config in the client state (not a megagpt checkpoint)")
     model = GPT(ModelConfig.from_dict(client["config"]["model"]))
-    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    if glob.glob(os.path.join(ckpt_dir, tag, "zero_pp_rank_*optim_states.pt")):  # ZeRO 1-3: consolidate
+        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    else:  # ZeRO-0: the full module is in mp_rank_00_model_states.pt
+        sd = {k: v.float() for k, v in client["module"].items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.cfg.tie_embeddings]
     if missing or unexpected:
