@@ -14,14 +14,13 @@ directory that looks like a finished checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from megagpt.atomic import atomic_dir
 from megagpt.errors import MegaGPTError
 
 FORMAT = "megagpt-consolidated"
@@ -57,11 +56,7 @@ def tokenizer_path_in(ckpt_dir) -> str | None:
 def save_consolidated(out_dir, state_dict: dict, model_config: dict, tokenizer_path=None,
                       run_config: dict | None = None, step: int | None = None, force: bool = False) -> Path:
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise MegaGPTError(f"{out}: already exists; pass --force to overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, force) as tmp:
         tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state_dict.items()}
         # safetensors refuses shared storage (tied embeddings): store each name's own copy.
         tensors = {k: v.clone() for k, v in tensors.items()}
@@ -71,12 +66,6 @@ def save_consolidated(out_dir, state_dict: dict, model_config: dict, tokenizer_p
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         if tokenizer_path is not None:
             _copy_tokenizer(tokenizer_path, tmp / "tokenizer")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -12,16 +12,14 @@ All outputs are written to a temporary sibling directory and renamed into place 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from megagpt.atomic import atomic_dir
 from megagpt.errors import MegaGPTError
 
 from . import hf_gpt2, hf_llama, hf_openai_gpt
@@ -41,28 +39,6 @@ def _progress(items, desc):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit="tensor", disable=None, leave=False)
-
-
-@contextlib.contextmanager
-def atomic_dir(out, force: bool):
-    """Yield a temp dir beside ``out``; on success it replaces ``out``, on any failure it vanishes."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise MegaGPTError(f"{out}: already exists; pass --force to overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if out.exists():  # os.replace cannot replace a non-empty dir: move the old one aside first
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------- export

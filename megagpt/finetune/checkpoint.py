@@ -13,13 +13,11 @@ directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-import torch
 
+from megagpt.atomic import atomic_dir
 from megagpt.errors import MegaGPTError
 
 
@@ -96,9 +94,7 @@ def save_best(save_dir, model, info: dict, tokenizer_path=None) -> Path:
     from safetensors.torch import save_file
 
     out = Path(save_dir) / "best"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".best.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, force=True) as tmp:
         # clone: safetensors refuses tensors that share storage (tied embeddings)
         tensors = {k: v.detach().float().cpu().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"))
@@ -109,16 +105,6 @@ def save_best(save_dir, model, info: dict, tokenizer_path=None) -> Path:
                 shutil.copyfile(src, tmp / "tokenizer.model")
             else:
                 shutil.copytree(src, tmp / "tokenizer")
-        old = None
-        if out.exists():   # rename away first: os.replace cannot replace a non-empty dir
-            old = out.parent / f".best.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
