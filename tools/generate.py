@@ -65,12 +65,12 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="override the tokenizer path stored in the checkpoint")
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompt-file", help="one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-kv-cache", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to sample after each prompt (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest token set with probability >= p")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix each step (slower; for checking)")
     a = p.parse_args(argv)
 
     import torch
