@@ -6,7 +6,7 @@ Launches are expensive (~10-20 s each), so each fixture is one run reused by sev
   zero2_resumed    SIGKILL mid-save at step 8 -> resume from 4 with a NaN at 10 (nan_policy=stop)
                    -> resume from 9, exit_interval 11 -> every loss bit-identical to the reference
   zero1_nan_skip   NaN injected at step 3 with nan_policy=skip
-  zero3_saved      zero_to_fp32 consolidation == the weights gathered at save time
+  zero3            12 steps: loss falls; zero_to_fp32 consolidation == the weights gathered at save time
 plus one plain-python ZeRO-0 run for SIGTERM (same code path, 1 rank).
 """
 import json
@@ -187,16 +187,19 @@ def test_zero1_nan_skip_counts_and_continues(zero1_nan_skip):
     assert client["global_steps"] == 7
 
 
-def test_zero3_zero_to_fp32_roundtrip(tmp_path, data):
+def test_zero3_loss_falls_and_zero_to_fp32_roundtrip(tmp_path, data):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    cfg = make_config(tmp_path / "c.yaml", *data, train={"train_iters": 4, "save_interval": 2, "eval_interval": 0},
+    cfg = make_config(tmp_path / "c.yaml", *data, train={"train_iters": 12, "save_interval": 6, "eval_interval": 0},
                       debug={"dump_weights": True})
     ok(launch(cfg, "zero3.json", tmp_path / "ckpt"))
-    for tag in ("global_step2", "global_step4"):
+    ls = losses(tmp_path / "ckpt")
+    assert sorted(ls) == list(range(1, 13)) and all(math.isfinite(v) for v in ls.values())
+    assert sum(ls[s] for s in (10, 11, 12)) / 3 < sum(ls[s] for s in (1, 2, 3)) / 3 - 0.3, ls
+    for tag in ("global_step6", "global_step12"):
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "ckpt"), tag=tag)
         ref = torch.load(tmp_path / "ckpt" / f"{tag}_weights_at_save.pt")
         assert set(sd) == set(ref) and all(torch.equal(sd[k].float(), ref[k]) for k in ref), tag
-    a, b = (torch.load(tmp_path / "ckpt" / f"{t}_weights_at_save.pt") for t in ("global_step2", "global_step4"))
+    a, b = (torch.load(tmp_path / "ckpt" / f"{t}_weights_at_save.pt") for t in ("global_step6", "global_step12"))
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], b["blocks.0.attn.qkv.weight"])  # it did train
 
 
