@@ -14,7 +14,12 @@ Schema (defaults in the dataclasses below)::
              adam_beta1, adam_beta2, adam_eps, clip_grad, seed, log_interval, eval_interval,
              eval_iters, save, load, save_interval, keep_last, exit_interval, tensorboard_dir, nan_policy,
              progress_bar, deepspeed_config}
+    parallel: {tensor_parallel: 1, pipeline_parallel: 1, sequence_parallel: false,
+               partition_method: parameters, activation_checkpoint_interval: 0}   # megagpt.parallel.ParallelConfig
     debug:  {inject_nan_at_step, sigkill_in_save_at_step, dump_weights}   # test hooks only, never in real runs
+
+The parallel layout is checked against the model here (tp divides heads/ffn/vocab, enough layers for
+the stages); against the world size and the DeepSpeed JSON in ``pretrain.main`` before launch.
 """
 from __future__ import annotations
 
@@ -94,6 +99,11 @@ class MegaGPTConfig:
     train: TrainSection
     debug: DebugSection
     source: str = "<dict>"
+    parallel: dict = field(default_factory=dict)   # every ParallelConfig field but seed (train.seed)
+
+    def parallel_config(self):
+        from megagpt.parallel.topology import ParallelConfig
+        return ParallelConfig.from_dict(dict(self.parallel), f"{self.source}: parallel", seed=self.train.seed)
 
     def model_config(self):
         from megagpt.model import ModelConfig
@@ -110,7 +120,8 @@ class MegaGPTConfig:
 
     def to_dict(self) -> dict:
         return {"model": dict(self.model), "data": dataclasses.asdict(self.data),
-                "train": dataclasses.asdict(self.train), "debug": dataclasses.asdict(self.debug)}
+                "train": dataclasses.asdict(self.train), "parallel": dict(self.parallel),
+                "debug": dataclasses.asdict(self.debug)}
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -125,10 +136,11 @@ class MegaGPTConfig:
 
         if not isinstance(raw, dict):
             raise MegaGPTError(f"{source}: top level must be a mapping with model/data/train sections")
+        names = ("model", "data", "train", "parallel", "debug")
         for k in raw:
-            if k not in ("model", "data", "train", "debug"):
-                raise MegaGPTError(f"{where(k)}: unknown section; known: model, data, train, debug")
-        raw = {k: dict(raw.get(k) or {}) for k in ("model", "data", "train", "debug")}
+            if k not in names:
+                raise MegaGPTError(f"{where(k)}: unknown section; known: {', '.join(names)}")
+        raw = {k: dict(raw.get(k) or {}) for k in names}
         for (sec, key), val in (overrides or {}).items():
             raw[sec][key] = val
         sections = {}
@@ -141,7 +153,8 @@ class MegaGPTConfig:
                 _check_type(where(f"{name}.{k}"), v, hints[k])
             sections[name] = klass(**raw[name])
         model = _resolve_model(raw["model"], sections["data"], where)
-        cfg = cls(model=model, source=source, **sections)
+        parallel = _resolve_parallel(raw["parallel"], where)
+        cfg = cls(model=model, source=source, parallel=parallel, **sections)
         cfg._validate(where)
         return cfg
 
@@ -170,10 +183,51 @@ class MegaGPTConfig:
                                f"{self.model['max_seq_len']}")
         if t.save_interval and not t.save:
             raise MegaGPTError(f"{where('train.save_interval')}: set but train.save (checkpoint dir) is not")
+        self._validate_parallel(where)
         try:
             self.data_config()  # existence of every shard, split syntax
         except MegaGPTError as e:
             raise MegaGPTError(f"{where('data')}: {str(e).split(': ', 1)[-1]}") from None
+
+    def _validate_parallel(self, where):
+        """Layout vs model: the same checks the parallel model builders make, but before launch."""
+        from megagpt.parallel.reshape import check_tp
+
+        p, m = self.parallel, self.model_config()
+        tp, pp = p["tensor_parallel"], p["pipeline_parallel"]
+        try:
+            check_tp(m, tp)
+        except MegaGPTError as e:
+            raise MegaGPTError(f"{where('parallel.tensor_parallel')}: {e}") from None
+        if p["sequence_parallel"]:
+            if tp == 1:
+                raise MegaGPTError(f"{where('parallel.sequence_parallel')}: needs tensor_parallel > 1")
+            if self.data.seq_length % tp:
+                raise MegaGPTError(f"{where('parallel.sequence_parallel')}: data.seq_length {self.data.seq_length} "
+                                   f"is not divisible by tensor_parallel={tp}")
+        n_pipe = m.n_layer + 3 + (1 if m.norm_position == "pre" else 0)  # embed, pos, blocks, ln_f, head
+        if pp > n_pipe:
+            raise MegaGPTError(f"{where('parallel.pipeline_parallel')}: {pp} stages exceed the {n_pipe} pipeline "
+                               f"layers of a {m.n_layer}-layer model")
+
+
+def _resolve_parallel(p: dict, where) -> dict:
+    """The parallel section checked by ParallelConfig itself; returns every field but seed, filled."""
+    from megagpt.parallel.topology import ParallelConfig
+
+    if "seed" in p:
+        raise MegaGPTError(f"{where('parallel.seed')}: unknown key; the seed comes from train.seed")
+    known = [f.name for f in fields(ParallelConfig) if f.name != "seed"]
+    for k in p:
+        if k not in known:
+            raise MegaGPTError(f"{where(f'parallel.{k}')}: unknown key; known parallel keys: {', '.join(known)}")
+    try:
+        pc = ParallelConfig.from_dict(p, "parallel")
+    except MegaGPTError as e:
+        key = next((k for k in p if f"{k}=" in str(e)), None)
+        raise MegaGPTError(f"{where(f'parallel.{key}') if key else where('parallel')}: "
+                           f"{str(e).split(': ', 2)[-1]}") from None
+    return {k: getattr(pc, k) for k in known}
 
 
 def _resolve_model(m: dict, data: DataSection, where) -> dict:

@@ -2,7 +2,8 @@
 
 DeepSpeed owns the optimizer, ZeRO, precision, gradient accumulation and clipping: per micro-batch
 we call ``engine(...)``, ``engine.backward`` and ``engine.step`` (the engine updates on the
-accumulation boundary). We own what DeepSpeed does not know: the sample position
+accumulation boundary). With pipeline parallelism DeepSpeed owns the micro-batch schedule too
+(``engine.train_batch`` / ``eval_batch`` via ``megagpt.parallel.pipeline.train_step``). We own what DeepSpeed does not know: the sample position
 (``consumed_samples``), the bad-loss policy, SIGTERM and when to evaluate or save.
 """
 from __future__ import annotations
@@ -75,6 +76,38 @@ def train_step(engine, micro_batches, dp_group, device, inject_nan: bool):
     return total / len(micro_batches), True, len(micro_batches)
 
 
+def pipeline_step(engine, micro_batches, par, inject_nan: bool):
+    """One optimizer step by DeepSpeed's 1F1B schedule; the loss is the DP mean (on every stage).
+
+    The step is taken before the loss is known, so a non-finite loss cannot be kept out of the
+    weights: the caller stops without saving (the last complete checkpoint stays the good one)."""
+    from megagpt.parallel.pipeline import train_step as pp_train_step
+
+    loss = pp_train_step(engine, iter(micro_batches) if micro_batches is not None else None, par).item()
+    if inject_nan:
+        loss = float("nan")
+    return loss, math.isfinite(loss), 1
+
+
+@torch.no_grad()
+def evaluate_pipeline(engine, valid_ds, micro_batch_size, eval_iters, par, device) -> float:
+    """Pipeline validation: ``eval_batch`` per micro-batch (DP-averaged, broadcast to every stage)."""
+    n = eval_iters * micro_batch_size * par.dp_size
+    if valid_ds is not None:
+        n = min(n, len(valid_ds))
+    nt = torch.tensor([float(n)], device=device)  # middle stages have no dataset: agree on the count
+    dist.all_reduce(nt, op=dist.ReduceOp.MAX)
+    n = int(nt.item())
+    n -= n % (micro_batch_size * par.dp_size)
+    sampler = DistributedBatchSampler(n, 0, micro_batch_size, par.dp_rank, par.dp_size)
+    losses = []
+    for idx in sampler:
+        it = iter([to_batch(valid_ds, idx, device)]) if par.needs_data else None
+        losses.append(float(engine.eval_batch(it, num_micro_batches=1)))
+    engine.train()
+    return sum(losses) / len(losses)
+
+
 @torch.no_grad()
 def evaluate(engine, valid_ds, micro_batch_size, eval_iters, dp_rank, dp_size, dp_group, device) -> float:
     """Mean loss over the first ``eval_iters`` global micro-batches of the validation split."""
@@ -92,19 +125,32 @@ def evaluate(engine, valid_ds, micro_batch_size, eval_iters, dp_rank, dp_size, d
     return (total[0] / total[1]).item()
 
 
-def train(cfg, engine, model, train_ds, valid_ds, state: TrainState, metrics, dp_group, device, save_fn):
-    """Run from ``state.step`` to ``train.train_iters``; returns the reason it ended."""
+def train(cfg, engine, model, train_ds, valid_ds, state: TrainState, metrics, dp_group, device, save_fn, par=None):
+    """Run from ``state.step`` to ``train.train_iters``; returns the reason it ended.
+
+    ``par`` (a megagpt.parallel ParallelState) selects DeepSpeed's pipeline schedule when
+    pipeline_parallel > 1; ranks without data (middle stages) get ``train_ds=None``."""
+    pipe = par is not None and par.pp_size > 1
     t, dbg = cfg.train, cfg.debug
     dp_rank, dp_size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
     ga, mbs = t.gradient_accumulation_steps, t.micro_batch_size
     gbs = mbs * ga * dp_size
-    sampler = DistributedBatchSampler(len(train_ds), state.consumed_samples, mbs, dp_rank, dp_size)
-    it = iter(sampler)
+    it = None
+    if train_ds is not None:
+        it = iter(DistributedBatchSampler(len(train_ds), state.consumed_samples, mbs, dp_rank, dp_size))
     stop = StopFlag()
     engine.train()
     while state.step < t.train_iters:
-        micro = [to_batch(train_ds, next(it), device) for _ in range(ga)]
-        loss, ok, done = train_step(engine, micro, dp_group, device, dbg.inject_nan_at_step == state.step + 1)
+        micro = [to_batch(train_ds, next(it), device) for _ in range(ga)] if it is not None else None
+        inject = dbg.inject_nan_at_step == state.step + 1
+        if pipe:
+            loss, ok, done = pipeline_step(engine, micro, par, inject)
+            if not ok:
+                raise NonFiniteLoss(f"non-finite loss ({loss}) at step {state.step + 1}: with pipeline "
+                                    f"parallelism the update is already applied, so nothing was saved; resume "
+                                    f"from the last complete checkpoint")
+        else:
+            loss, ok, done = train_step(engine, micro, dp_group, device, inject)
         if not ok:
             if t.nan_policy == "stop" or done > 0:
                 save_fn(state)  # the model is still at the last good step
@@ -122,10 +168,14 @@ def train(cfg, engine, model, train_ds, valid_ds, state: TrainState, metrics, dp
         metrics.step(state.step, loss, engine.get_lr()[0], engine.get_global_grad_norm() if ok else None,
                      state.skipped_steps, log=state.step % t.log_interval == 0)
         last = state.step == t.train_iters
-        if t.eval_interval and valid_ds is not None and (state.step % t.eval_interval == 0 or last):
-            metrics.eval(state.step, evaluate(engine, valid_ds, mbs, t.eval_iters, dp_rank, dp_size, dp_group, device))
+        if t.eval_interval and (valid_ds is not None or pipe) and (state.step % t.eval_interval == 0 or last):
+            if pipe:
+                metrics.eval(state.step, evaluate_pipeline(engine, valid_ds, mbs, t.eval_iters, par, device))
+            else:
+                metrics.eval(state.step, evaluate(engine, valid_ds, mbs, t.eval_iters, dp_rank, dp_size, dp_group,
+                                                  device))
             metrics.reset_timer()
-        preempted = stop.any_rank(dp_group, device)
+        preempted = stop.any_rank(dist.group.WORLD, device)  # every DP group (TP, PP ranks) stops alike
         exiting = bool(t.exit_interval) and state.step % t.exit_interval == 0 and not last
         if t.save and (last or preempted or exiting or (t.save_interval and state.step % t.save_interval == 0)):
             save_fn(state, kill=dbg.sigkill_in_save_at_step == state.step)

@@ -35,6 +35,36 @@ _FLAGS = {
     "--save-interval": ("train", "save_interval", int), "--keep-last": ("train", "keep_last", int),
     "--exit-interval": ("train", "exit_interval", int),
     "--tensorboard-dir": ("train", "tensorboard_dir", str), "--nan-policy": ("train", "nan_policy", str),
+    "--tensor-model-parallel-size": ("parallel", "tensor_parallel", int),
+    "--pipeline-model-parallel-size": ("parallel", "pipeline_parallel", int),
+}
+_HELP = {
+    "--data-path": "shard prefix(es), or weight prefix pairs (data.data_path)",
+    "--tokenizer": "tokenizer the shards were made with (data.tokenizer)",
+    "--split": "train,valid,test proportions, e.g. 969,30,1 (data.split)",
+    "--seq-length": "tokens per sample (data.seq_length; default model.max_seq_len)",
+    "--micro-batch-size": "samples per rank per micro-batch (train.micro_batch_size)",
+    "--gradient-accumulation-steps": "micro-batches per optimizer step (train.gradient_accumulation_steps)",
+    "--global-batch-size": "must equal micro x accumulation x data-parallel size (train.global_batch_size)",
+    "--train-iters": "optimizer steps in the run; sizes the sample stream and LR schedule (train.train_iters)",
+    "--lr": "peak learning rate (train.lr)", "--min-lr": "final learning rate after decay (train.min_lr)",
+    "--lr-warmup-iters": "linear warm-up steps (train.lr_warmup_iters)",
+    "--lr-decay-style": "cosine, linear or constant (train.lr_decay_style)",
+    "--lr-decay-iters": "steps to decay over; default train_iters (train.lr_decay_iters)",
+    "--weight-decay": "AdamW weight decay on matmul weights (train.weight_decay)",
+    "--clip-grad": "gradient-norm clipping threshold (train.clip_grad)",
+    "--seed": "seed of weights, dropout and data order (train.seed)",
+    "--log-interval": "log loss/throughput every N steps (train.log_interval)",
+    "--eval-interval": "validate every N steps, 0 = never (train.eval_interval)",
+    "--eval-iters": "validation micro-batches per evaluation (train.eval_iters)",
+    "--save": "checkpoint directory (train.save)", "--load": "resume from the newest complete tag here (train.load)",
+    "--save-interval": "save every N steps, 0 = only at the end / on stop (train.save_interval)",
+    "--keep-last": "keep only the newest N checkpoints, 0 = all (train.keep_last)",
+    "--exit-interval": "save and exit 0 when step %% N == 0 (train.exit_interval)",
+    "--tensorboard-dir": "tensorboard event dir; default <save>/tensorboard (train.tensorboard_dir)",
+    "--nan-policy": "skip or stop on a non-finite loss (train.nan_policy)",
+    "--tensor-model-parallel-size": "tensor-parallel degree (parallel.tensor_parallel)",
+    "--pipeline-model-parallel-size": "pipeline stages (parallel.pipeline_parallel)",
 }
 
 
@@ -45,9 +75,11 @@ def parse_args(argv=None):
                    help="DeepSpeed JSON (ds_configs/*.json)")
     p.add_argument("--deepspeed", action="store_true", help="accepted for launcher compatibility")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
-    p.add_argument("--no-progress-bar", action="store_true")
+    p.add_argument("--no-progress-bar", action="store_true", help="no tqdm bar (train.progress_bar=false)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="sequence parallelism inside tensor-parallel groups (parallel.sequence_parallel)")
     for flag, (_, _, typ) in _FLAGS.items():
-        p.add_argument(flag, type=typ, nargs="+" if flag == "--data-path" else None, default=None)
+        p.add_argument(flag, type=typ, nargs="+" if flag == "--data-path" else None, default=None, help=_HELP[flag])
     a = p.parse_args(argv)
     overrides = {}
     for flag, (sec, key, _) in _FLAGS.items():
@@ -56,15 +88,21 @@ def parse_args(argv=None):
             overrides[(sec, key)] = val
     if a.no_progress_bar:
         overrides[("train", "progress_bar")] = False
+    if a.sequence_parallel:
+        overrides[("parallel", "sequence_parallel")] = True
     if a.deepspeed_config:
         overrides[("train", "deepspeed_config")] = a.deepspeed_config
     return a, overrides
 
 
 def param_groups(model, weight_decay: float):
-    """AdamW groups: decay matmul weights only (not biases, norms or embedding tables)."""
+    """AdamW groups: decay matmul weights only (not biases, norms or embedding tables).
+
+    Names are the serial GPT's in every layout (TP, pipeline), so the rule does not depend on it."""
+    from megagpt.parallel.pipeline import named_parameters_serial
+
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in named_parameters_serial(model):
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or name.startswith("embed.") else decay).append(p)
@@ -101,24 +139,42 @@ def run(cfg, ds_config) -> int:
     from megagpt.train.metrics import Metrics, peak_flops
     from megagpt.train.schedule import build_scheduler
 
-    rank, world, dp_group = distributed.init_distributed()
+    from megagpt.parallel.groups import build_parallel_state
+    from megagpt.parallel.pipeline import build_model, model_stats, prepare_ds_config
+
+    rank, world, _ = distributed.init_distributed()
     device = distributed.device()
-    dp_rank, dp_size = torch.distributed.get_rank(dp_group), torch.distributed.get_world_size(dp_group)
     t = cfg.train
+    par = build_parallel_state(cfg.parallel_config())
+    ds_config = prepare_ds_config(ds_config, par)
+    dp_rank, dp_size, dp_group = par.dp_rank, par.dp_size, par.dp_group   # not the world
+    serial = par.tp_size == 1 and par.pp_size == 1
     tok = load_tokenizer(cfg.data.tokenizer)
     mcfg = cfg.model_config()
 
-    seed_all(t.seed)  # identical initial weights on every rank
-    model = GPT(mcfg)
-    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_length)  # before ZeRO-3 shards
-    seed_all(t.seed + 1000 * dp_rank)  # per-rank dropout streams
+    if serial:
+        seed_all(t.seed)  # identical initial weights on every rank
+        model = GPT(mcfg)
+        n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_length)  # before ZeRO-3 shards
+        seed_all(t.seed + 1000 * dp_rank)  # per-rank dropout streams
+    else:  # TP ranks must share the default stream: megagpt.parallel.random seeds it per stage
+        import numpy as np
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        model = build_model(mcfg, par)  # TPGPT, or a PipelineModule when pipeline_parallel > 1
+        n_params, flops_per_token = model_stats(mcfg, cfg.data.seq_length)
+        par.rng.reseed(t.seed + 1000 * dp_rank)  # per-replica dropout, TP ranks still agree
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_config,
+        mpu=None if serial or par.pp_size > 1 else par.mpu,   # pipelines bring their own grid
         lr_scheduler=lambda opt: build_scheduler(opt, t))
 
     gbs = t.micro_batch_size * t.gradient_accumulation_steps * dp_size
     n_valid = t.eval_iters * t.micro_batch_size * dp_size if t.eval_interval else 0
-    train_ds, valid_ds, _ = build_gpt_datasets(cfg.data_config(), (t.train_iters * gbs, n_valid, 0), mcfg.vocab_size)
+    train_ds = valid_ds = None
+    if par.needs_data:  # middle pipeline stages never read data
+        train_ds, valid_ds, _ = build_gpt_datasets(cfg.data_config(), (t.train_iters * gbs, n_valid, 0),
+                                                   mcfg.vocab_size)
 
     state = loop.TrainState()
     if t.load:
@@ -133,21 +189,22 @@ def run(cfg, ds_config) -> int:
                   "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "tokenizer": tok.spec()}
         if not t.save:
             return
-        if cfg.debug.dump_weights:
+        if cfg.debug.dump_weights and serial:
             dump_weights(model, os.path.join(t.save, checkpoint.tag_for(st.step) + "_weights_at_save.pt"), rank)
         checkpoint.save(engine, t.save, st.step, client, dp_group, t.keep_last, kill_before_complete=kill)
 
     peak, peak_src = peak_flops()
     tb = t.tensorboard_dir or (os.path.join(t.save, "tensorboard") if t.save else None)
     metrics = Metrics(rank, tb, os.path.join(t.save, "train_log.jsonl") if t.save else None,
-                      flops_per_token, gbs * cfg.data.seq_length, dp_size, peak, peak_src,
+                      flops_per_token, gbs * cfg.data.seq_length, world, peak, peak_src,
                       t.train_iters, state.step, t.progress_bar)
     if rank == 0:
-        metrics.print(f"model {mcfg.name}: {n_params:,} params | dp={dp_size} | zero stage "
+        metrics.print(f"model {mcfg.name}: {n_params:,} params | dp={dp_size} tp={par.tp_size} pp={par.pp_size}"
+                      f"{' +sp' if par.sequence_parallel else ''} | zero stage "
                       f"{engine.zero_optimization_stage()} | global batch {gbs} x {cfg.data.seq_length} tokens | "
                       f"device {device}")
     try:
-        reason = loop.train(cfg, engine, model, train_ds, valid_ds, state, metrics, dp_group, device, save_fn)
+        reason = loop.train(cfg, engine, model, train_ds, valid_ds, state, metrics, dp_group, device, save_fn, par)
     except loop.NonFiniteLoss as e:
         metrics.close()
         if rank == 0:
@@ -161,17 +218,37 @@ def run(cfg, ds_config) -> int:
 @cli_main
 def main(argv=None) -> int:
     a, overrides = parse_args(argv)
+    from megagpt.parallel.launch import discover_dist_env
+
+    discover_dist_env()  # under mpirun: RANK/WORLD_SIZE/... from OMPI_*/PMI_* (before anything reads them)
     from megagpt.config import load_config
+    from megagpt.parallel.pipeline import check_zero_stage
     from megagpt.train.distributed import build_ds_config, dp_world_from_env
 
     try:
         cfg = load_config(a.config, overrides)
-        ds_config = build_ds_config(cfg.train.deepspeed_config, cfg.train, dp_world_from_env())
+        pcfg = cfg.parallel_config()
+        world = dp_world_from_env()
+        try:
+            dp = pcfg.data_parallel_size(world)
+        except MegaGPTError as e:
+            raise MegaGPTError(f"{cfg.source}: parallel: {e}") from None
+        ds_config = build_ds_config(cfg.train.deepspeed_config, cfg.train, dp)
+        try:
+            check_zero_stage(ds_config, pcfg_state(pcfg))
+        except MegaGPTError as e:
+            raise MegaGPTError(f"{cfg.train.deepspeed_config}: {e}") from None
     except MegaGPTError:
         if int(os.environ.get("RANK", "0")) != 0:  # every rank finds the same mistake: say it once
             sys.exit(2)
         raise
     return run(cfg, ds_config)
+
+
+def pcfg_state(pcfg):
+    """What check_zero_stage reads of a ParallelState, known before any process group exists."""
+    from types import SimpleNamespace
+    return SimpleNamespace(pp_size=pcfg.pipeline_parallel)
 
 
 if __name__ == "__main__":
