@@ -53,6 +53,9 @@ def test_layouts_respect_constraints_and_zero_ordering():
     assert rows and all(r["tp"] * r["pp"] * r["dp"] == 32 for r in rows)
     assert all(16 % r["tp"] == 0 and r["tp"] <= 8 and 24 % r["pp"] == 0 for r in rows)
     assert {(r["tp"], r["pp"]) for r in rows} >= {(1, 1), (8, 4), (2, 8)}
+    for z in (2, 3):  # DeepSpeed's PipelineEngine refuses ZeRO-2/3: no pipeline layouts then
+        zrows = layouts(m, TrainSetup(global_batch=256, micro_batch=2, zero_stage=z), c)
+        assert zrows and {r["pp"] for r in zrows} == {1} and {r["tp"] for r in zrows} == {r["tp"] for r in rows}
     fits = [r["fits"] for r in rows]
     assert fits == sorted(fits, reverse=True)  # fitting layouts first
     totals = [memory_breakdown(m, TrainSetup(global_batch=256, micro_batch=2, zero_stage=z), 2, 2, 8)["total"]

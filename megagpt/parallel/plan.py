@@ -230,14 +230,15 @@ def step_time(m: ModelShape, s: TrainSetup, c: Cluster, tp=1, pp=1, dp=1):
 def layouts(m: ModelShape, s: TrainSetup, c: Cluster):
     """Every TP x PP x DP layout of c.num_gpus that the model and batch allow, with memory and
     time, fitting ones first, fastest first. Constraints: tp | heads (and kv heads), tp <=
-    gpus_per_node, pp | layers, dp = N / (tp * pp), micro_batch * dp | global_batch."""
+    gpus_per_node, pp | layers, dp = N / (tp * pp), micro_batch * dp | global_batch, and pp = 1
+    under ZeRO-2/3 (DeepSpeed's PipelineEngine refuses them; pipeline.check_zero_stage)."""
     if s.global_batch % s.micro_batch:
         raise MegaGPTError(f"global batch {s.global_batch} is not a multiple of micro batch {s.micro_batch}")
     rows = []
     for tp in range(1, c.gpus_per_node + 1):
         if m.heads % tp or m.kv % tp or c.num_gpus % tp:
             continue
-        for pp in range(1, m.layers + 1):
+        for pp in range(1, (m.layers if s.zero_stage < 2 else 1) + 1):
             if m.layers % pp or c.num_gpus % (tp * pp):
                 continue
             dp = c.num_gpus // (tp * pp)
