@@ -19,6 +19,20 @@ fi
 "$PY" -m pip install --quiet --upgrade setuptools wheel
 echo "[setup] installing megagpt (editable) with test extras"
 "$PY" -m pip install --quiet --no-build-isolation -e ".[test]"
+# DeepSpeed JIT-compiles its CPU ops (shared-memory comm, CPU Adam, fused Adam) on first use.
+# On a fresh 2-core machine that takes minutes; do it here, once, so a first training run (or a
+# test with a timeout) doesn't pay for it. Cached in ~/.cache/torch_extensions; instant afterwards.
+"$PY" - <<'PY'
+import time
+from deepspeed.accelerator import get_accelerator
+acc = get_accelerator()
+if acc.device_name() == "cpu":
+    for name in ("ShareMemCommBuilder", "CPUAdamBuilder", "FusedAdamBuilder"):
+        builder, t = acc.create_op_builder(name), time.time()
+        if builder is not None and builder.is_compatible():
+            builder.load(verbose=False)
+            print(f"[setup] DeepSpeed CPU op {builder.NAME} ready ({time.time() - t:.0f}s)", flush=True)
+PY
 "$PY" - <<'PY'
 import importlib.util, torch, deepspeed, sentencepiece
 print(f"[setup] ok: torch {torch.__version__}, deepspeed {deepspeed.__version__}, sentencepiece {sentencepiece.__version__}")
