@@ -121,3 +121,31 @@ def test_pp2_with_zero2_is_one_line_exit_2(tmp_path, data):
     assert r.returncode == 2 and len(err) == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "zero2.json" in err[0] and "pipeline_parallel=2" in err[0] and "stage=2" in err[0]
     assert "Traceback" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("parallel, flags, message", [
+    ({"tensor_paralel": 2}, {}, "'parallel.tensor_paralel': unknown key"),
+    ({"tensor_parallel": 3}, {}, "tensor_parallel=3 does not divide n_head=4"),
+    ({}, {("parallel", "sequence_parallel"): True}, "'parallel.sequence_parallel': needs tensor_parallel > 1"),
+    ({"pipeline_parallel": 9}, {}, "9 stages exceed the 5 pipeline layers"),
+    ({"partition_method": "even"}, {}, "'parallel.partition_method'"),
+])
+def test_parallel_section_errors_name_the_key(tmp_path, data, parallel, flags, message):
+    from megagpt.config import load_config
+    from megagpt.errors import MegaGPTError
+
+    cfg = parallel_config(tmp_path / "c.yaml", data, parallel, save_interval=0)
+    with pytest.raises(MegaGPTError, match=message.replace("(", r"\(")) as e:
+        load_config(cfg, flags)
+    assert "c.yaml" in str(e.value)
+
+
+def test_parallel_section_defaults_and_cli_override(tmp_path, data):
+    from megagpt.config import load_config
+
+    cfg = parallel_config(tmp_path / "c.yaml", data, {"sequence_parallel": True}, save_interval=0)
+    c = load_config(cfg, {("parallel", "tensor_parallel"): 2})
+    pc = c.parallel_config()
+    assert (pc.tensor_parallel, pc.pipeline_parallel, pc.sequence_parallel, pc.partition_method,
+            pc.activation_checkpoint_interval, pc.seed) == (2, 1, True, "parameters", 0, c.train.seed)
+    assert c.to_dict()["parallel"]["tensor_parallel"] == 2
