@@ -3,6 +3,10 @@
     deepspeed [--num_gpus N] megagpt/train/pretrain.py --config configs/tiny_cpu.yaml \\
         --deepspeed_config ds_configs/zero2.json [--save DIR --load DIR --save-interval N --train-iters N]
     python -m megagpt.train.pretrain --config ... --deepspeed_config ...     # 1 process, for debugging
+    mpirun -np N python megagpt/train/pretrain.py ...                         # ranks from OMPI_*/PMI_*
+
+Model parallelism: the config's ``parallel:`` section or --tensor-model-parallel-size,
+--pipeline-model-parallel-size, --sequence-parallel (docs/parallelism.md).
 
 Flags override the YAML (Megatron names). Every config mistake is reported before any process
 group starts; see megagpt/config.py for the schema.
