@@ -7,7 +7,6 @@ earlier steps and persistent gradient buffers allocated).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from megagpt.errors import MegaGPTError

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from megagpt.data import DistributedBatchSampler
-from megagpt.train import checkpoint
 
 
 @dataclass
