@@ -89,6 +89,8 @@ def init_distributed():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    from megagpt.train.distributed import release_deepspeed_shm_name
+    release_deepspeed_shm_name()
 
 
 def build_model(cfg: FinetuneConfig, task):

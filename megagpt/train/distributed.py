@@ -117,7 +117,30 @@ def init_distributed():
     if acc.device_name() != "cpu":
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False)
+    release_deepspeed_shm_name()
     return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+
+
+def release_deepspeed_shm_name() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory allreduce buffer name once every rank has it mapped.
+
+    Under the ``deepspeed`` launcher on CPU, DeepSpeed's shm comm op creates a 66 MB
+    ``/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}`` per rank and never unlinks
+    it: every run leaked 66 MB x ranks of RAM-backed tmpfs until the machine ran out of memory.
+    All ranks map all peers' buffers inside ``init_distributed``, so after a barrier the names can
+    go; the mappings (and the memory) live until the processes exit.
+    """
+    # DeepSpeed creates the buffers exactly when LOCAL_SIZE == world size (every rank agrees on
+    # this, so all or none enter the barrier).
+    if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    dist.barrier()
+    try:
+        os.remove(name)
+    except FileNotFoundError:
+        pass
 
 
 def device():
