@@ -32,6 +32,9 @@ def _entry(rank, world, port, fn, args, err_dir):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+        from megagpt.train.distributed import release_deepspeed_shm_name
+
+        release_deepspeed_shm_name()  # LOCAL_SIZE == world: DeepSpeed made /dev/shm buffers, as under its launcher
         fn(rank, world, *args)
     except BaseException:
         with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
