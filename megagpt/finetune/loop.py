@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -82,14 +81,10 @@ def init_distributed():
 
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:   # plain `python run.py`: a group of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    from megagpt.train.distributed import release_deepspeed_shm_name, single_process_env
+
+    single_process_env()   # plain `python run.py`: a group of one
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    from megagpt.train.distributed import release_deepspeed_shm_name
     release_deepspeed_shm_name()
 
 

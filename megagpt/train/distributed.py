@@ -103,6 +103,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def single_process_env() -> None:
+    """A plain ``python`` run (no launcher set RANK) becomes a 1-rank group on a free local port."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+
+
 def init_distributed():
     """Init the default group via DeepSpeed (gloo on CPU, NCCL on GPU); returns (rank, world, dp_group).
 
@@ -110,9 +117,7 @@ def init_distributed():
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:  # plain `python pretrain.py`: a 1-rank group
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    single_process_env()
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
