@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megagpt.errors import MegaGPTError
-from megagpt.parallel.launch import (deepspeed_node_command, discover_dist_env, expand_nodelist,
+from megagpt.cluster.launch import (deepspeed_node_command, discover_dist_env, expand_nodelist,
                                      format_hostfile, node_launcher_command, parse_hostfile, slurm_job,
                                      slurm_master_port, srun_task_env)
 
@@ -97,16 +97,16 @@ def test_slurm_job_and_deepspeed_command():
 def test_cli_build_command_and_hostfile(tmp_path):
     """The exact command line the per-node srun task runs, via the CLI the template calls."""
     env = {**os.environ, **SLURM_ENV, "TMPDIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "megagpt.parallel.launch", "build-command",
+    out = subprocess.run([sys.executable, "-m", "megagpt.cluster.launch", "build-command",
                           "megagpt/train/pretrain.py", "--config", "a b.yaml", "--load", "/ck"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == (f"deepspeed --hostfile {tmp_path}/megagpt-hostfile-123456 --no_ssh --node_rank 2 "
                    "--num_nodes 3 --num_gpus 8 --master_addr gpu07 --master_port 23456 "
                    "megagpt/train/pretrain.py --config 'a b.yaml' --load /ck")
-    hf = subprocess.run([sys.executable, "-m", "megagpt.parallel.launch", "slurm-hostfile"], env=env,
+    hf = subprocess.run([sys.executable, "-m", "megagpt.cluster.launch", "slurm-hostfile"], env=env,
                         capture_output=True, text=True, check=True).stdout.strip()
     assert Path(hf).read_text() == "gpu07 slots=8\ngpu08 slots=8\ngpu10 slots=8\n"
-    bad = subprocess.run([sys.executable, "-m", "megagpt.parallel.launch", "expand-nodelist", "n[1-"],
+    bad = subprocess.run([sys.executable, "-m", "megagpt.cluster.launch", "expand-nodelist", "n[1-"],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: node list 'n[1-'")
 
@@ -247,7 +247,7 @@ def test_discover_from_fake_ompi_env():
 
 MPI_ALLREDUCE = """
 import os, torch, torch.distributed as dist
-from megagpt.parallel.launch import discover_dist_env
+from megagpt.cluster.launch import discover_dist_env
 discover_dist_env()
 dist.init_process_group("gloo")
 t = torch.tensor([float(dist.get_rank() + 1)])
@@ -290,7 +290,7 @@ def test_mpirun_pretrain_two_ranks(tmp_path, sp_model, shakespeare_prefix):
     if not all(p.exists() for p in entry):
         pytest.skip("megagpt/train/pretrain.py not there yet")
     if not any("discover_dist_env" in p.read_text() for p in entry):
-        pytest.skip("the training entry does not call megagpt.parallel.launch.discover_dist_env() yet: "
+        pytest.skip("the training entry does not call megagpt.cluster.launch.discover_dist_env() yet: "
                     "under mpirun every process would train alone")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(PRETRAIN_CFG.format(prefix=shakespeare_prefix, tok=sp_model))

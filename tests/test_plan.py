@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megagpt.model import GPT, get_preset
-from megagpt.parallel.plan import (Cluster, ModelShape, TrainSetup, activation_bytes_per_layer, layouts,
+from megagpt.cluster.plan import (Cluster, ModelShape, TrainSetup, activation_bytes_per_layer, layouts,
                                    memory_breakdown, step_time)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def test_activations_match_korthikanti():
     s*b*h*(34 + 5*a*s/h) (no TP), s*b*h*(10 + 24/t + 5*a*s/(h*t)) (TP), /t with SP, plus the
     2 bytes/element of megagpt's separate attention-output copy (docs/planner.md)."""
     s_, b, h, a = 2048, 2, 12288, 96
-    m = ModelShape(layers=96, hidden=h, heads=a, vocab=51200, ffn=4 * h, seq_len=s_)
+    m = ModelShape(layers=96, hidden=h, heads=a, vocab=51200, ffn=4 * h, seq_length=s_)
     setup = dict(global_batch=8, micro_batch=b, dtype="fp16", flash_attention=False, dropout=True)
     sbh = s_ * b * h
     got = activation_bytes_per_layer(m, TrainSetup(**setup), tp=1)
@@ -80,7 +80,7 @@ def test_step_time_model():
 
 
 def test_cli_json_and_errors():
-    cmd = [sys.executable, str(REPO / "tools" / "plan.py"), "--preset", "gpt2-small", "--seq-len", "1024",
+    cmd = [sys.executable, str(REPO / "tools" / "plan.py"), "--preset", "gpt2-small", "--seq-length", "1024",
            "--global-batch", "64", "--micro-batch", "4", "--gpus", "8", "--gpu-mem-gib", "24", "--json"]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     assert out["params"] == 124475904 and out["layouts"][0]["fits"]

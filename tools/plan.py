@@ -2,7 +2,7 @@
 """Which TP x PP x DP layouts fit a model on a cluster, with per-GPU memory and estimated step
 time / MFU. Formulas and assumptions: docs/planner.md.
 
-    python tools/plan.py --preset gpt2-xl --seq-len 1024 --global-batch 512 --micro-batch 4 \\
+    python tools/plan.py --preset gpt2-xl --seq-length 1024 --global-batch 512 --micro-batch 4 \\
         --gpus 16 --gpus-per-node 8 --gpu-mem-gib 80 --dtype bf16 --zero-stage 1
 """
 import argparse
@@ -10,24 +10,35 @@ import json
 import sys
 
 from megagpt.errors import MegaGPTError, cli_main
-from megagpt.parallel.plan import GIB, Cluster, ModelShape, TrainSetup, describe, layouts
+from megagpt.cluster.plan import GIB, Cluster, ModelShape, TrainSetup, describe, layouts
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's layout kept, and ``(default: X)`` after every optional flag whose help
+    does not already say what its default is (a None default needs words, not "None")."""
+
+    def _get_help_string(self, action):
+        if action.required or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model (a preset, or explicit sizes; explicit sizes override the preset)")
-    g.add_argument("--preset", help="megagpt.model preset name, e.g. gpt2-small")
+    g.add_argument("--preset", help="megagpt.model preset name, e.g. gpt2-small (default: none; then give every size)")
     sizes = {"layers": "transformer layers", "hidden": "model width (n_embd)", "heads": "attention heads",
-             "kv-heads": "key/value heads (GQA/MQA; default = heads)", "vocab": "vocabulary size",
-             "ffn": "MLP hidden width (default 4 x hidden, or 8/3 x hidden for swiglu)"}
+             "vocab": "vocabulary size", "ffn": "MLP hidden width"}
     for name, what in sizes.items():
-        g.add_argument(f"--{name}", type=int, help=what)
-    g.add_argument("--activation", choices=("gelu", "swiglu"), help="MLP type (swiglu has 3 matrices)")
-    g.add_argument("--seq-len", type=int, help="training sequence length (default: the preset's max)")
+        g.add_argument(f"--{name}", type=int, help=f"{what} (default: the preset's)")
+    g.add_argument("--kv-heads", type=int, help="key/value heads, GQA/MQA (default: the preset's, else --heads)")
+    g.add_argument("--activation", choices=("gelu", "swiglu"),
+                   help="MLP type, swiglu has 3 matrices (default: the preset's, else gelu)")
+    g.add_argument("--seq-length", type=int, help="training sequence length (default: the preset's max)")
     t = p.add_argument_group("training")
     t.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
     t.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
-    t.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16", help="training precision (default bf16)")
+    t.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16", help="training precision")
     t.add_argument("--zero-stage", default="1", help="0, 1, 2, 3 or 'all' to compare them")
     t.add_argument("--offload-optimizer", action="store_true", help="optimizer states in CPU memory (ZeRO offload)")
     t.add_argument("--offload-params", action="store_true", help="ZeRO-3 parameter offload")
@@ -37,8 +48,8 @@ def parse_args(argv):
     t.add_argument("--dropout", action="store_true", help="count dropout masks")
     c = p.add_argument_group("cluster")
     c.add_argument("--gpus", type=int, required=True, help="total GPUs")
-    c.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; TP stays inside a node (default 8)")
-    c.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    c.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; TP stays inside a node")
+    c.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU in GiB")
     c.add_argument("--reserve-gib", type=float, default=2.0, help="per GPU, not for the model")
     c.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU, for --dtype")
     c.add_argument("--efficiency", type=float, default=0.5, help="achieved fraction of peak")
@@ -54,15 +65,15 @@ def model_shape(a):
     if a.preset:
         from megagpt.model import get_preset
 
-        shape = ModelShape.from_config(get_preset(a.preset), a.seq_len)
+        shape = ModelShape.from_config(get_preset(a.preset), a.seq_length)
         over = {k: v for k, v in sizes.items() if v is not None}
         over.update({k: v for k, v in (("kv_heads", a.kv_heads), ("activation", a.activation)) if v})
         return ModelShape(**{**shape.__dict__, **over})
     missing = [f"--{k}" for k, v in sizes.items() if v is None]
-    if missing or a.seq_len is None:
-        raise MegaGPTError(f"give --preset or all of --layers --hidden --heads --vocab --ffn --seq-len "
-                           f"(missing: {' '.join(missing + ([] if a.seq_len else ['--seq-len']))})")
-    return ModelShape(**sizes, seq_len=a.seq_len, kv_heads=a.kv_heads or 0, activation=a.activation or "gelu")
+    if missing or a.seq_length is None:
+        raise MegaGPTError(f"give --preset or all of --layers --hidden --heads --vocab --ffn --seq-length "
+                           f"(missing: {' '.join(missing + ([] if a.seq_length else ['--seq-length']))})")
+    return ModelShape(**sizes, seq_length=a.seq_length, kv_heads=a.kv_heads or 0, activation=a.activation or "gelu")
 
 
 def check(a, m):
@@ -112,7 +123,7 @@ def main(argv=None):
         print()
         return
     print(f"model: {m.total_params() / 1e6:.1f}M params, {m.layers} layers, hidden {m.hidden}, "
-          f"{m.heads} heads, seq {m.seq_len}; {a.gpus} GPUs x {a.gpu_mem_gib:g} GiB; {a.dtype}")
+          f"{m.heads} heads, seq {m.seq_length}; {a.gpus} GPUs x {a.gpu_mem_gib:g} GiB; {a.dtype}")
     print("zero  tp  pp   dp   mb  params   grads     opt    acts    work   total fits   step_s   mfu   tokens/s")
     for r in rows[: a.top or None]:
         print(row_text(r["zero_stage"], r))

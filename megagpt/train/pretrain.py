@@ -222,7 +222,7 @@ def run(cfg, ds_config) -> int:
 @cli_main
 def main(argv=None) -> int:
     a, overrides = parse_args(argv)
-    from megagpt.parallel.launch import discover_dist_env
+    from megagpt.cluster.launch import discover_dist_env
 
     discover_dist_env()  # under mpirun: RANK/WORLD_SIZE/... from OMPI_*/PMI_* (before anything reads them)
     from megagpt.config import load_config

@@ -22,21 +22,21 @@ class ModelShape:
     heads: int
     vocab: int                 # padded vocabulary (embedding rows)
     ffn: int
-    seq_len: int
+    seq_length: int
     kv_heads: int = 0          # 0 = heads (MHA)
     activation: str = "gelu"   # "gelu" (fc -> act -> proj) or "swiglu" (gate, up, down)
     pos_emb: str = "learned"   # "learned" adds max_seq_len x hidden parameters
-    max_seq_len: int = 0       # rows of the learned position table (0 = seq_len)
+    max_seq_len: int = 0       # rows of the learned position table (0 = seq_length)
     tied: bool = True
     bias: bool = True
     norm: str = "layernorm"    # "layernorm" (weight+bias) | "rmsnorm" (weight)
     final_norm: bool = True
 
     @classmethod
-    def from_config(cls, cfg, seq_len=None):
+    def from_config(cls, cfg, seq_length=None):
         """From a ``megagpt.model.ModelConfig`` (post-LN GPT-1 has no final norm)."""
         return cls(layers=cfg.n_layer, hidden=cfg.n_embd, heads=cfg.n_head, vocab=cfg.padded_vocab_size,
-                   ffn=cfg.ffn_dim, seq_len=seq_len or cfg.max_seq_len, kv_heads=cfg.num_kv_heads,
+                   ffn=cfg.ffn_dim, seq_length=seq_length or cfg.max_seq_len, kv_heads=cfg.num_kv_heads,
                    activation="swiglu" if cfg.activation == "swiglu" else "gelu", pos_emb=cfg.pos_emb,
                    max_seq_len=cfg.max_seq_len, tied=cfg.tie_embeddings, bias=cfg.bias, norm=cfg.norm,
                    final_norm=cfg.norm_position == "pre")
@@ -58,7 +58,7 @@ class ModelShape:
         return self.hidden * (2 if self.norm == "layernorm" and self.bias else 1)
 
     def embedding_params(self):
-        pos = (self.max_seq_len or self.seq_len) * self.hidden if self.pos_emb == "learned" else 0
+        pos = (self.max_seq_len or self.seq_length) * self.hidden if self.pos_emb == "learned" else 0
         return self.vocab * self.hidden + pos
 
     def head_params(self):
@@ -71,7 +71,7 @@ class ModelShape:
     def flops_per_token(self):
         """Model FLOPs per trained token (fwd + bwd = 3x fwd): 6 x matmul params + attention."""
         matmul = self.layers * self.layer_params() + self._norm_params() * self.final_norm + self.vocab * self.hidden
-        return 6 * matmul + 12 * self.layers * self.hidden * self.seq_len
+        return 6 * matmul + 12 * self.layers * self.hidden * self.seq_length
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def memory_breakdown(m: ModelShape, s: TrainSetup, tp=1, pp=1, dp=1):
         params /= tp
         in_flight = min(pp - stage, _micro_batches(s, dp))  # 1F1B: stage i holds pp - i micro-batches
         # a layer's backward briefly holds gradients of the MLP hidden (net of freed inputs)
-        layer_bwd = (1 + m.ffn / m.hidden) * s.micro_batch * m.seq_len * m.hidden * e / tp
+        layer_bwd = (1 + m.ffn / m.hidden) * s.micro_batch * m.seq_length * m.hidden * e / tp
         if s.activation_checkpointing:  # only layer inputs stored; one layer recomputed at a time
             acts = in_flight * per_stage * _ckpt_bytes_per_layer(m, s, tp)
             layer_bwd += activation_bytes_per_layer(m, s, tp)
@@ -165,7 +165,7 @@ def activation_bytes_per_layer(m: ModelShape, s: TrainSetup, tp=1):
     """Bytes one transformer layer keeps for backward, per micro-batch (Korthikanti et al. 2022,
     generalised to GQA, SwiGLU, any dtype; see docs/planner.md for the term-by-term list)."""
     e = BYTES[s.dtype]
-    sbh = s.micro_batch * m.seq_len * m.hidden
+    sbh = s.micro_batch * m.seq_length * m.hidden
     r = m.kv / m.heads
     mlp = (4 if m.activation == "swiglu" else 2) * m.ffn / m.hidden
     replicated = 4 * e + (2 if s.dropout else 0)  # norm inputs, qkv/fc inputs (+ 2 dropout masks)
@@ -173,9 +173,9 @@ def activation_bytes_per_layer(m: ModelShape, s: TrainSetup, tp=1):
     if m.pos_emb == "rope":
         split += (1 + r) * e                      # rotated copies of q and k
     per = sbh * (split / tp + replicated / (tp if s.sequence_parallel else 1))
-    a, sq = m.heads, s.micro_batch * m.seq_len * m.seq_len
+    a, sq = m.heads, s.micro_batch * m.seq_length * m.seq_length
     if s.flash_attention:
-        per += 4 * a * s.micro_batch * m.seq_len / tp  # fp32 log-sum-exp per row
+        per += 4 * a * s.micro_batch * m.seq_length / tp  # fp32 log-sum-exp per row
     else:
         per += a * sq * ((2 * e + 1) if s.dropout else e) / tp  # softmax (+ mask, dropout out)
     return per
@@ -185,12 +185,12 @@ def _output_layer_bytes(m, s, tp):
     """Final norm input + output-projection input, and three fp32 logits-sized tensors at the
     start of backward (log-softmax output saved by cross-entropy, its gradient, the logits'
     gradient); the 16-bit logits themselves are freed once upcast."""
-    sbh = s.micro_batch * m.seq_len * m.hidden * BYTES[s.dtype] / (tp if s.sequence_parallel else 1)
-    return (1 + m.final_norm) * sbh + 12 * s.micro_batch * m.seq_len * m.vocab / tp
+    sbh = s.micro_batch * m.seq_length * m.hidden * BYTES[s.dtype] / (tp if s.sequence_parallel else 1)
+    return (1 + m.final_norm) * sbh + 12 * s.micro_batch * m.seq_length * m.vocab / tp
 
 
 def _ckpt_bytes_per_layer(m, s, tp):
-    return BYTES[s.dtype] * s.micro_batch * m.seq_len * m.hidden / (tp if s.sequence_parallel else 1)
+    return BYTES[s.dtype] * s.micro_batch * m.seq_length * m.hidden / (tp if s.sequence_parallel else 1)
 
 
 def _ring(nbytes, n, gbps, factor):
@@ -202,14 +202,14 @@ def step_time(m: ModelShape, s: TrainSetup, c: Cluster, tp=1, pp=1, dp=1):
     """Seconds per optimizer step: roofline compute + exposed communication + pipeline bubble."""
     e = BYTES[s.dtype]
     mb = _micro_batches(s, dp)
-    tokens = s.global_batch * m.seq_len
+    tokens = s.global_batch * m.seq_length
     model_flops = m.flops_per_token() * tokens
     hw_flops = model_flops * (4 / 3 if s.activation_checkpointing else 1)  # + one recomputed forward
     compute = hw_flops / (c.num_gpus * c.peak_tflops * 1e12 * c.efficiency)
     # TP: 2 all-reduces (or all-gather + reduce-scatter with SP) of b*s*h per layer forward, 2 backward
     tp_bw = c.intra_node_gbps if tp <= c.gpus_per_node else c.inter_node_gbps
     n_tp = (6 if s.activation_checkpointing else 4) * (m.layers // pp) * mb
-    tp_comm = n_tp * _ring(s.micro_batch * m.seq_len * m.hidden * e, tp, tp_bw, 2)
+    tp_comm = n_tp * _ring(s.micro_batch * m.seq_length * m.hidden * e, tp, tp_bw, 2)
     # DP: gradients (16-bit in mixed precision) reduced once per step; ZeRO-3 also gathers weights twice
     stage_params = (m.layers // pp * m.layer_params() + m.embedding_params()) / tp
     dp_bw = c.intra_node_gbps if tp * dp <= c.gpus_per_node else c.inter_node_gbps
@@ -217,7 +217,7 @@ def step_time(m: ModelShape, s: TrainSetup, c: Cluster, tp=1, pp=1, dp=1):
     dp_comm = volume * _ring(stage_params * e, dp, dp_bw, 1)
     # PP: bubble (p-1)/m of the pipelined work, plus the activation sends between stages
     pp_bw = c.intra_node_gbps if tp * dp * pp <= c.gpus_per_node else c.inter_node_gbps
-    p2p = 0.0 if pp == 1 else 2 * mb * s.micro_batch * m.seq_len * m.hidden * e / (pp_bw * 1e9)
+    p2p = 0.0 if pp == 1 else 2 * mb * s.micro_batch * m.seq_length * m.hidden * e / (pp_bw * 1e9)
     pipelined = compute + tp_comm + p2p
     bubble = pipelined * (pp - 1) / mb
     total = pipelined + bubble + dp_comm

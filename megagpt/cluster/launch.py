@@ -2,7 +2,7 @@
 
 Pure functions over strings and environment dicts so every launch path is testable without a
 cluster; the sbatch templates in ``tools/slurm/`` call the CLI at the bottom
-(``python -m megagpt.parallel.launch ...``). See ``docs/launch.md``.
+(``python -m megagpt.cluster.launch ...``). See ``docs/launch.md``.
 """
 import argparse
 import base64
@@ -280,7 +280,7 @@ def _default_hostfile(env):
 
 
 def _build_parser():
-    p = argparse.ArgumentParser(prog="python -m megagpt.parallel.launch", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m megagpt.cluster.launch", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("expand-nodelist", help="print one host per line")
     e.add_argument("nodelist", nargs="?", help="default: $SLURM_JOB_NODELIST")
