@@ -191,7 +191,7 @@ class MegaGPTConfig:
 
     def _validate_parallel(self, where):
         """Layout vs model: the same checks the parallel model builders make, but before launch."""
-        from megagpt.parallel.reshape import check_tp
+        from megagpt.model.sharding import check_tp
 
         p, m = self.parallel, self.model_config()
         tp, pp = p["tensor_parallel"], p["pipeline_parallel"]

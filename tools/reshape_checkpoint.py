@@ -5,7 +5,7 @@
         [--model-config model.json | --preset tiny] [--tokenizer PATH] [--force]
 
 The result (serial GPT parameter names) loads into any layout:
-``megagpt.parallel.reshape.load_consolidated_into(model, OUT_DIR)``. Weights only: optimizer
+``megagpt.checkpoint.reshape.load_consolidated_into(model, OUT_DIR)``. Weights only: optimizer
 state is not carried over (a resumed optimizer starts fresh). See docs/parallelism.md.
 """
 import argparse
@@ -33,7 +33,7 @@ def parse_args(argv):
 @cli_main
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from megagpt.parallel.reshape import consolidate_deepspeed_checkpoint, save_consolidated_checkpoint
+    from megagpt.checkpoint.reshape import consolidate_deepspeed_checkpoint, save_consolidated_checkpoint
 
     model_cfg = None
     if args.model_config:

@@ -4,7 +4,7 @@ Weights: DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint`` merges the
 partitions of ZeRO 1/2/3 (for ZeRO-3 the module files hold only placeholders). Without ZeRO
 (stage 0) there are no partitions: the module state in ``mp_rank_00_model_states.pt`` is the model.
 Tensor/pipeline-parallel layouts (``mp_rank_01_*``, ``layer_*-model_states.pt``) are merged by
-``megagpt.parallel.reshape``. Config and tokenizer come from the client state the pretraining
+``megagpt.checkpoint.reshape``. Config and tokenizer come from the client state the pretraining
 loop saves beside the module (``config`` = full megagpt config, ``tokenizer`` = spec).
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def load_deepspeed(ckpt_dir, tag: str | None = None) -> tuple[dict, dict, int | 
     cfg = _model_config(states, states_path)
     tp_or_pp = list(tag_dir.glob("layer_*-model_states.pt")) + list(tag_dir.glob("*mp_rank_01_model_states.pt"))
     if tp_or_pp:
-        from megagpt.parallel.reshape import consolidate_deepspeed_checkpoint
+        from megagpt.checkpoint.reshape import consolidate_deepspeed_checkpoint
 
         sd, _ = consolidate_deepspeed_checkpoint(root, tag=tag, model_cfg=cfg)
     elif _zero_stage(states) == 0:

@@ -1,18 +1,24 @@
 """Causal self-attention with a fused QKV projection, GQA, RoPE and an optional KV cache.
 
 ``qkv.weight`` has rows ``[q (n_head*D); k (n_kv_head*D); v (n_kv_head*D)]``, heads contiguous
-within each. The score computation itself is ``megagpt_kernels.dispatch.attention``.
+within each. Under tensor parallelism ``qkv`` is column-parallel by heads (each rank holds
+``[q_r; k_r; v_r]`` of its n_head/tp query and n_kv_head/tp key/value heads) and ``proj`` is
+row-parallel. The score computation itself is ``megagpt_kernels.dispatch.attention``.
 """
+import contextlib
+
 import torch
 from torch import nn
 
+from megagpt.tp import SERIAL
+from megagpt.tp.layers import ColumnParallelLinear, RowParallelLinear
 from megagpt_kernels import dispatch
 
-from .embedding import apply_rope
+from .embedding import Dropout, apply_rope
 
 
 class KVCache:
-    """Keys/values of the tokens seen so far, one (k, v) pair per layer, each (B, Hkv, T, D).
+    """Keys/values of the tokens seen so far, one (k, v) pair per layer, each (B, Hkv_local, T, D).
 
     ``seq_len`` is the number of cached positions: the next token's position. Layers append in
     order during a forward; ``GPT.forward`` advances ``seq_len`` once all layers have run.
@@ -31,20 +37,20 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg, layer_idx: int):
+    def __init__(self, cfg, layer_idx: int, tp=SERIAL):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.num_kv_heads, cfg.head_dim
-        qkv_out = (cfg.n_head + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.qkv = nn.Linear(cfg.n_embd, qkv_out, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.layer_idx, self.tp = layer_idx, tp
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head // tp.size, cfg.num_kv_heads // tp.size, cfg.head_dim
+        self.qkv = ColumnParallelLinear(cfg.n_embd, (cfg.n_head + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.bias, tp)
+        self.proj = RowParallelLinear(cfg.n_head * cfg.head_dim, cfg.n_embd, cfg.bias, tp)
         self.attn_dropout = cfg.attn_dropout
-        self.drop = nn.Dropout(cfg.resid_dropout)
+        self.drop = Dropout(cfg.resid_dropout, tp)
 
     def forward(self, x, rope=None, kv_cache=None):
-        B, T, _ = x.shape
+        qkv = self.qkv(x)                                       # (B, T, local heads * D): full T under SP
+        B, T, _ = qkv.shape
         D = self.head_dim
-        q, k, v = self.qkv(x).split([self.n_head * D, self.n_kv_head * D, self.n_kv_head * D], dim=-1)
+        q, k, v = qkv.split([self.n_head * D, self.n_kv_head * D, self.n_kv_head * D], dim=-1)
         q = q.view(B, T, self.n_head, D).transpose(1, 2)       # (B, Hq, T, D)
         k = k.view(B, T, self.n_kv_head, D).transpose(1, 2)    # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, D).transpose(1, 2)
@@ -54,6 +60,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         dropout_p = self.attn_dropout if self.training else 0.0
-        y = dispatch.attention(q, k, v, causal=True, dropout_p=dropout_p, scale=None)
+        # heads differ per TP rank, so must their dropout masks: the per-rank generator
+        split_rng = self.tp.rng.fork() if dropout_p and self.tp.size > 1 else contextlib.nullcontext()
+        with split_rng:
+            y = dispatch.attention(q, k, v, causal=True, dropout_p=dropout_p, scale=None)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * D)
         return self.drop(self.proj(y))

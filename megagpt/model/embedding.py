@@ -1,4 +1,8 @@
-"""Token + learned position embeddings, and rotary position embedding (RoPE).
+"""Token + learned position embeddings, tensor-parallel dropout, and rotary embedding (RoPE).
+
+The token table is vocab-parallel (rows split across TP ranks, partial lookups summed); the
+position table is replicated. With sequence parallelism the embedding output is reduce-scattered
+along the sequence, so each TP rank adds the positions of its own chunk.
 
 RoPE uses the "rotate half" layout (the first and second halves of each head's dims form the
 rotated pairs), as transformers' Llama does, so an exported q/k projection needs no permutation.
@@ -6,22 +10,67 @@ cos/sin are computed per call from the positions in float32: no buffers to save,
 down-cast, and the cost (T x head_dim/2) is negligible next to attention.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from megagpt.tp import SERIAL
+from megagpt.tp.layers import VocabParallelEmbedding, copy_to_tp
+
+
+class Dropout(nn.Module):
+    """Dropout whose mask is the same on every TP rank when the activation is replicated (default
+    generator, seeded alike across TP) and differs per rank when the activation is split (the
+    per-TP-rank generator): ``split`` for per-head tensors, or any activation under sequence
+    parallelism. At tp=1 it is ``nn.Dropout``."""
+
+    def __init__(self, p: float, tp=SERIAL, split: bool = False):
+        super().__init__()
+        self.p, self.tp = p, tp
+        self.split = tp.size > 1 and (split or tp.sequence_parallel)
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if self.split:
+            with self.tp.rng.fork():
+                return F.dropout(x, self.p, True)
+        return F.dropout(x, self.p, True)
+
+
+class Positions(nn.Module):
+    """Learned position table ``weight`` (max_seq_len, n_embd), replicated across TP."""
+
+    def __init__(self, cfg, tp=SERIAL):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.n_embd))
+
+    def forward(self, x, start: int = 0):
+        return add_positions(x, self.weight, self.tp, start)
+
+
+def add_positions(x, weight, tp, start: int = 0):
+    """x (B, T_local, C) + the positions start.. of this rank's (sequence chunk of the) tokens."""
+    n = x.shape[1]
+    if tp.sequence_parallel:
+        start += tp.rank * n
+        weight = copy_to_tp(weight, tp.group)   # each rank's grad covers only its chunk: sum them
+    return x + F.embedding(torch.arange(start, start + n, device=x.device), weight)
 
 
 class Embedding(nn.Module):
-    """``tok`` (padded_vocab x n_embd) and, for learned positions, ``pos`` (max_seq_len x n_embd)."""
+    """``tok`` (padded_vocab x n_embd, vocab-parallel), ``pos`` (learned positions only), dropout."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, tp=SERIAL):
         super().__init__()
-        self.tok = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
-        self.pos = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.pos_emb == "learned" else None
-        self.drop = nn.Dropout(cfg.embd_dropout)
+        self.tok = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.n_embd, tp)
+        self.pos = Positions(cfg, tp) if cfg.pos_emb == "learned" else None
+        self.drop = Dropout(cfg.embd_dropout, tp)
 
-    def forward(self, input_ids, positions):
-        x = self.tok(input_ids)
+    def forward(self, input_ids, start: int = 0):
+        x = self.tok(input_ids)                 # (B, T, C), or (B, T/tp, C) with sequence parallelism
         if self.pos is not None:
-            x = x + self.pos(positions)
+            x = self.pos(x, start)
         return self.drop(x)
 
 

@@ -1,6 +1,9 @@
-"""The GPT decoder: GPT-1 (post-LN), GPT-2 (pre-LN) and Llama-style blocks from one ModelConfig.
+"""The GPT decoder: GPT-1 (post-LN), GPT-2 (pre-LN) and Llama-style blocks from one ModelConfig,
+serial at tp=1 and tensor-parallel at tp>1 (the same class; the layers in megagpt/tp skip every
+collective when the group has one rank). Pipeline stages (pipeline.py) are built from these modules.
 
-Parameter names (stable: checkpoints, the HF exporter and tensor parallelism map these):
+Parameter names (stable: checkpoints, the HF exporter and tensor parallelism map these; shapes
+are the full, serial ones — under TP each rank holds the slice sharding.py describes):
 
     embed.tok.weight              (padded_vocab, n_embd)   token embedding
     embed.pos.weight              (max_seq_len, n_embd)    learned positions only (absent for rope)
@@ -21,8 +24,13 @@ Block order. post ("GPT-1"): x = ln1(x + attn(x)); x = ln2(x + mlp(x)).
 Padded vocabulary: embedding/lm_head rows beyond ``vocab_size`` exist only for matmul speed and
 even tensor-parallel splits. ``forward`` returns logits sliced to ``vocab_size`` (padded ids can
 never be predicted or sampled, and logits match an HF model of ``vocab_size`` directly); the loss
-is computed on the same sliced logits.
+is computed on the same sliced logits (at tp>1 by the vocab-parallel cross-entropy, which masks
+the padded columns instead of gathering the vocabulary).
+
+Initial weights do not depend on the layout: ``init_params`` replays one serial random stream
+and every rank keeps its own slice of each tensor (see ``init_stream``).
 """
+import functools
 import logging
 import math
 
@@ -32,33 +40,57 @@ import torch.utils.checkpoint
 from torch import nn
 
 from megagpt.errors import MegaGPTError
+from megagpt.tp import SERIAL
+from megagpt.tp.cross_entropy import vocab_parallel_cross_entropy
+from megagpt.tp.layers import ColumnParallelLinear, gather_from_tp
+from megagpt.tp.random import checkpoint as tp_checkpoint
 from megagpt_kernels import dispatch
 
 from .attention import CausalSelfAttention, KVCache
 from .config import ModelConfig
 from .embedding import Embedding, rope_cos_sin
 from .mlp import MLP
-from .norm import LayerNorm, RMSNorm, make_norm
+from .norm import make_norm
+from .sharding import check_tp, merge, shard, shard_kind
 
 log = logging.getLogger("megagpt.model")
 
 
 def activation_checkpoint(fn, *args):
-    """Recompute ``fn(*args)`` in backward instead of storing its activations.
-
-    The one checkpoint call in the model; set ``GPT.checkpoint_fn`` to swap it (e.g. DeepSpeed's).
-    """
+    """Recompute ``fn(*args)`` in backward instead of storing its activations."""
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
 
+def checkpoint_fn(tp):
+    """The activation-checkpoint function for this TP layout: at tp>1 the recomputation must
+    replay the per-TP-rank dropout stream too (torch's checkpoint restores only the default one)."""
+    return activation_checkpoint if tp.size == 1 else functools.partial(tp_checkpoint, tp.rng)
+
+
+def rope_for(cfg, start: int, length: int, device):
+    """RoPE (cos, sin) for positions start..start+length, or None for learned positions."""
+    if cfg.pos_emb != "rope":
+        return None
+    return rope_cos_sin(torch.arange(start, start + length, device=device), cfg.head_dim, cfg.rope_theta)
+
+
+def lm_loss(logits_local, labels, cfg, tp=SERIAL):
+    """Mean token cross-entropy over labels != -100 of this rank's vocab slice of the logits."""
+    if tp.size == 1:
+        logits = logits_local[..., : cfg.vocab_size]
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    vocab_start = tp.rank * (cfg.padded_vocab_size // tp.size)
+    return vocab_parallel_cross_entropy(logits_local, labels, tp.group, vocab_start, cfg.vocab_size)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp=SERIAL):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
-        self.ln1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg, layer_idx)
-        self.ln2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.ln1 = make_norm(cfg, tp)
+        self.attn = CausalSelfAttention(cfg, layer_idx, tp)
+        self.ln2 = make_norm(cfg, tp)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x, rope=None, kv_cache=None):
         if self.pre_norm:
@@ -71,22 +103,29 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The model. ``tp`` (a megagpt.tp.TPContext) selects this rank's tensor-parallel slice;
+    ``init=False`` leaves the weights uninitialised (they are about to be loaded)."""
+
+    def __init__(self, cfg: ModelConfig, tp=SERIAL, init: bool = True):
         super().__init__()
         cfg.validate()
-        self.cfg = cfg
-        self.embed = Embedding(cfg)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = make_norm(cfg) if cfg.norm_position == "pre" else None
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        check_tp(cfg, tp.size)
+        self.cfg, self.tp = cfg, tp
+        self.embed = Embedding(cfg, tp)
+        self.blocks = nn.ModuleList(Block(cfg, i, tp) for i in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg, tp) if cfg.norm_position == "pre" else None
+        self.lm_head = ColumnParallelLinear(cfg.n_embd, cfg.padded_vocab_size, False, tp)
         self.tie_weights()
-        self.checkpoint_fn = activation_checkpoint
-        self.init_weights()
-        log.info(
-            "GPT %s: %s params (%s non-embedding), %d layers, width %d, kernels=%s",
-            cfg.name, f"{self.num_params():,}", f"{self.num_params(non_embedding=True):,}",
-            cfg.n_layer, cfg.n_embd, dispatch.backend_name(),
-        )
+        self.checkpoint_fn = checkpoint_fn(tp)
+        if init:
+            self.init_weights()
+            log.info("GPT %s: %s params (%s non-embedding), %d layers, width %d, tp=%d, kernels=%s",
+                     cfg.name, f"{self.num_params():,}", f"{self.num_params(non_embedding=True):,}",
+                     cfg.n_layer, cfg.n_embd, tp.size, dispatch.backend_name())
+
+    def init_weights(self) -> None:
+        """The layout-independent initial weights (``init_stream``), this rank's slices."""
+        init_params(dict(self.named_parameters(remove_duplicate=False)), self.cfg, self.tp)
 
     def tie_weights(self) -> None:
         if self.cfg.tie_embeddings:
@@ -98,83 +137,78 @@ class GPT(nn.Module):
         self.tie_weights()
         return self
 
-    def init_weights(self) -> None:
-        """N(0, init_std) weights, zero biases, unit norms; output projections scaled when configured."""
-        cfg = self.cfg
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = cfg.init_std
-                if cfg.scaled_residual_init and name.endswith(("attn.proj", "mlp.proj")):
-                    std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, (LayerNorm, RMSNorm)):
-                nn.init.ones_(module.weight)
-
     # ---- forward ------------------------------------------------------------------------
-    # forward = embed_inputs -> blocks -> final_norm -> logits (-> loss); the pieces are public so
-    # pipeline stages and tensor-parallel heads can reuse them.
-    def embed_inputs(self, input_ids, start: int = 0):
-        """Embedded tokens (B, T, n_embd) at positions start.., and the rope (cos, sin) or None."""
-        cfg = self.cfg
+    def forward_hidden(self, input_ids, kv_cache: KVCache = None):
+        """Final hidden states (B, T, n_embd), replicated on every TP rank: after ln_f (pre-LN)
+        or the last block (post-LN). A consumer computes the same thing on every TP rank (a
+        finetuning head), so under sequence parallelism the gather's backward takes the own chunk."""
+        return gather_from_tp(self._hidden_local(input_ids, kv_cache), self.tp.group, dim=1) \
+            if self.tp.sequence_parallel else self._hidden_local(input_ids, kv_cache)
+
+    def _hidden_local(self, input_ids, kv_cache=None):
+        """Final hidden states of this rank's sequence chunk (all of it without sequence parallelism)."""
+        cfg, tp = self.cfg, self.tp
+        start = kv_cache.seq_len if kv_cache is not None else 0
         T = input_ids.shape[1]
         if start + T > cfg.max_seq_len:
             raise MegaGPTError(
-                f"sequence of {start + T} tokens (cached {start} + new {T}) exceeds max_seq_len={cfg.max_seq_len}"
-            )
-        positions = torch.arange(start, start + T, device=input_ids.device)
-        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta) if cfg.pos_emb == "rope" else None
-        return self.embed(input_ids, positions), rope
-
-    def final_norm(self, x):
-        return self.ln_f(x) if self.ln_f is not None else x
-
-    def forward_hidden(self, input_ids, kv_cache: KVCache = None):
-        """Final hidden states (B, T, n_embd): after ln_f (pre-LN) or the last block (post-LN)."""
-        start = kv_cache.seq_len if kv_cache is not None else 0
-        x, rope = self.embed_inputs(input_ids, start)
-        checkpointing = self.cfg.activation_checkpointing and self.training and kv_cache is None
+                f"sequence of {start + T} tokens (cached {start} + new {T}) exceeds max_seq_len={cfg.max_seq_len}")
+        if tp.sequence_parallel and (kv_cache is not None or T % tp.size):
+            raise MegaGPTError(f"sequence_parallel: {T} new tokens{' with a KV cache' if kv_cache else ''} cannot "
+                               f"be split over tensor_parallel={tp.size}; build the model without sequence "
+                               f"parallelism for generation")
+        x = self.embed(input_ids, start)
+        rope = rope_for(cfg, start, T, input_ids.device)
+        checkpointing = cfg.activation_checkpointing and self.training and kv_cache is None
         for block in self.blocks:
             if checkpointing:
                 x = self.checkpoint_fn(block, x, rope)
             else:
                 x = block(x, rope, kv_cache)
         if kv_cache is not None:
-            kv_cache.seq_len = start + input_ids.shape[1]
-        return self.final_norm(x)
-
-    def logits(self, hidden):
-        """lm_head output sliced to vocab_size: padded ids are never predicted."""
-        return self.lm_head(hidden)[..., : self.cfg.vocab_size]
+            kv_cache.seq_len = start + T
+        return self.ln_f(x) if self.ln_f is not None else x
 
     def forward(self, input_ids, labels=None, kv_cache: KVCache = None):
         """Logits (B, T, vocab_size), or the mean cross-entropy over labels != -100 if given.
 
         Labels are already aligned with the inputs (labels[t] is the token after input_ids[t]).
         """
-        logits = self.logits(self.forward_hidden(input_ids, kv_cache))
-        if labels is None:
-            return logits
-        if labels.shape != input_ids.shape:
+        cfg, tp = self.cfg, self.tp
+        if labels is not None and labels.shape != input_ids.shape:
             raise MegaGPTError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        logits_local = self.lm_head(self._hidden_local(input_ids, kv_cache))   # gathers a split sequence
+        if labels is None:
+            return gather_from_tp(logits_local, tp.group)[..., : cfg.vocab_size]
+        return lm_loss(logits_local, labels, cfg, tp)
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layer)
 
+    # ---- weights at any layout ----------------------------------------------------------
+    @torch.no_grad()
+    def load_full_state_dict(self, full_sd: dict) -> None:
+        """Copy this rank's slices of a full (serial-named) state dict into the model."""
+        load_slices(dict(self.named_parameters(remove_duplicate=False)), full_sd, self.cfg, self.tp)
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        """Full serial-named tensors (gathered across TP: a collective at tp>1; every rank gets them)."""
+        return gather_slices(self.state_dict(), self.cfg, self.tp)
+
     # ---- accounting ---------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters (tied weights once). non_embedding drops token/position tables and
-        lm_head (Kaplan et al.'s N)."""
+        """Unique parameters of the whole model (tied weights once; full sizes at any TP).
+        non_embedding drops token/position tables and lm_head (Kaplan et al.'s N)."""
         skip = set()
         if non_embedding:
             skip = {id(self.embed.tok.weight), id(self.lm_head.weight)}
             if self.embed.pos is not None:
                 skip.add(id(self.embed.pos.weight))
-        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+        scale = {n: (1 if shard_kind(n) == "replicated" else self.tp.size) for n, _ in self.named_parameters()}
+        return sum(p.numel() * scale[n] for n, p in self.named_parameters() if id(p) not in skip)
 
-    def flops_per_token(self, seq_len: int) -> int:
+    def flops_per_token(self, seq_length: int) -> int:
         """Training FLOPs per token, PaLM appendix B: 6N + 12*L*H*Q*T.
 
         N = non-embedding parameters + the lm_head matmul (padded_vocab * n_embd): every weight
@@ -182,4 +216,125 @@ class GPT(nn.Module):
         """
         cfg = self.cfg
         n = self.num_params(non_embedding=True) + cfg.padded_vocab_size * cfg.n_embd
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_length
+
+
+# ---- initialisation: one serial random stream, sliced per rank ------------------------------------
+
+def init_stream(cfg):
+    """The initial-weight random stream, as (draw, serial name, std) in order; a layout-free
+    definition every rank replays, keeping only its own slices.
+
+    It is the stream the serial model has drawn since the first release (so tp=pp=1 runs stay
+    bit-identical to earlier ones): first torch's default construction of each Linear/Embedding
+    in registration order (``"construct"``: a normal_ draw for tables, uniform_ for Linear weights
+    and biases; the values are discarded, only the generator advances), then N(0, std) for every
+    matrix in the same order, output projections scaled by 1/sqrt(2*n_layer) when configured. A
+    tied head is drawn last into the shared token table (its value wins, as it always did).
+    """
+    std = cfg.init_std
+    proj_std = std / math.sqrt(2 * cfg.n_layer) if cfg.scaled_residual_init else std
+    linears = []   # (name, has bias, std), registration order
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}."
+        linears += [(b + "attn.qkv", cfg.bias, std), (b + "attn.proj", cfg.bias, proj_std), (b + "mlp.fc", cfg.bias, std)]
+        if cfg.activation == "swiglu":
+            linears.append((b + "mlp.gate", cfg.bias, std))
+        linears.append((b + "mlp.proj", cfg.bias, proj_std))
+    tables = ["embed.tok"] + (["embed.pos"] if cfg.pos_emb == "learned" else [])
+    head = "embed.tok" if cfg.tie_embeddings else "lm_head"
+    stream = [("construct_normal", t + ".weight", None) for t in tables]
+    for name, bias, _ in linears:
+        stream.append(("construct_uniform", name + ".weight", None))
+        if bias:
+            stream.append(("construct_uniform", name + ".bias", None))
+    stream.append(("construct_uniform", "lm_head.weight", None))
+    stream += [("normal", t + ".weight", std) for t in tables]
+    stream += [("normal", name + ".weight", s) for name, _, s in linears]
+    stream.append(("normal", head + ".weight", std))
+    return stream
+
+
+def full_shapes(cfg) -> dict:
+    """Serial name -> full shape of every parameter (tied head included)."""
+    C, D, ffn, V = cfg.n_embd, cfg.head_dim, cfg.ffn_dim, cfg.padded_vocab_size
+    shapes = {"embed.tok.weight": (V, C), "lm_head.weight": (V, C)}
+    if cfg.pos_emb == "learned":
+        shapes["embed.pos.weight"] = (cfg.max_seq_len, C)
+    norm_names = ["ln1", "ln2"]
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}."
+        shapes[b + "attn.qkv.weight"] = ((cfg.n_head + 2 * cfg.num_kv_heads) * D, C)
+        shapes[b + "attn.proj.weight"] = (C, cfg.n_head * D)
+        mlp_in = ["fc", "gate"] if cfg.activation == "swiglu" else ["fc"]
+        for m in mlp_in:
+            shapes[b + f"mlp.{m}.weight"] = (ffn, C)
+        shapes[b + "mlp.proj.weight"] = (C, ffn)
+        if cfg.bias:
+            shapes[b + "attn.qkv.bias"] = (shapes[b + "attn.qkv.weight"][0],)
+            shapes[b + "attn.proj.bias"] = (C,)
+            for m in mlp_in:
+                shapes[b + f"mlp.{m}.bias"] = (ffn,)
+            shapes[b + "mlp.proj.bias"] = (C,)
+        for n in norm_names:
+            shapes[b + f"{n}.weight"] = (C,)
+            if cfg.bias and cfg.norm == "layernorm":
+                shapes[b + f"{n}.bias"] = (C,)
+    if cfg.norm_position == "pre":
+        shapes["ln_f.weight"] = (C,)
+        if cfg.bias and cfg.norm == "layernorm":
+            shapes["ln_f.bias"] = (C,)
+    return shapes
+
+
+@torch.no_grad()
+def init_params(params: dict, cfg, tp=SERIAL) -> None:
+    """Initialise ``params`` ({serial name: this rank's parameter}; any subset of the model, e.g.
+    one pipeline stage's) by replaying ``init_stream`` on the default CPU generator. Biases start
+    at zero and norms at one (they are created so). Parameters on the meta device are skipped."""
+    if any(p.is_meta for p in params.values()):
+        return
+    shapes = full_shapes(cfg)
+    for draw, name, std in init_stream(cfg):
+        full = torch.empty(shapes[name])
+        if draw == "construct_uniform":
+            full.uniform_()
+            continue
+        full.normal_(0.0, 1.0 if std is None else std)
+        if draw == "normal" and name in params:
+            p = params[name]
+            p.copy_(shard(name, full, tp.rank, tp.size, cfg).to(p.device, p.dtype))
+
+
+@torch.no_grad()
+def load_slices(params: dict, full_sd: dict, cfg, tp=SERIAL) -> None:
+    """Copy this rank's slices of ``full_sd`` (serial names) into ``params`` ({serial name: param})."""
+    if cfg.tie_embeddings:   # either tied name alone is enough
+        tok = full_sd.get("embed.tok.weight", full_sd.get("lm_head.weight"))
+        full_sd = {**full_sd, "embed.tok.weight": tok, "lm_head.weight": tok}
+    missing = sorted(n for n in params if n not in full_sd)
+    if missing:
+        raise MegaGPTError(f"state dict has no {missing[:4]} (keys like {sorted(full_sd)[:4]}...)")
+    for name, p in params.items():
+        local = shard(name, full_sd[name], tp.rank, tp.size, cfg)
+        if local.shape != p.shape:
+            raise MegaGPTError(f"{name}: shape {tuple(full_sd[name].shape)} does not fit this model "
+                               f"(slice {tuple(local.shape)} vs {tuple(p.shape)})")
+        p.copy_(local)
+
+
+@torch.no_grad()
+def gather_slices(local_sd: dict, cfg, tp=SERIAL) -> dict:
+    """Full serial-named tensors from this rank's ``local_sd`` (a collective over the TP group)."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, t in local_sd.items():
+        t = t.detach().contiguous()
+        if tp.size > 1 and shard_kind(name) != "replicated":
+            parts = [torch.empty_like(t) for _ in range(tp.size)]
+            dist.all_gather(parts, t, group=tp.group)
+        else:
+            parts = [t]
+        out[name] = merge(name, parts, cfg).clone() if tp.size > 1 else t.clone()
+    return out

@@ -1,27 +1,31 @@
 """The feed-forward sublayer: ``fc`` -> activation -> ``proj`` (and ``gate`` for SwiGLU).
 
-SwiGLU computes ``proj(silu(gate(x)) * fc(x))``; gate and up projections are separate Linears
-(not one fused matrix) so tensor parallelism and HF Llama export (gate_proj/up_proj/down_proj)
-split them without re-interleaving rows.
+``fc``/``gate`` are column-parallel (each TP rank holds ffn_dim/tp rows), ``proj`` row-parallel
+(partial sums all-reduced). SwiGLU computes ``proj(silu(gate(x)) * fc(x))``; gate and up
+projections are separate (not one fused matrix) so tensor parallelism and HF Llama export
+(gate_proj/up_proj/down_proj) split them without re-interleaving rows.
 """
 import torch.nn.functional as F
 from torch import nn
 
+from megagpt.tp import SERIAL
+from megagpt.tp.layers import ColumnParallelLinear, RowParallelLinear
+
+from .embedding import Dropout
+
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, tp=SERIAL):
         super().__init__()
         self.activation = cfg.activation
-        self.fc = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.bias)
-        self.gate = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.bias) if cfg.activation == "swiglu" else None
-        self.proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.resid_dropout)
+        self.fc = ColumnParallelLinear(cfg.n_embd, cfg.ffn_dim, cfg.bias, tp)
+        self.gate = ColumnParallelLinear(cfg.n_embd, cfg.ffn_dim, cfg.bias, tp) if cfg.activation == "swiglu" else None
+        self.proj = RowParallelLinear(cfg.ffn_dim, cfg.n_embd, cfg.bias, tp)
+        self.drop = Dropout(cfg.resid_dropout, tp)
 
     def forward(self, x):
         if self.activation == "swiglu":
             h = F.silu(self.gate(x)) * self.fc(x)
-        elif self.activation == "gelu_tanh":
-            h = F.gelu(self.fc(x), approximate="tanh")
         else:
-            h = F.gelu(self.fc(x))
+            h = F.gelu(self.fc(x), approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return self.drop(self.proj(h))

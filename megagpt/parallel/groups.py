@@ -16,7 +16,9 @@ import torch.distributed as dist
 
 from megagpt.errors import MegaGPTError
 
-from .random import RNGTracker
+from megagpt.tp import TPContext
+from megagpt.tp.random import RNGTracker
+
 from .topology import Coord, ParallelConfig, group_ranks, rank_to_coord
 
 
@@ -44,6 +46,12 @@ class ParallelState:
     is_last_stage = property(lambda self: self.coord.pp == self.pp_size - 1)
     # Only the first (input_ids) and last (labels) pipeline stages read batches; others build no data.
     needs_data = property(lambda self: self.is_first_stage or self.is_last_stage)
+
+    @property
+    def tp(self) -> TPContext:
+        """What the model's layers need to know about this rank's tensor-parallel group."""
+        return TPContext(self.tp_group if self.tp_size > 1 else None, self.tp_rank, self.tp_size,
+                         self.sequence_parallel, self.rng)
 
     @property
     def mpu(self) -> "DeepSpeedMPU":

@@ -4,7 +4,8 @@ Conjugate pairs of autograd Functions move activations in and out of TP regions:
 
     copy_to_tp         fwd identity          bwd all-reduce      (replicated input -> column-parallel)
     reduce_from_tp     fwd all-reduce        bwd identity        (row-parallel partial sums -> replicated)
-    gather_from_tp     fwd all-gather(last)  bwd take own chunk  (vocab logits for sampling only)
+    gather_from_tp     fwd all-gather(dim)   bwd take own chunk  (vocab logits for sampling; a sequence-
+                                                             split output for a replicated consumer)
   sequence parallel (activations split along dim 1 = sequence):
     scatter_to_seq     fwd take own chunk    bwd all-gather
     gather_from_seq    fwd all-gather        bwd reduce-scatter  (before column-parallel)
@@ -12,7 +13,8 @@ Conjugate pairs of autograd Functions move activations in and out of TP regions:
 
 Parameters split across TP ranks carry ``tensor_model_parallel = True`` (DeepSpeed counts their
 grad norm on every TP rank, replicated ones on TP rank 0 only). Every collective is skipped when
-the group has one rank, so tp=1 layers are plain Linear/Embedding.
+the group has one rank, so tp=1 layers are plain Linear/Embedding (same numerics, same
+parameter names) and need no process group at all.
 """
 import torch
 import torch.distributed as dist
@@ -82,13 +84,13 @@ class _ReduceFromTP(torch.autograd.Function):
 
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group, -1)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, g):
-        return _chunk(g, ctx.group, -1), None
+        return _chunk(g, ctx.group, ctx.dim), None, None
 
 
 class _ScatterToSeq(torch.autograd.Function):
@@ -132,8 +134,8 @@ def reduce_from_tp(x, group):
     return _ReduceFromTP.apply(x, group) if _size(group) > 1 else x
 
 
-def gather_from_tp(x, group):
-    return _GatherFromTP.apply(x, group) if _size(group) > 1 else x
+def gather_from_tp(x, group, dim=-1):
+    return _GatherFromTP.apply(x, group, dim) if _size(group) > 1 else x
 
 
 def scatter_to_seq(x, group):
@@ -148,34 +150,44 @@ def reduce_scatter_seq(x, group):
     return _ReduceScatterToSeq.apply(x, group) if _size(group) > 1 else x
 
 
-def mark_tp(param: nn.Parameter) -> nn.Parameter:
-    param.tensor_model_parallel = True
+def mark_tp(param: nn.Parameter, tp) -> nn.Parameter:
+    """Flag a parameter split across TP ranks (only when it is: at tp=1 nothing is split)."""
+    if tp.size > 1:
+        param.tensor_model_parallel = True
     return param
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T + b_local, W split along output rows; the input is replicated
-    (or, with sequence parallelism, sequence-split and all-gathered here)."""
+    """y_local = x W_local^T + b_local, W split along output rows (``out_features / tp`` each);
+    the input is replicated (or, with sequence parallelism, sequence-split and all-gathered here)."""
 
-    def __init__(self, in_features, out_local, bias, group, sequence_parallel=False):
+    def __init__(self, in_features, out_features, bias, tp):
         super().__init__()
-        self.group, self.sequence_parallel = group, sequence_parallel
-        self.weight = mark_tp(nn.Parameter(torch.empty(out_local, in_features)))
-        self.bias = mark_tp(nn.Parameter(torch.zeros(out_local))) if bias else None
+        self.group, self.sequence_parallel = tp.group, tp.sequence_parallel
+        out_local = out_features // tp.size
+        self.weight = mark_tp(nn.Parameter(torch.empty(out_local, in_features)), tp)
+        self.bias = mark_tp(nn.Parameter(torch.zeros(out_local)), tp) if bias else None
 
     def forward(self, x):
-        x = gather_from_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        return F.linear(x, self.weight, self.bias)
+        return column_parallel_linear(x, self.weight, self.bias, self.group, self.sequence_parallel)
+
+
+def column_parallel_linear(x, weight, bias, group, sequence_parallel=False):
+    """Replicate the input (all-gather it along the sequence under sequence parallelism), then
+    this rank's output slice. Also the tied LM head of a pipeline's last stage."""
+    x = gather_from_seq(x, group) if sequence_parallel else copy_to_tp(x, group)
+    return F.linear(x, weight, bias)
 
 
 class RowParallelLinear(nn.Module):
     """y = sum_ranks x_local W_local^T + b, W split along input columns; the output is
     all-reduced (or reduce-scattered along the sequence). The bias is replicated and added once."""
 
-    def __init__(self, in_local, out_features, bias, group, sequence_parallel=False):
+    def __init__(self, in_features, out_features, bias, tp):
         super().__init__()
-        self.group, self.sequence_parallel = group, sequence_parallel
-        self.weight = mark_tp(nn.Parameter(torch.empty(out_features, in_local)))
+        self.group, self.sequence_parallel = tp.group, tp.sequence_parallel
+        in_local = in_features // tp.size
+        self.weight = mark_tp(nn.Parameter(torch.empty(out_features, in_local)), tp)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x):
@@ -193,12 +205,12 @@ class VocabParallelEmbedding(nn.Module):
     up as row 0 and zeroed, then partial results are summed across TP (reduce-scattered along
     the sequence with sequence parallelism)."""
 
-    def __init__(self, padded_vocab, dim, group, tp_rank, tp_size, sequence_parallel=False):
+    def __init__(self, padded_vocab, dim, tp):
         super().__init__()
-        self.group, self.sequence_parallel = group, sequence_parallel
-        per = padded_vocab // tp_size
-        self.vocab_start, self.vocab_end = tp_rank * per, (tp_rank + 1) * per
-        self.weight = mark_tp(nn.Parameter(torch.empty(per, dim)))
+        self.group, self.sequence_parallel = tp.group, tp.sequence_parallel
+        per = padded_vocab // tp.size
+        self.vocab_start, self.vocab_end = tp.rank * per, (tp.rank + 1) * per
+        self.weight = mark_tp(nn.Parameter(torch.empty(per, dim)), tp)
 
     def forward(self, ids):
         if _size(self.group) == 1:

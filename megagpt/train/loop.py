@@ -3,7 +3,7 @@
 DeepSpeed owns the optimizer, ZeRO, precision, gradient accumulation and clipping: per micro-batch
 we call ``engine(...)``, ``engine.backward`` and ``engine.step`` (the engine updates on the
 accumulation boundary). With pipeline parallelism DeepSpeed owns the micro-batch schedule too
-(``engine.train_batch`` / ``eval_batch`` via ``megagpt.parallel.pipeline.train_step``). We own what DeepSpeed does not know: the sample position
+(``engine.train_batch`` / ``eval_batch`` via ``megagpt.parallel.layout.train_step``). We own what DeepSpeed does not know: the sample position
 (``consumed_samples``), the bad-loss policy, SIGTERM and when to evaluate or save.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def pipeline_step(engine, micro_batches, par, inject_nan: bool):
 
     The step is taken before the loss is known, so a non-finite loss cannot be kept out of the
     weights: the caller stops without saving (the last complete checkpoint stays the good one)."""
-    from megagpt.parallel.pipeline import train_step as pp_train_step
+    from megagpt.parallel.layout import train_step as pp_train_step
 
     loss = pp_train_step(engine, iter(micro_batches) if micro_batches is not None else None, par).item()
     if inject_nan:

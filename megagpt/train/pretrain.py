@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 
 if __package__ in (None, ""):  # run as a file by the deepspeed launcher
@@ -103,7 +102,7 @@ def param_groups(model, weight_decay: float):
     """AdamW groups: decay matmul weights only (not biases, norms or embedding tables).
 
     Names are the serial GPT's in every layout (TP, pipeline), so the rule does not depend on it."""
-    from megagpt.parallel.pipeline import named_parameters_serial
+    from megagpt.parallel.layout import named_parameters_serial
 
     decay, no_decay = [], []
     for name, p in named_parameters_serial(model):
@@ -122,29 +121,18 @@ def dump_weights(model, path, rank) -> None:
             torch.save({k: v.detach().float().clone() for k, v in model.state_dict().items()}, path)
 
 
-def seed_all(seed: int) -> None:
-    import numpy as np
-    import torch
-    from deepspeed.accelerator import get_accelerator
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    get_accelerator().manual_seed_all(seed)
-
-
 def run(cfg, ds_config) -> int:
     import deepspeed
     import torch
 
     from megagpt.data import build_gpt_datasets
-    from megagpt.model import GPT
     from megagpt.tokenizer import load_tokenizer
     from megagpt.train import checkpoint, distributed, loop
     from megagpt.train.metrics import Metrics, peak_flops
     from megagpt.train.schedule import build_scheduler
 
     from megagpt.parallel.groups import build_parallel_state
-    from megagpt.parallel.pipeline import build_model, model_stats, prepare_ds_config
+    from megagpt.parallel.layout import build_model, deepspeed_mpu, model_stats, prepare_ds_config
 
     rank, world, _ = distributed.init_distributed()
     device = distributed.device()
@@ -152,25 +140,14 @@ def run(cfg, ds_config) -> int:
     par = build_parallel_state(cfg.parallel_config())
     ds_config = prepare_ds_config(ds_config, par)
     dp_rank, dp_size, dp_group = par.dp_rank, par.dp_size, par.dp_group   # not the world
-    serial = par.tp_size == 1 and par.pp_size == 1
     tok = load_tokenizer(cfg.data.tokenizer)
     mcfg = cfg.model_config()
 
-    if serial:
-        seed_all(t.seed)  # identical initial weights on every rank
-        model = GPT(mcfg)
-        n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_length)  # before ZeRO-3 shards
-        seed_all(t.seed + 1000 * dp_rank)  # per-rank dropout streams
-    else:  # TP ranks must share the default stream: megagpt.parallel.random seeds it per stage
-        import numpy as np
-        random.seed(t.seed)
-        np.random.seed(t.seed)
-        model = build_model(mcfg, par)  # TPGPT, or a PipelineModule when pipeline_parallel > 1
-        n_params, flops_per_token = model_stats(mcfg, cfg.data.seq_length)
-        par.rng.reseed(t.seed + 1000 * dp_rank)  # per-replica dropout, TP ranks still agree
+    model = build_model(mcfg, par, t.seed)   # the same initial weights at every layout
+    n_params, flops_per_token = model_stats(mcfg, cfg.data.seq_length)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_config,
-        mpu=None if serial or par.pp_size > 1 else par.mpu,   # pipelines bring their own grid
+        mpu=deepspeed_mpu(par),
         lr_scheduler=lambda opt: build_scheduler(opt, t))
 
     gbs = t.micro_batch_size * t.gradient_accumulation_steps * dp_size
@@ -193,7 +170,7 @@ def run(cfg, ds_config) -> int:
                   "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "tokenizer": tok.spec()}
         if not t.save:
             return
-        if cfg.debug.dump_weights and serial:
+        if cfg.debug.dump_weights and par.tp_size == 1 and par.pp_size == 1:
             dump_weights(model, os.path.join(t.save, checkpoint.tag_for(st.step) + "_weights_at_save.pt"), rank)
         checkpoint.save(engine, t.save, st.step, client, dp_group, t.keep_last, kill_before_complete=kill)
 
@@ -226,7 +203,7 @@ def main(argv=None) -> int:
 
     discover_dist_env()  # under mpirun: RANK/WORLD_SIZE/... from OMPI_*/PMI_* (before anything reads them)
     from megagpt.config import load_config
-    from megagpt.parallel.pipeline import check_zero_stage
+    from megagpt.parallel.layout import check_zero_stage
     from megagpt.train.distributed import build_ds_config, dp_world_from_env
 
     try:
@@ -239,7 +216,7 @@ def main(argv=None) -> int:
             raise MegaGPTError(f"{cfg.source}: parallel: {e}") from None
         ds_config = build_ds_config(cfg.train.deepspeed_config, cfg.train, dp)
         try:
-            check_zero_stage(ds_config, pcfg_state(pcfg))
+            check_zero_stage(ds_config, pcfg.pipeline_parallel)
         except MegaGPTError as e:
             raise MegaGPTError(f"{cfg.train.deepspeed_config}: {e}") from None
     except MegaGPTError:
@@ -247,12 +224,6 @@ def main(argv=None) -> int:
             sys.exit(2)
         raise
     return run(cfg, ds_config)
-
-
-def pcfg_state(pcfg):
-    """What check_zero_stage reads of a ParallelState, known before any process group exists."""
-    from types import SimpleNamespace
-    return SimpleNamespace(pp_size=pcfg.pipeline_parallel)
 
 
 if __name__ == "__main__":

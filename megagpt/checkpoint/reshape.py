@@ -1,12 +1,5 @@
-"""How each serial GPT parameter is split across tensor-parallel ranks (pure tensor functions).
-
-    embed.tok.weight, lm_head.weight        rows (vocab)          VocabParallelEmbedding / vocab-parallel head
-    blocks.i.attn.qkv.weight/.bias          qkv: each of q, k, v split by heads, local rows [q_r; k_r; v_r]
-    blocks.i.mlp.fc/.gate .weight/.bias     rows (ffn)            ColumnParallelLinear (SwiGLU: both alike)
-    blocks.i.attn.proj.weight, mlp.proj.weight   cols             RowParallelLinear
-    everything else (norms, positions, row-parallel biases)       replicated
-
-Used by the live TP model (load/gather) and by offline checkpoint reshaping alike (below).
+"""Checkpoint reshaping: any DeepSpeed layout -> consolidated (serial names) -> any layout, for
+weights and (live engines, ZeRO 0-2) Adam state.
 """
 import re
 from pathlib import Path
@@ -14,71 +7,9 @@ from pathlib import Path
 import torch
 
 from megagpt.errors import MegaGPTError
-
-_ROWS = re.compile(r"(^embed\.tok\.weight|^lm_head\.weight|mlp\.(fc|gate)\.(weight|bias))$")
-_COLS = re.compile(r"(attn\.proj|mlp\.proj)\.weight$")
-_QKV = re.compile(r"attn\.qkv\.(weight|bias)$")
-
-
-def shard_kind(name: str) -> str:
-    if _QKV.search(name):
-        return "qkv"
-    if _ROWS.search(name):
-        return "rows"
-    if _COLS.search(name):
-        return "cols"
-    return "replicated"
-
-
-def check_tp(cfg, tp: int) -> None:
-    """Refuse layouts whose splits would be uneven."""
-    for what, n in (("n_head", cfg.n_head), ("n_kv_head", cfg.num_kv_heads), ("ffn_dim", cfg.ffn_dim),
-                    ("padded vocabulary", cfg.padded_vocab_size)):
-        if n % tp:
-            raise MegaGPTError(f"tensor_parallel={tp} does not divide {what}={n}")
-
-
-def _qkv_sizes(cfg, tp=1):
-    d = cfg.head_dim
-    return [cfg.n_head * d // tp, cfg.num_kv_heads * d // tp, cfg.num_kv_heads * d // tp]
-
-
-def shard(name: str, full: torch.Tensor, tp_rank: int, tp: int, cfg) -> torch.Tensor:
-    """This TP rank's slice of the full parameter ``name``."""
-    kind = shard_kind(name)
-    if kind == "replicated" or tp == 1:
-        return full
-    if kind == "rows":
-        return full.chunk(tp, dim=0)[tp_rank]
-    if kind == "cols":
-        return full.chunk(tp, dim=1)[tp_rank]
-    q, k, v = full.split(_qkv_sizes(cfg), dim=0)
-    return torch.cat([t.chunk(tp, dim=0)[tp_rank] for t in (q, k, v)], dim=0)
-
-
-def merge(name: str, shards: list, cfg) -> torch.Tensor:
-    """The full parameter from every TP rank's slice (in TP-rank order)."""
-    kind, tp = shard_kind(name), len(shards)
-    if kind == "replicated" or tp == 1:
-        return shards[0]
-    if kind == "rows":
-        return torch.cat(shards, dim=0)
-    if kind == "cols":
-        return torch.cat(shards, dim=1)
-    parts = [s.split(_qkv_sizes(cfg, tp), dim=0) for s in shards]
-    return torch.cat([torch.cat([p[i] for p in parts], dim=0) for i in range(3)], dim=0)
-
+from megagpt.model.sharding import check_tp, merge, pipeline_layer_prefixes, shard, shard_kind
 
 # ---- checkpoint reshaping: any DeepSpeed layout -> consolidated (serial names) -> any layout ----
-
-def pipeline_layer_prefixes(cfg) -> list:
-    """Serial-name prefix of each PipelineModule layer index (see pipeline.py's layer list)."""
-    prefixes = ["embed.tok.", "embed.pos."] + [f"blocks.{i}." for i in range(cfg.n_layer)]
-    if cfg.norm_position == "pre":
-        prefixes.append("ln_f.")
-    prefixes.append("embed.tok." if cfg.tie_embeddings else "lm_head.")
-    return prefixes
-
 
 def _load(path):
     try:
@@ -163,7 +94,8 @@ def save_consolidated_checkpoint(out_dir, full_sd, cfg, tokenizer_path=None, run
     from megagpt.export.consolidated import save_consolidated
     from megagpt.model import GPT
 
-    expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in GPT(cfg, init=False).state_dict().items()}
     got = {k: v.shape for k, v in full_sd.items()}
     if expected != got:
         diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
@@ -177,7 +109,7 @@ def load_consolidated_into(model, ckpt_dir) -> dict:
     Returns the checkpoint's meta (config.json). Weights only: the optimizer starts fresh."""
     from megagpt.export.consolidated import load_consolidated
 
-    from .pipeline import load_full_state_dict
+    from megagpt.parallel.layout import load_full_state_dict
 
     sd, meta = load_consolidated(ckpt_dir)
     load_full_state_dict(getattr(model, "module", model), sd)
@@ -189,7 +121,7 @@ def save_consolidated_from_engine(engine_or_model, out_dir, cfg, tokenizer_path=
     """Gather a live model/engine of any layout (collective: call on every rank); rank 0 writes."""
     import torch.distributed as dist
 
-    from .pipeline import full_state_dict
+    from megagpt.parallel.layout import full_state_dict
 
     full = full_state_dict(engine_or_model)
     out = None
@@ -219,6 +151,12 @@ def _zero_optimizer(engine):
     return stage, base
 
 
+def _layout(module):
+    """(TPContext, ModelConfig) of a GPT or a pipeline stage module."""
+    par = getattr(module, "parallel_state", None)
+    return (par.tp if par is not None else module.tp), module.cfg
+
+
 def _step_of(base) -> int:
     for st in base.state.values():
         if "step" in st:
@@ -232,13 +170,12 @@ def gather_optimizer_state(engine) -> tuple:
     of a live engine at any TP/PP/DP layout (collective: call on every rank; all get the result)."""
     import torch.distributed as dist
 
-    from .pipeline import named_parameters_serial
+    from megagpt.parallel.layout import named_parameters_serial
 
     stage, base = _zero_optimizer(engine)
     module = engine.module
-    state = getattr(module, "parallel_state", None) or getattr(module, "state", None)
-    cfg = module.cfg
-    tp = state.tp_size if state is not None else 1
+    state, cfg = _layout(module)
+    tp = state.size
     out = {}
     for name, p in named_parameters_serial(module):
         for key in _MOMENTS + ("fp32",):
@@ -255,13 +192,14 @@ def gather_optimizer_state(engine) -> tuple:
             local = local.detach().float().contiguous()
             if tp > 1 and shard_kind(name) != "replicated":
                 parts = [torch.empty_like(local) for _ in range(tp)]
-                dist.all_gather(parts, local, group=state.tp_group)
+                dist.all_gather(parts, local, group=state.group)
             else:
                 parts = [local]
             out[f"{key}.{name}"] = merge(name, parts, cfg).clone()
-    if state is not None and state.pp_size > 1:
-        parts = [None] * state.pp_size
-        dist.all_gather_object(parts, {k: v.cpu() for k, v in out.items()}, group=state.pp_group)
+    par = getattr(module, "parallel_state", None)
+    if par is not None and par.pp_size > 1:
+        parts = [None] * par.pp_size
+        dist.all_gather_object(parts, {k: v.cpu() for k, v in out.items()}, group=par.pp_group)
         out = {}
         for part in parts:
             for k, v in part.items():
@@ -288,15 +226,15 @@ def load_optimizer_state(engine, ckpt_dir) -> int:
     engine of any layout (ZeRO 0-2, Adam/AdamW), before its first step. Returns the step count."""
     from safetensors import safe_open
 
-    from .pipeline import named_parameters_serial
+    from megagpt.parallel.layout import named_parameters_serial
 
     path = Path(ckpt_dir) / OPTIMIZER_FILE
     if not path.is_file():
         raise MegaGPTError(f"{ckpt_dir}: no {OPTIMIZER_FILE} (weights-only checkpoint: the optimizer starts fresh)")
     stage, base = _zero_optimizer(engine)
     module = engine.module
-    state = getattr(module, "parallel_state", None) or getattr(module, "state", None)
-    tp_rank, tp = (state.tp_rank, state.tp_size) if state is not None else (0, 1)
+    state, _ = _layout(module)
+    tp_rank, tp = state.rank, state.size
     with safe_open(str(path), framework="pt") as f:
         step = int(f.metadata()["step"])
         named = named_parameters_serial(module)

@@ -1,0 +1,79 @@
+"""How each GPT parameter is split across tensor-parallel ranks (pure tensor functions).
+
+    embed.tok.weight, lm_head.weight        rows (vocab)          VocabParallelEmbedding / vocab-parallel head
+    blocks.i.attn.qkv.weight/.bias          qkv: each of q, k, v split by heads, local rows [q_r; k_r; v_r]
+    blocks.i.mlp.fc/.gate .weight/.bias     rows (ffn)            ColumnParallelLinear (SwiGLU: both alike)
+    blocks.i.attn.proj.weight, mlp.proj.weight   cols             RowParallelLinear
+    everything else (norms, positions, row-parallel biases)       replicated
+
+Used by the model's init and load/gather at any TP, and by offline checkpoint reshaping alike.
+"""
+import re
+
+import torch
+
+from megagpt.errors import MegaGPTError
+
+_ROWS = re.compile(r"(^embed\.tok\.weight|^lm_head\.weight|mlp\.(fc|gate)\.(weight|bias))$")
+_COLS = re.compile(r"(attn\.proj|mlp\.proj)\.weight$")
+_QKV = re.compile(r"attn\.qkv\.(weight|bias)$")
+
+
+def shard_kind(name: str) -> str:
+    if _QKV.search(name):
+        return "qkv"
+    if _ROWS.search(name):
+        return "rows"
+    if _COLS.search(name):
+        return "cols"
+    return "replicated"
+
+
+def check_tp(cfg, tp: int) -> None:
+    """Refuse layouts whose splits would be uneven."""
+    for what, n in (("n_head", cfg.n_head), ("n_kv_head", cfg.num_kv_heads), ("ffn_dim", cfg.ffn_dim),
+                    ("padded vocabulary", cfg.padded_vocab_size)):
+        if n % tp:
+            raise MegaGPTError(f"tensor_parallel={tp} does not divide {what}={n}")
+
+
+def _qkv_sizes(cfg, tp=1):
+    d = cfg.head_dim
+    return [cfg.n_head * d // tp, cfg.num_kv_heads * d // tp, cfg.num_kv_heads * d // tp]
+
+
+def shard(name: str, full: torch.Tensor, tp_rank: int, tp: int, cfg) -> torch.Tensor:
+    """This TP rank's slice of the full parameter ``name``."""
+    kind = shard_kind(name)
+    if kind == "replicated" or tp == 1:
+        return full
+    if kind == "rows":
+        return full.chunk(tp, dim=0)[tp_rank]
+    if kind == "cols":
+        return full.chunk(tp, dim=1)[tp_rank]
+    q, k, v = full.split(_qkv_sizes(cfg), dim=0)
+    return torch.cat([t.chunk(tp, dim=0)[tp_rank] for t in (q, k, v)], dim=0)
+
+
+def merge(name: str, shards: list, cfg) -> torch.Tensor:
+    """The full parameter from every TP rank's slice (in TP-rank order)."""
+    kind, tp = shard_kind(name), len(shards)
+    if kind == "replicated" or tp == 1:
+        return shards[0]
+    if kind == "rows":
+        return torch.cat(shards, dim=0)
+    if kind == "cols":
+        return torch.cat(shards, dim=1)
+    parts = [s.split(_qkv_sizes(cfg, tp), dim=0) for s in shards]
+    return torch.cat([torch.cat([p[i] for p in parts], dim=0) for i in range(3)], dim=0)
+
+
+def pipeline_layer_prefixes(cfg) -> list:
+    """Serial-name prefix of each pipeline layer index (``layer_XX-model_YY-model_states.pt``):
+    token table, positions (+ embedding dropout), one per block, ln_f (pre-LN), and the head
+    (the token table again when tied). See megagpt/model/pipeline.py."""
+    prefixes = ["embed.tok.", "embed.pos."] + [f"blocks.{i}." for i in range(cfg.n_layer)]
+    if cfg.norm_position == "pre":
+        prefixes.append("ln_f.")
+    prefixes.append("embed.tok." if cfg.tie_embeddings else "lm_head.")
+    return prefixes
