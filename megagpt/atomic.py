@@ -1,37 +1,181 @@
-"""Write a whole directory or file so readers only ever see the old version or the complete new one.
+"""Publish files and directories so readers only ever see the old version or the complete new one.
 
-Checkpoints, exports and shards all follow the same rule: build under a temporary sibling name,
-then rename into place. A crash leaves at most a dot-prefixed temp entry, never a half-written
-directory under the real name.
+Every output megagpt writes (shards, index caches, checkpoints, exports, hostfiles, metrics)
+follows one rule: build it under a hidden temporary sibling (``.NAME.tmp-PID-RANDOM``), make it
+durable (fsync), then rename it into place and fsync the parent directory. A crash, a kill -9 or
+an exception leaves at most a dot-prefixed temp entry — never a half-written file or directory
+under the real name — and an exception removes even that.
+
+Temp entries are created with mode 0o666 / 0o777 filtered by the umask, like any ``open()`` or
+``mkdir``: ``tempfile.mkstemp``/``mkdtemp`` would make them 0o600 / 0o700, and that mode survives
+the rename, leaving outputs unreadable for the rest of a shared cluster.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from megagpt.errors import MegaGPTError
 
+__all__ = ["AtomicFile", "atomic_file", "write_bytes_atomic", "write_text_atomic", "atomic_dir",
+           "publish", "fsync_dir", "fsync_tree", "temp_sibling"]
+
+
+def temp_sibling(path, kind: str = "tmp") -> Path:
+    """``DIR/.NAME.<kind>-PID-RANDOM``: same directory (so the rename is atomic), hidden, unique."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def fsync_dir(d) -> None:
+    """Make a rename or create inside ``d`` durable (the entry itself lives in the directory)."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root) -> None:
+    """fsync every file and directory under ``root`` (before renaming the tree into place)."""
+    for d, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(d)
+
+
+def _exists_error(path) -> MegaGPTError:
+    return MegaGPTError(f"{path}: already exists; pass --force to overwrite")
+
+
+def publish(src, dst, force: bool = True) -> None:
+    """Rename the finished ``src`` to ``dst`` (same filesystem) and fsync ``dst``'s directory.
+
+    ``force=False`` refuses to replace an existing ``dst``, race-free for files (a hard link
+    fails if the name exists). The caller has made ``src``'s content durable already.
+    """
+    src, dst = Path(src), Path(dst)
+    if force:
+        os.replace(src, dst)
+    elif src.is_dir():
+        if dst.exists() or dst.is_symlink():
+            raise _exists_error(dst)
+        os.rename(src, dst)  # an existing empty dir would be replaced; checked just above
+    else:
+        try:
+            os.link(src, dst)
+        except FileExistsError:
+            raise _exists_error(dst) from None
+        os.unlink(src)
+    fsync_dir(dst.parent)
+
+
+class AtomicFile:
+    """A file written under a temp sibling of ``path``; ``commit()`` publishes it, ``discard()``
+    removes it. For writers that stream over many calls (``IndexedDatasetWriter``); within one
+    block use the ``atomic_file`` context manager."""
+
+    def __init__(self, path, mode: str = "wb", force: bool = True, encoding: str | None = None):
+        if mode not in ("w", "wb"):
+            raise ValueError(f"AtomicFile mode must be 'w' or 'wb', got {mode!r}")
+        self.path, self.force = Path(path), force
+        if not force and (self.path.exists() or self.path.is_symlink()):
+            raise _exists_error(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_sibling(self.path)
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        self.file = os.fdopen(fd, mode, encoding=None if "b" in mode else (encoding or "utf-8"))
+
+    def commit(self) -> Path:
+        """flush + fsync + close, then rename into place; on failure the temp file is removed."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            publish(self.tmp, self.path, self.force)
+        except BaseException:
+            self.discard()
+            raise
+        return self.path
+
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "wb", force: bool = True, encoding: str | None = None):
+    """``with atomic_file(p) as f: f.write(...)``: ``p`` changes only when the block succeeds."""
+    af = AtomicFile(path, mode, force, encoding)
+    try:
+        yield af.file
+    except BaseException:
+        af.discard()
+        raise
+    af.commit()
+
+
+def write_bytes_atomic(path, data: bytes, force: bool = True) -> Path:
+    with atomic_file(path, "wb", force) as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_text_atomic(path, text: str, force: bool = True, encoding: str = "utf-8") -> Path:
+    with atomic_file(path, "w", force, encoding) as f:
+        f.write(text)
+    return Path(path)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
 
 @contextlib.contextmanager
 def atomic_dir(out, force: bool = False):
-    """Yield a temp dir beside ``out``; on success it replaces ``out`` (``force`` to overwrite)."""
+    """Yield a hidden temp dir beside ``out``; when the block succeeds its tree is fsynced and it
+    replaces ``out`` (an existing ``out`` only with ``force``). On any failure the temp dir is
+    removed and ``out`` is left as it was.
+
+    Replacing a non-empty directory takes two renames (the old one aside to a hidden
+    ``.NAME.old-PID-RANDOM``, the new one in): between them ``out`` is briefly absent, and if the
+    second rename fails the old one is put back. The old tree is deleted afterwards.
+    """
     out = Path(out)
-    if out.exists() and not force:
-        raise MegaGPTError(f"{out}: already exists; pass --force to overwrite")
+    if not force and (out.exists() or out.is_symlink()):
+        raise _exists_error(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_sibling(out)
+    os.mkdir(tmp, 0o777)  # mode filtered by the umask, as for any new directory
     try:
         yield tmp
-        old = None
-        if out.exists():  # os.replace cannot replace a non-empty dir: move the old one aside first
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_tree(tmp)
+        if not (out.exists() or out.is_symlink()):
+            publish(tmp, out, force=False)
+            return
+        if not force:
+            raise _exists_error(out)
+        old = temp_sibling(out, "old")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        fsync_dir(out.parent)
+        _remove(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise

@@ -21,7 +21,13 @@ echo "[setup] installing megagpt (editable) with test extras"
 "$PY" -m pip install --quiet --no-build-isolation -e ".[test]"
 # DeepSpeed JIT-compiles its CPU ops (shared-memory comm, CPU Adam, fused Adam) on first use.
 # On a fresh 2-core machine that takes minutes; do it here, once, so a first training run (or a
-# test with a timeout) doesn't pay for it. Cached in ~/.cache/torch_extensions; instant afterwards.
+# test with a timeout) doesn't pay for it. Instant afterwards. The cache is per environment
+# (torch's default, ~/.cache/torch_extensions/py311_cpu, is shared by every environment on the
+# machine, which then rebuild each other's ops): megagpt/envsetup.py names the directory, and the
+# entry points (pretrain, finetune, the launch CLI) default TORCH_EXTENSIONS_DIR to the same one.
+TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$("$PY" megagpt/envsetup.py)}"
+export TORCH_EXTENSIONS_DIR
+echo "[setup] DeepSpeed ops cache: $TORCH_EXTENSIONS_DIR"
 "$PY" - <<'PY'
 import time
 from deepspeed.accelerator import get_accelerator

@@ -90,6 +90,24 @@ def test_cli_json_and_errors():
     assert bad.returncode == 2 and "error: give --preset or all of" in bad.stderr
 
 
+def test_cli_help_shows_every_default():
+    """Every optional flag's help states its default (argparse's, or in words for a None one)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_cli", REPO / "tools" / "plan.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    parser = cli.build_parser()
+    fmt = parser._get_formatter()
+    shown = {a.option_strings[0]: fmt._get_help_string(a) % {"default": a.default}
+             for a in parser._actions if a.option_strings and not a.required and a.dest != "help"}
+    missing = [k for k, h in shown.items() if "(default: " not in h or "(default: None)" in h]
+    assert len(shown) > 20 and not missing, f"no default shown for {missing}"
+    text = subprocess.run([sys.executable, str(REPO / "tools" / "plan.py"), "--help"], capture_output=True,
+                          text=True, check=True).stdout
+    assert "--seq-length" in text and "--seq-len " not in text and "(default: bf16)" in text
+
+
 # --- predicted vs measured peak memory -------------------------------------------------------
 
 MEASURE = r'''

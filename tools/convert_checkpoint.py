@@ -38,11 +38,11 @@ def parse_args(argv=None):
                         "instead of the path recorded in the checkpoint")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="HF output only: weight dtype (default float32)")
-    p.add_argument("--max-shard-size", default="5GB", help="HF output only: largest safetensors shard")
+    p.add_argument("--max-shard-size", default="5GB", help="HF output only: largest safetensors shard (default: 5GB)")
     p.add_argument("--approximate-gelu", action="store_true",
-                   help="HF output only: export a post-LN model with exact GELU as OpenAIGPT, whose only "
-                        "GELU is the tanh approximation (up to 4.7e-4 off per activation); the gpt1/tiny "
-                        "presets use exact GELU, so they need this flag (or training with gelu_tanh)")
+                   help="HF output only: export a post-LN model trained with exact GELU (activation: gelu) "
+                        "as OpenAIGPT, whose only GELU is the tanh approximation (up to 4.7e-4 off per "
+                        "activation); the gpt1/tiny presets already use tanh GELU and need no flag (default: off)")
     p.add_argument("--quiet", action="store_true", help="only errors")
     return p.parse_args(argv)
 

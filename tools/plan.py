@@ -23,7 +23,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def parse_args(argv):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model (a preset, or explicit sizes; explicit sizes override the preset)")
     g.add_argument("--preset", help="megagpt.model preset name, e.g. gpt2-small (default: none; then give every size)")
@@ -57,7 +57,11 @@ def parse_args(argv):
     c.add_argument("--inter-node-gbps", type=float, default=50.0, help="GB/s per GPU per direction")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--top", type=int, default=20, help="rows in the table (0 = all)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def model_shape(a):

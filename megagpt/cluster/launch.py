@@ -12,8 +12,9 @@ import re
 import shlex
 import socket
 import sys
-import tempfile
 
+from megagpt.atomic import write_text_atomic
+from megagpt.envsetup import set_torch_extensions_dir
 from megagpt.errors import MegaGPTError, cli_main
 
 DEFAULT_MASTER_PORT = 29500
@@ -125,13 +126,7 @@ def parse_hostfile(text, path="<hostfile>"):
 
 def write_hostfile(path, hosts, slots):
     """Write atomically (temp name + rename): every node may write the same file concurrently."""
-    text = format_hostfile(hosts, slots)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".hostfile.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, format_hostfile(hosts, slots))
     return path
 
 
@@ -301,6 +296,7 @@ def _build_parser():
 @cli_main
 def main(argv=None):
     args = _build_parser().parse_args(argv)
+    set_torch_extensions_dir()  # the trainers it execs inherit this environment's op cache
     env = dict(os.environ)
     if args.cmd == "expand-nodelist":
         print("\n".join(expand_nodelist(args.nodelist or env.get("SLURM_JOB_NODELIST", ""))))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megagpt.atomic import atomic_file, write_text_atomic
 from megagpt.data import indexed
 from megagpt.errors import MegaGPTError
 
@@ -63,29 +64,12 @@ def resolve_cache_dir(prefix, cache_dir=None) -> Path:
 
 
 def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    """``np.save`` to a temp name in the same directory, fsync, rename: never a half file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``np.save`` through ``megagpt.atomic.atomic_file``: never a half file under ``path``."""
+    with atomic_file(path) as f:
+        np.save(f, arr, allow_pickle=False)
 
 
-def save_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+save_text_atomic = write_text_atomic  # the name gpt_dataset.py / blend.py call
 
 
 def load_npy(path: Path) -> np.ndarray:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import struct
-from pathlib import Path
 
 import numpy as np
 
+from megagpt.atomic import AtomicFile
 from megagpt.errors import MegaGPTError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -54,11 +54,8 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
             raise MegaGPTError(f"unsupported token dtype {self.dtype} for {self.prefix}")
-        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_suffix = f".tmp-{os.getpid()}"
-        self._bin_tmp = bin_path(self.prefix) + self._tmp_suffix
-        self._idx_tmp = idx_path(self.prefix) + self._tmp_suffix
-        self._bin = open(self._bin_tmp, "wb")
+        self._bin_out = AtomicFile(bin_path(self.prefix))  # a hidden temp file until finalize
+        self._bin = self._bin_out.file
         self._sizes: list[int] = []
         self._doc_idx: list[int] = [0]
         self.num_tokens = 0
@@ -119,15 +116,15 @@ class IndexedDatasetWriter:
         return len(self._doc_idx) - 1
 
     def finalize(self) -> None:
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
+        """Write the index, then publish ``.bin`` and ``.idx`` (each fsynced and renamed)."""
         sizes = np.asarray(self._sizes, dtype=np.int32)
         pointers = np.zeros(len(sizes), dtype=np.int64)
         if len(sizes) > 1:
             np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         doc_idx = np.asarray(self._doc_idx, dtype=np.int64)
-        with open(self._idx_tmp, "wb") as f:
+        idx = AtomicFile(idx_path(self.prefix))
+        try:
+            f = idx.file
             f.write(MAGIC)
             f.write(struct.pack("<Q", VERSION))
             f.write(struct.pack("<B", CODE_OF_DTYPE[self.dtype]))
@@ -136,17 +133,14 @@ class IndexedDatasetWriter:
             f.write(sizes.tobytes(order="C"))
             f.write(pointers.tobytes(order="C"))
             f.write(doc_idx.tobytes(order="C"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self._bin_tmp, bin_path(self.prefix))
-        os.replace(self._idx_tmp, idx_path(self.prefix))
+            self._bin_out.commit()  # .bin first: an .idx never describes a .bin that is not there
+            idx.commit()
+        except BaseException:
+            idx.discard()
+            raise
 
     def abort(self) -> None:
-        if not self._bin.closed:
-            self._bin.close()
-        for p in (self._bin_tmp, self._idx_tmp):
-            if os.path.exists(p):
-                os.remove(p)
+        self._bin_out.discard()
 
     def __enter__(self):
         return self

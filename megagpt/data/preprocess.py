@@ -12,7 +12,8 @@ Outputs (Megatron naming), one set per json key (txt inputs use key ``text``):
   shard starts once the current one holds >= shard_size_tokens tokens; documents are never split)
 
 Nothing appears at a final name until the whole run succeeded: shards are finalized under a
-``.partial-PID`` prefix and renamed at the end; any error removes them.
+hidden ``.NAME.partial-PID-RANDOM`` prefix and published (``megagpt.atomic.publish``) at the end;
+any error removes them.
 
 Documents: one per jsonl line (per key); one per txt file, or with ``split_paragraphs`` one per
 blank-line-separated paragraph (its lines, joined by their newlines, without the trailing one).
@@ -37,6 +38,7 @@ from itertools import chain
 
 import numpy as np
 
+from megagpt.atomic import publish, temp_sibling
 from megagpt.data.indexed import IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path
 from megagpt.errors import MegaGPTError
 from megagpt.tokenizer import expand_inputs, is_json_file, load_tokenizer, open_binary
@@ -241,11 +243,10 @@ class ShardedOutput:
         self.base, self.dtype, self.shard_size = base, dtype, shard_size_tokens
         self.staged: list[tuple[str, str]] = []  # (partial prefix, final prefix) of finalized shards
         self.writer = None
-        self.tag = f".partial-{os.getpid()}"
 
     def _open(self):
         final = f"{self.base}_{len(self.staged):05d}" if self.shard_size else self.base
-        self.writer = IndexedDatasetWriter(final + self.tag, self.dtype)
+        self.writer = IndexedDatasetWriter(temp_sibling(final, "partial"), self.dtype)
         self.final = final
 
     def add(self, flat: np.ndarray, sizes: np.ndarray):
@@ -276,8 +277,8 @@ class ShardedOutput:
                 self._open()
             self._close()
         for partial, final in self.staged:
-            os.replace(bin_path(partial), bin_path(final))
-            os.replace(idx_path(partial), idx_path(final))
+            publish(bin_path(partial), bin_path(final))
+            publish(idx_path(partial), idx_path(final))
         if self.shard_size:  # higher-numbered shards of an earlier run would silently join a glob
             stale = sorted(p for p in glob.glob(glob.escape(self.base) + "_[0-9][0-9][0-9][0-9][0-9].idx")
                            if int(p[-9:-4]) >= len(self.staged))

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from megagpt.atomic import write_text_atomic
 from megagpt.errors import MegaGPTError
 
 from . import metrics
@@ -284,7 +285,4 @@ def evaluate(model, task, data, sp, micro, rank, world) -> dict:
 
 
 def _write_json(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
