@@ -1,7 +1,8 @@
 """The one place the model asks for layer_norm / rms_norm / attention (and, optionally,
 cross_entropy over the vocab and a fused bias + GELU).
 
-Backend choice: ``set_backend(name)`` (from config) else env ``MEGAGPT_KERNELS``:
+Backend choice: env ``MEGAGPT_KERNELS`` (a process-wide switch, so every rank of a launch agrees),
+overridden in-process by ``set_backend(name)`` (tests and notebooks; no config field sets it):
   auto      (default) fused Triton kernels for CUDA tensors, the PyTorch reference otherwise;
   reference always the reference;
   triton    Triton for every tensor (CPU tensors only when ``TRITON_INTERPRET=1``, i.e. tests);
@@ -29,7 +30,7 @@ _broken: dict = {}  # (backend, op) -> reason it cannot be used in this process
 
 
 def set_backend(name):
-    """Config switch (takes precedence over the env var); ``None`` returns control to the env."""
+    """In-process switch (takes precedence over the env var); ``None`` returns control to the env."""
     global _override
     if name is not None and name.lower() not in MODES:
         raise ValueError(f"kernel backend {name!r} is not one of {', '.join(MODES)}")

@@ -51,11 +51,11 @@ def _worker(rank, world, tmp):
 def _resume_tp_pp_run_at_pp4(pp4, live_dir, losses):
     """Weights + Adam state of the TP=2 x PP=2 + SP run after step 2, re-split into PP=4: step 3
     gives the serial loss and the serial updated weights."""
-    from megagpt.parallel.pipeline import build_model, full_state_dict, train_step
-    from megagpt.parallel.reshape import load_consolidated_into, load_optimizer_state
+    from megagpt.checkpoint.reshape import load_consolidated_into, load_optimizer_state
+    from megagpt.parallel.layout import build_model, full_state_dict, train_step
 
     cfg = tiny_cfg("tiny-modern", pos_emb="learned")
-    model = build_model(cfg, pp4)
+    model = build_model(cfg, pp4, seed=0)
     load_consolidated_into(model, live_dir)
     engine = make_engine(model, pp4, micro_batch=2, gas=2)
     assert load_optimizer_state(engine, live_dir) == 2
@@ -70,7 +70,7 @@ def _resume_tp_pp_run_at_pp4(pp4, live_dir, losses):
 def test_tp_dp_pp_layouts_match_serial_and_reshape(tmp_path):
     spawn(_worker, 4, str(tmp_path), tmp_path=tmp_path)
 
-    from megagpt.parallel.reshape import consolidate_deepspeed_checkpoint
+    from megagpt.checkpoint.reshape import consolidate_deepspeed_checkpoint
 
     losses = json.load(open(tmp_path / "losses.json"))["losses"]
     assert sorted(p.name for p in (tmp_path / "ds" / "global_step2").glob("layer_*"))[:2] == [

@@ -111,7 +111,7 @@ def make_engine(model, state, micro_batch, gas=1, stage=1):
     import deepspeed
 
     opt = torch.optim.AdamW([p for p in model.parameters()], lr=LR, weight_decay=WD, eps=EPS)
-    from megagpt.parallel.pipeline import prepare_ds_config
+    from megagpt.parallel.layout import prepare_ds_config
 
     cfg = prepare_ds_config(ds_config(micro_batch, gas, state.dp_size, stage), state)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg,
@@ -128,15 +128,15 @@ def assert_sd_close(got, want, atol=1e-5, rtol=1e-4):
 def train_pipeline(state, preset, steps, micro_batch, gas, ckpt_dir=None, **overrides):
     """Train ``steps`` at ``state``'s layout (any TP/PP/DP) and assert losses and gathered weights
     equal the serial reference; return (cfg, engine, losses)."""
-    from megagpt.parallel.pipeline import build_model, full_state_dict, load_full_state_dict, train_step
+    from megagpt.parallel.layout import build_model, full_state_dict, load_full_state_dict, train_step
 
     cfg = tiny_cfg(preset, **overrides)
     sd = reference_sd(cfg)
     global_batch = micro_batch * gas * state.dp_size
     batches = make_batches(cfg, steps, global_batch, seed=3)
-    model = build_model(cfg, state)
+    model = build_model(cfg, state, seed=0)
     load_full_state_dict(model, sd)
-    from megagpt.parallel.pipeline import named_parameters_serial
+    from megagpt.parallel.layout import named_parameters_serial
 
     names = [n for n, _ in named_parameters_serial(model)]
     assert len(names) == len(set(names)) and set(names) <= set(sd), sorted(set(names) - set(sd))
@@ -160,7 +160,7 @@ def train_pipeline(state, preset, steps, micro_batch, gas, ckpt_dir=None, **over
         if ckpt_dir is not None and step == steps - 1:
             engine.save_checkpoint(ckpt_dir, tag=f"global_step{step}",
                                    client_state={"config": {"model": cfg.to_dict()}})
-            from megagpt.parallel.reshape import save_consolidated_with_optimizer
+            from megagpt.checkpoint.reshape import save_consolidated_with_optimizer
 
             save_consolidated_with_optimizer(engine, f"{ckpt_dir}-live", cfg, step=step)
     # the reference: each global batch split into gas micro-batches of all DP ranks' samples

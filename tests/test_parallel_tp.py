@@ -3,6 +3,7 @@
 One launch, several proofs (each rank asserts; a failure on any rank fails the test):
   * vocab-parallel cross-entropy == torch's full-softmax F.cross_entropy (values, grads; padded
     vocab columns and ignore_index included);
+  * a fresh TP=2 GPT's initial weights, gathered, are bit-identical to the serial GPT's (same seed);
   * TP=2 forward logits/loss and gathered grads == serial GPT, for post-LN GPT-1, pre-LN GPT-2
     and Llama-style (RMSNorm, SwiGLU, RoPE, GQA, untied) tiny models, with and without sequence
     parallelism;
@@ -15,9 +16,10 @@ One launch, several proofs (each rank asserts; a failure on any rank fails the t
     the TP=2 run's step-3 loss; the live engine consolidated after step 2 and re-split into a
     TP=2 + sequence-parallel model gives it too; with the Adam moments and step gathered too and
     re-split into TP=1 x DP=2 (ZeRO-1), step 3 reproduces the serial loss *and* updated weights;
+  * TP=2 forward_hidden and KV-cache generation (greedy and seeded sampling) == serial;
   * the RNG tracker: per-TP-rank draws differ across TP ranks, default draws match, and the
     activation checkpoint replays both in the recomputation (same output and grads), also for a
-    whole TPGPT with every dropout on (SP off and on);
+    whole TP GPT with every dropout on (SP off and on);
   * a same-layout resume through DeepSpeed's own checkpoint (mpu-named files, optimizer state)
     reproduces the last step's loss and update.
 """
@@ -34,7 +36,7 @@ from test_parallel_harness import (TOL, WTOL, assert_sd_close, make_batches, mak
 
 
 def _check_cross_entropy(state):
-    from megagpt.parallel.cross_entropy import vocab_parallel_cross_entropy
+    from megagpt.tp.cross_entropy import vocab_parallel_cross_entropy
 
     g = torch.Generator().manual_seed(5)
     vocab, padded, n = 250, 256, 24
@@ -53,8 +55,6 @@ def _check_cross_entropy(state):
 
 
 def _check_forward_backward(state):
-    from megagpt.parallel.tp_model import TPGPT
-
     for preset in ("tiny", "tiny-gpt2", "tiny-modern"):
         cfg = tiny_cfg(preset)
         sd = reference_sd(cfg)
@@ -63,8 +63,8 @@ def _check_forward_backward(state):
         ser.load_state_dict(sd)
         ref_loss = ser(ids, labels=labels)
         ref_loss.backward()
-        tp = TPGPT(cfg, state)
-        tp.load_from_full_state_dict(sd)
+        tp = GPT(cfg, state.tp)
+        tp.load_full_state_dict(sd)
         loss = tp(ids, labels=labels)
         loss.backward()
         torch.testing.assert_close(loss, ref_loss, **TOL)
@@ -77,8 +77,42 @@ def _check_forward_backward(state):
             torch.testing.assert_close(grads[name], p.grad, **TOL, msg=lambda m: f"{preset} grad {name}: {m}")
 
 
+def _check_generation_and_hidden(state):
+    """At TP=2 (and with sequence parallelism for full-sequence forwards) the one GPT gives the
+    serial model's final hidden states, and KV-cache generation — greedy and sampled with a
+    seeded generator — the serial model's tokens; the cache holds only this rank's heads."""
+    from megagpt.model import generate
+
+    for preset in ("tiny", "tiny-gpt2", "tiny-modern"):
+        cfg = tiny_cfg(preset)
+        sd = reference_sd(cfg)
+        ser = GPT(cfg).eval()
+        ser.load_state_dict(sd)
+        tp = GPT(cfg, state.tp).eval()
+        tp.load_full_state_dict(sd)
+        ids = make_batches(cfg, 1, 2, seed=6)[0][0][:, :12]
+        with torch.no_grad():
+            torch.testing.assert_close(tp.forward_hidden(ids), ser.forward_hidden(ids), **TOL)
+        if state.sequence_parallel:
+            continue        # one new token cannot be split along the sequence: refused, tested below
+        for temperature in (0.0, 0.9):
+            want = generate(ser, ids, 8, temperature=temperature, top_k=20, generator=torch.Generator().manual_seed(1))
+            got = generate(tp, ids, 8, temperature=temperature, top_k=20, generator=torch.Generator().manual_seed(1))
+            assert torch.equal(got, want), (preset, temperature, got, want)
+        cache = tp.new_kv_cache()
+        tp(ids, kv_cache=cache)
+        assert cache.layers[0][0].shape[1] == cfg.num_kv_heads // state.tp_size
+    if state.sequence_parallel:
+        import pytest
+
+        from megagpt.errors import MegaGPTError
+
+        with pytest.raises(MegaGPTError, match="without sequence parallelism for generation"):
+            tp(ids[:, :1], kv_cache=tp.new_kv_cache())
+
+
 def _check_rng(state):
-    from megagpt.parallel.random import checkpoint
+    from megagpt.tp.random import checkpoint
 
     state.rng.seed_default()
     with state.rng.fork():
@@ -107,40 +141,30 @@ def _check_rng(state):
 
 
 def _check_init(state):
-    """A fresh TPGPT follows the serial init rules (GPT-2: scaled output projections), split
-    weights differ across TP ranks' slices, replicated ones are identical on every TP rank."""
-    from megagpt.parallel.tp_model import TPGPT
-
-    cfg = tiny_cfg("tiny-gpt2")
-    model = TPGPT(cfg, state)
-    full = model.full_state_dict()
-    pos = [torch.empty_like(model.embed.pos.weight) for _ in range(2)]
-    torch.distributed.all_gather(pos, model.embed.pos.weight.detach(), group=state.tp_group)
-    assert torch.equal(pos[0], pos[1])
-    ref = GPT(cfg).state_dict()
-    for k, v in ref.items():
-        assert full[k].shape == v.shape, k
-        if v.ndim == 1:
-            assert torch.equal(full[k], v), k         # ones / zeros
-        else:
-            assert abs(full[k].std() / v.std() - 1) < 0.1, (k, full[k].std(), v.std())
-    qkv = full["blocks.0.attn.qkv.weight"]
-    assert not torch.allclose(qkv[:32], qkv[32:64])   # the two ranks' heads were drawn separately
+    """Initial weights do not depend on the layout: a fresh TP GPT gathered is bit-identical to
+    the serial GPT built from the same seed, for every family (GQA and untied heads included)."""
+    for preset in ("tiny", "tiny-gpt2", "tiny-modern"):
+        cfg = tiny_cfg(preset)
+        torch.manual_seed(11)
+        full = GPT(cfg, state.tp).full_state_dict()
+        torch.manual_seed(11)
+        ref = GPT(cfg).state_dict()
+        assert full.keys() == ref.keys()
+        for k, v in ref.items():
+            assert torch.equal(full[k], v), (preset, k)
 
 
 def _check_activation_checkpointing(state):
-    """TPGPT with dropout everywhere: recomputation in backward replays both generators, so
+    """TP GPT with dropout everywhere: recomputation in backward replays both generators, so
     activation checkpointing changes neither the loss nor any gradient."""
-    from megagpt.parallel.tp_model import TPGPT
-
     cfg = tiny_cfg("tiny-gpt2", embd_dropout=0.2, resid_dropout=0.2, attn_dropout=0.2)
     sd = reference_sd(cfg)
     ids, labels = make_batches(cfg, 1, 2, seed=4)[0]
     runs, tracker_state = [], state.rng.get_state()
     for ckpt in (False, True):
         cfg.activation_checkpointing = ckpt
-        model = TPGPT(cfg, state)
-        model.load_from_full_state_dict(sd)
+        model = GPT(cfg, state.tp)
+        model.load_full_state_dict(sd)
         torch.manual_seed(99)                 # same default and tracker states for both runs
         state.rng.set_state(tracker_state)
         loss = model(ids, labels=labels)
@@ -153,16 +177,15 @@ def _check_activation_checkpointing(state):
 def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1):
     from megagpt.parallel.groups import build_parallel_state
     from megagpt.parallel.topology import ParallelConfig
-    from megagpt.parallel.pipeline import full_state_dict, train_step
-    from megagpt.parallel.reshape import (load_consolidated_into, load_optimizer_state,
-                                          save_consolidated_with_optimizer)
-    from megagpt.parallel.tp_model import TPGPT
+    from megagpt.checkpoint.reshape import (load_consolidated_into, load_optimizer_state,
+                                            save_consolidated_with_optimizer)
+    from megagpt.parallel.layout import full_state_dict, train_step
 
     cfg = tiny_cfg(preset)
     sd = reference_sd(cfg)
     batches = make_batches(cfg, steps, 4, seed=2)
-    model = TPGPT(cfg, state)
-    model.load_from_full_state_dict(sd)
+    model = GPT(cfg, state.tp)
+    model.load_full_state_dict(sd)
     engine = make_engine(model, state, micro_batch=4, stage=zero_stage)
     losses = []
     for step, batch in enumerate(batches, start=1):
@@ -175,14 +198,14 @@ def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **TOL)
     assert_sd_close(full_state_dict(engine), ref_sd, **WTOL)
     if resplit_state is not None:   # live consolidation -> re-split into another layout
-        resumed = TPGPT(cfg, resplit_state)
+        resumed = GPT(cfg, resplit_state.tp)
         assert load_consolidated_into(resumed, f"{ckpt_dir}-live")["step"] == steps - 1
         with torch.no_grad():
             loss = resumed(*batches[-1][:1], labels=batches[-1][1]).item()
         assert abs(loss - losses[-1]) < 2e-5, (loss, losses)
         # same-layout resume through DeepSpeed's own checkpoint (mp_rank files via the mpu):
         # optimizer state included, so the last step's loss *and* update are reproduced
-        again = TPGPT(cfg, state)
+        again = GPT(cfg, state.tp)
         engine2 = make_engine(again, state, micro_batch=4, stage=zero_stage)
         engine2.load_checkpoint(ckpt_dir, tag=f"global_step{steps - 1}")
         assert abs(train_step(engine2, iter([batches[-1]]), state).item() - losses[-1]) < 2e-5
@@ -217,6 +240,8 @@ def _worker(rank, world, tmp):
     _check_activation_checkpointing(sp)
     _check_forward_backward(tp)
     _check_forward_backward(sp)
+    _check_generation_and_hidden(tp)
+    _check_generation_and_hidden(sp)
     cfg, batches, losses = _train(tp, "tiny-gpt2", 3, ckpt_dir=f"{tmp}/ds", resplit_state=sp)
     _train(sp, "tiny-modern", 3)
     _train(tp, "tiny", 2, zero_stage=2)
@@ -230,7 +255,7 @@ def test_tensor_and_sequence_parallel_match_serial(tmp_path):
 
     # Checkpoint reshaping TP=2 -> TP=1: consolidate the DeepSpeed files offline, resume serially.
     from megagpt.export.consolidated import load_consolidated
-    from megagpt.parallel.reshape import consolidate_deepspeed_checkpoint, save_consolidated_checkpoint
+    from megagpt.checkpoint.reshape import consolidate_deepspeed_checkpoint, save_consolidated_checkpoint
 
     losses = json.load(open(tmp_path / "losses.json"))["losses"]
     full_sd, cfg = consolidate_deepspeed_checkpoint(tmp_path / "ds", tag="global_step2")

@@ -57,7 +57,7 @@ def train_step(engine, micro_batches, dp_group, device, inject_nan: bool):
     The dp-summed loss of each micro-batch is all-reduced *before* backward: if any rank's loss is
     NaN/inf the sum is too, every rank learns it at once, and none calls backward or step — so no
     gradient or optimizer state is touched (with gradient accumulation the check runs per
-    micro-batch; a bad micro-batch after good ones is treated as "stop", see pretrain.py)."""
+    micro-batch; a bad micro-batch after good ones is treated as "stop", see ``train`` below)."""
     total = 0.0
     world = dist.get_world_size(dp_group)
     for m, (x, y) in enumerate(micro_batches):
