@@ -61,93 +61,48 @@ def _reduce_scatter(x, group, dim):
     return out
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+def _mapping(name, forward, backward):
+    """A communication as a named autograd pair: ``forward(x, group, dim)`` in the forward pass,
+    ``backward(g, group, dim)`` for the gradient. Identity (no autograd node) when the group has
+    one rank, so tp=1 graphs are exactly the serial model's."""
 
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g.clone(), ctx.group), None
+    class Mapping(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group, dim):
+            ctx.group, ctx.dim = group, dim
+            return forward(x, group, dim)
 
+        @staticmethod
+        def backward(ctx, g):
+            return backward(g, ctx.group, ctx.dim), None, None
 
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
+    Mapping.__name__ = Mapping.__qualname__ = name
 
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+    def apply(x, group, dim=1):
+        return Mapping.apply(x, group, dim) if _size(group) > 1 else x
 
-
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _chunk(g, ctx.group, ctx.dim), None, None
+    apply.__name__ = name
+    return apply
 
 
-class _ScatterToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _chunk(x, group, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.group, 1), None
+def _identity(x, group, dim):
+    return x
 
 
-class _GatherFromSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, ctx.group, 1), None
+def _reduce(x, group, dim):
+    return _all_reduce(x.clone(), group)
 
 
-class _ReduceScatterToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, group, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.group, 1), None
-
-
-def copy_to_tp(x, group):
-    return _CopyToTP.apply(x, group) if _size(group) > 1 else x
-
-
-def reduce_from_tp(x, group):
-    return _ReduceFromTP.apply(x, group) if _size(group) > 1 else x
+copy_to_tp = _mapping("copy_to_tp", _identity, _reduce)
+reduce_from_tp = _mapping("reduce_from_tp", _reduce, _identity)
+_gather = _mapping("gather_from_tp", _all_gather, _chunk)
+scatter_to_seq = _mapping("scatter_to_seq", _chunk, _all_gather)
+gather_from_seq = _mapping("gather_from_seq", _all_gather, _reduce_scatter)
+reduce_scatter_seq = _mapping("reduce_scatter_seq", _reduce_scatter, _all_gather)
 
 
 def gather_from_tp(x, group, dim=-1):
-    return _GatherFromTP.apply(x, group, dim) if _size(group) > 1 else x
-
-
-def scatter_to_seq(x, group):
-    return _ScatterToSeq.apply(x, group) if _size(group) > 1 else x
-
-
-def gather_from_seq(x, group):
-    return _GatherFromSeq.apply(x, group) if _size(group) > 1 else x
-
-
-def reduce_scatter_seq(x, group):
-    return _ReduceScatterToSeq.apply(x, group) if _size(group) > 1 else x
+    return _gather(x, group, dim)
 
 
 def mark_tp(param: nn.Parameter, tp) -> nn.Parameter:
