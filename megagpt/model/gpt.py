@@ -256,35 +256,9 @@ def init_stream(cfg):
 
 
 def full_shapes(cfg) -> dict:
-    """Serial name -> full shape of every parameter (tied head included)."""
-    C, D, ffn, V = cfg.n_embd, cfg.head_dim, cfg.ffn_dim, cfg.padded_vocab_size
-    shapes = {"embed.tok.weight": (V, C), "lm_head.weight": (V, C)}
-    if cfg.pos_emb == "learned":
-        shapes["embed.pos.weight"] = (cfg.max_seq_len, C)
-    norm_names = ["ln1", "ln2"]
-    for i in range(cfg.n_layer):
-        b = f"blocks.{i}."
-        shapes[b + "attn.qkv.weight"] = ((cfg.n_head + 2 * cfg.num_kv_heads) * D, C)
-        shapes[b + "attn.proj.weight"] = (C, cfg.n_head * D)
-        mlp_in = ["fc", "gate"] if cfg.activation == "swiglu" else ["fc"]
-        for m in mlp_in:
-            shapes[b + f"mlp.{m}.weight"] = (ffn, C)
-        shapes[b + "mlp.proj.weight"] = (C, ffn)
-        if cfg.bias:
-            shapes[b + "attn.qkv.bias"] = (shapes[b + "attn.qkv.weight"][0],)
-            shapes[b + "attn.proj.bias"] = (C,)
-            for m in mlp_in:
-                shapes[b + f"mlp.{m}.bias"] = (ffn,)
-            shapes[b + "mlp.proj.bias"] = (C,)
-        for n in norm_names:
-            shapes[b + f"{n}.weight"] = (C,)
-            if cfg.bias and cfg.norm == "layernorm":
-                shapes[b + f"{n}.bias"] = (C,)
-    if cfg.norm_position == "pre":
-        shapes["ln_f.weight"] = (C,)
-        if cfg.bias and cfg.norm == "layernorm":
-            shapes["ln_f.bias"] = (C,)
-    return shapes
+    """Serial name -> full shape of every parameter (both tied names included)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in GPT(cfg, init=False).state_dict().items()}
 
 
 @torch.no_grad()
