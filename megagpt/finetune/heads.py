@@ -64,8 +64,7 @@ class FinetuneModel(nn.Module):
         parts = {"task": task_loss.detach()}
         loss = task_loss
         if self.lm_coef and lm_labels is not None:
-            logits = self.gpt.lm_head(hidden)[..., : self.gpt.cfg.vocab_size]
-            lm_loss = F.cross_entropy(logits.float().flatten(0, 1), lm_labels.flatten(), ignore_index=-100)
+            lm_loss = self.gpt.lm_loss_from_hidden(hidden, lm_labels)   # vocab-parallel at tp > 1
             loss = task_loss + self.lm_coef * lm_loss
             parts["lm"] = lm_loss.detach()
         return loss, out, parts

@@ -42,7 +42,7 @@ from torch import nn
 from megagpt.errors import MegaGPTError
 from megagpt.tp import SERIAL
 from megagpt.tp.cross_entropy import vocab_parallel_cross_entropy
-from megagpt.tp.layers import ColumnParallelLinear, gather_from_tp
+from megagpt.tp.layers import ColumnParallelLinear, column_parallel_linear, gather_from_tp
 from megagpt.tp.random import checkpoint as tp_checkpoint
 from megagpt_kernels import dispatch
 
@@ -181,6 +181,12 @@ class GPT(nn.Module):
         if labels is None:
             return gather_from_tp(logits_local, tp.group)[..., : cfg.vocab_size]
         return lm_loss(logits_local, labels, cfg, tp)
+
+    def lm_loss_from_hidden(self, hidden, labels):
+        """LM loss from ``forward_hidden``'s replicated output (a finetuning head's auxiliary L1),
+        without recomputing the body: this rank's vocab slice of the logits, then ``lm_loss``."""
+        logits_local = column_parallel_linear(hidden, self.lm_head.weight, None, self.tp.group)
+        return lm_loss(logits_local, labels, self.cfg, self.tp)
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layer)
