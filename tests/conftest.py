@@ -8,6 +8,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the per-environment DeepSpeed ops cache that scripts/setup_env.sh pre-built (megagpt/envsetup.py)
+from megagpt.envsetup import set_torch_extensions_dir  # noqa: E402
+
+set_torch_extensions_dir()
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,8 @@ class Metrics:
             self.jsonl = open(jsonl_path, "a")
         if progress_bar:
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                            disable=None)   # no \r lines when stdout is not a terminal (logs)
         self.print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device ({peak_src})")
 
     def print(self, msg: str) -> None:
