@@ -147,7 +147,8 @@ def main():
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    from megagpt.finetune.loop import FinetuneConfig, finetune
+    from megagpt.config import FinetuneConfig
+    from megagpt.finetune.loop import finetune
 
     t_start = time.time()
     ckpt, tok_path, pre = pretrain(out, args, log)
@@ -157,7 +158,7 @@ def main():
         cfg = FinetuneConfig(task=task, data_root=str(DATA), init=str(ckpt) if init == "pretrained" else "random",
                              preset="tiny", model_overrides=dict(MODEL), tokenizer=tok_path, lr=args.lr,
                              batch_size=32, epochs=args.epochs, lm_coef=lm_coef, seed=seed,
-                             train_limit=limits[task], eval_limit=args.eval_limit, log_every=0)
+                             train_limit=limits[task], eval_limit=args.eval_limit, log_interval=0)
         res = finetune(cfg, log=lambda m: None)
         last = res["history"][-1]
         row = {"task": task, "init": init, "lm_coef": lm_coef, "seed": seed, "accuracy": last["accuracy"],

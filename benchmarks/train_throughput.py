@@ -49,7 +49,7 @@ def make_hf(a):
 
 
 def param_groups(model):
-    from megagpt.train.pretrain import param_groups as pg
+    from megagpt.train.optim import param_groups as pg
     return pg(model, 0.01)
 
 

@@ -1,279 +1,339 @@
-"""``MegaGPTConfig``: one YAML/JSON file with ``model``, ``data``, ``train`` (and test-only
-``debug``) sections — everything a pretraining run needs besides the DeepSpeed JSON.
+"""The run config: one typed tree, built once from a YAML/JSON file plus command-line flags.
 
-Loading is strict: an unknown key anywhere is a ``MegaGPTError`` naming the dotted key path, the
-file and (for YAML) the line, so a typo fails before any process group starts, not silently.
+Pretraining (``load_config(path, overrides) -> MegaGPTConfig``)::
 
-Schema (defaults in the dataclasses below)::
+    model:    {preset: tiny, <any ModelConfig field overriding the preset>}   -> cfg.model    ModelConfig
+    data:     {data_path, tokenizer, split, seq_length, seed, cache_dir}     -> cfg.data     DataConfig
+    train:    {micro_batch_size, ..., lr, ..., save, load, deepspeed_config} -> cfg.train    TrainConfig
+    parallel: {tensor_parallel, pipeline_parallel, sequence_parallel, ...}   -> cfg.parallel ParallelConfig
+    debug:    {inject_nan_at_step, sigkill_in_save_at_step, dump_weights}    -> cfg.debug    DebugConfig
+                                                                              (test hooks only)
 
-    model:  {preset: tiny, <any ModelConfig field overriding the preset>}
-    data:   {data_path: [PREFIX] | [w1, P1, w2, P2], tokenizer: PATH, split: "969,30,1",
-             seq_length: null (= model.max_seq_len), seed: 1234, cache_dir: null}
-    train:  {micro_batch_size, gradient_accumulation_steps, global_batch_size, train_iters,
-             lr, min_lr, lr_warmup_iters, lr_decay_style, lr_decay_iters, weight_decay,
-             adam_beta1, adam_beta2, adam_eps, clip_grad, seed, log_interval, eval_interval,
-             eval_iters, save, load, save_interval, keep_last, exit_interval, tensorboard_dir, nan_policy,
-             progress_bar, deepspeed_config}
-    parallel: {tensor_parallel: 1, pipeline_parallel: 1, sequence_parallel: false,
-               partition_method: parameters, activation_checkpoint_interval: 0}   # megagpt.parallel.ParallelConfig
-    debug:  {inject_nan_at_step, sigkill_in_save_at_step, dump_weights}   # test hooks only, never in real runs
+Finetuning (``load_finetune_config(path or None, overrides) -> FinetuneConfig``): a ``finetune:``
+section, usually all flags.
 
-The parallel layout is checked against the model here (tp divides heads/ffn/vocab, enough layers for
-the stages); against the world size and the DeepSpeed JSON in ``pretrain.main`` before launch.
+Every section is a dataclass declared with ``megagpt.schema.field`` (type, default, help, flags,
+choices, lower bound), checked on construction the same way, and turned into command-line flags
+by ``megagpt.schema.FlagSet`` (so ``--help`` shows every setting with its YAML key and default).
+Values given as flags override the file. Defaults that depend on another section are filled by a
+resolution step before a section is built (``data.seq_length`` = ``model.max_seq_len``,
+``model.vocab_size`` = the tokenizer's size, ``parallel.seed`` = ``train.seed``); nothing is
+changed after construction.
+
+Loading is strict: an unknown key anywhere, a wrong type, a bad value is a ``MegaGPTError`` with
+``.key`` (``'train.lr'``) and where the value came from — ``.file``/``.line`` for the config file
+(YAML keys carry their line), ``.flag`` for a command-line flag (``--seq-length 99``) — so a typo
+fails before any process group starts. The parallel layout is checked against the model here;
+against the world size and the DeepSpeed JSON in ``pretrain.main`` before launch.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Optional
 
+from megagpt.data.config import DataConfig
 from megagpt.errors import MegaGPTError
+from megagpt.model.config import ModelConfig
+from megagpt.parallel.topology import ParallelConfig
+from megagpt.schema import Section, field
 
-_DECAY_STYLES = ("cosine", "linear", "constant")
-_NAN_POLICIES = ("skip", "stop")
+__all__ = ["DataConfig", "DebugConfig", "FinetuneConfig", "MegaGPTConfig", "ModelConfig", "OptimConfig",
+           "ParallelConfig", "TrainConfig", "load_config", "load_finetune_config", "read_config_file"]
+
+
+# ------------------------------------------------------------------------------ sections
+@dataclass
+class OptimConfig(Section):
+    """AdamW and clipping: the same names, flags and DeepSpeed keys in pretraining and finetuning."""
+
+    lr: float = field(2.5e-4, help="peak learning rate")
+    weight_decay: float = field(0.01, min=0.0, help="AdamW weight decay on matmul weights (never on biases, norms "
+                                                    "or embedding tables)")
+    adam_beta1: float = field(0.9, help="AdamW beta1")
+    adam_beta2: float = field(0.999, help="AdamW beta2")
+    adam_eps: float = field(1e-8, help="AdamW epsilon")
+    clip_grad: float = field(1.0, min=0.0, help="gradient-norm clipping threshold")
+
+    def _check(self) -> None:
+        if not self.lr > 0:
+            raise MegaGPTError(f"lr={self.lr!r} must be > 0", key="lr")
 
 
 @dataclass
-class DataSection:
-    data_path: list = field(default_factory=list)
-    tokenizer: Optional[str] = None
-    split: str = "969,30,1"
-    seq_length: Optional[int] = None
-    seed: int = 1234
-    cache_dir: Optional[str] = None
+class TrainConfig(OptimConfig):
+    micro_batch_size: int = field(4, min=1, help="samples per rank per micro-batch")
+    gradient_accumulation_steps: int = field(1, min=1, help="micro-batches per optimizer step")
+    global_batch_size: Optional[int] = field(None, min=1, help="if set, must equal micro x accumulation x "
+                                                               "data-parallel size")
+    train_iters: int = field(1000, min=1, help="optimizer steps in the run; sizes the sample stream and the LR "
+                                               "schedule")
+    min_lr: float = field(0.0, help="final learning rate after decay")
+    lr_warmup_iters: int = field(0, min=0, help="linear warm-up steps")
+    lr_decay_style: str = field("cosine", choices=("cosine", "linear", "constant"), help="decay after warm-up")
+    lr_decay_iters: Optional[int] = field(None, min=1, help="steps to decay over", default_text="train_iters")
+    seed: int = field(1234, help="seed of weights, dropout and data order")
+    log_interval: int = field(10, min=1, help="log loss/throughput every N steps")
+    eval_interval: int = field(100, min=0, help="validate every N steps, 0 = never")
+    eval_iters: int = field(10, min=0, help="validation micro-batches per evaluation")
+    save: Optional[str] = field(None, help="checkpoint directory")
+    load: Optional[str] = field(None, help="resume from the newest complete checkpoint here")
+    save_interval: int = field(0, min=0, help="save every N steps; 0 = only at the end / on SIGTERM / on NaN stop")
+    keep_last: int = field(0, min=0, help="keep only the newest N checkpoints, 0 = all")
+    exit_interval: int = field(0, min=0, help="save and exit 0 when step % N == 0 (stop early without changing "
+                                              "train_iters, which sizes the sample stream and LR schedule)")
+    tensorboard_dir: Optional[str] = field(None, help="tensorboard event directory",
+                                           default_text="<save>/tensorboard when save is set")
+    nan_policy: str = field("skip", choices=("skip", "stop"), help="on a non-finite loss: skip the step, or save "
+                                                                   "the last good step and stop")
+    progress_bar: bool = field(True, help="tqdm progress bar")
+    deepspeed_config: Optional[str] = field(None, flags=("--deepspeed_config", "--deepspeed-config"),
+                                            help="DeepSpeed JSON (ds_configs/*.json); \"auto\" values are filled "
+                                                 "from this section")
+
+    def _check(self) -> None:
+        super()._check()
+        if not 0 <= self.min_lr <= self.lr:
+            raise MegaGPTError(f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]", key="min_lr")
+
+    def batch_sizes(self) -> dict:
+        """The batch keyword arguments of ``megagpt.train.distributed.build_ds_config``."""
+        return {"micro_batch_size": self.micro_batch_size, "global_batch_size": self.global_batch_size,
+                "gradient_accumulation_steps": self.gradient_accumulation_steps}
 
 
 @dataclass
-class TrainSection:
-    micro_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    global_batch_size: Optional[int] = None   # if set, must equal micro * accum * dp_world
-    train_iters: int = 1000
-    lr: float = 2.5e-4
-    min_lr: float = 0.0
-    lr_warmup_iters: int = 0
-    lr_decay_style: str = "cosine"
-    lr_decay_iters: Optional[int] = None      # None = train_iters
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    seed: int = 1234
-    log_interval: int = 10
-    eval_interval: int = 100                  # 0 = no periodic validation
-    eval_iters: int = 10
-    save: Optional[str] = None
-    load: Optional[str] = None
-    save_interval: int = 0                    # 0 = only at the end / on SIGTERM / on NaN stop
-    keep_last: int = 0                        # 0 = keep every checkpoint
-    exit_interval: int = 0                    # save and exit 0 when step % exit_interval == 0
-                                              # (stop early without changing train_iters, which
-                                              # sizes the sample stream and the LR schedule)
-    tensorboard_dir: Optional[str] = None     # None = <save>/tensorboard if save is set
-    nan_policy: str = "skip"
-    progress_bar: bool = True
-    deepspeed_config: Optional[str] = None
+class DebugConfig(Section):
+    """Test-only hooks (tests/test_train_*.py); they deliberately break a run. No flags."""
+
+    inject_nan_at_step: Optional[int] = field(None, cli=False, help="the loss of this step becomes NaN on every "
+                                                                    "rank")
+    sigkill_in_save_at_step: Optional[int] = field(None, cli=False, help="rank 0 SIGKILLs itself after writing "
+                                                   "this step's files but before marking it complete")
+    dump_weights: bool = field(False, cli=False, help="rank 0 writes the gathered fp32 weights into each saved "
+                                                      "tag as weights_at_save.pt")
 
 
 @dataclass
-class DebugSection:
-    """Test-only hooks (tests/test_train_*.py); they deliberately break a run."""
-    inject_nan_at_step: Optional[int] = None       # loss of this step becomes NaN on every rank
-    sigkill_in_save_at_step: Optional[int] = None  # rank 0 SIGKILLs itself after writing this
-                                                   # step's files but before marking it complete
-    dump_weights: bool = False                     # rank 0 writes the gathered fp32 weights into
-                                                   # each saved tag as weights_at_save.pt
+class FinetuneConfig(OptimConfig):
+    """GPT-1 task finetuning (megagpt/finetune). Shared settings have pretraining's names:
+    ``seq_length``, ``lr`` ... ``clip_grad``, ``seed``, ``save``, ``log_interval``, ``deepspeed_config``."""
+
+    task: Optional[str] = field(None, help="sst2, rte, mrpc, stsb, copa or storycloze", default_text="required")
+    data_root: str = field("../shared/data", help="folder holding glue/, copa/, storycloze/")
+    init: str = field("random", help="'random', a consolidated megagpt checkpoint dir, or a DeepSpeed pretraining "
+                                     "checkpoint dir")
+    preset: str = field("tiny", help="model preset for init 'random'")
+    model_overrides: dict = field(default_factory=dict, cli=False, help="ModelConfig overrides for init 'random'")
+    tokenizer: Optional[str] = field(None, help="tokenizer path; required for init 'random'",
+                                     default_text="the checkpoint's")
+    seq_length: Optional[int] = field(None, min=1, help="tokens per input sequence (longer inputs are "
+                                                        "truncated)", default_text="the model's max_seq_len")
+    lr: float = field(6.25e-5, help="peak learning rate (GPT-1's)")
+    batch_size: int = field(32, min=1, help="global batch, in examples (all ranks)")
+    epochs: int = field(3, min=1, help="passes over the training set")
+    warmup_frac: float = field(0.002, help="linear warm-up over this fraction of all steps, then linear decay to 0")
+    lm_coef: float = field(0.5, min=0.0, help="lambda of the auxiliary LM loss; 0 disables it")
+    clf_dropout: float = field(0.1, help="dropout before the task head")
+    zero_stage: Optional[int] = field(None, choices=(0, 1, 2), help="DeepSpeed ZeRO stage (3 is refused: the "
+                                      "best-checkpoint save needs full weights on rank 0)",
+                                      default_text="the DeepSpeed JSON's, else 1")
+    deepspeed_config: Optional[str] = field(None, flags=("--deepspeed_config", "--deepspeed-config"),
+                                            help="DeepSpeed JSON; \"auto\" values are filled from this section")
+    seed: int = field(1234, help="seed for init, head, dropout and shuffling")
+    train_limit: Optional[int] = field(None, min=1, help="use the first N training examples",
+                                       default_text="all")
+    eval_limit: Optional[int] = field(None, min=1, help="use the first N eval examples", default_text="all")
+    train_fraction: float = field(0.8, help="copa/storycloze: this leading fraction of the file is train, "
+                                            "the rest eval")
+    skip_bad: bool = field(False, help="skip (and count) malformed rows instead of failing")
+    save: Optional[str] = field(None, help="writes best/ (best eval by the task's main metric) and history.json")
+    log_interval: int = field(50, min=0, flags=("--log-interval", "--log-every"),
+                              help="print the training loss every N steps, 0 = never")
+
+    def _check(self) -> None:
+        super()._check()
+        if self.task is None:
+            raise MegaGPTError("missing: the task to finetune on", key="task")
+        from megagpt.finetune.tasks import TASKS
+        if self.task not in TASKS:
+            raise MegaGPTError(f"task={self.task!r} must be one of {', '.join(sorted(TASKS))}", key="task")
+        if not 0 <= self.warmup_frac < 1:
+            raise MegaGPTError(f"warmup_frac={self.warmup_frac!r} must be in [0, 1)", key="warmup_frac")
+        if not 0 < self.train_fraction < 1:
+            raise MegaGPTError(f"train_fraction={self.train_fraction!r} must be in (0, 1)", key="train_fraction")
+        if not 0 <= self.clf_dropout < 1:
+            raise MegaGPTError(f"clf_dropout={self.clf_dropout!r} must be in [0, 1)", key="clf_dropout")
+        if self.init == "random":
+            if not self.tokenizer:
+                raise MegaGPTError("missing: init 'random' needs a tokenizer (a sentencepiece .model or GPT-2 BPE "
+                                   "dir)", key="tokenizer")
+            from megagpt.model.presets import get_preset
+            try:   # the model it will build (vocab_size comes from the tokenizer)
+                get_preset(self.preset, **{str(k): v for k, v in self.model_overrides.items()})
+            except MegaGPTError as e:
+                raise MegaGPTError(e.reason, key="preset" if e.key == "preset" else "model_overrides") from None
+        if self.init != "random" and not os.path.isdir(self.init):
+            raise MegaGPTError(f"{self.init}: no such checkpoint directory (or pass 'random')", key="init")
+        if not os.path.isdir(self.data_root):
+            raise MegaGPTError(f"{self.data_root}: no such directory", key="data_root")
 
 
-_SECTIONS = {"data": DataSection, "train": TrainSection, "debug": DebugSection}
+# ------------------------------------------------------------------------------ where values came from
+class _Origins:
+    """Where each dotted key's value came from, to put on an error: the flag that gave it, else the
+    config file and the key's line; a flags-only config names the flag to pass."""
+
+    def __init__(self, source: str | None, lines: dict, overrides: dict):
+        self.source, self.lines = source, lines
+        self.flags = getattr(overrides, "flags", {})
+        self.names = getattr(overrides, "names", {})
+        self.given = set(overrides)
+
+    def error(self, key: str, reason: str) -> MegaGPTError:
+        sk = tuple(key.split(".", 1))
+        if sk in self.flags:
+            return MegaGPTError(reason, key=key, flag=self.flags[sk])
+        if self.source is None:
+            return MegaGPTError(reason, key=key, flag=self.names.get(sk))
+        line = None if sk in self.given else self.lines.get(key) or self.lines.get(sk[0])
+        return MegaGPTError(reason, key=key, file=self.source, line=line)
+
+    def locate(self, e: MegaGPTError, section: str) -> MegaGPTError:
+        """A section's error (key relative to it) as the tree's (dotted key, file/line or flag)."""
+        if e.file or e.flag:
+            return e
+        return self.error(f"{section}.{e.key}" if e.key else section, e.reason)
 
 
+def _sections(raw, names: tuple, origins: _Origins, overrides: dict) -> dict:
+    """The file's sections as dicts (unknown or malformed ones refused), flags applied on top."""
+    if not isinstance(raw, dict):
+        raise MegaGPTError(f"top level must be a mapping with {', '.join(names)} sections", file=origins.source)
+    for k in raw:
+        if k not in names:
+            raise origins.error(str(k), f"unknown section; known: {', '.join(names)}")
+    out = {}
+    for k in names:
+        sec = raw.get(k) or {}
+        if not isinstance(sec, dict):
+            raise origins.error(k, f"must be a mapping of keys, got {sec!r}")
+        out[k] = dict(sec)
+    for (sec, key), val in overrides.items():
+        out[sec][key] = val
+    return out
+
+
+def _build(origins: _Origins, section: str, make, raw):
+    try:
+        return make(raw)
+    except MegaGPTError as e:
+        raise origins.locate(e, section) from None
+
+
+# ------------------------------------------------------------------------------ resolution steps
+def resolve_model(section: dict, tokenizer) -> ModelConfig:
+    """``model:`` (preset + overrides) → ModelConfig; vocab_size from the tokenizer when not given."""
+    from megagpt.model.presets import get_preset
+
+    m = {str(k): v for k, v in section.items()}
+    preset = m.pop("preset", None)
+    if "vocab_size" not in m and isinstance(tokenizer, str) and os.path.exists(tokenizer):
+        from megagpt.tokenizer import load_tokenizer
+        m["vocab_size"] = load_tokenizer(tokenizer).vocab_size
+    return get_preset(preset, **m) if preset is not None else ModelConfig.from_dict(m)
+
+
+def resolve_data(section: dict, model: ModelConfig) -> dict:
+    """``data:`` with ``seq_length`` defaulting to the model's ``max_seq_len``."""
+    return {**section, "seq_length": model.max_seq_len} if section.get("seq_length") is None else section
+
+
+# ------------------------------------------------------------------------------ the pretraining tree
 @dataclass
 class MegaGPTConfig:
-    model: dict                 # resolved ModelConfig fields (preset applied) — see .model_config()
-    data: DataSection
-    train: TrainSection
-    debug: DebugSection
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    parallel: ParallelConfig
+    debug: DebugConfig
     source: str = "<dict>"
-    parallel: dict = field(default_factory=dict)   # every ParallelConfig field but seed (train.seed)
+    origins: Optional[_Origins] = dataclasses.field(default=None, repr=False, compare=False)  # for later errors
 
-    def parallel_config(self):
-        from megagpt.parallel.topology import ParallelConfig
-        return ParallelConfig.from_dict(dict(self.parallel), f"{self.source}: parallel", seed=self.train.seed)
-
-    def model_config(self):
-        from megagpt.model import ModelConfig
-        return ModelConfig.from_dict(dict(self.model))
-
-    def data_config(self):
-        from megagpt.data import DataConfig
-        d = self.data
-        try:
-            return DataConfig(data_path=list(d.data_path), split=d.split, seq_length=d.seq_length,
-                              seed=d.seed, cache_dir=d.cache_dir)
-        except MegaGPTError as e:
-            raise MegaGPTError(f"{self.source}: {e}") from None
+    SECTIONS = ("model", "data", "train", "parallel", "debug")
 
     def to_dict(self) -> dict:
-        return {"model": dict(self.model), "data": dataclasses.asdict(self.data),
-                "train": dataclasses.asdict(self.train), "parallel": dict(self.parallel),
-                "debug": dataclasses.asdict(self.debug)}
+        """The resolved config (stored in checkpoints): every YAML key of every section."""
+        return {name: getattr(self, name).to_dict() for name in self.SECTIONS}
 
-    # ---- construction ------------------------------------------------------------------
+    def error(self, key: str, reason: str) -> MegaGPTError:
+        """A ``MegaGPTError`` about ``key`` found after loading, placed where its value came from."""
+        return (self.origins or _Origins(self.source, {}, {})).error(key, reason)
+
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<dict>", lines: dict | None = None,
                   overrides: dict | None = None) -> "MegaGPTConfig":
-        """Build from a nested dict; ``overrides`` {(section, key): value} are CLI flags."""
-        lines = lines or {}
-
-        def where(path):
-            line = lines.get(path)
-            return f"{source}" + (f", line {line}" if line else "") + f", key '{path}'"
-
-        if not isinstance(raw, dict):
-            raise MegaGPTError(f"{source}: top level must be a mapping with model/data/train sections")
-        names = ("model", "data", "train", "parallel", "debug")
-        for k in raw:
-            if k not in names:
-                raise MegaGPTError(f"{where(k)}: unknown section; known: {', '.join(names)}")
-        raw = {k: dict(raw.get(k) or {}) for k in names}
-        for (sec, key), val in (overrides or {}).items():
-            raw[sec][key] = val
-        sections = {}
-        for name, klass in _SECTIONS.items():
-            known = {f.name: f for f in fields(klass)}
-            hints = typing.get_type_hints(klass)
-            for k, v in raw[name].items():
-                if k not in known:
-                    raise MegaGPTError(f"{where(f'{name}.{k}')}: unknown key; known {name} keys: {', '.join(known)}")
-                _check_type(where(f"{name}.{k}"), v, hints[k])
-            sections[name] = klass(**raw[name])
-        model = _resolve_model(raw["model"], sections["data"], where)
-        parallel = _resolve_parallel(raw["parallel"], where)
-        cfg = cls(model=model, source=source, parallel=parallel, **sections)
-        cfg._validate(where)
+        """Build from a nested dict; ``overrides`` {(section, key): value} are CLI flags
+        (``megagpt.schema.Overrides`` also knows each one's flag text)."""
+        overrides = overrides if overrides is not None else {}
+        origins = _Origins(source, lines or {}, overrides)
+        raw = _sections(raw, cls.SECTIONS, origins, overrides)
+        train = _build(origins, "train", TrainConfig.from_dict, raw["train"])
+        debug = _build(origins, "debug", DebugConfig.from_dict, raw["debug"])
+        model = _build(origins, "model", lambda m: resolve_model(m, raw["data"].get("tokenizer")), raw["model"])
+        data = _build(origins, "data", lambda d: DataConfig.from_dict(resolve_data(d, model)), raw["data"])
+        parallel = _build(origins, "parallel", lambda p: ParallelConfig.from_dict(p, seed=train.seed), raw["parallel"])
+        cfg = cls(model=model, data=data, train=train, parallel=parallel, debug=debug, source=source, origins=origins)
+        cfg._check()
         return cfg
 
-    def _validate(self, where):
-        t, d = self.train, self.data
-        for k in ("micro_batch_size", "gradient_accumulation_steps", "train_iters", "log_interval"):
-            if getattr(t, k) < 1:
-                raise MegaGPTError(f"{where('train.' + k)}: {getattr(t, k)} must be >= 1")
-        for k in ("lr_warmup_iters", "eval_interval", "eval_iters", "save_interval", "keep_last", "exit_interval"):
-            if getattr(t, k) < 0:
-                raise MegaGPTError(f"{where('train.' + k)}: {getattr(t, k)} must be >= 0")
-        if t.lr_decay_style not in _DECAY_STYLES:
-            raise MegaGPTError(f"{where('train.lr_decay_style')}: {t.lr_decay_style!r} must be one of {_DECAY_STYLES}")
-        if t.nan_policy not in _NAN_POLICIES:
-            raise MegaGPTError(f"{where('train.nan_policy')}: {t.nan_policy!r} must be one of {_NAN_POLICIES}")
-        if not (0 <= t.min_lr <= t.lr):
-            raise MegaGPTError(f"{where('train.min_lr')}: {t.min_lr} must be in [0, lr={t.lr}]")
-        if not d.data_path:
-            raise MegaGPTError(f"{where('data.data_path')}: missing; give the shard prefix(es) to train on")
+    def _check(self) -> None:
+        """Checks across sections."""
+        m, d, t = self.model, self.data, self.train
         if not d.tokenizer:
-            raise MegaGPTError(f"{where('data.tokenizer')}: missing; give the tokenizer the shards were made with")
-        if not os.path.exists(d.tokenizer):
-            raise MegaGPTError(f"{where('data.tokenizer')}: {d.tokenizer} does not exist")
-        if d.seq_length > self.model["max_seq_len"]:
-            raise MegaGPTError(f"{where('data.seq_length')}: {d.seq_length} exceeds model max_seq_len="
-                               f"{self.model['max_seq_len']}")
+            raise self.error("data.tokenizer", "missing; give the tokenizer the shards were made with")
+        if d.seq_length > m.max_seq_len:
+            raise self.error("data.seq_length", f"seq_length={d.seq_length} exceeds model max_seq_len={m.max_seq_len}")
         if t.save_interval and not t.save:
-            raise MegaGPTError(f"{where('train.save_interval')}: set but train.save (checkpoint dir) is not")
-        self._validate_parallel(where)
-        try:
-            self.data_config()  # existence of every shard, split syntax
-        except MegaGPTError as e:
-            raise MegaGPTError(f"{where('data')}: {str(e).split(': ', 1)[-1]}") from None
+            raise self.error("train.save_interval", "set but train.save (checkpoint dir) is not")
+        self._check_parallel()
 
-    def _validate_parallel(self, where):
+    def _check_parallel(self) -> None:
         """Layout vs model: the same checks the parallel model builders make, but before launch."""
         from megagpt.model.sharding import check_tp
 
-        p, m = self.parallel, self.model_config()
-        tp, pp = p["tensor_parallel"], p["pipeline_parallel"]
+        p, m = self.parallel, self.model
+        tp, pp = p.tensor_parallel, p.pipeline_parallel
         try:
             check_tp(m, tp)
         except MegaGPTError as e:
-            raise MegaGPTError(f"{where('parallel.tensor_parallel')}: {e}") from None
-        if p["sequence_parallel"]:
+            raise self.error("parallel.tensor_parallel", e.reason) from None
+        if p.sequence_parallel:
             if tp == 1:
-                raise MegaGPTError(f"{where('parallel.sequence_parallel')}: needs tensor_parallel > 1")
+                raise self.error("parallel.sequence_parallel", "needs tensor_parallel > 1")
             if self.data.seq_length % tp:
-                raise MegaGPTError(f"{where('parallel.sequence_parallel')}: data.seq_length {self.data.seq_length} "
-                                   f"is not divisible by tensor_parallel={tp}")
+                raise self.error("parallel.sequence_parallel", f"data.seq_length {self.data.seq_length} is not "
+                                                               f"divisible by tensor_parallel={tp}")
         n_pipe = m.n_layer + 3 + (1 if m.norm_position == "pre" else 0)  # embed, pos, blocks, ln_f, head
         if pp > n_pipe:
-            raise MegaGPTError(f"{where('parallel.pipeline_parallel')}: {pp} stages exceed the {n_pipe} pipeline "
-                               f"layers of a {m.n_layer}-layer model")
+            raise self.error("parallel.pipeline_parallel", f"{pp} stages exceed the {n_pipe} pipeline layers of a "
+                                                           f"{m.n_layer}-layer model")
 
 
-def _resolve_parallel(p: dict, where) -> dict:
-    """The parallel section checked by ParallelConfig itself; returns every field but seed, filled."""
-    from megagpt.parallel.topology import ParallelConfig
-
-    if "seed" in p:
-        raise MegaGPTError(f"{where('parallel.seed')}: unknown key; the seed comes from train.seed")
-    known = [f.name for f in fields(ParallelConfig) if f.name != "seed"]
-    for k in p:
-        if k not in known:
-            raise MegaGPTError(f"{where(f'parallel.{k}')}: unknown key; known parallel keys: {', '.join(known)}")
-    try:
-        pc = ParallelConfig.from_dict(p, "parallel")
-    except MegaGPTError as e:
-        key = next((k for k in p if f"{k}=" in str(e)), None)
-        raise MegaGPTError(f"{where(f'parallel.{key}') if key else where('parallel')}: "
-                           f"{str(e).split(': ', 2)[-1]}") from None
-    return {k: getattr(pc, k) for k in known}
-
-
-def _resolve_model(m: dict, data: DataSection, where) -> dict:
-    """Preset + overrides → full ModelConfig dict; vocab_size from the tokenizer when not given."""
-    from megagpt.model import ModelConfig, get_preset
-
-    m = dict(m)
-    preset = m.pop("preset", None)
-    if data.tokenizer and "vocab_size" not in m and os.path.exists(data.tokenizer):
-        from megagpt.tokenizer import load_tokenizer
-        m["vocab_size"] = load_tokenizer(data.tokenizer).vocab_size
-    try:
-        cfg = get_preset(preset, **m) if preset else ModelConfig.from_dict(m)
-    except MegaGPTError as e:
-        raise MegaGPTError(f"{where('model')}: {e}") from None
-    except TypeError as e:
-        raise MegaGPTError(f"{where('model')}: {e}") from None
-    if data.seq_length is None:
-        data.seq_length = cfg.max_seq_len
-    return cfg.to_dict()
-
-
-def _check_type(where, value, hint):
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return
-        hint = next(a for a in args if a is not type(None))
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str),
-          list: lambda v: isinstance(v, (list, str))}[hint](value)
-    if not ok:
-        raise MegaGPTError(f"{where}: {value!r} must be of type {hint.__name__}")
-
-
+# ------------------------------------------------------------------------------ files
 def _yaml_with_lines(text: str, path: str):
-    """Parse YAML and remember the line of every ``section.key`` for error messages."""
+    """Parse YAML and remember the line of every ``section`` and ``section.key`` for error messages."""
     import yaml
 
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise MegaGPTError(f"{path}: not valid YAML: {str(e).splitlines()[0]} {getattr(e, 'problem_mark', '')}") from None
+        mark = getattr(e, "problem_mark", None)
+        raise MegaGPTError(f"not valid YAML: {str(e).splitlines()[0]}", file=path,
+                           line=mark.line + 1 if mark else None) from None
     lines = {}
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
@@ -284,17 +344,32 @@ def _yaml_with_lines(text: str, path: str):
     return data, lines
 
 
-def load_config(path, overrides: dict | None = None) -> MegaGPTConfig:
-    """Read a YAML (``.yaml``/``.yml``) or JSON megagpt config; ``overrides`` from CLI flags."""
+def read_config_file(path) -> tuple[dict, dict]:
+    """(contents, {dotted key: line}) of a YAML (``.yaml``/``.yml``) or JSON config file."""
     path = str(path)
     if not os.path.isfile(path):
-        raise MegaGPTError(f"{path}: config file not found")
-    text = open(path).read()
+        raise MegaGPTError("config file not found", file=path)
+    with open(path) as f:
+        text = f.read()
     if path.endswith(".json"):
         try:
-            raw, lines = json.loads(text), {}
+            return json.loads(text), {}
         except json.JSONDecodeError as e:
-            raise MegaGPTError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
-    else:
-        raw, lines = _yaml_with_lines(text, path)
-    return MegaGPTConfig.from_dict(raw or {}, source=path, lines=lines, overrides=overrides)
+            raise MegaGPTError(f"not valid JSON: {e.msg}", file=path, line=e.lineno) from None
+    raw, lines = _yaml_with_lines(text, path)
+    return raw if raw is not None else {}, lines
+
+
+def load_config(path, overrides: dict | None = None) -> MegaGPTConfig:
+    """The pretraining config from a YAML/JSON file; ``overrides`` {(section, key): value} from flags."""
+    raw, lines = read_config_file(path)
+    return MegaGPTConfig.from_dict(raw, source=str(path), lines=lines, overrides=overrides)
+
+
+def load_finetune_config(path=None, overrides: dict | None = None) -> FinetuneConfig:
+    """The finetuning config: the ``finetune:`` section of a YAML/JSON file (optional), flags on top."""
+    overrides = overrides if overrides is not None else {}
+    raw, lines = read_config_file(path) if path is not None else ({}, {})
+    origins = _Origins(str(path) if path is not None else None, lines, overrides)
+    raw = _sections(raw, ("finetune",), origins, overrides)
+    return _build(origins, "finetune", FinetuneConfig.from_dict, raw["finetune"])

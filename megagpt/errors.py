@@ -2,24 +2,71 @@
 
 Entry points catch ``MegaGPTError`` and print its message on one line (exit code 2) instead of a
 traceback; anything else escaping is a bug in megagpt, not in the user's input.
+
+Where the mistake is travels as data, not inside the text: ``key`` (the dotted config key, e.g.
+``'train.lr'``, or a field name when raised by a section on its own), ``file`` and ``line`` (where
+the value was written), or ``flag`` (the command-line flag and value that set it). The message is
+built from them: ``file, line N, key 'a.b': why`` or ``--seq-length 99, key 'data.seq_length': why``.
 """
 import functools
+import os
 import sys
 
 
 class MegaGPTError(Exception):
     """A problem with the user's input or environment, with a message that says how to fix it."""
 
+    def __init__(self, reason: str, *, key: str | None = None, file: str | None = None, line: int | None = None,
+                 flag: str | None = None):
+        self.reason, self.key, self.file, self.line, self.flag = str(reason), key, file, line, flag
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = []
+        if self.flag:
+            where.append(self.flag)
+        elif self.file:
+            where.append(str(self.file) + (f", line {self.line}" if self.line else ""))
+        if self.key and where:   # on its own the reason already names the field
+            where.append(f"key '{self.key}'")
+        return ", ".join(where) + ": " + self.reason if where else self.reason
+
+    def __str__(self) -> str:
+        return self._message()
+
+    def __reduce__(self):   # keep the attributes across pickling (multiprocessing workers)
+        return _rebuild, (type(self), self.reason, self.key, self.file, self.line, self.flag)
+
+    def located(self, *, key: str | None = None, file: str | None = None, line: int | None = None,
+                flag: str | None = None) -> "MegaGPTError":
+        """A copy with the given location fields replaced (``None`` keeps the current one)."""
+        return type(self)(self.reason, key=key or self.key, file=file or self.file, line=line or self.line,
+                          flag=flag or self.flag)
+
+
+def _rebuild(cls, reason, key, file, line, flag):
+    return cls(reason, key=key, file=file, line=line, flag=flag)
+
+
+def reports_errors() -> bool:
+    """Whether this process prints errors: rank 0 of a launched job, or a plain process.
+
+    Every rank of a job loads the same config and data, so it finds the same mistake; only rank 0
+    says it (the others still exit 2)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
 
 def cli_main(fn):
-    """Decorate a CLI ``main`` so a ``MegaGPTError`` becomes ``error: <msg>`` on stderr, exit 2."""
+    """Decorate a CLI ``main`` so a ``MegaGPTError`` becomes ``error: <msg>`` on stderr (rank 0 only),
+    exit 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except MegaGPTError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            if reports_errors():
+                print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper

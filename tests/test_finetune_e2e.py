@@ -65,7 +65,7 @@ def worker(out: Path, tok_path: str, data_root: str):
     for task, init in TASK_RUNS.items():
         run.main(["--task", task, "--data-root", data_root, "--init", inits[init], "--tokenizer", tok_path,
                   "--train-limit", "64", "--eval-limit", str(EVAL_LIMIT), "--epochs", "1",
-                  "--batch-size", "16", "--lr", "1e-4", "--save-dir", str(out / task), "--log-every", "2"])
+                  "--batch-size", "16", "--lr", "1e-4", "--save", str(out / task), "--log-interval", "2"])
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     """Config mistakes fail before any process group starts: one `error:` line, exit 2."""
     from megagpt.finetune import run
 
-    for argv, msg in ((["--task", "sst2", "--init", "random"], "error: --init random needs --tokenizer"),
+    for argv, msg in ((["--task", "sst2", "--init", "random"], "error: --tokenizer, key 'finetune.tokenizer': missing"),
                       (["--task", "rte", "--init", str(tmp_path / "nope")], "no such checkpoint directory"),
                       (["--task", "rte", "--init", "random", "--tokenizer", "t", "--data-root", str(tmp_path / "x")],
                        "--data-root")):
@@ -144,7 +144,7 @@ def test_plain_python_process_mrpc(tmp_path, sp_model, shared_data):
     r = subprocess.run([sys.executable, "megagpt/finetune/run.py", "--task", "mrpc", "--init", "random",
                         "--tokenizer", sp_model, "--data-root", str(shared_data), "--train-limit", "32",
                         "--eval-limit", "24", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3",
-                        "--save-dir", str(tmp_path / "mrpc")],
+                        "--save", str(tmp_path / "mrpc")],
                        cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -20,6 +20,10 @@ from megagpt.train.schedule import lr_at
 REPO = Path(__file__).resolve().parents[1]
 
 
+def ds_config_for(path, train, dp_world):
+    return build_ds_config(path, train, dp_world, **train.batch_sizes())
+
+
 def write_cfg(path, prefix, tok, **sections):
     cfg = {"model": {"preset": "tiny"}, "data": {"data_path": [prefix], "tokenizer": tok, "seq_length": 32},
            "train": {"micro_batch_size": 2, "train_iters": 4}}
@@ -32,7 +36,7 @@ def write_cfg(path, prefix, tok, **sections):
 def test_config_loads_preset_overrides_and_vocab_from_tokenizer(tmp_path, shakespeare_prefix, sp_model):
     path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model, model={"n_layer": 3})
     cfg = load_config(path, {("train", "lr"): 1e-3})
-    assert cfg.model["n_layer"] == 3 and cfg.model["n_embd"] == 64 and cfg.model["vocab_size"] == 1000
+    assert cfg.model.n_layer == 3 and cfg.model.n_embd == 64 and cfg.model.vocab_size == 1000
     assert cfg.train.lr == 1e-3 and cfg.data.seq_length == 32
     assert cfg.to_dict()["model"]["name"] == "tiny"
 
@@ -64,28 +68,28 @@ def test_unknown_key_error_has_yaml_line(tmp_path, shakespeare_prefix, sp_model)
 def test_ds_config_auto_filled_and_batch_checked(tmp_path, shakespeare_prefix, sp_model):
     cfg = load_config(write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model,
                                 train={"gradient_accumulation_steps": 3, "weight_decay": 0.1}))
-    ds = build_ds_config(str(REPO / "ds_configs/zero2.json"), cfg.train, dp_world=2)
+    ds = ds_config_for(str(REPO / "ds_configs/zero2.json"), cfg.train, dp_world=2)
     assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 3 and ds["optimizer"]["params"]["weight_decay"] == 0.1
     cfg.train.global_batch_size = 10
     with pytest.raises(MegaGPTError, match="global_batch_size=10 != micro_batch_size 2 x gradient_accumulation_steps 3"):
-        build_ds_config(str(REPO / "ds_configs/zero2.json"), cfg.train, dp_world=2)
+        ds_config_for(str(REPO / "ds_configs/zero2.json"), cfg.train, dp_world=2)
     cfg.train.global_batch_size = None
     bad = json.loads((REPO / "ds_configs/zero2.json").read_text())
     bad["zero_optimisation"] = bad.pop("zero_optimization")
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(MegaGPTError, match="unknown DeepSpeed config key.*zero_optimisation"):
-        build_ds_config(str(tmp_path / "bad.json"), cfg.train, dp_world=1)
+        ds_config_for(str(tmp_path / "bad.json"), cfg.train, dp_world=1)
     bad = json.loads((REPO / "ds_configs/zero2.json").read_text())
     bad["train_batch_size"] = 7
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(MegaGPTError, match="'train_batch_size' is 7 but the megagpt config gives 6"):
-        build_ds_config(str(tmp_path / "bad.json"), cfg.train, dp_world=1)
+    with pytest.raises(MegaGPTError, match="bad.json, key 'train_batch_size': is 7 but the megagpt config gives 6"):
+        ds_config_for(str(tmp_path / "bad.json"), cfg.train, dp_world=1)
     bad = json.loads((REPO / "ds_configs/zero2.json").read_text())
     bad["zero_optimization"]["stage3_prefetch_bucket_sizee"] = 1
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(MegaGPTError, match="zero_optimization"):
-        build_ds_config(str(tmp_path / "bad.json"), cfg.train, dp_world=1)
+        ds_config_for(str(tmp_path / "bad.json"), cfg.train, dp_world=1)
 
 
 def test_every_shipped_ds_config_is_valid(tmp_path, shakespeare_prefix, sp_model):
@@ -96,7 +100,7 @@ def test_every_shipped_ds_config_is_valid(tmp_path, shakespeare_prefix, sp_model
     readme = (REPO / "ds_configs/README.md").read_text()
     for n in names:
         assert n in readme, f"{n} not explained in ds_configs/README.md"
-        build_ds_config(str(REPO / "ds_configs" / n), cfg.train, dp_world=4)
+        ds_config_for(str(REPO / "ds_configs" / n), cfg.train, dp_world=4)
 
 
 def test_cli_error_is_one_line_exit_2_before_process_group(tmp_path, shakespeare_prefix, sp_model, capsys):
@@ -146,8 +150,135 @@ def test_checkpoint_tags_only_complete_count(tmp_path):
 def test_shipped_example_configs_load(name, preset, shakespeare_prefix, sp_model):
     cfg = load_config(REPO / "configs" / f"{name}.yaml",
                       {("data", "data_path"): [shakespeare_prefix], ("data", "tokenizer"): sp_model})
-    assert cfg.model["name"] == preset and cfg.model["vocab_size"] == 1000  # from the tokenizer
-    assert cfg.data.seq_length <= cfg.model["max_seq_len"]
+    assert cfg.model.name == preset and cfg.model.vocab_size == 1000  # from the tokenizer
+    assert cfg.data.seq_length <= cfg.model.max_seq_len
     if name == "gpt1":
         assert (cfg.train.lr, cfg.train.lr_warmup_iters, cfg.train.lr_decay_style) == (2.5e-4, 2000, "cosine")
-        build_ds_config(str(REPO / "ds_configs/zero2.json"), cfg.train, dp_world=8)  # 8 x 8 = 64
+        ds_config_for(str(REPO / "ds_configs/zero2.json"), cfg.train, dp_world=8)  # 8 x 8 = 64
+
+
+# ---- one typed tree, errors with their key, generated flags ----------------------------------
+def test_sections_are_typed_and_seq_length_resolves_from_the_model(tmp_path, shakespeare_prefix, sp_model):
+    from megagpt.config import DataConfig, DebugConfig, ModelConfig, ParallelConfig, TrainConfig
+
+    cfg = load_config(write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model, model={"max_seq_len": 48},
+                                data={"seq_length": None}, train={"seed": 7}))
+    assert (type(cfg.model), type(cfg.data), type(cfg.train), type(cfg.parallel), type(cfg.debug)) == (
+        ModelConfig, DataConfig, TrainConfig, ParallelConfig, DebugConfig)
+    assert cfg.data.seq_length == 48 and cfg.parallel.seed == 7 and cfg.model is cfg.model  # built once
+    assert DataConfig([shakespeare_prefix]).seq_length is None       # one default: "the model's max_seq_len"
+    assert "seed" not in cfg.to_dict()["parallel"] and cfg.to_dict()["data"]["seq_length"] == 48
+
+
+@pytest.mark.parametrize("section,key", [("model", "n_layers"), ("data", "seq_len"), ("train", "lrr"),
+                                         ("parallel", "tp"), ("debug", "inject")])
+def test_unknown_key_in_every_section_names_file_line_key(tmp_path, shakespeare_prefix, sp_model, section, key):
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model, **{section: {key: 1}})
+    line = next(i + 1 for i, l in enumerate(Path(path).read_text().splitlines()) if l.strip().startswith(key + ":"))
+    with pytest.raises(MegaGPTError) as e:
+        load_config(path)
+    assert (e.value.key, e.value.file, e.value.line) == (f"{section}.{key}", path, line)
+    assert str(e.value).startswith(f"{path}, line {line}, key '{section}.{key}': unknown key")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("section,key,value", [("model", "n_layer", "3"), ("data", "seq_length", "32"),
+                                               ("train", "micro_batch_size", 2.5), ("parallel", "tensor_parallel", 1.5),
+                                               ("debug", "dump_weights", "yes"), ("train", "progress_bar", 1)])
+def test_wrong_type_names_the_key(tmp_path, shakespeare_prefix, sp_model, section, key, value):
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model, **{section: {key: value}})
+    with pytest.raises(MegaGPTError) as e:
+        load_config(path)
+    assert e.value.key == f"{section}.{key}" and e.value.line is not None
+    assert f"key '{section}.{key}': {key}={value!r} must be of type" in str(e.value)
+
+
+def test_flag_value_is_reported_as_the_flag_not_the_yaml_line(tmp_path, shakespeare_prefix, sp_model):
+    from megagpt.train.pretrain import parse_args
+
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model)   # has data.seq_length: 32 on a line
+    _, overrides = parse_args(["--config", path, "--seq-length", "99"])
+    with pytest.raises(MegaGPTError) as e:
+        load_config(path, overrides)
+    assert str(e.value) == "--seq-length 99, key 'data.seq_length': seq_length=99 exceeds model max_seq_len=64"
+    assert (e.value.key, e.value.flag, e.value.file, e.value.line) == ("data.seq_length", "--seq-length 99", None, None)
+    _, overrides = parse_args(["--config", path, "--tensor-model-parallel-size", "3"])
+    with pytest.raises(MegaGPTError, match=r"^--tensor-model-parallel-size 3, key 'parallel.tensor_parallel': "):
+        load_config(path, overrides)
+    _, overrides = parse_args(["--config", path, "--lr-decay-style=linearr"])
+    with pytest.raises(MegaGPTError, match=r"^--lr-decay-style linearr, key 'train.lr_decay_style': .* one of cosine"):
+        load_config(path, overrides)
+    with pytest.raises(MegaGPTError) as e:   # set in code (not a flag): the file, but not the key's line
+        load_config(path, {("data", "seq_length"): 99})
+    assert str(e.value).startswith(f"{path}, key 'data.seq_length': ") and e.value.line is None
+
+
+def test_flags_set_the_fields_with_megatron_aliases(tmp_path, shakespeare_prefix, sp_model):
+    from megagpt.train.pretrain import parse_args
+
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model)
+    a, overrides = parse_args(["--config", path, "--seq-length", "16", "--tensor-model-parallel-size", "2",
+                               "--pipeline-model-parallel-size", "2", "--sequence-parallel", "--no-progress-bar",
+                               "--deepspeed_config", "ds.json", "--data-path", shakespeare_prefix, "--local_rank=0",
+                               "--lr", "1e-3", "--data-seed", "3", "--partition-method", "uniform"])
+    cfg = load_config(path, overrides)
+    assert (cfg.data.seq_length, cfg.data.seed, cfg.data.data_path) == (16, 3, [shakespeare_prefix])
+    assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.sequence_parallel,
+            cfg.parallel.partition_method) == (2, 2, True, "uniform")
+    assert (cfg.train.progress_bar, cfg.train.deepspeed_config, cfg.train.lr) == (False, "ds.json", 1e-3)
+    assert parse_args(["--config", path, "--tensor-parallel", "2"])[1] == {("parallel", "tensor_parallel"): 2}
+    assert parse_args(["--config", path])[1] == {}          # nothing given, nothing overridden
+
+
+def test_help_lists_every_field_with_yaml_key_and_default():
+    from dataclasses import fields
+
+    from megagpt.config import DataConfig, ParallelConfig, TrainConfig
+    from megagpt.train.pretrain import build_parser
+
+    text = " ".join(build_parser()[0].format_help().split())
+    for section, cls in (("data", DataConfig), ("train", TrainConfig), ("parallel", ParallelConfig)):
+        for f in fields(cls):
+            if f.name == "seed" and section == "parallel":
+                continue   # not a config key: train.seed
+            assert f"[{section}.{f.name}, default " in text, f"{section}.{f.name}"
+    for flag in ("--seq-length", "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--deepspeed_config",
+                 "--sequence-parallel", "--no-progress-bar", "--data-path", "--save", "--load", "--train-iters"):
+        assert flag in text, flag
+    assert "[train.lr, default 0.00025]" in text and "[data.seq_length, default model.max_seq_len]" in text
+
+
+def test_four_sections_check_types_one_way():
+    """ModelConfig, DataConfig, ParallelConfig and the train/debug/finetune sections share one checker."""
+    from megagpt.config import DataConfig, DebugConfig, FinetuneConfig, ModelConfig, ParallelConfig, TrainConfig
+    from megagpt.schema import Section
+
+    for cls in (DataConfig, DebugConfig, FinetuneConfig, ModelConfig, ParallelConfig, TrainConfig):
+        assert issubclass(cls, Section), cls
+    for make, key in ((lambda: ModelConfig(n_layer=True), "n_layer"), (lambda: ParallelConfig(tensor_parallel="2"),
+                      "tensor_parallel"), (lambda: TrainConfig(lr="1"), "lr"), (lambda: DataConfig(["x"], seed=1.0),
+                                                                                 "seed")):
+        with pytest.raises(MegaGPTError, match="must be of type") as e:
+            make()
+        assert e.value.key == key
+
+
+def test_error_key_survives_pickling():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(MegaGPTError("bad", key="train.lr", file="c.yaml", line=3)))
+    assert (e.key, e.file, e.line, str(e)) == ("train.lr", "c.yaml", 3, "c.yaml, line 3, key 'train.lr': bad")
+
+
+def test_pretrain_error_after_parse_is_printed_by_rank_0_only(tmp_path, shakespeare_prefix, sp_model, capsys,
+                                                              monkeypatch):
+    from megagpt.train.pretrain import main
+
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model)
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            main(["--config", path, "--seq-length", "99", "--deepspeed_config", str(REPO / "ds_configs/zero1.json")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and bool(err) == printed
+    assert err == "error: --seq-length 99, key 'data.seq_length': seq_length=99 exceeds model max_seq_len=64\n"

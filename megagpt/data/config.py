@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from megagpt.data import indexed
 from megagpt.errors import MegaGPTError
+from megagpt.schema import Section, field
 
 
 def _as_weight(x):
@@ -26,62 +28,66 @@ def _as_weight(x):
 
 
 @dataclass
-class DataConfig:
-    """Megatron-style data options.
+class DataConfig(Section):
+    """Megatron-style data options: the ``data:`` section of a run config.
 
     ``data_path``: ``[prefix]``, ``[prefix, prefix, ...]`` (weight 1 each) or
     ``[w1, prefix1, w2, prefix2, ...]`` (as ``--data-path 0.7 a 0.3 b``); weights are normalised.
     ``split``: train/valid/test document ratios, e.g. ``"969,30,1"`` (normalised).
+    ``seq_length``: ``None`` until resolved: a run config fills in ``model.max_seq_len``
+    (``megagpt.config``); ``build_gpt_datasets`` needs it set.
     ``cache_dir``: where index arrays go; None = next to each shard (or a user cache dir if that
     directory is read-only).
     """
 
-    data_path: list
-    split: str = "969,30,1"
-    seq_length: int = 1024
-    seed: int = 1234
-    cache_dir: str | None = None
+    data_path: list = field(default_factory=list, help="shard prefix(es) PREFIX (for PREFIX.bin/.idx), or "
+                                                       "weight prefix pairs: 0.7 a 0.3 b", default_text="[]")
+    tokenizer: Optional[str] = field(None, help="the tokenizer the shards were made with")
+    split: str = field("969,30,1", help="train,valid,test document proportions")
+    seq_length: Optional[int] = field(None, min=1, help="tokens per sample", default_text="model.max_seq_len")
+    seed: int = field(1234, flags=("--data-seed",), help="seed of the document shuffle and blend")
+    cache_dir: Optional[str] = field(None, help="where the index arrays are cached (null = beside each shard)")
 
     def __post_init__(self):
         if isinstance(self.data_path, (str, os.PathLike)):
             self.data_path = [os.fspath(self.data_path)]
-        self.data_path = [os.fspath(x) if isinstance(x, os.PathLike) else x for x in self.data_path]
+        if isinstance(self.data_path, (list, tuple)):
+            self.data_path = [os.fspath(x) if isinstance(x, os.PathLike) else x for x in self.data_path]
+        if isinstance(self.cache_dir, os.PathLike):
+            self.cache_dir = os.fspath(self.cache_dir)
+        super().__post_init__()
+
+    def _check(self) -> None:
         self._prefixes, self._weights = self._parse_data_path(self.data_path)
         self._split = self._parse_split(self.split)
-        for key in ("seq_length", "seed"):
-            val = getattr(self, key)
-            if isinstance(val, bool) or not isinstance(val, int):
-                raise MegaGPTError(f"data config: {key}={val!r} must be an integer")
-        if self.seq_length < 1:
-            raise MegaGPTError(f"data config: seq_length={self.seq_length} must be >= 1")
-        if self.cache_dir is not None:
-            self.cache_dir = str(self.cache_dir)
+        if self.tokenizer is not None and not os.path.exists(self.tokenizer):
+            raise MegaGPTError(f"tokenizer {self.tokenizer} does not exist", key="tokenizer")
 
     @staticmethod
     def _parse_data_path(items):
         if not items:
-            raise MegaGPTError("data config: data_path is empty; give a shard prefix (PREFIX for PREFIX.bin/.idx)")
+            raise MegaGPTError("data_path is empty; give a shard prefix (PREFIX for PREFIX.bin/.idx)", key="data_path")
         if _as_weight(items[0]) is None:  # prefixes only: weight 1 each
             pairs = [(1.0, p) for p in items]
         else:
             if len(items) % 2:
                 raise MegaGPTError(
-                    f"data config: data_path={items!r} has {len(items)} entries; a weighted list "
-                    f"must alternate weight and prefix (w1 p1 w2 p2 ...)")
+                    f"data_path={items!r} has {len(items)} entries; a weighted list "
+                    f"must alternate weight and prefix (w1 p1 w2 p2 ...)", key="data_path")
             pairs = [(_as_weight(w), p) for w, p in zip(items[0::2], items[1::2])]
             for (w, p), raw in zip(pairs, items[0::2]):
                 if w is None:
-                    raise MegaGPTError(f"data config: data_path weight {raw!r} (before {p!r}) is not a number")
+                    raise MegaGPTError(f"data_path weight {raw!r} (before {p!r}) is not a number", key="data_path")
                 if not math.isfinite(w) or w <= 0:
-                    raise MegaGPTError(f"data config: data_path weight {raw!r} for {p!r} must be a positive number")
+                    raise MegaGPTError(f"data_path weight {raw!r} for {p!r} must be a positive number", key="data_path")
         prefixes = []
         for _, p in pairs:
             if not isinstance(p, str) or _as_weight(p) is not None:
-                raise MegaGPTError(f"data config: data_path entry {p!r} should be a shard prefix (weights and "
-                                   f"prefixes must alternate, or give prefixes only)")
+                raise MegaGPTError(f"data_path entry {p!r} should be a shard prefix (weights and "
+                                   f"prefixes must alternate, or give prefixes only)", key="data_path")
             missing = [f for f in (indexed.bin_path(p), indexed.idx_path(p)) if not os.path.isfile(f)]
             if missing:
-                raise MegaGPTError(f"data config: data_path prefix {p!r}: missing {', '.join(missing)}")
+                raise MegaGPTError(f"data_path prefix {p!r}: missing {', '.join(missing)}", key="data_path")
             prefixes.append(p)
         total = sum(w for w, _ in pairs)
         return prefixes, [w / total for w, _ in pairs]
@@ -95,8 +101,8 @@ class DataConfig:
             vals = None
         if (vals is None or len(vals) != 3 or any(not math.isfinite(v) or v < 0 for v in vals)
                 or sum(vals) <= 0):
-            raise MegaGPTError(f"data config: split={split!r} must be 3 non-negative numbers with a positive "
-                               f"sum, train,valid,test (e.g. \"969,30,1\")")
+            raise MegaGPTError(f"split={split!r} must be 3 non-negative numbers with a positive "
+                               f"sum, train,valid,test (e.g. \"969,30,1\")", key="split")
         total = sum(vals)
         return tuple(v / total for v in vals)
 

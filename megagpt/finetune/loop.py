@@ -4,7 +4,12 @@ Works as one plain process or as N ranks under the ``deepspeed`` launcher (gloo 
 rank sees its ``DistributedSampler`` share of the training examples; evaluation splits the eval
 set into contiguous per-rank slices (no padding duplicates) and gathers predictions, so every
 rank computes the same metrics. After each epoch the model is evaluated and, if the task's main
-metric improved, rank 0 writes ``<save_dir>/best`` atomically.
+metric improved, rank 0 writes ``<save>/best`` atomically.
+
+The pieces are pretraining's: the config is ``megagpt.config.FinetuneConfig`` (same names and
+flags for the same settings), the DeepSpeed JSON comes from ``train.distributed.build_ds_config``,
+the parameter groups from ``train.optim.param_groups``, the LR schedule from ``train.schedule``
+(``Schedule.finetuning``: GPT-1's linear warmup then linear decay to 0).
 """
 from __future__ import annotations
 
@@ -13,65 +18,18 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from megagpt.atomic import write_text_atomic
+from megagpt.config import FinetuneConfig
 from megagpt.errors import MegaGPTError
 
 from . import metrics
 from .heads import FinetuneModel
 from .tasks import encode, get_task
 from .transforms import SpecialIds, pad_batch
-
-
-@dataclass
-class FinetuneConfig:
-    task: str = "sst2"
-    data_root: str = "../shared/data"
-    init: str = "random"               # "random" or a pretrained checkpoint dir
-    preset: str = "tiny"               # model preset for random init
-    tokenizer: str | None = None       # required for random init; overrides the checkpoint's
-    max_len: int | None = None         # default: the model's max_seq_len
-    lr: float = 6.25e-5                # GPT-1 finetuning defaults
-    batch_size: int = 32               # global (all ranks), in examples
-    epochs: int = 3
-    warmup_frac: float = 0.002
-    lm_coef: float = 0.5               # λ; 0 disables the auxiliary LM loss
-    clf_dropout: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    zero_stage: int = 1
-    ds_config: str | None = None       # optional DeepSpeed JSON merged under our batch/zero keys
-    seed: int = 1234
-    train_limit: int | None = None     # first N training examples (small runs, tests)
-    eval_limit: int | None = None
-    train_fraction: float = 0.8        # single-file tasks (COPA, StoryCloze): first 80% train
-    skip_bad: bool = False
-    save_dir: str | None = None
-    log_every: int = 50
-    model_overrides: dict = field(default_factory=dict)
-
-    def validate(self):
-        get_task(self.task)
-        for name in ("lr", "batch_size", "epochs"):
-            if not getattr(self, name) > 0:
-                raise MegaGPTError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.warmup_frac < 1:
-            raise MegaGPTError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        if self.lm_coef < 0:
-            raise MegaGPTError(f"lm_coef must be >= 0, got {self.lm_coef}")
-        if self.init == "random" and not self.tokenizer:
-            raise MegaGPTError("--init random needs --tokenizer (a sentencepiece .model or GPT-2 BPE dir)")
-        if self.init != "random" and not os.path.isdir(self.init):
-            raise MegaGPTError(f"--init {self.init}: no such checkpoint directory (or pass 'random')")
-        if not os.path.isdir(self.data_root):
-            raise MegaGPTError(f"--data-root {self.data_root}: no such directory")
-        if self.zero_stage not in (0, 1, 2):
-            raise MegaGPTError(f"zero_stage {self.zero_stage} is not supported for finetuning (0, 1 or 2: "
-                               f"the best-checkpoint save reads full parameters on rank 0)")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -115,11 +73,11 @@ def build_model(cfg: FinetuneConfig, task):
     return model, tok, tok_path
 
 
-def encode_examples(task, examples, tok, max_len):
+def encode_examples(task, examples, tok, seq_length):
     sp = SpecialIds.from_tokenizer(tok)
     texts = sorted({t for ex in examples for t in (*ex.texts, *ex.choices)})
     ids = dict(zip(texts, tok.encode_batch(texts))) if texts else {}
-    return [(encode(task, ex, ids.__getitem__, sp, max_len), ex.label) for ex in examples]
+    return [(encode(task, ex, ids.__getitem__, sp, seq_length), ex.label) for ex in examples]
 
 
 def collate(items, pad_id, cls_id, regression):
@@ -127,33 +85,6 @@ def collate(items, pad_id, cls_id, regression):
     ids, cls_pos, lm_labels = pad_batch(seqs, pad_id, cls_id)
     labels = torch.tensor([y for _, y in items], dtype=torch.float32 if regression else torch.long)
     return ids, cls_pos, lm_labels, labels
-
-
-def lr_lambda(total_steps: int, warmup_frac: float):
-    """Linear warmup over warmup_frac of the steps, then linear decay to 0 at the last step."""
-    warmup = max(1, math.ceil(warmup_frac * total_steps))
-
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-    return f
-
-
-def ds_config(cfg: FinetuneConfig, micro_batch: int) -> dict:
-    base = {}
-    if cfg.ds_config:
-        try:
-            with open(cfg.ds_config) as f:
-                base = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise MegaGPTError(f"{cfg.ds_config}: cannot read DeepSpeed config ({e})") from None
-    zero = {**base.get("zero_optimization", {}), "stage": cfg.zero_stage}
-    for k in ("train_batch_size", "optimizer", "scheduler", "fp16", "bf16"):
-        base.pop(k, None)   # batch comes from --batch-size; optimizer/schedule are ours; CPU runs fp32
-    return {**base, "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-            "zero_optimization": zero, "zero_allow_untested_optimizer": True,
-            "gradient_clipping": cfg.grad_clip, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
 # ----------------------------------------------------------------------------- run
@@ -164,43 +95,52 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     import torch.distributed as dist
     from torch.utils.data import DistributedSampler
 
+    from megagpt.train.distributed import build_ds_config
+    from megagpt.train.optim import param_groups
+    from megagpt.train.schedule import Schedule, build_scheduler
+
     task = get_task(cfg.task)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     say = (log or (lambda m: print(m, flush=True))) if rank == 0 else (lambda m: None)
     if cfg.batch_size % world:
-        raise MegaGPTError(f"batch_size {cfg.batch_size} must be divisible by the {world} ranks")
+        raise MegaGPTError(f"batch_size={cfg.batch_size} must be divisible by the {world} ranks", key="batch_size")
     micro = cfg.batch_size // world
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)   # same seed on every rank: identical random init and head
     model, tok, tok_path = build_model(cfg, task)
-    max_len = cfg.max_len or model.gpt.cfg.max_seq_len
-    if max_len > model.gpt.cfg.max_seq_len:
-        raise MegaGPTError(f"max_len {max_len} exceeds the model's max_seq_len {model.gpt.cfg.max_seq_len}")
+    seq_length = cfg.seq_length or model.gpt.cfg.max_seq_len
+    if seq_length > model.gpt.cfg.max_seq_len:
+        raise MegaGPTError(f"seq_length={seq_length} exceeds the model's max_seq_len={model.gpt.cfg.max_seq_len}",
+                           key="seq_length")
 
     train_ex, eval_ex = task.load(cfg.data_root, cfg.skip_bad, cfg.train_fraction, say)
     train_ex, eval_ex = train_ex[:cfg.train_limit], eval_ex[:cfg.eval_limit]
     if not train_ex or not eval_ex:
         raise MegaGPTError(f"task {task.name}: empty train ({len(train_ex)}) or eval ({len(eval_ex)}) set")
-    train_data = encode_examples(task, train_ex, tok, max_len)
-    eval_data = encode_examples(task, eval_ex, tok, max_len)
+    train_data = encode_examples(task, train_ex, tok, seq_length)
+    eval_data = encode_examples(task, eval_ex, tok, seq_length)
     say(f"task {task.name} ({task.kind}): {len(train_data)} train / {len(eval_data)} eval examples, "
-        f"max_len {max_len}, {world} rank(s), init {cfg.init}, lm_coef {cfg.lm_coef}")
+        f"seq_length {seq_length}, {world} rank(s), init {cfg.init}, lm_coef {cfg.lm_coef}")
 
     sampler = DistributedSampler(range(len(train_data)), num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg.seed, drop_last=False)
     steps_per_epoch = math.ceil(len(sampler) / micro)
     total = steps_per_epoch * cfg.epochs
-    decay, no_decay = [], []
-    for p in model.parameters():   # GPT-1: L2 (here decoupled) on weights, not biases/gains
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_frac))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=ds_config(cfg, micro))
+    zero_stage = cfg.zero_stage
+    if zero_stage is None and not cfg.deepspeed_config:
+        zero_stage = 1   # without a JSON
+    ds_config = build_ds_config(cfg.deepspeed_config, cfg, world, micro_batch_size=micro,
+                                global_batch_size=cfg.batch_size, zero_stage=zero_stage, required=False)
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage > 2:
+        raise MegaGPTError(f"zero_optimization.stage={stage} is not supported for finetuning (0, 1 or 2: the "
+                           f"best-checkpoint save reads full parameters on rank 0)", file=cfg.deepspeed_config)
+    schedule = Schedule.finetuning(cfg.lr, total, cfg.warmup_frac)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
+                                           lr_scheduler=lambda opt: build_scheduler(opt, schedule), config=ds_config)
     sp = SpecialIds.from_tokenizer(tok)
 
     history, best, best_dir = [], None, None
@@ -221,10 +161,10 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
             engine.step()
             step += 1
             losses.append(loss.item())
-            if cfg.log_every and step % cfg.log_every == 0:
+            if cfg.log_interval and step % cfg.log_interval == 0:
                 say(f"step {step}/{total} loss {loss.item():.4f} task {parts['task'].item():.4f}"
                     + (f" lm {parts['lm'].item():.4f}" if "lm" in parts else "")
-                    + f" lr {sched.get_last_lr()[0]:.3g}")
+                    + f" lr {engine.get_lr()[0]:.3g}")
         train_loss = _mean_across(losses)
         result = {"epoch": epoch, "step": step, "train_loss": train_loss,
                   **evaluate(engine.module, task, eval_data, sp, micro, rank, world),
@@ -233,18 +173,18 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
         say("eval " + json.dumps(result))
         if best is None or result[task.main_metric] > best[task.main_metric]:
             best = result
-            if cfg.save_dir:
+            if cfg.save:
                 if rank == 0:
                     from .checkpoint import save_best
-                    best_dir = str(save_best(cfg.save_dir, engine.module, {
+                    best_dir = str(save_best(cfg.save, engine.module, {
                         "task": task.name, "epoch": epoch, "metrics": result, "main_metric": task.main_metric,
-                        "finetune_config": asdict(cfg), "model": engine.module.gpt.cfg.to_dict(),
+                        "finetune_config": cfg.to_dict(), "model": engine.module.gpt.cfg.to_dict(),
                         "head": {"kind": task.kind, "num_outputs": task.num_outputs,
                                  "regression": task.regression}}, tok_path))
                 dist.barrier()
-                best_dir = os.path.join(cfg.save_dir, "best")
-    if cfg.save_dir and rank == 0:
-        _write_json(os.path.join(cfg.save_dir, "history.json"), {"history": history, "best": best})
+                best_dir = os.path.join(cfg.save, "best")
+    if cfg.save and rank == 0:
+        _write_json(os.path.join(cfg.save, "history.json"), {"history": history, "best": best})
     return {"history": history, "best": best, "best_dir": best_dir}
 
 

@@ -46,5 +46,5 @@ PRESETS = {
 def get_preset(name: str, **overrides) -> ModelConfig:
     """The preset ``name`` with ``overrides`` applied (unknown fields raise MegaGPTError)."""
     if name not in PRESETS:
-        raise MegaGPTError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise MegaGPTError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}", key="preset")
     return ModelConfig.from_dict({**PRESETS[name], "name": name, **overrides})

@@ -15,48 +15,27 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from megagpt.errors import MegaGPTError
+from megagpt.schema import Section, field
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    """Model-parallel layout; the data-parallel size is what is left: world // (tp * pp)."""
+class ParallelConfig(Section):
+    """Model-parallel layout; the data-parallel size is what is left: world // (tp * pp).
 
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    sequence_parallel: bool = False        # split norm/dropout regions along the sequence (needs tp > 1)
-    partition_method: str = "parameters"   # PipelineModule stage split: "parameters" | "uniform"
-    activation_checkpoint_interval: int = 0  # pipeline: recompute every N layers in backward (0 = off)
-    seed: int = 1234
+    Fields are declared and checked the way every config section is (``megagpt.schema``):
+    ``ParallelConfig.from_dict(section, seed=...)``; ``seed`` is not a config key (it is train.seed)."""
 
-    def __post_init__(self):
-        for name in ("tensor_parallel", "pipeline_parallel"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise MegaGPTError(f"parallel config: {name}={v!r} must be an integer >= 1")
-        if not isinstance(self.sequence_parallel, bool):
-            raise MegaGPTError(f"parallel config: sequence_parallel={self.sequence_parallel!r} must be true/false")
-        if self.partition_method not in ("parameters", "uniform"):
-            raise MegaGPTError(
-                f"parallel config: partition_method={self.partition_method!r} must be 'parameters' or 'uniform'")
-        if self.activation_checkpoint_interval < 0:
-            raise MegaGPTError(
-                f"parallel config: activation_checkpoint_interval={self.activation_checkpoint_interval!r} must be >= 0")
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "parallel", seed: int | None = None) -> "ParallelConfig":
-        """From a config-file section; unknown keys are a MegaGPTError naming them and ``where``."""
-        import dataclasses
-
-        known = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(d, dict):
-            raise MegaGPTError(f"{where}: expected a mapping of {', '.join(known)}, got {d!r}")
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise MegaGPTError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
-        try:
-            return cls(**{**d, **({"seed": seed} if seed is not None else {})})
-        except MegaGPTError as e:
-            raise MegaGPTError(f"{where}: {e}") from None
+    tensor_parallel: int = field(1, min=1, flags=("--tensor-parallel", "--tensor-model-parallel-size"),
+                                 help="tensor-parallel degree (splits heads, MLP and vocabulary)")
+    pipeline_parallel: int = field(1, min=1, flags=("--pipeline-parallel", "--pipeline-model-parallel-size"),
+                                   help="pipeline stages")
+    sequence_parallel: bool = field(False, help="split norm/dropout regions along the sequence inside "
+                                                "tensor-parallel groups (needs tensor_parallel > 1)")
+    partition_method: str = field("parameters", choices=("parameters", "uniform"),
+                                  help="how the pipeline's layers are split into stages")
+    activation_checkpoint_interval: int = field(0, min=0, help="pipeline: recompute every N layers in "
+                                                               "backward, 0 = off")
+    seed: int = field(1234, yaml=False, help="seeds the model-parallel RNG streams (from train.seed)")
 
     @property
     def model_parallel_size(self) -> int:

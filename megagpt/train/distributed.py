@@ -34,66 +34,92 @@ def dp_world_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _fill(d: dict, key: str, value, where: str, path: str):
+def _fill(d: dict, key: str, value, file: str | None, path: str):
     """Replace "auto" (or a missing key) by our value; an explicit different value is an error."""
     cur = d.get(key, "auto")
     if cur == "auto":
         d[key] = value
     elif cur != value and not (isinstance(cur, (int, float)) and isinstance(value, (int, float))
                                and abs(cur - value) <= 1e-12 * max(1.0, abs(value))):
-        raise MegaGPTError(f"{where}: '{path}' is {cur!r} but the megagpt config gives {value!r}; "
-                           f"set it to \"auto\" or make them agree")
+        raise MegaGPTError(f"is {cur!r} but the megagpt config gives {value!r}; set it to \"auto\" or make "
+                           f"them agree", file=file, key=path)
 
 
-def build_ds_config(path: str, train_cfg, dp_world: int) -> dict:
-    """Load the DeepSpeed JSON and fill every "auto" from ``train_cfg``; validate batch sizes."""
+# a DeepSpeed JSON's own defaults when a run gives none (finetuning may): quiet logs
+_NO_JSON = {"steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+
+
+def build_ds_config(path: str | None, optim, dp_world: int, *, micro_batch_size: int,
+                    gradient_accumulation_steps: int = 1, global_batch_size: int | None = None,
+                    zero_stage: int | None = None, required: bool = True) -> dict:
+    """The DeepSpeed config of a pretraining or finetuning run: the JSON at ``path`` with every "auto"
+    (or missing key) filled from our config, the batch sizes checked.
+
+    ``optim``: the AdamW settings (``megagpt.config.OptimConfig``: ``TrainConfig``, ``FinetuneConfig``)
+    → ``optimizer.params`` and ``gradient_clipping``; the batch sizes → the three batch keys;
+    ``zero_stage`` (if given) → ``zero_optimization.stage``. A value the JSON states differently is
+    an error naming the file and the key, as is a ``scheduler`` block (the LR schedule is ours,
+    ``megagpt.train.schedule``). Without ``path`` (``required=False``) the run starts from an empty
+    JSON. Errors about our own settings carry their ``key`` (``global_batch_size``), about the JSON
+    its ``file``."""
     if not path:
-        raise MegaGPTError("no DeepSpeed config: pass --deepspeed_config ds_configs/zero2.json "
-                           "(or set train.deepspeed_config)")
-    if not os.path.isfile(path):
-        raise MegaGPTError(f"{path}: DeepSpeed config not found")
-    try:
-        ds = json.load(open(path))
-    except json.JSONDecodeError as e:
-        raise MegaGPTError(f"{path}, line {e.lineno}: not valid JSON: {e.msg}") from None
+        if required:
+            raise MegaGPTError("no DeepSpeed config: pass --deepspeed_config ds_configs/zero2.json (or set it in "
+                               "the config)", key="deepspeed_config")
+        ds = dict(_NO_JSON)
+    elif not os.path.isfile(path):
+        raise MegaGPTError("DeepSpeed config not found", file=path)
+    else:
+        try:
+            with open(path) as f:
+                ds = json.load(f)
+        except json.JSONDecodeError as e:
+            raise MegaGPTError(f"not valid JSON: {e.msg}", file=path, line=e.lineno) from None
     ds = copy.deepcopy(ds)
     unknown = sorted(set(ds) - _DS_KEYS)
     if unknown:
-        raise MegaGPTError(f"{path}: unknown DeepSpeed config key(s) {', '.join(map(repr, unknown))}")
-    t = train_cfg
-    mbs, ga = t.micro_batch_size, t.gradient_accumulation_steps
+        raise MegaGPTError(f"unknown DeepSpeed config key(s) {', '.join(map(repr, unknown))}", file=path,
+                           key=unknown[0])
+    mbs, ga = micro_batch_size, gradient_accumulation_steps
     gbs = mbs * ga * dp_world
-    if t.global_batch_size is not None and t.global_batch_size != gbs:
+    if global_batch_size is not None and global_batch_size != gbs:
         raise MegaGPTError(
-            f"train.global_batch_size={t.global_batch_size} != micro_batch_size {mbs} x gradient_accumulation_steps "
-            f"{ga} x data-parallel world {dp_world} = {gbs}")
+            f"global_batch_size={global_batch_size} != micro_batch_size {mbs} x gradient_accumulation_steps "
+            f"{ga} x data-parallel world {dp_world} = {gbs}", key="global_batch_size")
     _fill(ds, "train_micro_batch_size_per_gpu", mbs, path, "train_micro_batch_size_per_gpu")
     _fill(ds, "gradient_accumulation_steps", ga, path, "gradient_accumulation_steps")
     _fill(ds, "train_batch_size", gbs, path, "train_batch_size")
-    _fill(ds, "gradient_clipping", float(t.clip_grad), path, "gradient_clipping")
+    _fill(ds, "gradient_clipping", float(optim.clip_grad), path, "gradient_clipping")
     if "scheduler" in ds:
-        raise MegaGPTError(f"{path}: remove the 'scheduler' block; megagpt's schedule comes from the train "
-                           f"section (lr, min_lr, lr_warmup_iters, lr_decay_style)")
+        raise MegaGPTError("remove the 'scheduler' block; megagpt's LR schedule comes from its own config "
+                           "(lr, min_lr, lr_warmup_iters, lr_decay_style; finetuning: warmup_frac)", file=path,
+                           key="scheduler")
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
-        raise MegaGPTError(f"{path}: optimizer.type {opt.get('type')!r}: megagpt pretraining expects AdamW")
+        raise MegaGPTError(f"{opt.get('type')!r}: megagpt expects AdamW", file=path,
+                           key="optimizer.type")
     params = opt.setdefault("params", {})
-    for key, val in (("lr", float(t.lr)), ("betas", [float(t.adam_beta1), float(t.adam_beta2)]),
-                     ("eps", float(t.adam_eps)), ("weight_decay", float(t.weight_decay))):
+    for key, val in (("lr", float(optim.lr)), ("betas", [float(optim.adam_beta1), float(optim.adam_beta2)]),
+                     ("eps", float(optim.adam_eps)), ("weight_decay", float(optim.weight_decay))):
         if key == "betas" and isinstance(params.get(key), list):
             params[key] = [float(b) for b in params[key]]
         _fill(params, key, val, path, f"optimizer.params.{key}")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    zero = ds.get("zero_optimization", {})
+    if zero_stage is not None:
+        zero = ds.setdefault("zero_optimization", {})
+        _fill(zero, "stage", zero_stage, path, "zero_optimization.stage")
+    stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise MegaGPTError(f"{path}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+        raise MegaGPTError(f"{stage!r} must be 0, 1, 2 or 3", file=path,
+                           key="zero_optimization.stage")
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
-        raise MegaGPTError(f"{path}: fp16 and bf16 are both enabled; pick one")
+        raise MegaGPTError("fp16 and bf16 are both enabled; pick one", file=path, key="fp16")
     try:  # let DeepSpeed's own pydantic models reject bad sub-keys now, not after init
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-        DeepSpeedZeroConfig(**ds.get("zero_optimization", {}))
+        DeepSpeedZeroConfig(**zero)
     except Exception as e:  # pydantic.ValidationError
         first = str(e).strip().splitlines()
-        raise MegaGPTError(f"{path}: zero_optimization: {' '.join(first[:3])}") from None
+        raise MegaGPTError(' '.join(first[:3]), file=path, key="zero_optimization") from None
     return ds
 
 

@@ -1,8 +1,13 @@
 """Learning-rate schedule: linear warmup to the peak, then cosine/linear decay to ``min_lr`` (or
 constant). A ``LambdaLR`` handed to ``deepspeed.initialize``, so the engine steps it on every
 applied optimizer step and saves/loads it with the checkpoint.
+
+One formula, ``lr_at``, for pretraining and finetuning: ``Schedule.pretraining(train)`` takes the
+train section's keys; ``Schedule.finetuning(lr, total_steps, warmup_frac)`` is GPT-1's recipe —
+linear warmup over ``warmup_frac`` of the steps (at least one), then linear decay to 0 at the end.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -22,12 +27,29 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int, st
     return min_lr + coeff * (lr - min_lr)
 
 
-def build_scheduler(optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR whose factor multiplies each group's initial lr (== train.lr)."""
-    t = train_cfg
-    decay = t.lr_decay_iters or t.train_iters
+@dataclass(frozen=True)
+class Schedule:
+    """The arguments of ``lr_at`` but the step."""
 
-    def factor(step):
-        return lr_at(step, t.lr, t.min_lr, t.lr_warmup_iters, decay, t.lr_decay_style) / t.lr
+    lr: float
+    min_lr: float
+    warmup: int
+    decay_iters: int
+    style: str
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    @classmethod
+    def pretraining(cls, train_cfg) -> "Schedule":
+        t = train_cfg
+        return cls(t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_iters or t.train_iters, t.lr_decay_style)
+
+    @classmethod
+    def finetuning(cls, lr: float, total_steps: int, warmup_frac: float) -> "Schedule":
+        return cls(lr, 0.0, max(1, math.ceil(warmup_frac * total_steps)), total_steps, "linear")
+
+    def at(self, step: int) -> float:
+        return lr_at(step, self.lr, self.min_lr, self.warmup, self.decay_iters, self.style)
+
+
+def build_scheduler(optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR whose factor multiplies each group's initial lr (== ``schedule.lr``)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.at(step) / schedule.lr)

@@ -1,0 +1,34 @@
+"""The optimizer's parameter groups: one rule for pretraining and finetuning."""
+from megagpt.parallel.layout import named_parameters_serial
+
+
+def _named_parameters(model):
+    """(name, parameter) pairs: the GPT's under its serial names in any layout (TP, pipeline), and
+    for a model wrapping one as ``.gpt`` (a finetuning ``FinetuneModel``) the GPT's the same way,
+    then the wrapper's own (``head.weight``, ...)."""
+    model = getattr(model, "module", model)          # a DeepSpeed engine, or a model
+    gpt = getattr(model, "gpt", None)
+    if gpt is None:
+        return named_parameters_serial(model)
+    inner = named_parameters_serial(gpt)
+    seen = {id(p) for _, p in inner}
+    return inner + [(n, p) for n, p in model.named_parameters() if id(p) not in seen]
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matmul weights only — not biases, norm gains or embedding tables.
+
+    This is pretraining's rule (Megatron's and GPT-2-style codebases' too): the embedding tables
+    are lookups, and decaying them would shrink rare tokens' rows each step they are not seen.
+    Finetuning uses the same function so that the two agree for the same model; GPT-1's
+    finetuning code decayed every matrix including the embeddings, so finetuned results differ
+    slightly from before this rule was shared (the task head's weight is decayed, its bias not).
+    Names are the serial GPT's in every layout, so the rule does not depend on the layout; the
+    groups' order and contents are exactly what pretraining has always used (tp=pp=1 losses are
+    bit-for-bit unchanged)."""
+    decay, no_decay = [], []
+    for name, p in _named_parameters(model):
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.startswith("embed.") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
