@@ -48,10 +48,12 @@ def test_bad_layouts_are_refused():
         ParallelConfig(partition_method="type:x")
     with pytest.raises(MegaGPTError, match="out of range"):
         coord_to_rank(Coord(0, 0, 2), 4, 2, 1)
-    with pytest.raises(MegaGPTError, match=r"run.yaml: parallel: unknown key\(s\) 'tensor_paralel'"):
-        ParallelConfig.from_dict({"tensor_paralel": 2}, where="run.yaml: parallel")
-    with pytest.raises(MegaGPTError, match="run.yaml: parallel: parallel config: pipeline_parallel=-1"):
-        ParallelConfig.from_dict({"pipeline_parallel": -1}, where="run.yaml: parallel")
+    with pytest.raises(MegaGPTError, match=r"unknown key\(s\) 'tensor_paralel'") as e:
+        ParallelConfig.from_dict({"tensor_paralel": 2})
+    assert e.value.key == "tensor_paralel"
+    with pytest.raises(MegaGPTError, match="pipeline_parallel=-1 must be >= 1") as e:
+        ParallelConfig.from_dict({"pipeline_parallel": -1})
+    assert e.value.key == "pipeline_parallel"
     cfg = ParallelConfig.from_dict({"tensor_parallel": 2, "sequence_parallel": True}, seed=7)
     assert (cfg.tensor_parallel, cfg.sequence_parallel, cfg.seed) == (2, True, 7)
 
