@@ -38,7 +38,7 @@ def pretrain(out: Path, args, log):
     from megagpt.data.config import DataConfig
     from megagpt.data.gpt_dataset import build_gpt_datasets
     from megagpt.data.preprocess import preprocess
-    from megagpt.export.consolidated import save_consolidated
+    from megagpt.checkpoint.consolidated import save_consolidated
     from megagpt.model import GPT, get_preset
     from megagpt.tokenizer import load_tokenizer, train_sentencepiece
 

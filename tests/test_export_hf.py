@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megagpt.checkpoint import load_model
+from megagpt.checkpoint.consolidated import load_consolidated, save_consolidated
+from megagpt.checkpoint.convert import convert
 from megagpt.errors import MegaGPTError
-from megagpt.export.consolidated import load_consolidated, save_consolidated
-from megagpt.export.convert import consolidated_to_hf, convert, hf_to_consolidated, load_model
 from megagpt.model import GPT, generate, get_preset
 
 transformers = pytest.importorskip("transformers")
@@ -29,6 +30,14 @@ def _random_model(preset, seed=0, **overrides):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
+
+
+def consolidated_to_hf(src, out, **kw):
+    return convert(src, out, "hf", **kw)
+
+
+def hf_to_consolidated(src, out, **kw):
+    return convert(src, out, "consolidated", **kw)
 
 
 def _export(model, tmp_path, tokenizer=None):
@@ -91,7 +100,7 @@ def test_hf_to_megagpt_to_hf_is_exact(tmp_path):
         src = tmp_path / f"{name}_src"
         model.save_pretrained(src)
         hf_to_consolidated(src, tmp_path / f"{name}_cons")
-        ours = load_model(tmp_path / f"{name}_cons")
+        ours = load_model(tmp_path / f"{name}_cons").model
         with torch.no_grad():
             assert (ours(x) - model.eval()(x).logits).abs().max().item() < 1e-4, name
         back = consolidated_to_hf(tmp_path / f"{name}_cons", tmp_path / f"{name}_back")
@@ -176,9 +185,9 @@ def test_exact_gelu_gpt1_exports_only_when_approximation_accepted(tmp_path):
     assert 0 < diff < 1e-2, diff   # close, but not the same function
 
 
-def test_overwrite_needs_force_and_failures_leave_nothing(tmp_path, monkeypatch):
+def test_overwrite_needs_force_and_failures_leave_nothing(tmp_path, monkeypatch, sp_model):
     model = _random_model("tiny-gpt2")
-    cons = save_consolidated(tmp_path / "cons", model.state_dict(), model.cfg.to_dict())
+    cons = save_consolidated(tmp_path / "cons", model.state_dict(), model.cfg.to_dict(), tokenizer_path=sp_model)
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep").write_text("x")
@@ -186,14 +195,12 @@ def test_overwrite_needs_force_and_failures_leave_nothing(tmp_path, monkeypatch)
         consolidated_to_hf(cons, out)
     assert (out / "keep").exists()
 
-    import megagpt.export.convert as conv
+    import megagpt.export.hf as hf
 
     def crash(*a, **k):
         raise RuntimeError("disk full")   # mid-write: weights are already in the temp dir
 
-    monkeypatch.setattr(conv, "export_tokenizer", crash)
-    monkeypatch.setattr(conv, "tokenizer_path_in", lambda d: "some.model")
-    monkeypatch.setattr(conv, "special_token_ids", lambda p: {})
+    monkeypatch.setattr(hf, "export_tokenizer", crash)
     fresh = tmp_path / "fresh"
     with pytest.raises(RuntimeError, match="disk full"):
         consolidated_to_hf(cons, fresh)
@@ -260,7 +267,7 @@ def test_imports_old_hub_gpt2_layout(tmp_path):
     sd["lm_head.weight"] = hf.lm_head.weight.detach().clone()
     sd["h.0.attn.bias"] = torch.ones(1, 1, 16, 16)
     torch.save(sd, tmp_path / "old" / "pytorch_model.bin")
-    ours = load_model(hf_to_consolidated(tmp_path / "old", tmp_path / "cons"))
+    ours = load_model(hf_to_consolidated(tmp_path / "old", tmp_path / "cons")).model
     x = torch.randint(0, 100, (1, 10))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() < 1e-5

@@ -32,7 +32,7 @@ def worker(out: Path, tok_path: str, data_root: str):
     import torch
     import torch.distributed as dist
 
-    from megagpt.export.consolidated import save_consolidated
+    from megagpt.checkpoint.consolidated import save_consolidated
     from megagpt.finetune import run
     from megagpt.finetune.checkpoint import load_pretrained
     from megagpt.finetune.loop import init_distributed

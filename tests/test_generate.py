@@ -1,4 +1,5 @@
-"""generate(): KV cache equivalence, greedy decoding, top-k/top-p support, eos, input handling."""
+"""generate(): KV cache equivalence, greedy decoding, top-k/top-p support, eos, input handling; the
+tools/generate.py CLI on a consolidated checkpoint."""
 import pytest
 import torch
 
@@ -103,3 +104,31 @@ def test_batched_list_prompts_and_training_mode_is_restored():
 def test_bad_generation_arguments_are_clear_errors(kwargs, match):
     with pytest.raises(MegaGPTError, match=match):
         generate(_model("tiny"), **kwargs)
+
+
+def test_generate_cli_reads_a_consolidated_checkpoint_with_its_tokenizer(tmp_path, sp_model):
+    """tools/generate.py samples from any format load_model reads (here: consolidated, tokenizer
+    bundled); greedy output is the library's greedy continuation, decoded; mistakes are one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megagpt.checkpoint.consolidated import save_consolidated
+    from megagpt.tokenizer import load_tokenizer
+
+    model = _model("tiny-gpt2")
+    cons = save_consolidated(tmp_path / "cons", model.state_dict(), model.cfg, tokenizer_path=sp_model)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "generate.py"
+    run = lambda *a: subprocess.run([sys.executable, str(tool), str(cons), *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=120)
+    r = run("--prompt-ids", "2,17,256", "--temperature", "0", "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    tok = load_tokenizer(sp_model)
+    want = generate(model, [2, 17, 256], 6, temperature=0, eos_id=tok.eos_id).tolist()
+    assert r.stdout == f"=== [cons] prompt 1: [2, 17, 256]\n{tok.decode(want)}\n"
+    for args, msg in ((["--prompt-ids", "2,x"], "expected comma-separated token ids"),
+                      (["--prompt-ids", "2,5000"], "token ids must be in 0..999"),
+                      (["--tag", "global_step1", "--prompt", "a"], "--tag only applies to DeepSpeed checkpoints")):
+        r = run(*args)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1, r.stderr

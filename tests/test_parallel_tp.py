@@ -12,7 +12,7 @@ One launch, several proofs (each rank asserts; a failure on any rank fails the t
     serial model, gradient clipping active (so the TP grad-norm is right); so do ZeRO-2 and
     ZeRO-3 (2 steps; ZeRO-3 weights gathered with GatheredParameters);
   * checkpoint reshaping: the TP=2 engine's DeepSpeed checkpoint after step 2, consolidated
-    offline (library and tools/reshape_checkpoint.py) into serial names and loaded at TP=1, gives
+    offline (library and tools/convert_checkpoint.py) into serial names and loaded at TP=1, gives
     the TP=2 run's step-3 loss; the live engine consolidated after step 2 and re-split into a
     TP=2 + sequence-parallel model gives it too; with the Adam moments and step gathered too and
     re-split into TP=1 x DP=2 (ZeRO-1), step 3 reproduces the serial loss *and* updated weights;
@@ -254,12 +254,12 @@ def test_tensor_and_sequence_parallel_match_serial(tmp_path):
     spawn(_worker, 2, str(tmp_path), tmp_path=tmp_path)
 
     # Checkpoint reshaping TP=2 -> TP=1: consolidate the DeepSpeed files offline, resume serially.
-    from megagpt.export.consolidated import load_consolidated
-    from megagpt.checkpoint.reshape import consolidate_deepspeed_checkpoint, save_consolidated_checkpoint
+    from megagpt.checkpoint.consolidated import load_consolidated, save_consolidated
+    from megagpt.checkpoint.reshape import consolidate_deepspeed_checkpoint
 
     losses = json.load(open(tmp_path / "losses.json"))["losses"]
     full_sd, cfg = consolidate_deepspeed_checkpoint(tmp_path / "ds", tag="global_step2")
-    save_consolidated_checkpoint(tmp_path / "consolidated", full_sd, cfg, step=2)
+    save_consolidated(tmp_path / "consolidated", full_sd, cfg, step=2)
     sd, meta = load_consolidated(tmp_path / "consolidated")
     assert meta["step"] == 2 and meta["model"] == cfg.to_dict()
     model = GPT(cfg)
@@ -275,15 +275,16 @@ def test_tensor_and_sequence_parallel_match_serial(tmp_path):
 
     import pytest
 
-    tool = Path(__file__).resolve().parents[1] / "tools" / "reshape_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("reshape_checkpoint", tool)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", tool)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     main = module.main
 
-    main([str(tmp_path / "ds"), str(tmp_path / "cli"), "--tag", "global_step2"])
+    main(["--input", str(tmp_path / "ds"), "--output", str(tmp_path / "cli"), "--to", "consolidated",
+          "--tag", "global_step2", "--quiet"])
     cli_sd, _ = load_consolidated(tmp_path / "cli")
     assert all(torch.equal(cli_sd[k], sd[k]) for k in sd)
     with pytest.raises(SystemExit) as e:
-        main([str(tmp_path / "cli"), str(tmp_path / "x")])
+        main(["--input", str(tmp_path / "cli"), "--output", str(tmp_path / "x"), "--to", "consolidated"])
     assert e.value.code == 2

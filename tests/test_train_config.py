@@ -1,5 +1,5 @@
 """Config loading and the errors a pretraining run reports before any process group starts; the
-LR schedule; checkpoint tag bookkeeping. All in-process and fast (no launcher)."""
+LR schedule. All in-process and fast (no launcher)."""
 import json
 import math
 import os
@@ -13,7 +13,6 @@ import yaml
 
 from megagpt.config import load_config
 from megagpt.errors import MegaGPTError
-from megagpt.train import checkpoint
 from megagpt.train.distributed import build_ds_config
 from megagpt.train.schedule import lr_at
 
@@ -130,20 +129,6 @@ def test_lr_schedule_warmup_cosine_constant():
     steps = [lr_at(s, 1.0, 0.0, 5, 50, "cosine") for s in range(60)]
     assert all(a <= b for a, b in zip(steps[:5], steps[1:5])) and all(a >= b for a, b in zip(steps[4:], steps[5:]))
     assert not any(math.isnan(x) for x in steps)
-
-
-def test_checkpoint_tags_only_complete_count(tmp_path):
-    for step, done in ((2, True), (4, True), (6, False)):
-        d = tmp_path / f"global_step{step}"
-        d.mkdir()
-        if done:
-            (d / "complete").write_text("ok\n")
-    (tmp_path / "global_stepX").mkdir()
-    assert checkpoint.complete_tags(str(tmp_path)) == [(2, "global_step2"), (4, "global_step4")]
-    assert checkpoint.resume_tag(str(tmp_path)) == "global_step4"
-    checkpoint.atomic_write(str(tmp_path / "latest"), b"global_step4")
-    assert (tmp_path / "latest").read_text() == "global_step4"
-    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
 @pytest.mark.parametrize("name,preset", [("tiny_cpu", "tiny"), ("gpt1", "gpt1"), ("gpt2_small", "gpt2-small")])

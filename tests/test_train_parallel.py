@@ -2,7 +2,7 @@
 
   tp2_run   tensor_parallel=2 + sequence_parallel, ZeRO-1, 4 steps saving at 2 and 4:
             trains, checkpoints complete (mp_rank_00/01 files), and the step-2 checkpoint
-            consolidated by tools/reshape_checkpoint.py into a serial GPT gives, on step 3's batch,
+            consolidated by tools/convert_checkpoint.py into a serial GPT gives, on step 3's batch,
             the loss the TP=2 run logged at step 3 (a cross-layout check of the whole wiring:
             data order, DP sampler, TP model, DeepSpeed checkpoint files, reshaping).
   pp2       pipeline_parallel=2, ZeRO-1: trains 3 steps (DeepSpeed's 1F1B), validates (eval_batch),
@@ -58,27 +58,27 @@ def test_tp2_trains_and_saves(tp2_run):
 
 
 def serial_loss_from_checkpoint(save, cfg_path, tag_step, out):
-    """Consolidate ``save``'s step-``tag_step`` tag with tools/reshape_checkpoint.py, load it into
+    """Consolidate ``save``'s step-``tag_step`` tag with tools/convert_checkpoint.py, load it into
     the serial GPT and return its loss on the next step's batch (dp=1, no accumulation)."""
     from megagpt.config import load_config
     from megagpt.data import DistributedBatchSampler, build_gpt_datasets
-    from megagpt.export.consolidated import load_consolidated
-    from megagpt.model import GPT, ModelConfig
+    from megagpt.checkpoint.consolidated import load_consolidated
+    from megagpt.model import GPT
     from megagpt.train.loop import to_batch
 
-    r = subprocess.run([sys.executable, str(REPO / "tools/reshape_checkpoint.py"), str(save), str(out),
-                        "--tag", f"global_step{tag_step}"], cwd=REPO, env=ENV, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint.py"), "--input", str(save), "--output",
+                        str(out), "--to", "consolidated", "--tag", f"global_step{tag_step}"], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     sd, _ = load_consolidated(out)
     cfg = load_config(cfg_path, {("train", "save"): str(save)})
     t = cfg.train
-    model = GPT(ModelConfig.from_dict(dict(cfg.model)))
+    model = GPT(cfg.model)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     model.eval()
     gbs = t.micro_batch_size
-    train_ds, _, _ = build_gpt_datasets(cfg.data_config(), (t.train_iters * gbs, 0, 0), model.cfg.vocab_size)
+    train_ds, _, _ = build_gpt_datasets(cfg.data, (t.train_iters * gbs, 0, 0), model.cfg.vocab_size)
     idx = next(iter(DistributedBatchSampler(len(train_ds), tag_step * gbs, t.micro_batch_size, 0, 1)))
     x, y = to_batch(train_ds, idx, "cpu")
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_parallel_section_defaults_and_cli_override(tmp_path, data):
 
     cfg = parallel_config(tmp_path / "c.yaml", data, {"sequence_parallel": True}, save_interval=0)
     c = load_config(cfg, {("parallel", "tensor_parallel"): 2})
-    pc = c.parallel_config()
+    pc = c.parallel
     assert (pc.tensor_parallel, pc.pipeline_parallel, pc.sequence_parallel, pc.partition_method,
             pc.activation_checkpoint_interval, pc.seed) == (2, 1, True, "parameters", 0, c.train.seed)
     assert c.to_dict()["parallel"]["tensor_parallel"] == 2

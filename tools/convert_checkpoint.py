@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Convert checkpoints: DeepSpeed (any ZeRO stage) → consolidated megagpt → HF transformers, and
+"""Convert checkpoints: a DeepSpeed pretraining checkpoint (any ZeRO stage, any tensor/pipeline-parallel
+layout) → consolidated megagpt (serial names: loads at any layout) or HF transformers; consolidated → HF;
 HF transformers (GPT-2, OpenAI GPT, Llama) → consolidated megagpt. Mappings, refusals: docs/export.md.
 
-The input type is detected: a DeepSpeed checkpoint dir (``latest`` or ``global_stepN/``), a
-consolidated megagpt dir (``config.json`` with ``"format": "megagpt-consolidated"``), or an HF
-dir (``config.json`` with ``model_type``). Outputs are written to a temporary directory and
-renamed into place when complete; an existing output is never overwritten without --force.
+The input type is detected: a DeepSpeed checkpoint dir (``global_stepN/`` tags: the newest with a
+``complete`` marker unless --tag), a consolidated megagpt dir (``config.json`` with ``"format":
+"megagpt-consolidated"``), or an HF dir (``config.json`` with ``model_type``). Outputs are written to a
+temporary directory and renamed into place when complete; an existing output is never overwritten
+without --force.
 
     python tools/convert_checkpoint.py --input runs/gpt2/checkpoints --to consolidated --output ckpt/gpt2
     python tools/convert_checkpoint.py --input ckpt/gpt2 --to hf --output hf/gpt2
@@ -31,11 +33,11 @@ def parse_args(argv=None):
                         "config.json, tokenizer/) to continue training or finetune; hf: a transformers dir "
                         "that AutoModelForCausalLM/AutoTokenizer.from_pretrained load with no custom code")
     p.add_argument("--tag", help="DeepSpeed input only: checkpoint tag, e.g. global_step1000 "
-                                 "(default: the one named in 'latest', else the highest global_stepN)")
+                                 "(default: the newest tag with a 'complete' marker)")
     p.add_argument("--force", action="store_true", help="replace --output if it exists")
     p.add_argument("--tokenizer", metavar="PATH",
-                   help="DeepSpeed input only: tokenizer to bundle (sentencepiece .model or GPT-2 BPE dir) "
-                        "instead of the path recorded in the checkpoint")
+                   help="tokenizer to bundle (sentencepiece .model or GPT-2 BPE dir) instead of the checkpoint's "
+                        "own; needed for checkpoints that only name a tokenizer file which has since moved")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="HF output only: weight dtype (default float32)")
     p.add_argument("--max-shard-size", default="5GB", help="HF output only: largest safetensors shard (default: 5GB)")
@@ -43,7 +45,7 @@ def parse_args(argv=None):
                    help="HF output only: export a post-LN model trained with exact GELU (activation: gelu) "
                         "as OpenAIGPT, whose only GELU is the tanh approximation (up to 4.7e-4 off per "
                         "activation); the gpt1/tiny presets already use tanh GELU and need no flag (default: off)")
-    p.add_argument("--quiet", action="store_true", help="only errors")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors (no progress, no DeepSpeed output)")
     return p.parse_args(argv)
 
 
@@ -51,7 +53,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    from megagpt.export.convert import convert
+    from megagpt.checkpoint.convert import convert
 
     out = convert(args.input, args.output, args.to, tag=args.tag, force=args.force, tokenizer=args.tokenizer,
                   dtype=args.dtype, approximate_gelu=args.approximate_gelu, max_shard_size=args.max_shard_size)

@@ -1,16 +1,15 @@
-"""Sample text from a megagpt pretraining checkpoint.
+"""Sample text from a megagpt checkpoint: a pretraining --save dir (any ZeRO stage, tensor- or
+pipeline-parallel), a consolidated checkpoint or an HF transformers dir.
 
-    python tools/generate.py CKPT_DIR --prompt "ROMEO:" [--prompt ...] [--prompt-file F]
+    python tools/generate.py CKPT_DIR --prompt "ROMEO:" [--prompt ...] [--prompt-file F] [--prompt-ids 2,40,41]
         [--tag global_stepN] [--temperature 0.8 --top-k 50 --top-p 0.95 --max-new-tokens 100 --seed 0]
 
-The model config and tokenizer spec come from the checkpoint's client state; the weights are
-consolidated from the ZeRO-sharded DeepSpeed files by DeepSpeed's own zero_to_fp32 (ZeRO-0
-checkpoints hold the whole module in mp_rank_00_model_states.pt and are read directly).
+The model config, weights and tokenizer come from the checkpoint, read by
+``megagpt.checkpoint.load_model`` (the newest complete tag of a DeepSpeed dir unless --tag).
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 
@@ -19,52 +18,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megagpt.errors import MegaGPTError, cli_main  # noqa: E402
 
 
-def load_checkpoint(ckpt_dir: str, tag: str | None = None, tokenizer: str | None = None):
-    """(GPT with consolidated fp32 weights, Tokenizer, tag) from a pretraining checkpoint dir."""
-    import torch
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from megagpt.model import GPT, ModelConfig
-    from megagpt.tokenizer import load_tokenizer
-    from megagpt.train.checkpoint import resume_tag
-
-    if not os.path.isdir(ckpt_dir):
-        raise MegaGPTError(f"{ckpt_dir}: checkpoint directory not found")
-    tag = tag or resume_tag(ckpt_dir)
-    if tag is None:
-        raise MegaGPTError(f"{ckpt_dir}: no complete checkpoint (global_stepN/ with a 'complete' marker)")
-    states = sorted(glob.glob(os.path.join(ckpt_dir, tag, "*model_states.pt")))
-    if not states:
-        raise MegaGPTError(f"{ckpt_dir}/{tag}: no *model_states.pt file")
-    client = torch.load(states[0], map_location="cpu", weights_only=False)
-    if "config" not in client:
-        raise MegaGPTError(f"{states[0]}: no megagpt config in the client state (not a megagpt checkpoint)")
-    model = GPT(ModelConfig.from_dict(client["config"]["model"]))
-    if glob.glob(os.path.join(ckpt_dir, tag, "zero_pp_rank_*optim_states.pt")):  # ZeRO 1-3: consolidate
-        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    else:  # ZeRO-0: the full module is in mp_rank_00_model_states.pt
-        sd = {k: v.float() for k, v in client["module"].items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not model.cfg.tie_embeddings]
-    if missing or unexpected:
-        raise MegaGPTError(f"{ckpt_dir}/{tag}: weights do not fit the model (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
-    model.tie_weights()
-    spec = client.get("tokenizer") or {}
-    tok_path = tokenizer or spec.get("path")
-    if not tok_path:
-        raise MegaGPTError(f"{states[0]}: no tokenizer spec in the checkpoint; pass --tokenizer")
-    return model.eval(), load_tokenizer(tok_path), tag
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise MegaGPTError(f"--prompt-ids {text!r}: expected comma-separated token ids") from None
 
 
 @cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="pretraining --save directory")
-    p.add_argument("--tag", help="global_stepN (default: newest complete)")
-    p.add_argument("--tokenizer", help="override the tokenizer path stored in the checkpoint")
-    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("checkpoint", help="pretraining --save directory, consolidated checkpoint or HF transformers dir")
+    p.add_argument("--tag", help="DeepSpeed checkpoints: global_stepN (default: the newest complete tag)")
+    p.add_argument("--tokenizer", help="use this tokenizer (sentencepiece .model or GPT-2 BPE dir) instead of the "
+                                       "checkpoint's own; needed for older checkpoints whose tokenizer file has moved")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompt-file", help="one prompt per line")
+    p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                   help="a prompt as comma-separated token ids, e.g. 2,40,41 (repeatable): exact ids, such as a "
+                        "leading bos, that no text encodes to")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to sample after each prompt (default 100)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
@@ -75,6 +47,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from megagpt.checkpoint import load_model
     from megagpt.model import generate
 
     prompts = list(a.prompt)
@@ -82,20 +55,26 @@ def main(argv=None) -> int:
         if not os.path.isfile(a.prompt_file):
             raise MegaGPTError(f"{a.prompt_file}: prompt file not found")
         prompts += [line.rstrip("\n") for line in open(a.prompt_file) if line.strip()]
+    prompts += [_ids(text) for text in a.prompt_ids]
     if not prompts:
-        raise MegaGPTError("no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE")
-    model, tok, tag = load_checkpoint(a.checkpoint, a.tag, a.tokenizer)
+        raise MegaGPTError("no prompt: pass --prompt TEXT (repeatable), --prompt-file FILE or --prompt-ids IDS")
+    model, tok, meta = load_model(a.checkpoint, tag=a.tag, tokenizer=a.tokenizer)
+    if tok is None:
+        raise MegaGPTError(f"{a.checkpoint}: the checkpoint holds no tokenizer; pass --tokenizer PATH")
+    label = meta["tag"] or os.path.basename(os.path.normpath(a.checkpoint))
     gen = torch.Generator().manual_seed(a.seed)
     for i, text in enumerate(prompts):
-        ids = tok.encode(text)
+        ids = text if isinstance(text, list) else tok.encode(text)
         if tok.bos_id is not None and not ids:
             ids = [tok.bos_id]
         budget = min(a.max_new_tokens, model.cfg.max_seq_len - len(ids))
         if budget < 1:
             raise MegaGPTError(f"prompt {i + 1} is {len(ids)} tokens; max_seq_len is {model.cfg.max_seq_len}")
+        if any(not 0 <= t < model.cfg.vocab_size for t in ids):
+            raise MegaGPTError(f"prompt {i + 1}: token ids must be in 0..{model.cfg.vocab_size - 1}")
         out = generate(model, ids, budget, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                        eos_id=tok.eos_id, use_kv_cache=not a.no_kv_cache, generator=gen)
-        print(f"=== [{tag}] prompt {i + 1}: {text!r}")
+        print(f"=== [{label}] prompt {i + 1}: {text!r}")
         print(tok.decode(out.tolist()), flush=True)
     return 0
 

@@ -1,119 +1,37 @@
-"""Checkpoint reshaping: any DeepSpeed layout -> consolidated (serial names) -> any layout, for
-weights and (live engines, ZeRO 0-2) Adam state.
+"""Checkpoint reshaping: weights and (live engines, ZeRO 0-2) Adam state from any layout to any
+layout, through full serial-named tensors (the consolidated format).
+
+Offline, a DeepSpeed checkpoint of any TP/PP/DP layout is read by ``load.open_checkpoint``
+(``consolidate_deepspeed_checkpoint`` below); live engines are gathered and re-split here.
 """
-import re
 from pathlib import Path
 
 import torch
 
+from megagpt.atomic import write_bytes_atomic
 from megagpt.errors import MegaGPTError
-from megagpt.model.sharding import check_tp, merge, pipeline_layer_prefixes, shard, shard_kind
+from megagpt.model.sharding import merge, shard, shard_kind
 
-# ---- checkpoint reshaping: any DeepSpeed layout -> consolidated (serial names) -> any layout ----
-
-def _load(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated/corrupt files raise many types
-        raise MegaGPTError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+from .consolidated import save_consolidated
+from .load import open_checkpoint
 
 
-def _model_config(model_states: dict, model_cfg, where):
-    from megagpt.model import ModelConfig
-
-    if model_cfg is not None:
-        return model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
-    cfg = (model_states.get("config") or {}).get("model")
-    if not isinstance(cfg, dict):
-        raise MegaGPTError(f"{where}: no model config in the checkpoint's client state (client_state['config']"
-                           "['model']); pass it explicitly (--model-config)")
-    return ModelConfig.from_dict(cfg)
+def consolidate_deepspeed_checkpoint(ckpt_dir, tag=None):
+    """(full serial-named state dict, ModelConfig) of a DeepSpeed checkpoint written at any TP/PP/DP
+    layout: the module weights, exact for fp32 training (see ``deepspeed_files``). Weights only."""
+    src = open_checkpoint(ckpt_dir, tag, tokenizer=False)
+    return src.state_dict(), src.cfg
 
 
-def consolidate_deepspeed_checkpoint(ckpt_dir, tag=None, model_cfg=None):
-    """Full serial-named state dict of a DeepSpeed checkpoint written at any TP/PP layout (any DP).
-
-    Reads only the model-states files (``mp_rank_XX_model_states.pt``, and for pipelines the
-    per-layer ``layer_II-model_TT-model_states.pt``), merging TP slices with ``merge``. These are
-    the module weights: exact for fp32 training, the rounded model copy for bf16/fp16 (the fp32
-    masters and Adam moments live in the ZeRO optimizer shards, which are not reshaped).
-    Returns (state_dict, ModelConfig).
-    """
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        raise MegaGPTError(f"{root}: no such checkpoint directory")
-    if tag is None:
-        latest = root / "latest"
-        if not latest.is_file():
-            raise MegaGPTError(f"{root}: no 'latest' file; pass the checkpoint tag (e.g. global_step100)")
-        tag = latest.read_text().strip()
-    d = root / str(tag)
-    mp_files = sorted(d.glob("mp_rank_*_model_states.pt"))
-    if not mp_files:
-        raise MegaGPTError(f"{d}: not a DeepSpeed checkpoint (no mp_rank_*_model_states.pt)")
-    first = _load(mp_files[0])
-    cfg = _model_config(first, model_cfg, mp_files[0])
-    layer_files = sorted(d.glob("layer_*-model_states.pt"))
-    if layer_files:
-        return _consolidate_pipeline(layer_files, cfg), cfg
-    shards = [_load(f)["module"] for f in mp_files]
-    check_tp(cfg, len(shards))
-    return {k: merge(k, [s[k] for s in shards], cfg).clone() for k in shards[0]}, cfg
-
-
-def _consolidate_pipeline(layer_files, cfg) -> dict:
-    pat = re.compile(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
-    by_layer = {}
-    for f in layer_files:
-        m = pat.search(f.name)
-        if m is None:
-            raise MegaGPTError(f"{f}: unexpected pipeline layer file name")
-        by_layer.setdefault(int(m.group(1)), {})[int(m.group(2) or 0)] = f
-    prefixes = pipeline_layer_prefixes(cfg)
-    if max(by_layer) >= len(prefixes):
-        raise MegaGPTError(f"{layer_files[0].parent}: layer index {max(by_layer)} does not fit the model config "
-                           f"({len(prefixes)} pipeline layers)")
-    full = {}
-    for idx, files in sorted(by_layer.items()):
-        shards = [_load(files[t]) for t in sorted(files)]
-        check_tp(cfg, len(shards))
-        for k in shards[0]:
-            name = prefixes[idx] + k
-            if name not in full:
-                full[name] = merge(name, [s[k] for s in shards], cfg).clone()
-    if cfg.tie_embeddings:
-        full["lm_head.weight"] = full["embed.tok.weight"]
-    if cfg.pos_emb != "learned":
-        full.pop("embed.pos.weight", None)
-    return full
-
-
-def save_consolidated_checkpoint(out_dir, full_sd, cfg, tokenizer_path=None, run_config=None, step=None,
-                                 force=False):
-    """Write ``full_sd`` with ``megagpt.export.consolidated.save_consolidated`` (checked against cfg first)."""
-    from megagpt.export.consolidated import save_consolidated
-    from megagpt.model import GPT
-
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(cfg, init=False).state_dict().items()}
-    got = {k: v.shape for k, v in full_sd.items()}
-    if expected != got:
-        diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
-        raise MegaGPTError(f"consolidated weights do not match the model config: {diff[:5]}")
-    return save_consolidated(out_dir, full_sd, cfg.to_dict(), tokenizer_path=tokenizer_path,
-                             run_config=run_config, step=step, force=force)
-
-
-def load_consolidated_into(model, ckpt_dir) -> dict:
-    """Re-split a consolidated checkpoint into a model of any layout (serial, TP, pipeline).
-    Returns the checkpoint's meta (config.json). Weights only: the optimizer starts fresh."""
-    from megagpt.export.consolidated import load_consolidated
-
+def load_consolidated_into(model, ckpt_dir, tag=None) -> dict:
+    """Re-split a checkpoint (consolidated, or any format ``open_checkpoint`` reads) into a model
+    of any layout (serial, TP, pipeline). Returns its meta (with "step"). Weights only: the
+    optimizer starts fresh unless ``load_optimizer_state`` follows."""
     from megagpt.parallel.layout import load_full_state_dict
 
-    sd, meta = load_consolidated(ckpt_dir)
-    load_full_state_dict(getattr(model, "module", model), sd)
-    return meta
+    src = open_checkpoint(ckpt_dir, tag, tokenizer=False)
+    load_full_state_dict(getattr(model, "module", model), src.state_dict())
+    return src.meta()
 
 
 def save_consolidated_from_engine(engine_or_model, out_dir, cfg, tokenizer_path=None, run_config=None,
@@ -126,7 +44,7 @@ def save_consolidated_from_engine(engine_or_model, out_dir, cfg, tokenizer_path=
     full = full_state_dict(engine_or_model)
     out = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        out = save_consolidated_checkpoint(out_dir, full, cfg, tokenizer_path, run_config, step, force)
+        out = save_consolidated(out_dir, full, cfg, tokenizer_path, run_config, step, force)
     if dist.is_initialized():
         dist.barrier()
     return out
@@ -208,16 +126,11 @@ def gather_optimizer_state(engine) -> tuple:
 
 
 def save_optimizer_state(out_dir, moments: dict, step: int) -> Path:
-    """Write ``optimizer.safetensors`` into a consolidated checkpoint dir (temp name, then rename)."""
-    import os
+    """Write ``optimizer.safetensors`` into a consolidated checkpoint dir (published atomically)."""
+    from safetensors.torch import save
 
-    from safetensors.torch import save_file
-
-    path = Path(out_dir) / OPTIMIZER_FILE
-    tmp = path.with_name(f".{OPTIMIZER_FILE}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp), metadata={"step": str(step)})
-    os.replace(tmp, path)
-    return path
+    data = save({k: v.contiguous() for k, v in moments.items()}, metadata={"step": str(step)})
+    return write_bytes_atomic(Path(out_dir) / OPTIMIZER_FILE, data)
 
 
 @torch.no_grad()

@@ -61,8 +61,7 @@ def build_model(cfg: FinetuneConfig, task):
     else:
         from .checkpoint import load_pretrained
 
-        gpt, tok_path = load_pretrained(cfg.init)
-        tok_path = cfg.tokenizer or tok_path
+        gpt, tok_path = load_pretrained(cfg.init, cfg.tokenizer)
         if not tok_path:
             raise MegaGPTError(f"{cfg.init}: checkpoint names no tokenizer; pass --tokenizer")
         tok = load_tokenizer(tok_path)

@@ -63,7 +63,8 @@ def run(cfg, ds_config) -> int:
 
     from megagpt.data import build_gpt_datasets
     from megagpt.tokenizer import load_tokenizer
-    from megagpt.train import checkpoint, distributed, loop
+    from megagpt.checkpoint import engine as checkpoint
+    from megagpt.train import distributed, loop
     from megagpt.train.metrics import Metrics, peak_flops
     from megagpt.train.optim import param_groups
     from megagpt.train.schedule import Schedule, build_scheduler
@@ -109,7 +110,8 @@ def run(cfg, ds_config) -> int:
             return
         if cfg.debug.dump_weights and par.tp_size == 1 and par.pp_size == 1:
             dump_weights(model, os.path.join(t.save, checkpoint.tag_for(st.step) + "_weights_at_save.pt"), rank)
-        checkpoint.save(engine, t.save, st.step, client, dp_group, t.keep_last, kill_before_complete=kill)
+        checkpoint.save(engine, t.save, st.step, client, dp_group, t.keep_last, kill_before_complete=kill,
+                        tokenizer=tok.path)   # the tokenizer files go into the tag: self-contained checkpoints
 
     peak, peak_src = peak_flops()
     tb = t.tensorboard_dir or (os.path.join(t.save, "tensorboard") if t.save else None)

@@ -1,6 +1,7 @@
 """DeepSpeed checkpoints → consolidated → HF: the real pretraining entry, 2 gloo ranks, saves ZeRO-0/2/3
 checkpoints (ZeRO-3 parameters really partitioned); conversion gives back exactly the weights the engine
-held (its debug weight dump), which transformers then runs to the same logits."""
+held (its debug weight dump), which transformers then runs to the same logits. Each tag carries its
+tokenizer files, which readers prefer to the path the client state names."""
 import json
 import os
 import shutil
@@ -67,8 +68,8 @@ def _zero3_is_partitioned(tag_dir):
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_zero_checkpoint_consolidates_exactly(stage, ds_checkpoints, tmp_path, sp_model):
-    from megagpt.export.consolidated import load_consolidated
-    from megagpt.export.deepspeed_ckpt import deepspeed_to_consolidated
+    from megagpt.checkpoint.consolidated import load_consolidated
+    from megagpt.checkpoint.convert import convert
 
     src = ds_checkpoints / f"zero{stage}"
     ref = _reference(stage, ds_checkpoints)
@@ -76,7 +77,7 @@ def test_zero_checkpoint_consolidates_exactly(stage, ds_checkpoints, tmp_path, s
         empty_module, parts = _zero3_is_partitioned(src / "global_step2")
         n = sum(v.numel() for k, v in ref.items() if k != "lm_head.weight")   # tied: stored once
         assert empty_module and 0 < parts[0] < n and 0 < parts[1] < n and sum(parts) >= n, (parts, n)
-    out = deepspeed_to_consolidated(src, tmp_path / "cons")
+    out = convert(src, tmp_path / "cons", "consolidated")
     sd, meta = load_consolidated(out)
     assert set(sd) == set(ref)                  # tied name restored where DeepSpeed kept one
     for k, v in ref.items():
@@ -89,7 +90,7 @@ def test_zero_checkpoint_consolidates_exactly(stage, ds_checkpoints, tmp_path, s
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_checkpoint_to_hf_runs_the_same_model(stage, ds_checkpoints, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from megagpt.export.convert import convert
+    from megagpt.checkpoint.convert import convert
     from megagpt.model import GPT, get_preset
 
     hf_dir = convert(ds_checkpoints / f"zero{stage}", tmp_path / "hf", "hf", tag="global_step2")
@@ -103,8 +104,28 @@ def test_zero_checkpoint_to_hf_runs_the_same_model(stage, ds_checkpoints, tmp_pa
     assert transformers.AutoTokenizer.from_pretrained(hf_dir)("hear me speak")["input_ids"]
 
 
+def test_tag_carries_its_tokenizer_files(ds_checkpoints, tmp_path, sp_model):
+    """One layout (tokenizer/ + spec.json) in every tag; loaders use it even when the file the client
+    state names is gone."""
+    from megagpt.checkpoint import load_model
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(ds_checkpoints / "zero2", src)
+    tdir = src / "global_step2" / "tokenizer"
+    assert (tdir / "tokenizer.model").read_bytes() == open(sp_model, "rb").read()
+    assert json.loads((tdir / "spec.json").read_text()) == {"type": "sentencepiece", "file": "tokenizer.model"}
+    states = src / "global_step2" / "mp_rank_00_model_states.pt"
+    client = torch.load(states, weights_only=False)
+    assert client["tokenizer"]["path"] == sp_model   # provenance: the file training used
+    client["tokenizer"]["path"] = str(tmp_path / "moved" / "tok.model")
+    torch.save(client, states)
+    model, tok, meta = load_model(src)
+    assert meta["tokenizer_path"] == str(tdir / "tokenizer.model") and tok.vocab_size == 1000
+    assert meta["tag"] == "global_step2" and meta["step"] == 2 and not model.training
+
+
 def test_bad_deepspeed_checkpoints_are_named(ds_checkpoints, tmp_path):
-    from megagpt.export.convert import convert
+    from megagpt.checkpoint.convert import convert
 
     src = tmp_path / "ckpt"
     shutil.copytree(ds_checkpoints / "zero2", src)
@@ -115,6 +136,10 @@ def test_bad_deepspeed_checkpoints_are_named(ds_checkpoints, tmp_path):
     (src / "global_step3" / "complete").unlink()
     with pytest.raises(MegaGPTError, match="global_step3: incomplete checkpoint"):
         convert(src, tmp_path / "b", "consolidated", tag="global_step3")
+    (src / "latest").write_text("global_step3")   # 'latest' is a hint for DeepSpeed's tools, never the rule
+    from megagpt.checkpoint.load import open_checkpoint
+
+    assert open_checkpoint(src).tag == "global_step2"
     # a DeepSpeed checkpoint without megagpt's client state
     states = src / "global_step2" / "mp_rank_00_model_states.pt"
     sd = torch.load(states, weights_only=False)
@@ -123,17 +148,3 @@ def test_bad_deepspeed_checkpoints_are_named(ds_checkpoints, tmp_path):
     with pytest.raises(MegaGPTError, match="client state has no config"):
         convert(src, tmp_path / "c", "hf", tag="global_step2")
     assert not any((tmp_path / n).exists() for n in "abc")
-
-
-def test_tied_and_wrapped_names_are_restored():
-    """zero_to_fp32 may list a tied weight once, or under a wrapper prefix; GPT's names come back."""
-    from megagpt.export.deepspeed_ckpt import _restore_names
-    from megagpt.model import GPT, get_preset
-
-    cfg = get_preset("tiny-gpt2")
-    full = GPT(cfg).state_dict()
-    only_head = {f"module.{k}": v for k, v in full.items() if k != "embed.tok.weight"}
-    got = _restore_names(only_head, cfg, "ckpt")
-    assert set(got) == set(full) and torch.equal(got["embed.tok.weight"], full["lm_head.weight"])
-    with pytest.raises(MegaGPTError, match=r"ckpt: weights do not match .*missing \['blocks.0.ln1.bias'\]"):
-        _restore_names({k: v for k, v in full.items() if k != "blocks.0.ln1.bias"}, cfg, "ckpt")

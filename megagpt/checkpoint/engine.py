@@ -1,10 +1,11 @@
-"""Crash-safe DeepSpeed checkpoints: a tag counts only once every rank's files are on disk.
+"""Crash-safe save/resume of a live DeepSpeed engine: a tag counts only once every rank's files are on disk.
 
 Save: every rank writes its shard (``engine.save_checkpoint(..., save_latest=False)``) and fsyncs
-the tag dir; after a barrier rank 0 checks the expected files exist, writes ``complete`` and then
-``latest`` (each via temp + fsync + rename), and prunes old tags. A run SIGKILLed anywhere in
-between leaves a tag without ``complete``, which load ignores and removes — so a resume always
-starts from a checkpoint that was whole, never from a half-written one.
+the tag dir; after a barrier rank 0 checks the expected files exist, copies the tokenizer into the
+tag (``tokenizer/``: a checkpoint is self-contained), writes ``complete`` and then ``latest``
+(each published atomically), and prunes old tags. A run SIGKILLed anywhere in between leaves a tag
+without ``complete``, which load ignores and removes — so a resume always starts from a checkpoint
+that was whole. Which tag readers take is ``tags.resolve_tag``'s rule.
 
 Per-rank RNG states go to ``rng_rank{R}.pt`` beside DeepSpeed's files because DeepSpeed keeps only
 rank 0's client state (ZeRO <= 2) and dropout streams differ per rank.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import glob
 import os
 import random
-import re
 import shutil
 
 import numpy as np
@@ -22,14 +22,13 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from megagpt.atomic import atomic_dir, fsync_tree, write_bytes_atomic
 from megagpt.errors import MegaGPTError
 
-COMPLETE = "complete"
-_TAG = re.compile(r"^global_step(\d+)$")
+from .tags import COMPLETE, LATEST, complete_tags, newest_complete_tag, step_tags, tag_for
+from .tokenizer_files import TOKENIZER_DIR, write_tokenizer
 
-
-def tag_for(step: int) -> str:
-    return f"global_step{step}"
+__all__ = ["save", "load", "tag_for", "rng_state", "set_rng_state"]
 
 
 def rng_state() -> dict:
@@ -42,45 +41,6 @@ def set_rng_state(s: dict) -> None:
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
     get_accelerator().set_rng_state(s["accelerator"])
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(d: str) -> None:
-    for root, _, files in os.walk(d):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(root)
-
-
-def complete_tags(save_dir: str) -> list[tuple[int, str]]:
-    """(step, tag) of every tag dir with a ``complete`` marker, oldest first."""
-    out = []
-    for p in glob.glob(os.path.join(save_dir, "global_step*")):
-        m = _TAG.match(os.path.basename(p))
-        if m and os.path.isfile(os.path.join(p, COMPLETE)):
-            out.append((int(m.group(1)), os.path.basename(p)))
-    return sorted(out)
 
 
 def _check_files(tag_dir: str, zero_stage: int, world: int) -> None:
@@ -96,9 +56,10 @@ def _check_files(tag_dir: str, zero_stage: int, world: int) -> None:
             raise MegaGPTError(f"{f}: empty checkpoint file")
 
 
-def save(engine, save_dir: str, step: int, client_state: dict, dp_group, keep_last: int = 0,
-         kill_before_complete: bool = False) -> str:
-    """Save tag ``global_step{step}``; returns the tag. Collective over the whole world."""
+def save(engine, save_dir: str, step: int, client_state: dict, dp_group=None, keep_last: int = 0,
+         kill_before_complete: bool = False, tokenizer: str | None = None) -> str:
+    """Save tag ``global_step{step}`` (with the ``tokenizer`` files, when given); returns the tag.
+    Collective over the whole world."""
     tag = tag_for(step)
     tag_dir = os.path.join(save_dir, tag)
     rank = dist.get_rank()
@@ -110,25 +71,22 @@ def save(engine, save_dir: str, step: int, client_state: dict, dp_group, keep_la
     dist.barrier()
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
-    _fsync_tree(tag_dir)
+    fsync_tree(tag_dir)
     dist.barrier()
     if kill_before_complete and rank == 0:  # test hook: die with every shard written, no marker
         os.kill(os.getpid(), 9)
     if rank == 0:
         _check_files(tag_dir, engine.zero_optimization_stage(), dist.get_world_size())
-        atomic_write(os.path.join(tag_dir, COMPLETE), b"ok\n")
-        atomic_write(os.path.join(save_dir, "latest"), tag.encode())
+        if tokenizer is not None:
+            with atomic_dir(os.path.join(tag_dir, TOKENIZER_DIR), force=True) as tmp:
+                write_tokenizer(tokenizer, tmp)
+        write_bytes_atomic(os.path.join(tag_dir, COMPLETE), b"ok\n")      # the tag is whole from here on;
+        write_bytes_atomic(os.path.join(save_dir, LATEST), tag.encode())  # only then the hint for DeepSpeed
         if keep_last:
             for _, old in complete_tags(save_dir)[:-keep_last]:
                 shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
     dist.barrier()
     return tag
-
-
-def resume_tag(load_dir: str) -> str | None:
-    """The newest complete tag under ``load_dir`` (None if there is none)."""
-    tags = complete_tags(load_dir)
-    return tags[-1][1] if tags else None
 
 
 def _check_model(load_dir: str, tag: str, expect: dict) -> None:
@@ -152,11 +110,11 @@ def load(engine, load_dir: str, expect_model: dict | None = None):
         return None
     if dist.get_rank() == 0:
         done = {t for _, t in complete_tags(load_dir)}
-        for p in glob.glob(os.path.join(load_dir, "global_step*")):
-            if _TAG.match(os.path.basename(p)) and os.path.basename(p) not in done:
-                shutil.rmtree(p, ignore_errors=True)
+        for _, t in step_tags(load_dir):
+            if t not in done:
+                shutil.rmtree(os.path.join(load_dir, t), ignore_errors=True)
     dist.barrier()
-    tag = resume_tag(load_dir)
+    tag = newest_complete_tag(load_dir)
     if tag is None:
         return None
     if expect_model is not None:

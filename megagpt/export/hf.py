@@ -1,4 +1,4 @@
-"""Consolidated megagpt checkpoint ⇄ HF transformers directory, and ``load_model``.
+"""Full megagpt state dicts ⇄ HF transformers directories (weights, config, tokenizer files).
 
 Export picks the one HF architecture that computes exactly what the megagpt model computes
 (``hf_target``): Llama for RMSNorm/RoPE/SwiGLU, GPT-2 for pre-LN LayerNorm/learned/GELU, OpenAI
@@ -8,13 +8,14 @@ Weights move through the per-architecture name tables (``hf_gpt2``, ``hf_openai_
 ``"vocab"`` (padded rows dropped on export, zero rows re-added on import) or ``("rows", a, b)``
 (Llama's q/k/v slices of our fused qkv). Both directions read the same table, so they are inverses.
 
-All outputs are written to a temporary sibling directory and renamed into place when complete.
+Which checkpoint is read and how formats are detected is ``megagpt.checkpoint`` (``convert``,
+``load``); this module only knows HF's side. ``write_hf`` publishes through a temporary sibling
+directory renamed into place when complete.
 """
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,8 +24,7 @@ from megagpt.atomic import atomic_dir
 from megagpt.errors import MegaGPTError
 
 from . import hf_gpt2, hf_llama, hf_openai_gpt
-from .consolidated import load_consolidated, read_meta, save_consolidated, tokenizer_path_in
-from .hf_tokenizer import export_tokenizer, import_tokenizer, read_json, special_token_ids
+from .hf_tokenizer import export_tokenizer, read_json, special_token_ids
 
 log = logging.getLogger("megagpt.export")
 
@@ -38,7 +38,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def _progress(items, desc):
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit="tensor", disable=None, leave=False)
+    quiet = not log.isEnabledFor(logging.INFO)   # --quiet: no bars; otherwise on a terminal only
+    return tqdm(items, desc=desc, unit="tensor", leave=False, disable=True if quiet else None)
 
 
 # ---------------------------------------------------------------------------------- export
@@ -78,51 +79,56 @@ def to_hf_state_dict(sd: dict, cfg, target=None) -> dict:
     return out
 
 
+def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """One safetensors file, created by a plain open() (so with the umask's permissions: safetensors'
+    own ``save_file`` makes 0600 files). Tied names sharing storage are stored as separate copies."""
+    from safetensors.torch import save
+
+    seen, own = set(), {}
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        own[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    Path(path).write_bytes(save(own, metadata=metadata))
+
+
 def _write_safetensors(tensors: dict, dest: Path, max_shard_size) -> None:
     """model.safetensors, or HF-style shards + model.safetensors.index.json when larger."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
 
     split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
     for filename, names in _progress(list(split.filename_to_tensors.items()), "writing shards"):
-        save_file({n: tensors[n] for n in names}, str(dest / filename), metadata={"format": "pt"})
+        write_safetensors({n: tensors[n] for n in names}, dest / filename, {"format": "pt"})
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def consolidated_to_hf(src, out, force: bool = False, dtype: str = "float32", approximate_gelu: bool = False,
-                       max_shard_size="5GB") -> Path:
-    """A consolidated megagpt checkpoint → an HF transformers dir (weights, config, tokenizer)."""
+def write_hf(out, state_dict: dict, cfg, tokenizer_path=None, force: bool = False, dtype: str = "float32",
+             approximate_gelu: bool = False, max_shard_size="5GB") -> Path:
+    """A full megagpt state dict (serial names, padded vocab) → an HF transformers dir: weights,
+    config.json, generation_config.json and, given ``tokenizer_path``, the tokenizer files."""
     from transformers import GenerationConfig
-
-    from megagpt.model import ModelConfig
 
     if dtype not in _DTYPES:
         raise MegaGPTError(f"dtype {dtype!r} must be one of {', '.join(_DTYPES)}")
-    if Path(out).exists() and not force:   # refusals first, before reading (large) weights
-        raise MegaGPTError(f"{out}: already exists; pass --force to overwrite")
-    cfg = ModelConfig.from_dict(read_meta(src)["model"])
     target = hf_target(cfg, approximate_gelu)
-    sd, _ = load_consolidated(src)
     if approximate_gelu and cfg.activation == "gelu" and target is hf_openai_gpt:
         log.warning("exporting exact GELU as OpenAIGPT's tanh-approximate GELU (--approximate-gelu): "
                     "outputs will differ slightly from megagpt's")
-    tok_path = tokenizer_path_in(src)
     token_ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    if tok_path:
-        for k, v in special_token_ids(tok_path).items():
+    if tokenizer_path:
+        for k, v in special_token_ids(tokenizer_path).items():
             token_ids[k] = v if v is not None and v < cfg.vocab_size else None
-    hf_sd = {k: v.to(_DTYPES[dtype]) for k, v in to_hf_state_dict(sd, cfg, target).items()}
+    hf_sd = {k: v.to(_DTYPES[dtype]) for k, v in to_hf_state_dict(state_dict, cfg, target).items()}
     with atomic_dir(out, force) as tmp:
         _write_safetensors(hf_sd, tmp, max_shard_size)
         hf_cfg = target.to_hf_config(cfg, token_ids)
         hf_cfg.dtype = dtype
         hf_cfg.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(hf_cfg).save_pretrained(str(tmp))
-        if tok_path:
-            export_tokenizer(tok_path, tmp, max_length=cfg.max_seq_len)
-    log.info("exported %s (%s) to %s", src, target.ARCHITECTURE, out)
+        if tokenizer_path:
+            export_tokenizer(tokenizer_path, tmp, max_length=cfg.max_seq_len)
     return Path(out)
 
 
@@ -163,11 +169,10 @@ def model_config_from_hf(hf_dir) -> tuple:
 
 
 def from_hf_state_dict(hf_sd: dict, cfg, target, where: str = "HF checkpoint") -> dict:
-    """HF names → our state dict (padded vocab rows zero; tied lm_head restored)."""
-    from megagpt.model import GPT
+    """HF names → our names (padded vocab rows zero; a tied head under the embedding's name only)."""
+    from megagpt.model.gpt import full_shapes
 
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
+    shapes = {k: torch.Size(v) for k, v in full_shapes(cfg).items()}
     table = target.names(cfg)
     wanted = {h for _, h, _ in table}
     if cfg.tie_embeddings:   # some writers store the tied head too; it is the embedding
@@ -196,101 +201,17 @@ def from_hf_state_dict(hf_sd: dict, cfg, target, where: str = "HF checkpoint") -
         if t.shape != shapes[ours]:
             raise MegaGPTError(f"{where}: {hf} has shape {tuple(t.shape)}, expected {tuple(shapes[ours])}")
         sd[ours] = t.contiguous()
-    if cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd["embed.tok.weight"]
-    if set(sd) != set(shapes):
-        raise MegaGPTError(f"{where}: internal name table does not cover {sorted(set(shapes) - set(sd))[:5]}")
     return sd
 
 
-def hf_to_consolidated(src, out, force: bool = False) -> Path:
-    """An HF GPT-2 / OpenAI GPT / Llama dir → a consolidated megagpt checkpoint (to continue training)."""
-    src = Path(src)
-    if Path(out).exists() and not force:
-        raise MegaGPTError(f"{out}: already exists; pass --force to overwrite")
-    cfg, target = model_config_from_hf(src)
-    sd = from_hf_state_dict(_read_hf_weights(src), cfg, target, str(src))
-    with tempfile.TemporaryDirectory() as scratch:
-        tok = import_tokenizer(src, Path(scratch) / "tok")
-        if tok is None:
-            log.warning("%s: no sentencepiece tokenizer.model or GPT-2 vocab.json/merges.txt; "
-                        "the consolidated checkpoint will have no tokenizer", src)
-        return save_consolidated(out, sd, cfg.to_dict(), tokenizer_path=tok, force=force)
+def read_hf_weights(hf_dir, cfg, target) -> dict:
+    """An HF dir's weights in our names (``model_config_from_hf`` gives ``cfg`` and ``target``)."""
+    return from_hf_state_dict(_read_hf_weights(Path(hf_dir)), cfg, target, str(hf_dir))
 
 
-# ---------------------------------------------------------------------------------- load
-def load_model(consolidated_dir):
-    """A consolidated checkpoint → ``GPT`` with its weights (eval mode, fp32, CPU)."""
-    from megagpt.model import GPT, ModelConfig
-
-    sd, meta = load_consolidated(consolidated_dir)
-    cfg = ModelConfig.from_dict(meta["model"])
-    model = GPT(cfg)
-    if cfg.tie_embeddings:  # safetensors keeps both tied names; either alone is enough
-        tok = sd.get("embed.tok.weight", sd.get("lm_head.weight"))
-        sd = {**sd, "embed.tok.weight": tok, "lm_head.weight": tok}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise MegaGPTError(f"{consolidated_dir}: weights do not match config.json "
-                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    return model.eval()
-
-
-# ---------------------------------------------------------------------------------- dispatch
-def detect_format(path) -> str:
-    """"deepspeed" (latest / global_stepN), "consolidated" (our config.json) or "hf" (an HF config.json)."""
-    from .deepspeed_ckpt import is_deepspeed_checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise MegaGPTError(f"{p}: no such file or directory")
-    if not p.is_dir():
-        raise MegaGPTError(f"{p}: expected a checkpoint directory")
-    if is_deepspeed_checkpoint(p):
-        return "deepspeed"
-    if (p / "config.json").is_file():
-        c = read_json(p / "config.json")
-        if c.get("format") == "megagpt-consolidated":
-            return "consolidated"
-        if "model_type" in c or "architectures" in c:
-            return "hf"
-    raise MegaGPTError(f"{p}: not a DeepSpeed checkpoint (latest or global_stepN/), a consolidated megagpt "
-                       f"checkpoint, nor an HF transformers dir (config.json with model_type)")
-
-
-def convert(input_path, output_path, to: str, tag: str | None = None, force: bool = False,
-            tokenizer: str | None = None, dtype: str = "float32", approximate_gelu: bool = False,
-            max_shard_size="5GB") -> Path:
-    """Convert between the three formats; ``to`` is "consolidated" (alias "megagpt") or "hf"."""
-    from .deepspeed_ckpt import deepspeed_to_consolidated
-
-    src = detect_format(input_path)
-    to = "consolidated" if to == "megagpt" else to
-    if to not in ("consolidated", "hf"):
-        raise MegaGPTError(f"--to {to!r}: must be consolidated, megagpt or hf")
-    if tag is not None and src != "deepspeed":
-        raise MegaGPTError(f"--tag only applies to DeepSpeed checkpoints; {input_path} is {src}")
-    if tokenizer is not None and src != "deepspeed":
-        raise MegaGPTError(f"--tokenizer only applies to DeepSpeed checkpoints; {input_path} is {src}")
-    if Path(output_path).exists() and not force:   # fail before any (slow) reading
-        raise MegaGPTError(f"{output_path}: already exists; pass --force to overwrite")
-    if src == to:
-        raise MegaGPTError(f"{input_path} is already a {src} checkpoint")
-    if src == "deepspeed" and to == "consolidated":
-        return deepspeed_to_consolidated(input_path, output_path, tag=tag, force=force, tokenizer_path=tokenizer)
-    if src == "deepspeed":   # deepspeed → consolidated (scratch) → hf; refuse before the slow merge
-        from .deepspeed_ckpt import _model_config, read_client_state, resolve_tag
-
-        states, where = read_client_state(Path(input_path) / resolve_tag(input_path, tag))
-        hf_target(_model_config(states, where), approximate_gelu)
-        del states
-        with tempfile.TemporaryDirectory(dir=Path(output_path).parent if Path(output_path).parent.exists()
-                                         else None) as scratch:
-            mid = deepspeed_to_consolidated(input_path, Path(scratch) / "consolidated", tag=tag,
-                                            tokenizer_path=tokenizer)
-            return consolidated_to_hf(mid, output_path, force=force, dtype=dtype,
-                                      approximate_gelu=approximate_gelu, max_shard_size=max_shard_size)
-    if src == "consolidated":
-        return consolidated_to_hf(input_path, output_path, force=force, dtype=dtype,
-                                  approximate_gelu=approximate_gelu, max_shard_size=max_shard_size)
-    return hf_to_consolidated(input_path, output_path, force=force)
+def is_hf_dir(path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    c = read_json(cfg)
+    return "model_type" in c or "architectures" in c

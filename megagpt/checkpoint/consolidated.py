@@ -1,0 +1,77 @@
+"""The consolidated megagpt checkpoint: the one unsharded format every conversion can go through.
+
+A directory holding
+  model.safetensors   full (un-sharded) state dict in ``megagpt.model.GPT`` parameter names, fp32
+  config.json         {"format": "megagpt-consolidated", "version": 1, "model": ModelConfig dict,
+                       "megagpt": full run config (optional), "step": int or null}
+  tokenizer/          the tokenizer files and ``spec.json`` (layout: ``tokenizer_files``)
+  optimizer.safetensors  optional: Adam state for resuming at another layout (``reshape``)
+
+Written into a hidden temporary sibling directory renamed into place when complete, so a crash
+never leaves a directory that looks like a finished checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from megagpt.atomic import atomic_dir
+from megagpt.errors import MegaGPTError
+from megagpt.export.hf import write_safetensors
+
+from .state_dict import normalize_state_dict
+from .tokenizer_files import write_tokenizer
+
+FORMAT = "megagpt-consolidated"
+VERSION = 1
+
+
+def save_consolidated(out_dir, state_dict: dict, model_config, tokenizer_path=None,
+                      run_config: dict | None = None, step: int | None = None, force: bool = False) -> Path:
+    """Write a consolidated checkpoint; ``model_config`` is a ModelConfig or its dict. The weights
+    are checked against it first (names and shapes, see ``normalize_state_dict``)."""
+    from megagpt.model import ModelConfig
+
+    cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(model_config)
+    sd = normalize_state_dict(state_dict, cfg, f"{out_dir}: weights to save")
+    with atomic_dir(Path(out_dir), force) as tmp:
+        write_safetensors(sd, tmp / "model.safetensors", {"format": FORMAT})
+        meta = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), "megagpt": run_config, "step": step}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        if tokenizer_path is not None:
+            write_tokenizer(tokenizer_path, tmp / "tokenizer")
+    return Path(out_dir)
+
+
+def is_consolidated(path) -> bool:
+    cfg = Path(path) / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def read_meta(ckpt_dir) -> dict:
+    """config.json of a consolidated checkpoint, validated, without reading the weights."""
+    d = Path(ckpt_dir)
+    cfg, weights = d / "config.json", d / "model.safetensors"
+    if not cfg.is_file() or not weights.is_file():
+        raise MegaGPTError(f"{d}: not a consolidated megagpt checkpoint (needs config.json and model.safetensors)")
+    try:
+        meta = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise MegaGPTError(f"{cfg}: invalid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise MegaGPTError(f"{cfg}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise MegaGPTError(f"{cfg}: version {meta.get('version')} is not supported (expected {VERSION})")
+    return meta
+
+
+def load_consolidated(ckpt_dir) -> tuple[dict, dict]:
+    """(state_dict as stored, meta) where meta is config.json (``meta["model"]`` is the ModelConfig
+    dict). Most callers want ``megagpt.checkpoint.load`` instead (checked, normalised names)."""
+    meta = read_meta(ckpt_dir)
+    return load_file(str(Path(ckpt_dir) / "model.safetensors")), meta

@@ -1,0 +1,47 @@
+"""One normalisation for every state dict read from disk (DeepSpeed, consolidated, HF import).
+
+Writers differ in three ways that do not change the weights: a wrapper prefix on every name
+(DeepSpeed's ``module.``, ``torch.compile``'s ``_orig_mod.``, a finetuning wrapper's ``gpt.``),
+a tied embedding kept under one of its two names (DeepSpeed lists a shared parameter once;
+``zero_to_fp32`` re-adds it only sometimes), and the dtype. Anything else — a missing, extra or
+wrongly shaped tensor — means the weights are not for this config, and is named.
+"""
+from __future__ import annotations
+
+import torch
+
+from megagpt.errors import MegaGPTError
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "gpt.")
+_TIED = ("embed.tok.weight", "lm_head.weight")
+
+
+def strip_wrappers(sd: dict, names) -> dict:
+    """Remove wrapper prefixes shared by every key, while no key is a model name yet."""
+    names = set(names)
+    while sd and not names & set(sd):
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def normalize_state_dict(sd: dict, cfg, where) -> dict:
+    """``sd`` in serial GPT names, fp32, checked against ``cfg``; with tied embeddings both names
+    hold the one tensor (as in the model, where they are one Parameter)."""
+    from megagpt.model.gpt import full_shapes
+
+    shapes = full_shapes(cfg)
+    sd = {k: v.detach().to(torch.float32) for k, v in strip_wrappers(dict(sd), shapes).items()}
+    if cfg.tie_embeddings:   # one Parameter under two names: a writer may have kept either
+        tok = sd.get(_TIED[0], sd.get(_TIED[1]))
+        if tok is not None:
+            sd[_TIED[0]] = sd[_TIED[1]] = tok
+    missing, unexpected = sorted(set(shapes) - set(sd)), sorted(set(sd) - set(shapes))
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(s)}" for k, s in shapes.items()
+             if k in sd and tuple(sd[k].shape) != tuple(s)]
+    if missing or unexpected or wrong:
+        raise MegaGPTError(f"{where}: weights do not match the model config (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]})")
+    return {k: sd[k] for k in shapes}

@@ -1,0 +1,82 @@
+"""Which tag of a DeepSpeed checkpoint directory to read: the one rule every reader follows.
+
+megagpt's saver (``engine.save``) has every rank write its files into ``global_stepN/``, then
+rank 0 writes the ``complete`` marker and only after it ``latest``. Hence:
+
+* a tag counts once it has the ``complete`` marker, and the checkpoint is the **newest complete
+  tag** (resume, generate, convert, finetune init alike);
+* ``latest`` is only a hint kept for DeepSpeed's own tools (``zero_to_fp32.py``,
+  ``engine.load_checkpoint`` without a tag); a crash between the two writes leaves it one tag
+  behind, so megagpt never reads it for its own checkpoints;
+* an explicit tag without the marker is refused: the run died while writing it.
+
+A directory with no marker at all was written by DeepSpeed alone (``engine.save_checkpoint``,
+e.g. by a user's own script): DeepSpeed writes ``latest`` after its files, so there ``latest``
+(or an explicit tag) is the checkpoint. Without either there is nothing whole to read.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from megagpt.errors import MegaGPTError
+
+COMPLETE = "complete"
+LATEST = "latest"
+TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def step_of(tag: str) -> int | None:
+    m = TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def step_tags(ckpt_dir) -> list[tuple[int, str]]:
+    """(step, tag) of every ``global_stepN`` dir, complete or not, oldest first."""
+    dirs = [p.name for p in Path(ckpt_dir).glob("global_step*") if p.is_dir()]
+    return sorted((step_of(t), t) for t in dirs if step_of(t) is not None)
+
+
+def complete_tags(ckpt_dir) -> list[tuple[int, str]]:
+    """(step, tag) of every tag dir with a ``complete`` marker, oldest first."""
+    return [(s, t) for s, t in step_tags(ckpt_dir) if (Path(ckpt_dir) / t / COMPLETE).is_file()]
+
+
+def newest_complete_tag(ckpt_dir) -> str | None:
+    tags = complete_tags(ckpt_dir)
+    return tags[-1][1] if tags else None
+
+
+def is_deepspeed_checkpoint(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / LATEST).is_file() or bool(step_tags(p)))
+
+
+def resolve_tag(ckpt_dir, tag: str | None = None) -> str:
+    """The tag to read under ``ckpt_dir`` (see the module docstring); MegaGPTError naming why not."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise MegaGPTError(f"{root}: no such checkpoint directory")
+    newest = newest_complete_tag(root)
+    deepspeed_only = newest is None and (root / LATEST).is_file()   # no megagpt marker anywhere
+    if tag is not None:
+        if not (root / tag).is_dir():
+            have = ", ".join(t for _, t in step_tags(root)) or "none"
+            raise MegaGPTError(f"{root}: no checkpoint tag {tag!r} (found: {have})")
+        if not deepspeed_only and not (root / tag / COMPLETE).is_file():
+            raise MegaGPTError(f"{root / tag}: incomplete checkpoint (no '{COMPLETE}' marker: the run died "
+                               f"while saving it){f'; the newest complete tag is {newest}' if newest else ''}")
+        return tag
+    if newest is not None:
+        return newest
+    if deepspeed_only:
+        tag = (root / LATEST).read_text().strip()
+        if not (root / tag).is_dir():
+            raise MegaGPTError(f"{root / LATEST}: names tag {tag!r}, which does not exist")
+        return tag
+    raise MegaGPTError(f"{root}: no complete checkpoint (no global_stepN/ with a '{COMPLETE}' marker, "
+                       f"no DeepSpeed '{LATEST}' file)")

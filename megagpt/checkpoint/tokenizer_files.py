@@ -1,0 +1,62 @@
+"""The tokenizer inside a checkpoint: one layout, so a checkpoint is self-contained.
+
+    tokenizer/
+      tokenizer.model             sentencepiece, or
+      encoder.json + vocab.bpe    GPT-2 BPE
+      spec.json                   {"type": "sentencepiece", "file": "tokenizer.model"}
+                                  or {"type": "gpt2-bpe", "dir": "."}
+
+A consolidated checkpoint holds it at its root; a pretraining (DeepSpeed) checkpoint in every
+tag dir, ``global_stepN/tokenizer/``, written before the tag's ``complete`` marker — so each tag
+stays whole on its own (``keep_last`` pruning, copying one tag elsewhere) and covered by the same
+crash-safety protocol, at the cost of a few hundred KB per tag (a few MB for GPT-2's files).
+
+Checkpoints written before this layout only name the user's file in their client state
+(``{"tokenizer": {"type", "path"}}``); ``recorded_tokenizer`` still reads those.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from megagpt.errors import MegaGPTError
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def write_tokenizer(tokenizer_path, dest) -> None:
+    """Copy a sentencepiece .model file or a GPT-2 BPE directory into ``dest`` (created if needed)."""
+    src, dest = Path(tokenizer_path), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if src.is_file():
+        shutil.copyfile(src, dest / "tokenizer.model")
+        spec = {"type": "sentencepiece", "file": "tokenizer.model"}
+    elif (src / "encoder.json").is_file() and (src / "vocab.bpe").is_file():
+        shutil.copyfile(src / "encoder.json", dest / "encoder.json")
+        shutil.copyfile(src / "vocab.bpe", dest / "vocab.bpe")
+        spec = {"type": "gpt2-bpe", "dir": "."}
+    else:
+        raise MegaGPTError(f"{src}: not a sentencepiece .model file nor a dir with encoder.json + vocab.bpe")
+    (dest / "spec.json").write_text(json.dumps(spec, indent=2))
+
+
+def bundled_tokenizer(holder) -> str | None:
+    """Path for ``megagpt.tokenizer.load_tokenizer`` of the ``tokenizer/`` folder in ``holder`` (a
+    consolidated checkpoint or a tag dir), or None when there is none."""
+    tdir = Path(holder) / TOKENIZER_DIR
+    if (tdir / "tokenizer.model").is_file():
+        return str(tdir / "tokenizer.model")
+    if (tdir / "encoder.json").is_file():
+        return str(tdir)
+    return None
+
+
+def recorded_tokenizer(client_state: dict, where) -> str | None:
+    """The tokenizer path an older pretraining checkpoint's client state names (None if none);
+    MegaGPTError when that file is gone."""
+    path = (client_state.get("tokenizer") or {}).get("path")
+    if path and not Path(path).exists():
+        raise MegaGPTError(f"{where}: the checkpoint's tokenizer {path} no longer exists (checkpoints written "
+                           f"before tokenizers were stored inside only name the file); pass --tokenizer PATH")
+    return path or None
