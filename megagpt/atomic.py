@@ -39,6 +39,17 @@ def fsync_dir(d) -> None:
         os.close(fd)
 
 
+def _umask_modes(root) -> None:
+    """Give every entry under ``root`` the mode a plain ``open()``/``mkdir`` would: third-party
+    writers (safetensors, sentencepiece, tempfile) make some 0o600, unreadable for a shared cluster."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for d, dirs, files in os.walk(root):
+        os.chmod(d, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(d, name), 0o666 & ~mask)
+
+
 def fsync_tree(root) -> None:
     """fsync every file and directory under ``root`` (before renaming the tree into place)."""
     for d, _, files in os.walk(root):
@@ -161,6 +172,7 @@ def atomic_dir(out, force: bool = False):
     os.mkdir(tmp, 0o777)  # mode filtered by the umask, as for any new directory
     try:
         yield tmp
+        _umask_modes(tmp)
         fsync_tree(tmp)
         if not (out.exists() or out.is_symlink()):
             publish(tmp, out, force=False)

@@ -11,8 +11,7 @@ into the same place (it runs this file to get the name).
 
 Callers: the launch CLI (``megagpt/cluster/launch.py``, before it execs trainers), and, before
 they import deepspeed: ``megagpt/train/pretrain.py``, ``megagpt/finetune/run.py``,
-``tools/convert_checkpoint.py``, ``tools/reshape_checkpoint.py``, ``tools/generate.py`` and
-``tests/conftest.py``. An explicit ``TORCH_EXTENSIONS_DIR`` always wins.
+``tools/convert_checkpoint.py``, ``tools/generate.py`` and ``tests/conftest.py``. An explicit ``TORCH_EXTENSIONS_DIR`` always wins.
 
 Imports nothing heavy (no torch): it must run before torch loads, and as a plain script.
 """

@@ -47,6 +47,11 @@ def test_published_dir_and_its_files_are_world_readable_under_umask_022(tmp_path
         (tmp / "model.safetensors").write_bytes(b"x" * 10)
         (tmp / "tokenizer").mkdir()
         write_text_atomic(tmp / "tokenizer" / "config.json", "{}")
+        from safetensors.torch import save_file   # a third-party writer that makes 0o600 files
+        import torch
+        save_file({"w": torch.zeros(2)}, str(tmp / "weights.safetensors"))
+        os.chmod(tmp / "tokenizer", 0o700)
+    assert mode(out / "weights.safetensors") == 0o644
     assert mode(out) == 0o755 and mode(out / "tokenizer") == 0o755
     assert mode(out / "model.safetensors") == 0o644 and mode(out / "tokenizer" / "config.json") == 0o644
     assert entries(tmp_path) == ["export"]

@@ -152,3 +152,18 @@ def test_consolidated_checkpoint_carries_its_tokenizer(tmp_path, sp_model):
         load_model(small, tokenizer=sp_model)
     with pytest.raises(MegaGPTError, match="--tag only applies to DeepSpeed checkpoints"):
         load_model(out, tag="global_step1")
+
+
+def test_resume_refuses_a_deepspeed_only_dir_and_deletes_nothing(tmp_path):
+    """A directory DeepSpeed wrote alone (``latest``, no completion marker anywhere) is not a
+    megagpt run to resume: refused in one line, its tags left on disk (the crash clean-up of
+    unmarked tags only applies to directories megagpt wrote)."""
+    from megagpt.checkpoint import engine
+    from megagpt.errors import MegaGPTError
+
+    (tmp_path / "global_step3").mkdir()
+    (tmp_path / "global_step3" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (tmp_path / "latest").write_text("global_step3")
+    with pytest.raises(MegaGPTError, match="without megagpt's completion markers.*nothing was deleted"):
+        engine.load(None, str(tmp_path))
+    assert (tmp_path / "global_step3" / "mp_rank_00_model_states.pt").is_file()

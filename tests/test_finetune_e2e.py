@@ -115,7 +115,7 @@ def test_best_checkpoint_reproduces_its_metric(e2e_run, sp_model, shared_data):
     model = FinetuneModel(GPT(ModelConfig.from_dict(info["model"])), task.kind, task.num_outputs)
     model.load_state_dict(sd)
     model.eval()
-    tok = load_tokenizer(out / "sst2" / "best" / "tokenizer.model")
+    tok = load_tokenizer(out / "sst2" / "best" / "tokenizer" / "tokenizer.model")
     _, ev = task.load(shared_data)
     data = encode_examples(task, ev[:EVAL_LIMIT], tok, 64)
     sp = SpecialIds.from_tokenizer(tok)

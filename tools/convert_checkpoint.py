@@ -21,6 +21,9 @@ import argparse
 import logging
 
 from megagpt.errors import cli_main
+from megagpt.envsetup import set_torch_extensions_dir  # noqa: E402
+
+set_torch_extensions_dir()   # before deepspeed loads: this environment's JIT-built ops cache
 
 
 def parse_args(argv=None):

@@ -105,11 +105,16 @@ def _check_model(load_dir: str, tag: str, expect: dict) -> None:
 def load(engine, load_dir: str, expect_model: dict | None = None):
     """Load the newest complete tag into ``engine``; returns its client state (None: fresh start).
 
-    Rank 0 first deletes tag dirs without a ``complete`` marker (work lost to a crash mid-save)."""
+    Rank 0 first deletes tag dirs without a ``complete`` marker (work lost to a crash mid-save) —
+    only in a directory megagpt wrote: one saved by DeepSpeed alone (a ``latest`` and no marker
+    anywhere) is refused with one line, never touched."""
     if not os.path.isdir(load_dir):
         return None
+    done = {t for _, t in complete_tags(load_dir)}
+    if not done and os.path.isfile(os.path.join(load_dir, LATEST)):
+        raise MegaGPTError(f"{load_dir}: a DeepSpeed checkpoint without megagpt's completion markers (not "
+                           f"written by megagpt pretraining); not resuming from it, and nothing was deleted")
     if dist.get_rank() == 0:
-        done = {t for _, t in complete_tags(load_dir)}
         for _, t in step_tags(load_dir):
             if t not in done:
                 shutil.rmtree(os.path.join(load_dir, t), ignore_errors=True)

@@ -10,7 +10,6 @@ directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 
@@ -29,23 +28,21 @@ def load_pretrained(path, tokenizer=None):
 
 def save_best(save_dir, model, info: dict, tokenizer_path=None) -> Path:
     """Atomically replace ``<save_dir>/best`` with the finetuned model (GPT + head) and ``info``."""
+    from megagpt.checkpoint.tokenizer_files import TOKENIZER_DIR, write_tokenizer
     from megagpt.export.hf import write_safetensors
 
     out = Path(save_dir) / "best"
     with atomic_dir(out, force=True) as tmp:
         write_safetensors({k: v.float() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         (tmp / "finetune.json").write_text(json.dumps(info, indent=2, default=str))
-        if tokenizer_path:
-            src = Path(tokenizer_path)
-            if src.is_file():
-                shutil.copyfile(src, tmp / "tokenizer.model")
-            else:
-                shutil.copytree(src, tmp / "tokenizer")
+        if tokenizer_path:   # the one tokenizer layout of every megagpt checkpoint
+            write_tokenizer(tokenizer_path, tmp / TOKENIZER_DIR)
     return out
 
 
 def load_finetuned(path):
-    """``<save_dir>/best`` → (state_dict, info) as written by ``save_best``."""
+    """``<save_dir>/best`` → (state_dict, info) as written by ``save_best`` (its tokenizer:
+    ``megagpt.checkpoint.tokenizer_files.bundled_tokenizer(path)``)."""
     from safetensors.torch import load_file
 
     p = Path(path)
