@@ -20,8 +20,8 @@ from pathlib import Path
 
 from megagpt.errors import MegaGPTError
 
-__all__ = ["AtomicFile", "atomic_file", "write_bytes_atomic", "write_text_atomic", "atomic_dir",
-           "publish", "fsync_dir", "fsync_tree", "temp_sibling"]
+__all__ = ["AtomicFile", "atomic_file", "write_bytes_atomic", "write_text_atomic", "atomic_dir", "publish",
+           "fsync_tree", "temp_sibling"]
 
 
 def temp_sibling(path, kind: str = "tmp") -> Path:
@@ -30,9 +30,9 @@ def temp_sibling(path, kind: str = "tmp") -> Path:
     return path.parent / f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def fsync_dir(d) -> None:
-    """Make a rename or create inside ``d`` durable (the entry itself lives in the directory)."""
-    fd = os.open(d, os.O_RDONLY)
+def _fsync(path) -> None:
+    """fsync a file, or a directory (which makes a rename or create inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -54,12 +54,8 @@ def fsync_tree(root) -> None:
     """fsync every file and directory under ``root`` (before renaming the tree into place)."""
     for d, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(d, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(d)
+            _fsync(os.path.join(d, name))
+        _fsync(d)
 
 
 def _exists_error(path) -> MegaGPTError:
@@ -85,24 +81,21 @@ def publish(src, dst, force: bool = True) -> None:
         except FileExistsError:
             raise _exists_error(dst) from None
         os.unlink(src)
-    fsync_dir(dst.parent)
+    _fsync(dst.parent)
 
 
 class AtomicFile:
-    """A file written under a temp sibling of ``path``; ``commit()`` publishes it, ``discard()``
-    removes it. For writers that stream over many calls (``IndexedDatasetWriter``); within one
-    block use the ``atomic_file`` context manager."""
+    """A binary file written under a temp sibling of ``path``; ``commit()`` publishes it,
+    ``discard()`` removes it. For writers that stream over many calls (``IndexedDatasetWriter``);
+    within one block use the ``atomic_file`` context manager."""
 
-    def __init__(self, path, mode: str = "wb", force: bool = True, encoding: str | None = None):
-        if mode not in ("w", "wb"):
-            raise ValueError(f"AtomicFile mode must be 'w' or 'wb', got {mode!r}")
+    def __init__(self, path, force: bool = True):
         self.path, self.force = Path(path), force
         if not force and (self.path.exists() or self.path.is_symlink()):
             raise _exists_error(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_sibling(self.path)
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        self.file = os.fdopen(fd, mode, encoding=None if "b" in mode else (encoding or "utf-8"))
+        self.file = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), "wb")
 
     def commit(self) -> Path:
         """flush + fsync + close, then rename into place; on failure the temp file is removed."""
@@ -123,9 +116,9 @@ class AtomicFile:
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode: str = "wb", force: bool = True, encoding: str | None = None):
-    """``with atomic_file(p) as f: f.write(...)``: ``p`` changes only when the block succeeds."""
-    af = AtomicFile(path, mode, force, encoding)
+def atomic_file(path, force: bool = True):
+    """``with atomic_file(p) as f: f.write(b"...")``: ``p`` changes only when the block succeeds."""
+    af = AtomicFile(path, force)
     try:
         yield af.file
     except BaseException:
@@ -135,15 +128,13 @@ def atomic_file(path, mode: str = "wb", force: bool = True, encoding: str | None
 
 
 def write_bytes_atomic(path, data: bytes, force: bool = True) -> Path:
-    with atomic_file(path, "wb", force) as f:
+    with atomic_file(path, force) as f:
         f.write(data)
     return Path(path)
 
 
-def write_text_atomic(path, text: str, force: bool = True, encoding: str = "utf-8") -> Path:
-    with atomic_file(path, "w", force, encoding) as f:
-        f.write(text)
-    return Path(path)
+def write_text_atomic(path, text: str, force: bool = True) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"), force)
 
 
 def _remove(p: Path) -> None:
@@ -186,7 +177,7 @@ def atomic_dir(out, force: bool = False):
         except BaseException:
             os.rename(old, out)
             raise
-        fsync_dir(out.parent)
+        _fsync(out.parent)
         _remove(old)
     except BaseException:
         _remove(tmp)

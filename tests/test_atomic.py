@@ -72,8 +72,8 @@ def test_failure_inside_a_file_block_leaves_the_old_file_and_no_temp(tmp_path):
     p = tmp_path / "latest"
     p.write_text("global_step4")
     with pytest.raises(RuntimeError, match="disk full"):
-        with atomic_file(p, "w") as f:
-            f.write("global_step8")
+        with atomic_file(p) as f:
+            f.write(b"global_step8")
             raise RuntimeError("disk full")
     assert p.read_text() == "global_step4" and entries(tmp_path) == ["latest"]
 
