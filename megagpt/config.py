@@ -143,6 +143,8 @@ class FinetuneConfig(OptimConfig):
     deepspeed_config: Optional[str] = field(None, flags=("--deepspeed_config", "--deepspeed-config"),
                                             help="DeepSpeed JSON; \"auto\" values are filled from this section")
     seed: int = field(1234, help="seed for init, head, dropout and shuffling")
+    tensor_parallel: int = field(1, min=1, flags=("--tensor-parallel", "--tensor-model-parallel-size"),
+                                 help="tensor-parallel degree (ranks / this = data-parallel replicas)")
     train_limit: Optional[int] = field(None, min=1, help="use the first N training examples",
                                        default_text="all")
     eval_limit: Optional[int] = field(None, min=1, help="use the first N eval examples", default_text="all")

@@ -15,25 +15,27 @@ from pathlib import Path
 
 from megagpt.atomic import atomic_dir
 from megagpt.errors import MegaGPTError
+from megagpt.tp import SERIAL
 
 
-def load_pretrained(path, tokenizer=None):
-    """A pretrained checkpoint → (GPT with its weights, in train mode; tokenizer path or None).
-    ``tokenizer`` replaces the checkpoint's own (and is checked against the model's vocabulary)."""
+def load_pretrained(path, tokenizer=None, tp=SERIAL):
+    """A pretrained checkpoint → (GPT with its weights, in train mode, this rank's ``tp`` slice;
+    tokenizer path or None). ``tokenizer`` replaces the checkpoint's own (and is checked against
+    the model's vocabulary)."""
     from megagpt.checkpoint import load_model
 
-    model, _, meta = load_model(path, tokenizer=tokenizer)
+    model, _, meta = load_model(path, tokenizer=tokenizer, tp=tp)
     return model.train(), meta["tokenizer_path"]
 
 
-def save_best(save_dir, model, info: dict, tokenizer_path=None) -> Path:
-    """Atomically replace ``<save_dir>/best`` with the finetuned model (GPT + head) and ``info``."""
+def save_best(save_dir, state_dict: dict, info: dict, tokenizer_path=None) -> Path:
+    """Atomically replace ``<save_dir>/best`` with the finetuned weights (GPT + head, full) and ``info``."""
     from megagpt.checkpoint.tokenizer_files import TOKENIZER_DIR, write_tokenizer
     from megagpt.export.hf import write_safetensors
 
     out = Path(save_dir) / "best"
     with atomic_dir(out, force=True) as tmp:
-        write_safetensors({k: v.float() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        write_safetensors({k: v.float() for k, v in state_dict.items()}, tmp / "model.safetensors")
         (tmp / "finetune.json").write_text(json.dumps(info, indent=2, default=str))
         if tokenizer_path:   # the one tokenizer layout of every megagpt checkpoint
             write_tokenizer(tokenizer_path, tmp / TOKENIZER_DIR)

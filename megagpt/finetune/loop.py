@@ -1,9 +1,10 @@
 """GPT-1 finetuning on a DeepSpeed engine: examples → task transform → GPT + head → L2 + λ·L1.
 
-Works as one plain process or as N ranks under the ``deepspeed`` launcher (gloo on CPU). Each
-rank sees its ``DistributedSampler`` share of the training examples; evaluation splits the eval
-set into contiguous per-rank slices (no padding duplicates) and gathers predictions, so every
-rank computes the same metrics. After each epoch the model is evaluated and, if the task's main
+Works as one plain process or as N ranks under the ``deepspeed`` launcher (gloo on CPU), with
+``tensor_parallel`` ranks sharing each model replica (the GPT split as in pretraining, the head
+replicated). Each data-parallel replica sees its ``DistributedSampler`` share of the training
+examples; evaluation splits the eval set into contiguous per-replica slices (no padding
+duplicates) and gathers predictions, so every rank computes the same metrics. After each epoch the model is evaluated and, if the task's main
 metric improved, rank 0 writes ``<save>/best`` atomically.
 
 The pieces are pretraining's: the config is ``megagpt.config.FinetuneConfig`` (same names and
@@ -47,8 +48,8 @@ def init_distributed():
     release_deepspeed_shm_name()
 
 
-def build_model(cfg: FinetuneConfig, task):
-    """GPT (pretrained or random) + tokenizer path → FinetuneModel."""
+def build_model(cfg: FinetuneConfig, task, tp):
+    """GPT (pretrained or random; this rank's ``tp`` slice) + tokenizer path → FinetuneModel."""
     from megagpt.model import GPT, get_preset
     from megagpt.tokenizer import load_tokenizer
 
@@ -56,12 +57,12 @@ def build_model(cfg: FinetuneConfig, task):
         if not cfg.tokenizer:
             raise MegaGPTError("random init needs --tokenizer (a sentencepiece .model or GPT-2 BPE dir)")
         tok = load_tokenizer(cfg.tokenizer)
-        gpt = GPT(get_preset(cfg.preset, vocab_size=tok.vocab_size, **cfg.model_overrides))
+        gpt = GPT(get_preset(cfg.preset, vocab_size=tok.vocab_size, **cfg.model_overrides), tp)
         tok_path = cfg.tokenizer
     else:
         from .checkpoint import load_pretrained
 
-        gpt, tok_path = load_pretrained(cfg.init, cfg.tokenizer)
+        gpt, tok_path = load_pretrained(cfg.init, cfg.tokenizer, tp)
         if not tok_path:
             raise MegaGPTError(f"{cfg.init}: checkpoint names no tokenizer; pass --tokenizer")
         tok = load_tokenizer(tok_path)
@@ -94,22 +95,27 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     import torch.distributed as dist
     from torch.utils.data import DistributedSampler
 
+    from megagpt.parallel.groups import build_parallel_state
+    from megagpt.parallel.layout import deepspeed_mpu
+    from megagpt.parallel.topology import ParallelConfig
     from megagpt.train.distributed import build_ds_config
     from megagpt.train.optim import param_groups
     from megagpt.train.schedule import Schedule, build_scheduler
 
     task = get_task(cfg.task)
     init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    say = (log or (lambda m: print(m, flush=True))) if rank == 0 else (lambda m: None)
+    par = build_parallel_state(ParallelConfig(tensor_parallel=cfg.tensor_parallel, seed=cfg.seed))
+    rank, world, dp_group = par.dp_rank, par.dp_size, par.dp_group    # data-parallel replicas
+    say = (log or (lambda m: print(m, flush=True))) if dist.get_rank() == 0 else (lambda m: None)
     if cfg.batch_size % world:
-        raise MegaGPTError(f"batch_size={cfg.batch_size} must be divisible by the {world} ranks", key="batch_size")
+        raise MegaGPTError(f"batch_size={cfg.batch_size} must be divisible by the {world} data-parallel replicas",
+                           key="batch_size")
     micro = cfg.batch_size // world
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)   # same seed on every rank: identical random init and head
-    model, tok, tok_path = build_model(cfg, task)
+    model, tok, tok_path = build_model(cfg, task, par.tp)
     seq_length = cfg.seq_length or model.gpt.cfg.max_seq_len
     if seq_length > model.gpt.cfg.max_seq_len:
         raise MegaGPTError(f"seq_length={seq_length} exceeds the model's max_seq_len={model.gpt.cfg.max_seq_len}",
@@ -122,7 +128,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     train_data = encode_examples(task, train_ex, tok, seq_length)
     eval_data = encode_examples(task, eval_ex, tok, seq_length)
     say(f"task {task.name} ({task.kind}): {len(train_data)} train / {len(eval_data)} eval examples, "
-        f"seq_length {seq_length}, {world} rank(s), init {cfg.init}, lm_coef {cfg.lm_coef}")
+        f"seq_length {seq_length}, dp={world} tp={par.tp_size}, init {cfg.init}, lm_coef {cfg.lm_coef}")
 
     sampler = DistributedSampler(range(len(train_data)), num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg.seed, drop_last=False)
@@ -139,7 +145,8 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
                            f"best-checkpoint save reads full parameters on rank 0)", file=cfg.deepspeed_config)
     schedule = Schedule.finetuning(cfg.lr, total, cfg.warmup_frac)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
-                                           lr_scheduler=lambda opt: build_scheduler(opt, schedule), config=ds_config)
+                                           lr_scheduler=lambda opt: build_scheduler(opt, schedule), config=ds_config,
+                                           mpu=deepspeed_mpu(par))
     sp = SpecialIds.from_tokenizer(tok)
 
     history, best, best_dir = [], None, None
@@ -164,40 +171,48 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
                 say(f"step {step}/{total} loss {loss.item():.4f} task {parts['task'].item():.4f}"
                     + (f" lm {parts['lm'].item():.4f}" if "lm" in parts else "")
                     + f" lr {engine.get_lr()[0]:.3g}")
-        train_loss = _mean_across(losses)
+        train_loss = _mean_across(losses, dp_group)
         result = {"epoch": epoch, "step": step, "train_loss": train_loss,
-                  **evaluate(engine.module, task, eval_data, sp, micro, rank, world),
+                  **evaluate(engine.module, task, eval_data, sp, micro, rank, world, dp_group),
                   "epoch_time_s": round(time.time() - t0, 2)}
         history.append(result)
         say("eval " + json.dumps(result))
         if best is None or result[task.main_metric] > best[task.main_metric]:
             best = result
             if cfg.save:
-                if rank == 0:
+                full = full_state_dict(engine.module)   # collective over the TP group
+                if dist.get_rank() == 0:
                     from .checkpoint import save_best
-                    best_dir = str(save_best(cfg.save, engine.module, {
+                    best_dir = str(save_best(cfg.save, full, {
                         "task": task.name, "epoch": epoch, "metrics": result, "main_metric": task.main_metric,
                         "finetune_config": cfg.to_dict(), "model": engine.module.gpt.cfg.to_dict(),
                         "head": {"kind": task.kind, "num_outputs": task.num_outputs,
                                  "regression": task.regression}}, tok_path))
                 dist.barrier()
                 best_dir = os.path.join(cfg.save, "best")
-    if cfg.save and rank == 0:
+    if cfg.save and dist.get_rank() == 0:
         _write_json(os.path.join(cfg.save, "history.json"), {"history": history, "best": best})
     return {"history": history, "best": best, "best_dir": best_dir}
 
 
-def _mean_across(values: list[float]) -> float:
+def full_state_dict(model: FinetuneModel) -> dict:
+    """GPT + head weights in serial names (the GPT gathered across TP; the head is replicated)."""
+    own = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("gpt.")}
+    return {**{f"gpt.{k}": v for k, v in model.gpt.full_state_dict().items()}, **own}
+
+
+def _mean_across(values: list[float], group) -> float:
     import torch.distributed as dist
 
     t = torch.tensor([sum(values), len(values)], dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return float(t[0] / max(t[1], 1))
 
 
 @torch.no_grad()
-def evaluate(model, task, data, sp, micro, rank, world) -> dict:
-    """Loss and metrics on the whole eval set: contiguous per-rank slices, gathered to every rank."""
+def evaluate(model, task, data, sp, micro, rank, world, group=None) -> dict:
+    """Loss and metrics on the whole eval set: contiguous slices per data-parallel replica
+    (``rank`` of ``world`` in ``group``), gathered to every rank."""
     import torch.distributed as dist
 
     model.eval()
@@ -210,7 +225,7 @@ def evaluate(model, task, data, sp, micro, rank, world) -> dict:
         preds += model.predict(out).tolist()
         labels += y.tolist()
     gathered = [None] * world
-    dist.all_gather_object(gathered, (preds, labels, loss_sum))
+    dist.all_gather_object(gathered, (preds, labels, loss_sum), group=group)
     preds = [p for g in gathered for p in g[0]]
     labels = [y for g in gathered for y in g[1]]
     model.train()
