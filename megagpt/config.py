@@ -12,10 +12,8 @@ Pretraining (``load_config(path, overrides) -> MegaGPTConfig``)::
 Finetuning (``load_finetune_config(path or None, overrides) -> FinetuneConfig``): a ``finetune:``
 section, usually all flags.
 
-Every section is a dataclass declared with ``megagpt.schema.field`` (type, default, help, flags,
-choices, lower bound), checked on construction the same way, and turned into command-line flags
-by ``megagpt.schema.FlagSet`` (so ``--help`` shows every setting with its YAML key and default).
-Values given as flags override the file. Defaults that depend on another section are filled by a
+Every section is a ``megagpt.schema.Section`` (declared, checked and turned into flags there);
+values given as flags override the file. Defaults that depend on another section are filled by a
 resolution step before a section is built (``data.seq_length`` = ``model.max_seq_len``,
 ``model.vocab_size`` = the tokenizer's size, ``parallel.seed`` = ``train.seed``); nothing is
 changed after construction.

@@ -7,6 +7,7 @@ Where the mistake is travels as data, not inside the text: ``key`` (the dotted c
 ``'train.lr'``, or a field name when raised by a section on its own), ``file`` and ``line`` (where
 the value was written), or ``flag`` (the command-line flag and value that set it). The message is
 built from them: ``file, line N, key 'a.b': why`` or ``--seq-length 99, key 'data.seq_length': why``.
+They are plain attributes, so they survive pickling (multiprocessing workers) as they are.
 """
 import functools
 import os
@@ -31,21 +32,11 @@ class MegaGPTError(Exception):
             where.append(f"key '{self.key}'")
         return ", ".join(where) + ": " + self.reason if where else self.reason
 
-    def __str__(self) -> str:
-        return self._message()
-
-    def __reduce__(self):   # keep the attributes across pickling (multiprocessing workers)
-        return _rebuild, (type(self), self.reason, self.key, self.file, self.line, self.flag)
-
     def located(self, *, key: str | None = None, file: str | None = None, line: int | None = None,
                 flag: str | None = None) -> "MegaGPTError":
         """A copy with the given location fields replaced (``None`` keeps the current one)."""
         return type(self)(self.reason, key=key or self.key, file=file or self.file, line=line or self.line,
                           flag=flag or self.flag)
-
-
-def _rebuild(cls, reason, key, file, line, flag):
-    return cls(reason, key=key, file=file, line=line, flag=flag)
 
 
 def reports_errors() -> bool:

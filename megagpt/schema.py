@@ -126,10 +126,6 @@ def _yaml_text(value) -> str:
     return str(value)
 
 
-def flag_names(f) -> tuple:
-    return f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
-
-
 def flag_help(section: str, f) -> str:
     m = f.metadata
     text = m["help"] + (f"; one of {', '.join(map(str, m['choices']))}" if m.get("choices") else "")
@@ -160,7 +156,7 @@ class FlagSet:
         for f in dataclasses.fields(cls):
             if not f.metadata.get("cli", True):
                 continue
-            names = flag_names(f)
+            names = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
             typ, _ = _base_type(hints[f.name])
             kw = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS, "help": flag_help(section, f)}
             if typ is bool:
@@ -192,7 +188,7 @@ class FlagSet:
 
 def _flag_text(names, value, argv) -> str:
     """How the user wrote it: the last of ``names`` (or ``--no-...``) in ``argv``, with the value."""
-    spelled = [n for n in names] + ["--no-" + n[2:] for n in names]
+    spelled = list(names) + ["--no-" + n[2:] for n in names]
     used = names[0]
     for tok in argv:
         flag = tok.split("=", 1)[0]
