@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow   # real multi-process runs; `-m "not slow"` skips them locally
+
 REPO = Path(__file__).resolve().parents[1]
 TASK_RUNS = {   # task -> init kind
     "sst2": "random", "rte": "consolidated", "stsb": "deepspeed", "copa": "random",

@@ -194,6 +194,7 @@ def run_template_until_term(tmp_path, template, n_tasks, extra_env, timeout=120)
     return {p.name: p.read_text().split() for p in ckpt.glob("started*")}, out
 
 
+@pytest.mark.slow
 def test_srun_template_requeue_flow(tmp_path):
     """SIGTERM to the batch shell -> every task saves and exits 0 -> `scontrol requeue JOBID`."""
     started, _ = run_template_until_term(tmp_path, "pretrain_srun.sbatch", 4, {
@@ -202,6 +203,7 @@ def test_srun_template_requeue_flow(tmp_path):
     assert started["started0"] == ["0", "4", "0", "n1", "24242", "-"]
 
 
+@pytest.mark.slow
 def test_deepspeed_template_two_nodes_on_localhost(tmp_path):
     """pretrain_deepspeed.sbatch for a 2-node job whose node names both resolve here: the
     per-node DeepSpeed launchers (--node_rank 0 and 1, no ssh) form one 2-rank gloo world, and a
@@ -265,6 +267,7 @@ def mpirun_cmd(np_):
             "-x", f"MASTER_PORT={free_port()}", "-x", "OMP_NUM_THREADS=1"]
 
 
+@pytest.mark.slow
 def test_mpirun_gloo_allreduce(tmp_path):
     script = tmp_path / "allreduce.py"
     script.write_text(MPI_ALLREDUCE)
@@ -284,6 +287,7 @@ train: {{micro_batch_size: 2, gradient_accumulation_steps: 1, train_iters: 3, lr
 """
 
 
+@pytest.mark.slow
 def test_mpirun_pretrain_two_ranks(tmp_path, sp_model, shakespeare_prefix):
     """`mpirun -np 2 python megagpt/train/pretrain.py ...` is one 2-rank data-parallel job."""
     entry = (REPO / "megagpt" / "train" / "pretrain.py", REPO / "megagpt" / "train" / "distributed.py")

@@ -17,11 +17,14 @@ gathered to serial names; gradient clipping active so cross-TP/PP grad norms are
 """
 import json
 
+import pytest
 import torch
 
 from megagpt.model import GPT
 from test_parallel_harness import (WTOL, assert_sd_close, make_batches, make_engine, reference_sd, serial_reference,
                                    spawn, tiny_cfg, train_pipeline)
+
+pytestmark = pytest.mark.slow   # real multi-process runs; `-m "not slow"` skips them locally
 
 
 def _worker(rank, world, tmp):

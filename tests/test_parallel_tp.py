@@ -25,6 +25,7 @@ One launch, several proofs (each rank asserts; a failure on any rank fails the t
 """
 import json
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from megagpt.model import GPT
 from test_parallel_harness import (TOL, WTOL, assert_sd_close, make_batches, make_engine, reference_sd, serial_reference,
                                    spawn, tiny_cfg)
+
+pytestmark = pytest.mark.slow   # real multi-process runs; `-m "not slow"` skips them locally
 
 
 

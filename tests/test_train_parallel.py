@@ -18,6 +18,8 @@ import torch
 
 from test_train_runs import REPO, ENV, launch, losses, make_config, ok
 
+pytestmark = pytest.mark.slow   # real multi-process runs; `-m "not slow"` skips them locally
+
 
 @pytest.fixture(scope="module")
 def data(shakespeare_prefix, sp_model):

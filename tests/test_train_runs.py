@@ -24,6 +24,8 @@ import pytest
 import torch
 import yaml
 
+pytestmark = pytest.mark.slow   # real multi-process runs; `-m "not slow"` skips them locally
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -24,7 +24,7 @@ from megagpt.atomic import atomic_dir
 from megagpt.errors import MegaGPTError
 
 from . import hf_gpt2, hf_llama, hf_openai_gpt
-from .hf_tokenizer import export_tokenizer, read_json, special_token_ids
+from .hf_tokenizer import export_tokenizer, read_json
 
 log = logging.getLogger("megagpt.export")
 
@@ -68,9 +68,8 @@ def _to_hf_tensor(t, op, cfg):
     return t
 
 
-def to_hf_state_dict(sd: dict, cfg, target=None) -> dict:
-    """Our state dict (padded vocab) → HF names and layouts of ``target`` (default: ``hf_target(cfg)``)."""
-    target = target or hf_target(cfg)
+def to_hf_state_dict(sd: dict, cfg, target) -> dict:
+    """Our state dict (padded vocab) → HF names and layouts of ``target`` (``hf_target(cfg)``)."""
     out = {}
     for ours, hf, op in _progress(target.names(cfg), "to HF"):
         if ours not in sd:
@@ -110,16 +109,17 @@ def write_hf(out, state_dict: dict, cfg, tokenizer_path=None, force: bool = Fals
     config.json, generation_config.json and, given ``tokenizer_path``, the tokenizer files."""
     from transformers import GenerationConfig
 
+    from megagpt.tokenizer import load_tokenizer
+
     if dtype not in _DTYPES:
         raise MegaGPTError(f"dtype {dtype!r} must be one of {', '.join(_DTYPES)}")
     target = hf_target(cfg, approximate_gelu)
     if approximate_gelu and cfg.activation == "gelu" and target is hf_openai_gpt:
         log.warning("exporting exact GELU as OpenAIGPT's tanh-approximate GELU (--approximate-gelu): "
                     "outputs will differ slightly from megagpt's")
-    token_ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    if tokenizer_path:
-        for k, v in special_token_ids(tokenizer_path).items():
-            token_ids[k] = v if v is not None and v < cfg.vocab_size else None
+    tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    ids = {f"{k}_token_id": getattr(tok, f"{k}_id", None) for k in ("bos", "eos", "pad")}
+    token_ids = {k: v if v is not None and v < cfg.vocab_size else None for k, v in ids.items()}
     hf_sd = {k: v.to(_DTYPES[dtype]) for k, v in to_hf_state_dict(state_dict, cfg, target).items()}
     with atomic_dir(out, force) as tmp:
         _write_safetensors(hf_sd, tmp, max_shard_size)
@@ -161,17 +161,19 @@ def model_config_from_hf(hf_dir) -> tuple:
     if target is None:
         raise MegaGPTError(f"{path}: architecture {arch!r} (model_type {c.get('model_type')!r}) is not importable; "
                            f"supported: {', '.join(ARCHS)}")
-    kw, bad = target.from_hf_config(c, str(path))
+    kw, bad = target.from_hf_config(c)
     if bad:
         raise MegaGPTError(f"{path}: {target.ARCHITECTURE} setting(s) megagpt cannot reproduce: {'; '.join(bad)}")
     kw["name"] = f"hf:{c.get('_name_or_path') or Path(hf_dir).name}"
     return ModelConfig.from_dict(kw), target
 
 
-def from_hf_state_dict(hf_sd: dict, cfg, target, where: str = "HF checkpoint") -> dict:
-    """HF names → our names (padded vocab rows zero; a tied head under the embedding's name only)."""
+def read_hf_weights(hf_dir, cfg, target) -> dict:
+    """An HF dir's weights in our names (``model_config_from_hf`` gives ``cfg`` and ``target``):
+    padded vocab rows zero, a tied head under the embedding's name only."""
     from megagpt.model.gpt import full_shapes
 
+    hf_sd, where = _read_hf_weights(Path(hf_dir)), str(hf_dir)
     shapes = {k: torch.Size(v) for k, v in full_shapes(cfg).items()}
     table = target.names(cfg)
     wanted = {h for _, h, _ in table}
@@ -202,11 +204,6 @@ def from_hf_state_dict(hf_sd: dict, cfg, target, where: str = "HF checkpoint") -
             raise MegaGPTError(f"{where}: {hf} has shape {tuple(t.shape)}, expected {tuple(shapes[ours])}")
         sd[ours] = t.contiguous()
     return sd
-
-
-def read_hf_weights(hf_dir, cfg, target) -> dict:
-    """An HF dir's weights in our names (``model_config_from_hf`` gives ``cfg`` and ``target``)."""
-    return from_hf_state_dict(_read_hf_weights(Path(hf_dir)), cfg, target, str(hf_dir))
 
 
 def is_hf_dir(path) -> bool:

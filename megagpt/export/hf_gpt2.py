@@ -1,19 +1,4 @@
-"""megagpt pre-LN GPT-2-style models ⇄ transformers ``GPT2LMHeadModel``.
-
-==================================  ==========================================  ==========
- megagpt                             GPT2LMHeadModel                             transform
-==================================  ==========================================  ==========
- embed.tok.weight                    transformer.wte.weight                      rows[:vocab_size]
- embed.pos.weight                    transformer.wpe.weight                      —
- blocks.{i}.ln1.weight/.bias         transformer.h.{i}.ln_1.weight/.bias         —
- blocks.{i}.attn.qkv.weight/.bias    transformer.h.{i}.attn.c_attn.weight/.bias  transpose (Conv1D)
- blocks.{i}.attn.proj.weight/.bias   transformer.h.{i}.attn.c_proj.weight/.bias  transpose
- blocks.{i}.ln2.weight/.bias         transformer.h.{i}.ln_2.weight/.bias         —
- blocks.{i}.mlp.fc.weight/.bias      transformer.h.{i}.mlp.c_fc.weight/.bias     transpose
- blocks.{i}.mlp.proj.weight/.bias    transformer.h.{i}.mlp.c_proj.weight/.bias   transpose
- ln_f.weight/.bias                   transformer.ln_f.weight/.bias               —
- lm_head.weight (untied only)        lm_head.weight                              rows[:vocab_size]
-==================================  ==========================================  ==========
+"""megagpt pre-LN GPT-2-style models ⇄ transformers ``GPT2LMHeadModel`` (name table: docs/export.md).
 
 HF's ``Conv1D`` stores (in, out), our ``nn.Linear`` (out, in): hence the transposes. Biases are
 plain vectors. A mapping entry is ``(ours, hf, op)``; ``op`` is ``"copy"``, ``"T"`` or ``"vocab"``.
@@ -84,7 +69,7 @@ def to_hf_config(cfg: ModelConfig, token_ids: dict):
     )
 
 
-def from_hf_config(c: dict, where: str) -> tuple[dict, list[str]]:
+def from_hf_config(c: dict) -> tuple[dict, list[str]]:
     """HF config.json dict → (ModelConfig kwargs, list of unsupported settings)."""
     bad = []
     if c.get("activation_function", "gelu_new") not in _ACT_FROM_HF:

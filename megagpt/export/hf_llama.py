@@ -1,24 +1,8 @@
-"""megagpt RMSNorm/RoPE/SwiGLU models ⇄ transformers ``LlamaForCausalLM``.
+"""megagpt RMSNorm/RoPE/SwiGLU models ⇄ transformers ``LlamaForCausalLM`` (name table: docs/export.md).
 
-=====================================  =============================================  ==========================
- megagpt                                LlamaForCausalLM                               transform
-=====================================  =============================================  ==========================
- embed.tok.weight                       model.embed_tokens.weight                      rows[:vocab_size]
- blocks.{i}.ln1.weight                  model.layers.{i}.input_layernorm.weight        —
- blocks.{i}.attn.qkv.weight (.bias)     model.layers.{i}.self_attn.q_proj.weight       rows[0 : Hq*D]
-                                        model.layers.{i}.self_attn.k_proj.weight       rows[Hq*D : (Hq+Hkv)*D]
-                                        model.layers.{i}.self_attn.v_proj.weight       rows[(Hq+Hkv)*D :]
- blocks.{i}.attn.proj.weight (.bias)    model.layers.{i}.self_attn.o_proj.weight       —
- blocks.{i}.ln2.weight                  model.layers.{i}.post_attention_layernorm.weight —
- blocks.{i}.mlp.gate.weight (.bias)     model.layers.{i}.mlp.gate_proj.weight          —
- blocks.{i}.mlp.fc.weight (.bias)       model.layers.{i}.mlp.up_proj.weight            —
- blocks.{i}.mlp.proj.weight (.bias)     model.layers.{i}.mlp.down_proj.weight          —
- ln_f.weight                            model.norm.weight                              —
- lm_head.weight (untied only)           lm_head.weight                                 rows[:vocab_size]
-=====================================  =============================================  ==========================
-
-Both use Linear (out, in) layouts and rotate-half RoPE, so no transposes or q/k permutations.
-``bias=True`` maps to ``attention_bias=True, mlp_bias=True`` (RMSNorm has no bias either side).
+Both use Linear (out, in) layouts and rotate-half RoPE, so no transposes or q/k permutations; our
+fused qkv is sliced by rows into q/k/v. ``bias=True`` maps to ``attention_bias=True, mlp_bias=True``
+(RMSNorm has no bias either side).
 """
 from __future__ import annotations
 
@@ -83,7 +67,7 @@ def _rope_theta(c: dict, bad: list) -> float:
     return float(rp.get("rope_theta", c.get("rope_theta", 10000.0)))
 
 
-def from_hf_config(c: dict, where: str) -> tuple[dict, list[str]]:
+def from_hf_config(c: dict) -> tuple[dict, list[str]]:
     bad = []
     hidden, heads = c.get("hidden_size", 4096), c.get("num_attention_heads", 32)
     if c.get("hidden_act", "silu") != "silu":

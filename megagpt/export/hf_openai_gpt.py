@@ -1,24 +1,12 @@
-"""megagpt post-LN GPT-1-style models ⇄ transformers ``OpenAIGPTLMHeadModel``.
+"""megagpt post-LN GPT-1-style models ⇄ transformers ``OpenAIGPTLMHeadModel`` (name table: docs/export.md).
 
-Same Conv1D block names as GPT-2 (see ``hf_gpt2``) under ``transformer.``, with
-``tokens_embed``/``positions_embed`` for the embeddings and no final norm (post-LN has none):
-
-==================================  =================================================  ==========
- megagpt                             OpenAIGPTLMHeadModel                               transform
-==================================  =================================================  ==========
- embed.tok.weight                    transformer.tokens_embed.weight                    rows[:vocab_size]
- embed.pos.weight                    transformer.positions_embed.weight                 —
- blocks.{i}.{ln1,ln2}.*              transformer.h.{i}.{ln_1,ln_2}.*                    —
- blocks.{i}.attn.{qkv,proj}.*        transformer.h.{i}.attn.{c_attn,c_proj}.*           transpose
- blocks.{i}.mlp.{fc,proj}.*          transformer.h.{i}.mlp.{c_fc,c_proj}.*              transpose
- lm_head.weight (untied only)        lm_head.weight                                     rows[:vocab_size]
-==================================  =================================================  ==========
+GPT-2's Conv1D block names (``hf_gpt2``) with ``tokens_embed``/``positions_embed`` and no final
+norm (post-LN has none). The MLP width is fixed at 4 * n_embd.
 
 Activation: OpenAIGPT's ``afn="gelu"`` is the *tanh approximation* (its ``ACT_FNS["gelu"]`` is
 ``gelu_new``) and it has no exact GELU at all. So ``activation="gelu_tanh"`` exports exactly;
 exact ``activation="gelu"`` is refused unless the caller accepts the approximation
 (``approximate_gelu=True``; at most 4.7e-4 per activation, at x ≈ -2.7).
-The MLP width is fixed at 4 * n_embd in OpenAIGPT.
 """
 from __future__ import annotations
 
@@ -58,7 +46,7 @@ def to_hf_config(cfg: ModelConfig, token_ids: dict):
     )
 
 
-def from_hf_config(c: dict, where: str) -> tuple[dict, list[str]]:
+def from_hf_config(c: dict) -> tuple[dict, list[str]]:
     bad = []
     if c.get("afn", "gelu") not in _ACT_FROM_HF:
         bad.append(f"afn={c.get('afn')!r}")

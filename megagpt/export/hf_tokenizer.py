@@ -20,17 +20,6 @@ from pathlib import Path
 from megagpt.errors import MegaGPTError
 from megagpt.tokenizer import BOS, CLS, DELIM, EOS, GPT2_EOT, PAD, UNK, load_tokenizer
 
-# the files this module writes, for "is there a tokenizer in this HF dir?" checks
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                      "vocab.json", "merges.txt", "tokenizer.model")
-
-
-def special_token_ids(tokenizer_path) -> dict:
-    """bos/eos/pad ids for config.json and generation_config.json (None when absent)."""
-    tok = load_tokenizer(tokenizer_path)
-    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-
-
 def _sentencepiece_fast(model_path: str):
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
