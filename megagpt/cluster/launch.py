@@ -19,7 +19,6 @@ from megagpt.errors import MegaGPTError, cli_main
 
 DEFAULT_MASTER_PORT = 29500
 _HOST_RE = re.compile(r"[A-Za-z0-9_.\-]+")
-_HOSTFILE_RE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 
 
 # --- Slurm node lists -----------------------------------------------------------------------
@@ -103,27 +102,6 @@ def format_hostfile(hosts, slots):
     return "".join(f"{h} slots={slots}\n" for h in hosts)
 
 
-def parse_hostfile(text, path="<hostfile>"):
-    """Parse ``HOST slots=N`` lines (``#`` comments, blank lines ok) -> ordered {host: slots}."""
-    pool = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        m = _HOSTFILE_RE.match(line)
-        if not m:
-            raise MegaGPTError(f"{path}:{lineno}: expected 'HOST slots=N', got {raw.strip()!r}")
-        host, slots = m.group(1), int(m.group(2))
-        if host in pool:
-            raise MegaGPTError(f"{path}:{lineno}: host {host!r} listed twice")
-        if slots < 1:
-            raise MegaGPTError(f"{path}:{lineno}: slots must be >= 1 for {host!r}")
-        pool[host] = slots
-    if not pool:
-        raise MegaGPTError(f"{path}: no hosts (expected lines like 'node01 slots=8')")
-    return pool
-
-
 def write_hostfile(path, hosts, slots):
     """Write atomically (temp name + rename): every node may write the same file concurrently."""
     write_text_atomic(path, format_hostfile(hosts, slots))
@@ -169,14 +147,18 @@ def slurm_job(env, gpus_per_node=None):
     }
 
 
+def _check_node_rank(job):
+    if not 0 <= job["node_rank"] < job["num_nodes"]:
+        raise MegaGPTError(f"SLURM_NODEID={job['node_rank']} outside 0..{job['num_nodes'] - 1}")
+
+
 def deepspeed_node_command(job, hostfile, script, script_args):
     """The per-node ``deepspeed --no_ssh`` launcher command (one srun task per node).
 
     ``--no_ssh`` makes each node start only its own ranks (``--node_rank``); the hostfile must
     still list every node so DeepSpeed can number ranks globally.
     """
-    if not 0 <= job["node_rank"] < job["num_nodes"]:
-        raise MegaGPTError(f"SLURM_NODEID={job['node_rank']} outside 0..{job['num_nodes'] - 1}")
+    _check_node_rank(job)
     return ["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", str(job["node_rank"]),
             "--num_nodes", str(job["num_nodes"]), "--num_gpus", str(job["gpus_per_node"]),
             "--master_addr", job["master_addr"], "--master_port", str(job["master_port"]),
@@ -192,8 +174,7 @@ def node_launcher_command(job, script, script_args, python=sys.executable):
     kills the rest of the step, trainers mid-checkpoint included. ``launch`` forwards SIGTERM to
     its ranks and waits for them (up to 30 s), staying the task's main process meanwhile.
     """
-    if not 0 <= job["node_rank"] < job["num_nodes"]:
-        raise MegaGPTError(f"SLURM_NODEID={job['node_rank']} outside 0..{job['num_nodes'] - 1}")
+    _check_node_rank(job)
     world = {h: list(range(job["gpus_per_node"])) for h in job["hosts"]}
     world_info = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
     return [python, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
