@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megagpt.atomic import write_text_atomic
 from megagpt.data import index_cache
 from megagpt.errors import MegaGPTError
 
@@ -98,7 +99,7 @@ class BlendedDataset(torch.utils.data.Dataset):
                 return
             for p, arr in zip(paths, blending_indices(self.weights, self.num_samples)):
                 index_cache.save_npy_atomic(p, arr)
-            index_cache.save_text_atomic(Path(f"{stem}_desc.json"), json.dumps(desc, indent=1))
+            write_text_atomic(Path(f"{stem}_desc.json"), json.dumps(desc, indent=1))
             self.built_index = True
 
         index_cache.rank0_first(build, self._load)

@@ -19,8 +19,6 @@ def _as_weight(x):
     """``x`` as a float if it reads as a number (``0.7`` or ``"0.7"``), else None (a prefix)."""
     if isinstance(x, bool):
         return None
-    if isinstance(x, (int, float)):
-        return float(x)
     try:
         return float(x)
     except (TypeError, ValueError):
@@ -58,8 +56,9 @@ class DataConfig(Section):
         super().__post_init__()
 
     def _check(self) -> None:
-        self._prefixes, self._weights = self._parse_data_path(self.data_path)
-        self._split = self._parse_split(self.split)
+        # derived and normalised: the prefixes with their blend weights, (train, valid, test) document fractions
+        self.prefixes, self.weights = self._parse_data_path(self.data_path)
+        self.split_ratios = self._parse_split(self.split)
         if self.tokenizer is not None and not os.path.exists(self.tokenizer):
             raise MegaGPTError(f"tokenizer {self.tokenizer} does not exist", key="tokenizer")
 
@@ -105,17 +104,3 @@ class DataConfig(Section):
                                f"sum, train,valid,test (e.g. \"969,30,1\")", key="split")
         total = sum(vals)
         return tuple(v / total for v in vals)
-
-    @property
-    def prefixes(self) -> list[str]:
-        return list(self._prefixes)
-
-    @property
-    def weights(self) -> list[float]:
-        """Normalised blend weights, one per prefix."""
-        return list(self._weights)
-
-    @property
-    def split_ratios(self) -> tuple[float, float, float]:
-        """Normalised (train, valid, test) document fractions."""
-        return self._split

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megagpt.atomic import write_text_atomic
 from megagpt.data import index_cache
 from megagpt.data.indexed import IndexedDataset
 from megagpt.errors import MegaGPTError
@@ -82,7 +83,7 @@ def check_tokens_cached(shard: IndexedDataset, vocab_size: int, cache_dir: Path,
     if marker.exists():
         return
     shard.check_token_range(vocab_size)
-    index_cache.save_text_atomic(marker, json.dumps({"shard": shard.prefix, "vocab_size": vocab_size, **fingerprint}))
+    write_text_atomic(marker, json.dumps({"shard": shard.prefix, "vocab_size": vocab_size, **fingerprint}))
 
 
 class GPTDataset(torch.utils.data.Dataset):
@@ -120,7 +121,7 @@ class GPTDataset(torch.utils.data.Dataset):
                 return
             for k, arr in self._build_arrays().items():
                 index_cache.save_npy_atomic(self.paths[k], arr)
-            index_cache.save_text_atomic(Path(f"{stem}_desc.json"), json.dumps(self.description, indent=1))
+            write_text_atomic(Path(f"{stem}_desc.json"), json.dumps(self.description, indent=1))
             self.built_index = True
 
         index_cache.rank0_first(build, self._load)

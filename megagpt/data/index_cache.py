@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megagpt.atomic import atomic_file, write_text_atomic
+from megagpt.atomic import atomic_file
 from megagpt.data import indexed
 from megagpt.errors import MegaGPTError
 
@@ -67,9 +67,6 @@ def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
     """``np.save`` through ``megagpt.atomic.atomic_file``: never a half file under ``path``."""
     with atomic_file(path) as f:
         np.save(f, arr, allow_pickle=False)
-
-
-save_text_atomic = write_text_atomic  # the name gpt_dataset.py / blend.py call
 
 
 def load_npy(path: Path) -> np.ndarray:

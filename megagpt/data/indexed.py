@@ -124,15 +124,9 @@ class IndexedDatasetWriter:
         doc_idx = np.asarray(self._doc_idx, dtype=np.int64)
         idx = AtomicFile(idx_path(self.prefix))
         try:
-            f = idx.file
-            f.write(MAGIC)
-            f.write(struct.pack("<Q", VERSION))
-            f.write(struct.pack("<B", CODE_OF_DTYPE[self.dtype]))
-            f.write(struct.pack("<Q", len(sizes)))
-            f.write(struct.pack("<Q", len(doc_idx)))
-            f.write(sizes.tobytes(order="C"))
-            f.write(pointers.tobytes(order="C"))
-            f.write(doc_idx.tobytes(order="C"))
+            idx.file.write(MAGIC + struct.pack("<QBQQ", VERSION, CODE_OF_DTYPE[self.dtype], len(sizes), len(doc_idx)))
+            for arr in (sizes, pointers, doc_idx):
+                idx.file.write(arr.tobytes(order="C"))
             self._bin_out.commit()  # .bin first: an .idx never describes a .bin that is not there
             idx.commit()
         except BaseException:
@@ -156,7 +150,7 @@ class IndexedDatasetWriter:
 class IndexedDataset:
     """Read-only, memory-mapped view of one ``PREFIX.bin``/``.idx`` pair.
 
-    ``ds[i]`` is sequence i as a numpy view (no copy); ``ds.get(i, offset, length)`` a slice of it.
+    ``ds[i]`` is sequence i as a numpy view (no copy).
     ``doc_idx`` maps documents to sequence ranges (megagpt writes one sequence per document).
     """
 
@@ -214,11 +208,6 @@ class IndexedDataset:
         start = int(self.pointers[i]) // self.dtype.itemsize
         return self._bin_mmap[start: start + int(self.sizes[i])]
 
-    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
-        seq = self[i]
-        end = len(seq) if length is None else offset + length
-        return seq[offset:end]
-
     @property
     def tokens(self) -> np.ndarray:
         """All tokens of the shard as one flat memory-mapped array."""
@@ -236,7 +225,3 @@ class IndexedDataset:
                 raise MegaGPTError(
                     f"{bin_path(self.prefix)}: token id {bad} at token offset {pos} is outside the "
                     f"tokenizer's vocabulary (size {vocab_size}); was this shard made with another tokenizer?")
-
-
-def exists(prefix) -> bool:
-    return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))

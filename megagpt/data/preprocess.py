@@ -85,59 +85,56 @@ def read_chunks(files, split_paragraphs=False, chunk_bytes=CHUNK_BYTES, chunk_it
     """Yield Chunks of raw items. jsonl: one item per ~chunk_bytes block of whole lines (workers
     split it, so the reader does no per-line work); txt: paragraphs or whole files."""
     for path in files:
-        if is_json_file(path):
-            for item in _read_line_blocks(path, chunk_bytes):
-                yield Chunk(path, True, [item])
-            continue
-        pending, size = [], 0
-        for item in _read_text_items(path, split_paragraphs):
-            pending.append(item)
-            size += len(item[1])
-            if size >= chunk_bytes or len(pending) >= chunk_items:
+        try:
+            if is_json_file(path):
+                for item in _read_line_blocks(path, chunk_bytes):
+                    yield Chunk(path, True, [item])
+                continue
+            pending, size = [], 0
+            for item in _read_text_items(path, split_paragraphs):
+                pending.append(item)
+                size += len(item[1])
+                if size >= chunk_bytes or len(pending) >= chunk_items:
+                    yield Chunk(path, False, pending)
+                    pending, size = [], 0
+            if pending:  # a chunk never spans files, so errors name the right file
                 yield Chunk(path, False, pending)
-                pending, size = [], 0
-        if pending:  # a chunk never spans files, so errors name the right file
-            yield Chunk(path, False, pending)
+        except (OSError, EOFError, zlib.error) as e:
+            raise MegaGPTError(f"{path}: read failed: {e}") from None
 
 
 def _read_line_blocks(path, block_bytes):
     """(first line number, bytes ending at a line end) blocks of about ``block_bytes``."""
-    try:
-        with open_binary(path) as f:
-            lineno, rest = 1, b""
-            while buf := f.read(block_bytes):
-                buf = rest + buf
-                cut = buf.rfind(b"\n") + 1
-                if cut == 0:  # one line longer than a block: keep reading
-                    rest = buf
-                    continue
-                block, rest = buf[:cut], buf[cut:]
-                yield lineno, block
-                lineno += block.count(b"\n")
-            if rest:
-                yield lineno, rest
-    except (OSError, EOFError, zlib.error) as e:
-        raise MegaGPTError(f"{path}: read failed: {e}") from None
+    with open_binary(path) as f:
+        lineno, rest = 1, b""
+        while buf := f.read(block_bytes):
+            buf = rest + buf
+            cut = buf.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a block: keep reading
+                rest = buf
+                continue
+            block, rest = buf[:cut], buf[cut:]
+            yield lineno, block
+            lineno += block.count(b"\n")
+        if rest:
+            yield lineno, rest
 
 
 def _read_text_items(path, split_paragraphs):
-    try:
-        with open_binary(path) as f:
-            if not split_paragraphs:
-                yield 1, f.read()
-                return
-            para, start = [], 0
-            for lineno, raw in enumerate(f, 1):
-                if raw.strip():
-                    start = start or lineno
-                    para.append(raw)
-                elif para:
-                    yield start, _join_paragraph(para)
-                    para, start = [], 0
-            if para:
+    with open_binary(path) as f:
+        if not split_paragraphs:
+            yield 1, f.read()
+            return
+        para, start = [], 0
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                start = start or lineno
+                para.append(raw)
+            elif para:
                 yield start, _join_paragraph(para)
-    except (OSError, EOFError, zlib.error) as e:
-        raise MegaGPTError(f"{path}: read failed: {e}") from None
+                para, start = [], 0
+        if para:
+            yield start, _join_paragraph(para)
 
 
 def _join_paragraph(lines):

@@ -48,7 +48,7 @@ class DistributedBatchSampler:
         self.drop_last = drop_last
         self.global_micro_batch = global_mb
 
-    def _slices(self):
+    def __iter__(self):
         mbs, g = self.micro_batch_size, self.global_micro_batch
         for start in range(self.consumed_samples, self.total_samples, g):
             end = min(start + g, self.total_samples)
@@ -56,11 +56,7 @@ class DistributedBatchSampler:
                 return
             lo, hi = start + self.dp_rank * mbs, min(start + (self.dp_rank + 1) * mbs, end)
             if lo < hi:
-                yield lo, hi
-
-    def __iter__(self):
-        for lo, hi in self._slices():
-            yield list(range(lo, hi))
+                yield list(range(lo, hi))
 
     def __len__(self) -> int:
         full, rest = divmod(self.total_samples - self.consumed_samples, self.global_micro_batch)
