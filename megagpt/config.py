@@ -201,11 +201,15 @@ class _Origins:
         line = None if sk in self.given else self.lines.get(key) or self.lines.get(sk[0])
         return MegaGPTError(reason, key=key, file=self.source, line=line)
 
-    def locate(self, e: MegaGPTError, section: str) -> MegaGPTError:
-        """A section's error (key relative to it) as the tree's (dotted key, file/line or flag)."""
-        if e.file or e.flag:
-            return e
-        return self.error(f"{section}.{e.key}" if e.key else section, e.reason)
+    def build(self, section: str, make, raw):
+        """``make(raw)``; its error (key relative to the section) raised as the tree's (dotted key,
+        file/line or flag)."""
+        try:
+            return make(raw)
+        except MegaGPTError as e:
+            if e.file or e.flag:
+                raise
+            raise self.error(f"{section}.{e.key}" if e.key else section, e.reason) from None
 
 
 def _sections(raw, names: tuple, origins: _Origins, overrides: dict) -> dict:
@@ -224,13 +228,6 @@ def _sections(raw, names: tuple, origins: _Origins, overrides: dict) -> dict:
     for (sec, key), val in overrides.items():
         out[sec][key] = val
     return out
-
-
-def _build(origins: _Origins, section: str, make, raw):
-    try:
-        return make(raw)
-    except MegaGPTError as e:
-        raise origins.locate(e, section) from None
 
 
 # ------------------------------------------------------------------------------ resolution steps
@@ -280,11 +277,11 @@ class MegaGPTConfig:
         overrides = overrides if overrides is not None else {}
         origins = _Origins(source, lines or {}, overrides)
         raw = _sections(raw, cls.SECTIONS, origins, overrides)
-        train = _build(origins, "train", TrainConfig.from_dict, raw["train"])
-        debug = _build(origins, "debug", DebugConfig.from_dict, raw["debug"])
-        model = _build(origins, "model", lambda m: resolve_model(m, raw["data"].get("tokenizer")), raw["model"])
-        data = _build(origins, "data", lambda d: DataConfig.from_dict(resolve_data(d, model)), raw["data"])
-        parallel = _build(origins, "parallel", lambda p: ParallelConfig.from_dict(p, seed=train.seed), raw["parallel"])
+        train = origins.build("train", TrainConfig.from_dict, raw["train"])
+        debug = origins.build("debug", DebugConfig.from_dict, raw["debug"])
+        model = origins.build("model", lambda m: resolve_model(m, raw["data"].get("tokenizer")), raw["model"])
+        data = origins.build("data", lambda d: DataConfig.from_dict(resolve_data(d, model)), raw["data"])
+        parallel = origins.build("parallel", lambda p: ParallelConfig.from_dict(p, seed=train.seed), raw["parallel"])
         cfg = cls(model=model, data=data, train=train, parallel=parallel, debug=debug, source=source, origins=origins)
         cfg._check()
         return cfg
@@ -372,4 +369,4 @@ def load_finetune_config(path=None, overrides: dict | None = None) -> FinetuneCo
     raw, lines = read_config_file(path) if path is not None else ({}, {})
     origins = _Origins(str(path) if path is not None else None, lines, overrides)
     raw = _sections(raw, ("finetune",), origins, overrides)
-    return _build(origins, "finetune", FinetuneConfig.from_dict, raw["finetune"])
+    return origins.build("finetune", FinetuneConfig.from_dict, raw["finetune"])

@@ -1,18 +1,10 @@
 """Tokenizers: train a sentencepiece model with reserved special ids, or load one (or GPT-2 BPE).
 
-Special tokens (ids FIXED for every sentencepiece model trained here, so that checkpoints,
-shards and finetune transforms agree without looking anything up):
-
-====  ===========  ==========================================================================
- id    piece        use
-====  ===========  ==========================================================================
- 0     ``<pad>``    padding of finetune batches (never in pretraining shards)
- 1     ``<unk>``    unknown piece (rare: byte fallback spells unseen chars as ``<0xNN>`` bytes)
- 2     ``<s>``      bos: GPT-1's start token
- 3     ``</s>``     eos == eod: appended after every document by preprocessing
- 4     ``<delim>``  GPT-1 paper's delimiter ``$`` between premise/hypothesis etc.
- 5     ``<cls>``    GPT-1 paper's extract token ``<e>``; its hidden state feeds the task head
-====  ===========  ==========================================================================
+Special tokens have FIXED ids in every sentencepiece model trained here, so that checkpoints,
+shards and finetune transforms agree without looking anything up: 0 ``<pad>`` (finetune batches
+only), 1 ``<unk>`` (rare: byte fallback spells unseen chars as ``<0xNN>``), 2 ``<s>`` (bos, GPT-1's
+start token), 3 ``</s>`` (eos == eod, appended after every document), 4 ``<delim>`` (the GPT-1
+paper's ``$``), 5 ``<cls>`` (its extract token ``<e>``, whose hidden state feeds the task head).
 
 ``<delim>`` and ``<cls>`` are sentencepiece *control* symbols, not user-defined ones: user text
 that happens to contain the literal string ``"<cls>"`` (or ``"<s>"``) is spelled out as

@@ -87,17 +87,12 @@ def model_config_of(client: dict, where):
         raise MegaGPTError(f"{where}: config['model']: {e}") from None
 
 
-def zero_stage(client: dict) -> int:
-    ds = client.get("ds_config") or {}
-    return int((ds.get("zero_optimization") or {}).get("stage", 0))
-
-
 def read_weights(ckpt_dir, tag: str, client: dict, cfg) -> dict:
     """The full state dict of one tag (names as DeepSpeed stored them: normalise before use)."""
     tag_dir = Path(ckpt_dir) / tag
     if list(tag_dir.glob("layer_*-model_states.pt")) or list(tag_dir.glob("*mp_rank_01_model_states.pt")):
         return merge_model_parallel(tag_dir, cfg)
-    stage = zero_stage(client)
+    stage = int(((client.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
     if stage == 0:
         sd = client.get("module") or {}
         half = sorted({str(v.dtype) for v in sd.values() if v.dtype in (torch.bfloat16, torch.float16)})

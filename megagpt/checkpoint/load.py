@@ -24,9 +24,6 @@ from .state_dict import normalize_state_dict
 from .tags import is_deepspeed_checkpoint, resolve_tag, step_of
 from .tokenizer_files import bundled_tokenizer, recorded_tokenizer
 
-FORMATS = ("deepspeed", "consolidated", "hf")
-
-
 def detect_format(path) -> str:
     """"deepspeed", "consolidated" or "hf", or MegaGPTError saying what the path is not."""
     from megagpt.export.hf import is_hf_dir

@@ -34,20 +34,23 @@ def load_consolidated_into(model, ckpt_dir, tag=None) -> dict:
     return src.meta()
 
 
-def save_consolidated_from_engine(engine_or_model, out_dir, cfg, tokenizer_path=None, run_config=None,
-                                  step=None, force=False):
-    """Gather a live model/engine of any layout (collective: call on every rank); rank 0 writes."""
+def _on_rank0(write):
+    """``write()`` on rank 0 (or in a plain process), then a barrier: its result on rank 0, None elsewhere."""
     import torch.distributed as dist
 
-    from megagpt.parallel.layout import full_state_dict
-
-    full = full_state_dict(engine_or_model)
-    out = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        out = save_consolidated(out_dir, full, cfg, tokenizer_path, run_config, step, force)
+    out = write() if not dist.is_initialized() or dist.get_rank() == 0 else None
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def save_consolidated_from_engine(engine_or_model, out_dir, cfg, tokenizer_path=None, run_config=None,
+                                  step=None, force=False):
+    """Gather a live model/engine of any layout (collective: call on every rank); rank 0 writes."""
+    from megagpt.parallel.layout import full_state_dict
+
+    full = full_state_dict(engine_or_model)
+    return _on_rank0(lambda: save_consolidated(out_dir, full, cfg, tokenizer_path, run_config, step, force))
 
 
 # ---- optimizer state (Adam moments) across layouts: live engines, ZeRO 0/1/2 -------------------
@@ -187,12 +190,7 @@ def save_consolidated_with_optimizer(engine, out_dir, cfg, tokenizer_path=None, 
     engine, any layout (collective; rank 0 writes). Resume at another layout with
     ``load_consolidated_into(model, out_dir)`` before ``deepspeed.initialize`` and
     ``load_optimizer_state(engine, out_dir)`` after it."""
-    import torch.distributed as dist
-
     out = save_consolidated_from_engine(engine, out_dir, cfg, tokenizer_path, run_config, step, force)
     moments, opt_step = gather_optimizer_state(engine)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_optimizer_state(out_dir, moments, opt_step)
-    if dist.is_initialized():
-        dist.barrier()
+    _on_rank0(lambda: save_optimizer_state(out_dir, moments, opt_step))
     return out

@@ -75,14 +75,6 @@ def load_npy(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
 
 
-def _dist():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
-
-
 def rank0_first(build, load):
     """``build()`` on rank 0 while the other ranks wait, then ``load()`` everywhere.
 
@@ -93,8 +85,9 @@ def rank0_first(build, load):
     (say, a bad token id) is re-raised on every rank instead of leaving them hung at a barrier.
     It is a collective: every rank of the default group must get here.
     """
-    dist = _dist()
-    if dist is None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         build()
         return load()
     err, exc = [None], None
