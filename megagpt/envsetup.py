@@ -9,9 +9,8 @@ a torch upgrade can even load a stale build. The directory here is keyed by the 
 (``sys.prefix``) and the torch version instead, and ``scripts/setup_env.sh`` pre-builds the ops
 into the same place (it runs this file to get the name).
 
-Callers: the launch CLI (``megagpt/cluster/launch.py``, before it execs trainers), and, before
-they import deepspeed: ``megagpt/train/pretrain.py``, ``megagpt/finetune/run.py``,
-``tools/convert_checkpoint.py``, ``tools/generate.py`` and ``tests/conftest.py``. An explicit ``TORCH_EXTENSIONS_DIR`` always wins.
+Every entry point calls it before DeepSpeed loads (the launch CLI before it execs trainers). An
+explicit ``TORCH_EXTENSIONS_DIR`` always wins.
 
 Imports nothing heavy (no torch): it must run before torch loads, and as a plain script.
 """

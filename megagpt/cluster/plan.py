@@ -104,9 +104,8 @@ def memory_breakdown(m: ModelShape, s: TrainSetup, tp=1, pp=1, dp=1):
     """Per-GPU bytes at the step's peak, for the pipeline stage that needs the most."""
     e = BYTES[s.dtype]
     per_stage = m.layers // pp
-    stages = {0} | {pp - 1}
     best = None
-    for stage in sorted(stages):
+    for stage in sorted({0, pp - 1}):
         params = per_stage * m.layer_params()
         if stage == 0:
             params += m.embedding_params()
@@ -185,11 +184,11 @@ def _output_layer_bytes(m, s, tp):
     """Final norm input + output-projection input, and three fp32 logits-sized tensors at the
     start of backward (log-softmax output saved by cross-entropy, its gradient, the logits'
     gradient); the 16-bit logits themselves are freed once upcast."""
-    sbh = s.micro_batch * m.seq_length * m.hidden * BYTES[s.dtype] / (tp if s.sequence_parallel else 1)
-    return (1 + m.final_norm) * sbh + 12 * s.micro_batch * m.seq_length * m.vocab / tp
+    return (1 + m.final_norm) * _ckpt_bytes_per_layer(m, s, tp) + 12 * s.micro_batch * m.seq_length * m.vocab / tp
 
 
 def _ckpt_bytes_per_layer(m, s, tp):
+    """One layer input (b x s x h, split under sequence parallelism): all a checkpointed layer keeps."""
     return BYTES[s.dtype] * s.micro_batch * m.seq_length * m.hidden / (tp if s.sequence_parallel else 1)
 
 

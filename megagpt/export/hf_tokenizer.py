@@ -1,15 +1,9 @@
-"""Our tokenizers as HF tokenizer files that ``AutoTokenizer.from_pretrained`` loads with no custom code.
-
-* sentencepiece (BPE, byte fallback) → ``tokenizer.json`` built with ``tokenizers`` from the vocab
-  and merges transformers' ``SentencePieceExtractor`` reads out of the model, with sentencepiece's
-  own pipeline spelled out (dummy ``▁`` prefix, spaces → ``▁``, byte fallback; no extra
-  normalisation, because our models use the identity rule), wrapped as ``PreTrainedTokenizerFast``.
-  ``tokenizer.model`` is copied beside it so the import direction gets the original back.
-* GPT-2 BPE → ``vocab.json`` + ``merges.txt`` (GPT-2's files under HF's names) and ``GPT2TokenizerFast``
-  with our appended ``<pad>``, ``<delim>``, ``<cls>``.
-
-Both set ``split_special_tokens=True``: like ours, a literal ``"<cls>"`` in user text is spelled
-out, never turned into the structural token. Neither adds bos/eos on ``encode`` (ours doesn't).
+"""Our tokenizers as HF tokenizer files that ``AutoTokenizer.from_pretrained`` loads with no custom code
+(what each file holds: docs/export.md). sentencepiece becomes a ``tokenizer.json`` spelling out its own
+pipeline, with ``tokenizer.model`` copied beside it so the import direction gets the original back;
+GPT-2 BPE keeps its files under HF's names. Both set ``split_special_tokens=True``: like ours, a
+literal ``"<cls>"`` in user text is spelled out, never turned into the structural token. Neither
+adds bos/eos on ``encode`` (ours doesn't).
 """
 from __future__ import annotations
 
