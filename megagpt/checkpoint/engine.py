@@ -31,16 +31,23 @@ from .tokenizer_files import TOKENIZER_DIR, write_tokenizer
 __all__ = ["save", "load", "tag_for", "rng_state", "set_rng_state"]
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()}
+def rng_state(tracker=None) -> dict:
+    """Every generator a step draws from: python, numpy, torch, accelerator, and the per-TP-rank
+    dropout stream (``tracker``, a megagpt.tp.random.RNGTracker) when there is one."""
+    s = {"python": random.getstate(), "numpy": np.random.get_state(),
+         "torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()}
+    if tracker is not None:
+        s["tp_tracker"] = tracker.get_state()
+    return s
 
 
-def set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict, tracker=None) -> None:
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
     get_accelerator().set_rng_state(s["accelerator"])
+    if tracker is not None and "tp_tracker" in s:
+        tracker.set_state(s["tp_tracker"])
 
 
 def _check_files(tag_dir: str, zero_stage: int, world: int) -> None:
@@ -57,7 +64,7 @@ def _check_files(tag_dir: str, zero_stage: int, world: int) -> None:
 
 
 def save(engine, save_dir: str, step: int, client_state: dict, dp_group=None, keep_last: int = 0,
-         kill_before_complete: bool = False, tokenizer: str | None = None) -> str:
+         kill_before_complete: bool = False, tokenizer: str | None = None, tracker=None) -> str:
     """Save tag ``global_step{step}`` (with the ``tokenizer`` files, when given); returns the tag.
     Collective over the whole world."""
     tag = tag_for(step)
@@ -70,7 +77,7 @@ def save(engine, save_dir: str, step: int, client_state: dict, dp_group=None, ke
         shutil.rmtree(tag_dir)
     dist.barrier()
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
+    torch.save(rng_state(tracker), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
     fsync_tree(tag_dir)
     dist.barrier()
     if kill_before_complete and rank == 0:  # test hook: die with every shard written, no marker
@@ -102,7 +109,7 @@ def _check_model(load_dir: str, tag: str, expect: dict) -> None:
                            + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, config {expect.get(k)!r})" for k in diff))
 
 
-def load(engine, load_dir: str, expect_model: dict | None = None):
+def load(engine, load_dir: str, expect_model: dict | None = None, tracker=None):
     """Load the newest complete tag into ``engine``; returns its client state (None: fresh start).
 
     Rank 0 first deletes tag dirs without a ``complete`` marker (work lost to a crash mid-save) —
@@ -130,8 +137,41 @@ def load(engine, load_dir: str, expect_model: dict | None = None):
         raise MegaGPTError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
     rng_file = os.path.join(load_dir, tag, f"rng_rank{dist.get_rank()}.pt")
     if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=False), tracker)
     else:
         raise MegaGPTError(f"{rng_file}: missing (checkpoint saved with a different number of ranks?)")
+    resync_cpu_adam(engine)
     client["_tag"] = tag
     return client
+
+
+def resync_cpu_adam(engine) -> None:
+    """Bring DeepSpeed's CPU Adam kernel's hidden beta powers to where an uninterrupted run has them.
+
+    Why resume drifted in the last bits (every ZeRO stage, CPU only): the CPU kernels (FusedAdam
+    on the CPU accelerator, DeepSpeedCPUAdam for offload) keep ``beta1**t`` and ``beta2**t`` for
+    the bias correction in a C++ object that lives as long as the process, not in the optimizer
+    state. A process that ran steps 1..N got them by N-1 float32 multiplications; a fresh process
+    resuming at N+1 computes ``pow(beta, N+1)`` once, and the two differ by an ulp (0.9**16:
+    0.18530193 vs 0.18530194), so every update after a resume was off in the last bit. Replaying
+    the kernel's call sequence for steps 1..N (every group, every step) on 1-element dummies
+    reproduces the uninterrupted values exactly. No-op for other optimizers and devices (CUDA's
+    kernel computes the powers on every call)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    cpu_fused = isinstance(base, FusedAdam) and get_accelerator().device_name() == "cpu"
+    if not (cpu_fused or isinstance(base, DeepSpeedCPUAdam)):
+        return
+    n = max((int(st["step"]) for st in base.state.values() if "step" in st), default=0)
+    for step in range(1, n + 1):
+        for g in base.param_groups:   # (ZeRO-3 empties them between steps)
+            p, grad, m, v = (torch.zeros(1) for _ in range(4))
+            b1, b2 = g["betas"]
+            if cpu_fused:
+                base.multi_tensor_adam(2048 * 32, base._dummy_overflow_buf, [[grad], [p], [m], [v]], g["lr"], b1, b2,
+                                       g["eps"], step, base.adam_w_mode, 1 if g["bias_correction"] else 0,
+                                       g["weight_decay"])
+            else:
+                base.ds_opt_adam.adam_update(base.opt_id, step, g["lr"], b1, b2, g["eps"], g["weight_decay"],
+                                             g["bias_correction"], p, grad, m, v)

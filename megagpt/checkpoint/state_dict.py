@@ -13,7 +13,6 @@ import torch
 from megagpt.errors import MegaGPTError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "gpt.")
-_TIED = ("embed.tok.weight", "lm_head.weight")
 
 
 def strip_wrappers(sd: dict, names) -> dict:
@@ -31,13 +30,11 @@ def normalize_state_dict(sd: dict, cfg, where) -> dict:
     """``sd`` in serial GPT names, fp32, checked against ``cfg``; with tied embeddings both names
     hold the one tensor (as in the model, where they are one Parameter)."""
     from megagpt.model.gpt import full_shapes
+    from megagpt.model.sharding import with_tied_names
 
     shapes = full_shapes(cfg)
     sd = {k: v.detach().to(torch.float32) for k, v in strip_wrappers(dict(sd), shapes).items()}
-    if cfg.tie_embeddings:   # one Parameter under two names: a writer may have kept either
-        tok = sd.get(_TIED[0], sd.get(_TIED[1]))
-        if tok is not None:
-            sd[_TIED[0]] = sd[_TIED[1]] = tok
+    sd = with_tied_names(sd, cfg)
     missing, unexpected = sorted(set(shapes) - set(sd)), sorted(set(sd) - set(shapes))
     wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(s)}" for k, s in shapes.items()
              if k in sd and tuple(sd[k].shape) != tuple(s)]

@@ -51,7 +51,7 @@ from .config import ModelConfig
 from .embedding import Embedding, rope_cos_sin
 from .mlp import MLP
 from .norm import make_norm
-from .sharding import check_tp, merge, shard, shard_kind
+from .sharding import check_tp, merge, shard, shard_kind, with_tied_names
 
 log = logging.getLogger("megagpt.model")
 
@@ -289,9 +289,7 @@ def init_params(params: dict, cfg, tp=SERIAL) -> None:
 @torch.no_grad()
 def load_slices(params: dict, full_sd: dict, cfg, tp=SERIAL) -> None:
     """Copy this rank's slices of ``full_sd`` (serial names) into ``params`` ({serial name: param})."""
-    if cfg.tie_embeddings:   # either tied name alone is enough
-        tok = full_sd.get("embed.tok.weight", full_sd.get("lm_head.weight"))
-        full_sd = {**full_sd, "embed.tok.weight": tok, "lm_head.weight": tok}
+    full_sd = with_tied_names(full_sd, cfg)
     missing = sorted(n for n in params if n not in full_sd)
     if missing:
         raise MegaGPTError(f"state dict has no {missing[:4]} (keys like {sorted(full_sd)[:4]}...)")

@@ -28,7 +28,7 @@ from megagpt.tp.random import checkpoint as tp_checkpoint
 from .embedding import Dropout, add_positions
 from .gpt import Block, gather_slices, init_params, lm_loss, load_slices, rope_for
 from .norm import Norm
-from .sharding import check_tp
+from .sharding import check_tp, with_tied_names
 
 
 class TokStage(VocabParallelEmbedding):
@@ -138,7 +138,5 @@ def pipeline_full_state_dict(module) -> dict:
     for p in parts:
         for k, v in p.items():
             full.setdefault(k, v)
-    if cfg.tie_embeddings:
-        full["lm_head.weight"] = full["embed.tok.weight"]
-    return full
+    return with_tied_names(full, cfg)
 

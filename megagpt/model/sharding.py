@@ -77,3 +77,12 @@ def pipeline_layer_prefixes(cfg) -> list:
         prefixes.append("ln_f.")
     prefixes.append("embed.tok." if cfg.tie_embeddings else "lm_head.")
     return prefixes
+
+
+def with_tied_names(sd: dict, cfg) -> dict:
+    """With tied embeddings the token table and the head are one Parameter under two names, and a
+    writer may have kept either: return ``sd`` with both names holding it (the one such fix-up)."""
+    if not cfg.tie_embeddings:
+        return sd
+    tok = sd.get("embed.tok.weight", sd.get("lm_head.weight"))
+    return sd if tok is None else {**sd, "embed.tok.weight": tok, "lm_head.weight": tok}

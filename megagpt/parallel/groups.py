@@ -84,57 +84,34 @@ def build_parallel_state(cfg: ParallelConfig) -> ParallelState:
 
 
 class DeepSpeedMPU:
-    """What DeepSpeed expects of ``mpu`` (Megatron's parallel_state interface)."""
+    """What DeepSpeed expects of ``mpu`` (Megatron's parallel_state interface): ``get_X`` for every
+    name below, answered from the ParallelState. "model parallel" = TP x PP."""
+
+    _ANSWERS = {
+        "model_parallel_rank": lambda s: s.ranks["mp"].index(s.rank),
+        "model_parallel_world_size": lambda s: len(s.ranks["mp"]),
+        "model_parallel_group": lambda s: s.groups["mp"],
+        "tensor_model_parallel_rank": lambda s: s.tp_rank,
+        "tensor_model_parallel_world_size": lambda s: s.tp_size,
+        "tensor_model_parallel_group": lambda s: s.tp_group,
+        "tensor_model_parallel_src_rank": lambda s: s.ranks["tp"][0],
+        "pipeline_model_parallel_rank": lambda s: s.pp_rank,
+        "pipeline_model_parallel_world_size": lambda s: s.pp_size,
+        "pipeline_model_parallel_group": lambda s: s.pp_group,
+        "pipe_parallel_rank": lambda s: s.pp_rank,
+        "pipe_parallel_world_size": lambda s: s.pp_size,
+        "pipe_parallel_group": lambda s: s.pp_group,
+        "data_parallel_rank": lambda s: s.dp_rank,
+        "data_parallel_world_size": lambda s: s.dp_size,
+        "data_parallel_group": lambda s: s.dp_group,
+        "data_parallel_group_ranks": lambda s: list(s.ranks["dp"]),
+    }
 
     def __init__(self, state: ParallelState):
         self._s = state
 
-    # model parallel = TP x PP
-    def get_model_parallel_rank(self):
-        return self._s.ranks["mp"].index(self._s.rank)
-
-    def get_model_parallel_world_size(self):
-        return len(self._s.ranks["mp"])
-
-    def get_model_parallel_group(self):
-        return self._s.groups["mp"]
-
-    # tensor
-    def get_tensor_model_parallel_rank(self):
-        return self._s.tp_rank
-
-    def get_tensor_model_parallel_world_size(self):
-        return self._s.tp_size
-
-    def get_tensor_model_parallel_group(self):
-        return self._s.tp_group
-
-    def get_tensor_model_parallel_src_rank(self):
-        return self._s.ranks["tp"][0]
-
-    # pipeline
-    def get_pipeline_model_parallel_rank(self):
-        return self._s.pp_rank
-
-    def get_pipeline_model_parallel_world_size(self):
-        return self._s.pp_size
-
-    def get_pipeline_model_parallel_group(self):
-        return self._s.pp_group
-
-    get_pipe_parallel_rank = get_pipeline_model_parallel_rank
-    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
-    get_pipe_parallel_group = get_pipeline_model_parallel_group
-
-    # data
-    def get_data_parallel_rank(self):
-        return self._s.dp_rank
-
-    def get_data_parallel_world_size(self):
-        return self._s.dp_size
-
-    def get_data_parallel_group(self):
-        return self._s.dp_group
-
-    def get_data_parallel_group_ranks(self):
-        return list(self._s.ranks["dp"])
+    def __getattr__(self, name):
+        answer = self._ANSWERS.get(name[4:]) if name.startswith("get_") else None
+        if answer is None:
+            raise AttributeError(name)
+        return lambda: answer(self._s)

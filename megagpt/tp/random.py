@@ -1,15 +1,17 @@
 """TP-aware random state: which dropout masks match across tensor-parallel ranks and which differ.
 
-* Default generator: seeded ``seed + 100 * pp_rank`` — identical on every TP (and DP) rank of a
-  stage, so dropout on *replicated* activations (embedding, residual outside sequence
-  parallelism) draws the same mask everywhere, as the serial model would once.
+* Default generator (seeded by ``parallel.layout.build_model``: ``seed + 1000 * dp_rank + 100 *
+  pp_rank``): identical on every TP rank of a replica's stage, so dropout on *replicated*
+  activations (embedding, residual outside sequence parallelism) draws the same mask everywhere,
+  as the serial model would once.
 * Tracker generator (``tracker.fork()``): seeded ``seed + 2718 + 100 * pp_rank + tp_rank`` —
   different per TP rank, for dropout on *split* activations (attention probabilities, which are
-  per-head; any activation that sequence parallelism splits along the sequence) and for
-  initialising split weights.
+  per head; any activation that sequence parallelism splits along the sequence). Initial
+  weights never use it: they come from one layout-free serial stream (model/gpt.py).
 
 Activation checkpointing must replay the tracker as well as the default generator:
-``checkpoint(tracker, fn, *args)`` restores the tracker state for the recomputation.
+``checkpoint(tracker, fn, *args)`` restores the tracker state for the recomputation. The
+tracker's state is saved per rank with each checkpoint (checkpoint/engine.py ``rng_state``).
 """
 import contextlib
 

@@ -137,9 +137,8 @@ def single_process_env() -> None:
 
 
 def init_distributed():
-    """Init the default group via DeepSpeed (gloo on CPU, NCCL on GPU); returns (rank, world, dp_group).
-
-    The dp group is the whole world today; tensor/pipeline parallelism will pass a sub-group."""
+    """Init the default group via DeepSpeed (gloo on CPU, NCCL on GPU); returns (rank, world).
+    The data-parallel group is not the world under TP/PP: it comes from ``parallel.groups``."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -149,7 +148,7 @@ def init_distributed():
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False)
     release_deepspeed_shm_name()
-    return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    return dist.get_rank(), dist.get_world_size()
 
 
 def release_deepspeed_shm_name() -> None:

@@ -19,7 +19,8 @@ _GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L
 
 def measure_matmul_flops(n: int = 1024, reps: int = 5) -> float:
     """Best-of-``reps`` fp32 ``torch.mm`` FLOP/s on the CPU (with this process's thread count)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)   # private: never advance the (just restored) training RNG
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):

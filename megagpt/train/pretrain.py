@@ -75,7 +75,7 @@ def run(cfg, ds_config) -> int:
     from megagpt.parallel.groups import build_parallel_state
     from megagpt.parallel.layout import build_model, deepspeed_mpu, model_stats, prepare_ds_config
 
-    rank, world, _ = distributed.init_distributed()
+    rank, world = distributed.init_distributed()
     device = distributed.device()
     t = cfg.train
     par = build_parallel_state(cfg.parallel)
@@ -100,7 +100,7 @@ def run(cfg, ds_config) -> int:
 
     state = loop.TrainState()
     if t.load:
-        client = checkpoint.load(engine, t.load, expect_model=cfg.model.to_dict())
+        client = checkpoint.load(engine, t.load, expect_model=cfg.model.to_dict(), tracker=par.rng)
         if client is not None:
             state = loop.TrainState(client["step"], client["consumed_samples"], client.get("skipped_steps", 0))
             if rank == 0:
@@ -108,13 +108,13 @@ def run(cfg, ds_config) -> int:
 
     def save_fn(st, kill=False):
         client = {"step": st.step, "consumed_samples": st.consumed_samples, "skipped_steps": st.skipped_steps,
-                  "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "tokenizer": tok.spec()}
+                  "config": cfg.to_dict(), "tokenizer": tok.spec()}   # RNG: per rank, in rng_rank{R}.pt
         if not t.save:
             return
         if cfg.debug.dump_weights and par.tp_size == 1 and par.pp_size == 1:
             dump_weights(model, os.path.join(t.save, checkpoint.tag_for(st.step) + "_weights_at_save.pt"), rank)
         checkpoint.save(engine, t.save, st.step, client, dp_group, t.keep_last, kill_before_complete=kill,
-                        tokenizer=tok.path)   # the tokenizer files go into the tag: self-contained checkpoints
+                        tokenizer=tok.path, tracker=par.rng)   # the tokenizer files go into the tag: self-contained checkpoints
 
     peak, peak_src = peak_flops()
     tb = t.tensorboard_dir or (os.path.join(t.save, "tensorboard") if t.save else None)
