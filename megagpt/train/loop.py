@@ -89,49 +89,44 @@ def pipeline_step(engine, micro_batches, par, inject_nan: bool):
 
 
 @torch.no_grad()
-def evaluate_pipeline(engine, valid_ds, micro_batch_size, eval_iters, par, device) -> float:
-    """Pipeline validation: ``eval_batch`` per micro-batch (DP-averaged, broadcast to every stage)."""
-    n = eval_iters * micro_batch_size * par.dp_size
+def evaluate(engine, valid_ds, micro_batch_size, eval_iters, par, device) -> float:
+    """Mean loss over the first ``eval_iters`` global micro-batches of the validation split: the
+    DP mean at every layout (pipelines: DeepSpeed's ``eval_batch``, already DP-averaged on every
+    stage; middle stages hold no dataset, so the sample count is agreed on first)."""
+    pipe, dp = par.pp_size > 1, par.dp_size
+    n = eval_iters * micro_batch_size * dp
     if valid_ds is not None:
         n = min(n, len(valid_ds))
-    nt = torch.tensor([float(n)], device=device)  # middle stages have no dataset: agree on the count
-    dist.all_reduce(nt, op=dist.ReduceOp.MAX)
-    n = int(nt.item())
-    n -= n % (micro_batch_size * par.dp_size)
-    sampler = DistributedBatchSampler(n, 0, micro_batch_size, par.dp_rank, par.dp_size)
-    losses = []
-    for idx in sampler:
-        it = iter([to_batch(valid_ds, idx, device)]) if par.needs_data else None
-        losses.append(float(engine.eval_batch(it, num_micro_batches=1)))
-    engine.train()
-    return sum(losses) / len(losses)
-
-
-@torch.no_grad()
-def evaluate(engine, valid_ds, micro_batch_size, eval_iters, dp_rank, dp_size, dp_group, device) -> float:
-    """Mean loss over the first ``eval_iters`` global micro-batches of the validation split."""
+    if pipe:
+        nt = torch.tensor([float(n)], device=device)
+        dist.all_reduce(nt, op=dist.ReduceOp.MAX)
+        n = int(nt.item())
+    n -= n % (micro_batch_size * dp)
     engine.eval()
-    n = min(eval_iters * micro_batch_size * dp_size, len(valid_ds))
-    n -= n % (micro_batch_size * dp_size)
-    sampler = DistributedBatchSampler(n, 0, micro_batch_size, dp_rank, dp_size)
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for idx in sampler:
-        x, y = to_batch(valid_ds, idx, device)
-        total[0] += engine(x, labels=y).double()
+    for idx in DistributedBatchSampler(n, 0, micro_batch_size, par.dp_rank, dp):
+        if pipe:
+            batch = iter([to_batch(valid_ds, idx, device)]) if par.needs_data else None
+            total[0] += float(engine.eval_batch(batch, num_micro_batches=1))
+        else:
+            x, y = to_batch(valid_ds, idx, device)
+            total[0] += engine(x, labels=y).double()
         total[1] += 1
-    dist.all_reduce(total, group=dp_group)
+    if not pipe:
+        dist.all_reduce(total, group=par.dp_group)
     engine.train()
     return (total[0] / total[1]).item()
 
 
-def train(cfg, engine, model, train_ds, valid_ds, state: TrainState, metrics, dp_group, device, save_fn, par=None):
+def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, device, save_fn):
     """Run from ``state.step`` to ``train.train_iters``; returns the reason it ended.
 
-    ``par`` (a megagpt.parallel ParallelState) selects DeepSpeed's pipeline schedule when
-    pipeline_parallel > 1; ranks without data (middle stages) get ``train_ds=None``."""
-    pipe = par is not None and par.pp_size > 1
+    ``par`` (a megagpt.parallel ParallelState) gives the data-parallel group and selects
+    DeepSpeed's pipeline schedule when pipeline_parallel > 1; ranks without data (middle stages)
+    get ``train_ds=None``."""
+    pipe = par.pp_size > 1
     t, dbg = cfg.train, cfg.debug
-    dp_rank, dp_size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
+    dp_rank, dp_size, dp_group = par.dp_rank, par.dp_size, par.dp_group
     ga, mbs = t.gradient_accumulation_steps, t.micro_batch_size
     gbs = mbs * ga * dp_size
     it = None
@@ -168,11 +163,7 @@ def train(cfg, engine, model, train_ds, valid_ds, state: TrainState, metrics, dp
                      state.skipped_steps, log=state.step % t.log_interval == 0)
         last = state.step == t.train_iters
         if t.eval_interval and (valid_ds is not None or pipe) and (state.step % t.eval_interval == 0 or last):
-            if pipe:
-                metrics.eval(state.step, evaluate_pipeline(engine, valid_ds, mbs, t.eval_iters, par, device))
-            else:
-                metrics.eval(state.step, evaluate(engine, valid_ds, mbs, t.eval_iters, dp_rank, dp_size, dp_group,
-                                                  device))
+            metrics.eval(state.step, evaluate(engine, valid_ds, mbs, t.eval_iters, par, device))
             metrics.reset_timer()
         preempted = stop.any_rank(dist.group.WORLD, device)  # every DP group (TP, PP ranks) stops alike
         exiting = bool(t.exit_interval) and state.step % t.exit_interval == 0 and not last

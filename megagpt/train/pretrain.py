@@ -127,7 +127,7 @@ def run(cfg, ds_config) -> int:
                       f"{engine.zero_optimization_stage()} | global batch {gbs} x {cfg.data.seq_length} tokens | "
                       f"device {device}")
     try:
-        reason = loop.train(cfg, engine, model, train_ds, valid_ds, state, metrics, dp_group, device, save_fn, par)
+        reason = loop.train(cfg, engine, train_ds, valid_ds, state, metrics, par, device, save_fn)
     except loop.NonFiniteLoss as e:
         metrics.close()
         if rank == 0:
