@@ -60,10 +60,6 @@ def build_parser():
     return p
 
 
-def parse_args(argv):
-    return build_parser().parse_args(argv)
-
-
 def model_shape(a):
     sizes = {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "vocab": a.vocab, "ffn": a.ffn}
     if a.preset:
@@ -103,7 +99,7 @@ def row_text(stage, r):
 
 @cli_main
 def main(argv=None):
-    a = parse_args(argv)
+    a = build_parser().parse_args(argv)
     m = model_shape(a)
     check(a, m)
     stages = range(4) if a.zero_stage == "all" else [int(a.zero_stage)]

@@ -17,9 +17,6 @@ from torch import nn
 
 from megagpt.errors import MegaGPTError
 
-VIEWS = {"classification": 1, "entailment": 1, "similarity": 2}
-
-
 class FinetuneModel(nn.Module):
     def __init__(self, gpt, kind: str, num_outputs: int, regression: bool = False,
                  clf_dropout: float = 0.1, lm_coef: float = 0.5):

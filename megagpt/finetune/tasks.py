@@ -84,7 +84,3 @@ def encode(task: Task, ex: readers.Example, tokenize, sp: transforms.SpecialIds,
     if task.kind == "multiple_choice":
         return transforms.multiple_choice(t[0], [tokenize(c) for c in ex.choices], sp, max_len)
     raise MegaGPTError(f"task {task.name}: unknown kind {task.kind!r}")
-
-
-def views_per_example(task: Task, ex: readers.Example) -> int:
-    return {"similarity": 2, "multiple_choice": len(ex.choices)}.get(task.kind, 1)
