@@ -153,16 +153,15 @@ def read_copa(path, skip_bad: bool = False) -> tuple[list[Example], ReadStats]:
     stats, out = ReadStats(str(path)), []
     errors = _RowErrors(stats, skip_bad)
     p = Path(path)
-    if not p.is_file():
-        raise MegaGPTError(f"{p}: no such file")
-    # iterparse keeps line numbers available only for the parser; find each item's line by its id.
-    text = p.read_text(encoding="utf-8")
+    with _open_text(p) as f:
+        text = f.read()
     try:
         root = ET.fromstring(text.encode("utf-8"))
     except ET.ParseError as e:
         line = e.position[0] if getattr(e, "position", None) else "?"
         raise MegaGPTError(f"{p}:{line}: invalid XML ({e})") from None
-    item_lines = _item_lines(text)
+    # ElementTree keeps no line numbers: find each item's line in the text
+    item_lines = [i for i, line in enumerate(text.splitlines(), 1) if "<item" in line]
     for n, item in enumerate(root.iter("item")):
         stats.rows += 1
         where = f"{p}:{item_lines[n] if n < len(item_lines) else '?'}"
@@ -178,10 +177,6 @@ def read_copa(path, skip_bad: bool = False) -> tuple[list[Example], ReadStats]:
             context = f"{fields[0]} {COPA_QUESTIONS[asks]}"
             out.append(Example([context], int(right) - 1, choices=fields[1:], source=where))
     return out, stats
-
-
-def _item_lines(text: str) -> list[int]:
-    return [i for i, line in enumerate(text.splitlines(), 1) if "<item" in line]
 
 
 STORYCLOZE_COLUMNS = ("InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
