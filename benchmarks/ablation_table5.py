@@ -26,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _bench import print_table  # noqa: E402
 from megagpt.errors import cli_main  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -41,6 +42,9 @@ def pretrain(out: Path, args, log):
     from megagpt.checkpoint.consolidated import save_consolidated
     from megagpt.model import GPT, get_preset
     from megagpt.tokenizer import load_tokenizer, train_sentencepiece
+    from megagpt.train.loop import to_batch
+    from megagpt.train.optim import param_groups
+    from megagpt.train.schedule import Schedule, build_scheduler
 
     corpus = str(DATA / "corpus" / "tinyshakespeare.txt")
     tok_path = train_sentencepiece([corpus], str(out / "tok"), vocab_size=args.vocab, num_threads=1)
@@ -55,22 +59,14 @@ def pretrain(out: Path, args, log):
 
     torch.manual_seed(1234)
     model = GPT(cfg)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-                            lr=args.pretrain_lr, betas=(0.9, 0.95))
-    warm = max(1, args.pretrain_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.pretrain_steps)))))
-
-    def batch(ds, lo, n):
-        t = torch.stack([torch.from_numpy(ds[i]["tokens"]) for i in range(lo, lo + n)])
-        return t[:, :-1], t[:, 1:].contiguous()
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=args.pretrain_lr, betas=(0.9, 0.95))
+    sched = build_scheduler(opt, Schedule(args.pretrain_lr, 0.0, max(1, args.pretrain_steps // 20),
+                                          args.pretrain_steps, "cosine"))
 
     @torch.no_grad()
     def val_loss():
         model.eval()
-        x, y = batch(valid, 0, n_valid)
+        x, y = to_batch(valid, range(n_valid), "cpu")
         loss = model(x, labels=y).item()
         model.train()
         return loss
@@ -80,7 +76,8 @@ def pretrain(out: Path, args, log):
         f"{args.pretrain_steps} steps x {args.pretrain_batch}; initial val loss {val_loss():.3f}")
     model.train()
     for step in range(args.pretrain_steps):
-        x, y = batch(train, step * args.pretrain_batch, args.pretrain_batch)
+        b = args.pretrain_batch
+        x, y = to_batch(train, range(step * b, (step + 1) * b), "cpu")
         loss = model(x, labels=y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -104,9 +101,8 @@ def arms(args):
                     yield task, init, lm_coef, seed
 
 
-def table(results, tasks) -> str:
-    rows = ["| init | aux LM (λ) | " + " | ".join(f"{t.upper()} dev acc" for t in tasks) + " |",
-            "|---|---|" + "---|" * len(tasks)]
+def table(results, tasks):
+    rows = []
     for init in ("pretrained", "random"):
         for lm in (0.5, 0.0):
             cells = []
@@ -117,8 +113,8 @@ def table(results, tasks) -> str:
                     continue
                 half = (max(accs) - min(accs)) / 2
                 cells.append(f"{100 * statistics.mean(accs):.1f} ± {100 * half:.1f} (n={len(accs)})")
-            rows.append(f"| {init} | {lm} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+            rows.append((init, str(lm), *cells))
+    print_table(["init", "aux LM (λ)", *(f"{t.upper()} dev acc" for t in tasks)], rows)
 
 
 @cli_main
@@ -173,7 +169,7 @@ def main():
     print()
     print(f"pretrain: {pre['params']:,} params, {args.pretrain_steps} steps, val loss {pre['val_loss']:.3f}, "
           f"{pre['seconds']:.0f}s")
-    print(table(results, args.tasks))
+    table(results, args.tasks)
     # majority-class baseline on the same dev sets, for reading the table
     from megagpt.finetune.tasks import get_task
     for t in args.tasks:

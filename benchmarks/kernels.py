@@ -10,7 +10,6 @@ baseline is timed in the same run, interleaved with the candidate, after warm-up
 import argparse
 import math
 import platform
-import statistics
 import sys
 import time
 
@@ -19,32 +18,7 @@ import torch.nn.functional as F
 
 from megagpt_kernels import reference
 
-
-def _timer(fn, cuda: bool) -> float:
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def bench(fns: dict, reps: int, cuda: bool, warmup: int = 3) -> dict:
-    """Median seconds per call of each fn, timed interleaved (A B C A B C ...) after warm-up."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    if cuda:
-        torch.cuda.synchronize()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            times[k].append(_timer(fn, cuda))
-    return {k: statistics.median(v) for k, v in times.items()}
+from _bench import bench, print_table
 
 
 def _fwd_bwd(fn, inputs, dy):
@@ -90,8 +64,8 @@ def norm_rows(args, cuda: bool, dev: str, dtype):
             base = "torch F.layer_norm" if "layer_norm" in k else "reference rms_norm"
             rows.append((f"{k}", f"{m}x{n}", f"{t[k] * 1e3:.3f}", f"{gbs:.1f}", f"{gbs / copy_gbs:.2f}",
                          f"{t[base] / t[k]:.2f}"))
-    _table(f"Norm fwd+bwd ({str(dtype).replace('torch.', '')})",
-           ["impl", "rows x hidden", "ms", "GB/s", "vs copy BW", "speedup vs torch"], rows)
+    print_table(["impl", "rows x hidden", "ms", "GB/s", "vs copy BW", "speedup vs torch"], rows,
+                f"Norm fwd+bwd ({str(dtype).replace('torch.', '')})")
 
 
 def extras_rows(args, cuda: bool, dev: str, dtype):
@@ -129,8 +103,8 @@ def extras_rows(args, cuda: bool, dev: str, dtype):
     for k in bg:
         gbs = 4 * m * h * x.element_size() / t[k] / 1e9
         rows.append((k, f"{m}x{h}", f"{t[k] * 1e3:.3f}", f"{gbs:.1f}", f"{t[base] / t[k]:.2f}"))
-    _table(f"Cross-entropy and bias+GELU fwd+bwd ({str(dtype).replace('torch.', '')})",
-           ["impl", "shape", "ms", "GB/s", "speedup vs reference"], rows)
+    print_table(["impl", "shape", "ms", "GB/s", "speedup vs reference"], rows,
+                f"Cross-entropy and bias+GELU fwd+bwd ({str(dtype).replace('torch.', '')})")
 
 
 def eager_attention(q, k, v, causal=True):
@@ -176,16 +150,8 @@ def attention_rows(args, cuda: bool, dev: str, dtype):
                 for name, sec in tm.items():
                     rows.append((name, mode, f"{bsz}x{h}x{t}x{d}", f"{sec * 1e3:.3f}",
                                  f"{fwd_flops * mult / sec / 1e12:.3f}", f"{tm[base] / sec:.2f}"))
-    _table(f"Causal attention ({str(dtype).replace('torch.', '')})",
-           ["impl", "pass", "BxHxTxD", "ms", "TFLOP/s", f"speedup vs {base}"], rows)
-
-
-def _table(title, header, rows):
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(["impl", "pass", "BxHxTxD", "ms", "TFLOP/s", f"speedup vs {base}"], rows,
+                f"Causal attention ({str(dtype).replace('torch.', '')})")
 
 
 def main(argv=None):

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bench import print_table
+
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "corpus" / "tinyshakespeare.txt"
 
@@ -109,20 +111,20 @@ def main():
                 cpu[(w, "raw")].append(c2)
     med = {k: statistics.median(v) for k, v in times.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
-    print("\n| workers | preprocess tok/s (MB/s) | raw sp.encode tok/s | ratio (wall) "
-          "| preprocess CPU s | raw CPU s | ratio (CPU) |")
-    print("|---|---|---|---|---|---|---|")
-    for w in a.workers:
-        o, r = tokens[w] / med[(w, "ours")], tokens[w] / med[(w, "raw")]
-        print(f"| {w} | {o:,.0f} ({mb / med[(w, 'ours')]:.2f}) | {r:,.0f} | {o / r:.1%} "
-              f"| {cmed[(w, 'ours')]:.2f} | {cmed[(w, 'raw')]:.2f} | {cmed[(w, 'raw')] / cmed[(w, 'ours')]:.1%} |")
+    print()
+    print_table(["workers", "preprocess tok/s (MB/s)", "raw sp.encode tok/s", "ratio (wall)", "preprocess CPU s",
+                 "raw CPU s", "ratio (CPU)"],
+                [(str(w), f"{tokens[w] / med[(w, 'ours')]:,.0f} ({mb / med[(w, 'ours')]:.2f})",
+                  f"{tokens[w] / med[(w, 'raw')]:,.0f}", f"{med[(w, 'raw')] / med[(w, 'ours')]:.1%}",
+                  f"{cmed[(w, 'ours')]:.2f}", f"{cmed[(w, 'raw')]:.2f}", f"{cmed[(w, 'raw')] / cmed[(w, 'ours')]:.1%}")
+                 for w in a.workers])
     if len(a.workers) > 1:
         w0, w1 = a.workers[0], a.workers[-1]
         print(f"\nscaling workers {w0} → {w1}: preprocess x{med[(w0, 'ours')] / med[(w1, 'ours')]:.2f}, "
               f"raw encode x{med[(w0, 'raw')] / med[(w1, 'raw')]:.2f}")
-    model_name = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split(":")[-1]
-    print(f"\nmedian of {a.reps} interleaved runs after warm-up; {model_name.strip()}; python {platform.python_version()}; "
-          f"load avg after {os.getloadavg()[0]:.2f}")
+    cpu_model = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout
+    print(f"\nmedian of {a.reps} interleaved runs after warm-up; {cpu_model.split(':')[-1].strip()}; "
+          f"python {platform.python_version()}; load avg after {os.getloadavg()[0]:.2f}")
     shutil.rmtree(tmp)
 
 

@@ -15,13 +15,14 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from _bench import bench, print_table
 
 SEQ = 1024
 
@@ -97,14 +98,8 @@ def throughput(prefix, n_tokens, samples, repeats):
         for s in starts:
             np.asarray(toks[s:s + SEQ + 1], dtype=np.int64)
 
-    times = {"GPTDataset[i]": [], "np.memmap slice": []}
-    for rep in range(repeats + 1):  # rep 0 is warm-up
-        for name, fn in (("np.memmap slice", run_raw), ("GPTDataset[i]", run_ds)):
-            t0 = time.perf_counter()
-            fn()
-            if rep:
-                times[name].append(time.perf_counter() - t0)
-    return {k: samples / statistics.median(v) for k, v in times.items()}
+    times = bench({"GPTDataset[i]": run_ds, "np.memmap slice": run_raw}, repeats, warmup=1)
+    return {k: samples / t for k, t in times.items()}
 
 
 def main():
@@ -136,24 +131,21 @@ def main():
     print("RSS in MB; 'anon' = private memory at exit, 'file' = mapped page-cache pages at exit "
           f"(shared, reclaimable); import-only subprocess: peak {base['peak_rss_mb']:.0f}, "
           f"anon {base['RssAnon']:.0f}, file {base['RssFile']:.0f}")
-    print(f"| corpus tokens | build index s | build: peak / anon / file | load index s | "
-          f"load + {args.samples} reads: peak / anon / file | reads/s (cold process) |")
-    print("|---|---|---|---|---|---|")
-    for m, n_tok, t_write, b, l in rows:
-        print(f"| {n_tok / 1e6:.1f}M | {b['index_s']:.2f} | {b['peak_rss_mb']:.0f} / {b['RssAnon']:.0f} / "
-              f"{b['RssFile']:.0f} | {l['index_s']:.3f} | {l['peak_rss_mb']:.0f} / {l['RssAnon']:.0f} / "
-              f"{l['RssFile']:.0f} | {args.samples / l['read_s']:,.0f} |")
+    print_table(["corpus tokens", "build index s", "build: peak / anon / file", "load index s",
+                 f"load + {args.samples} reads: peak / anon / file", "reads/s (cold process)"],
+                [(f"{n_tok / 1e6:.1f}M", f"{b['index_s']:.2f}",
+                  f"{b['peak_rss_mb']:.0f} / {b['RssAnon']:.0f} / {b['RssFile']:.0f}", f"{l['index_s']:.3f}",
+                  f"{l['peak_rss_mb']:.0f} / {l['RssAnon']:.0f} / {l['RssFile']:.0f}",
+                  f"{args.samples / l['read_s']:,.0f}") for m, n_tok, t_write, b, l in rows])
 
     m, n_tok = rows[-1][0], rows[-1][1]
     rates = throughput(os.path.join(work, f"corpus_{m}M"), n_tok, args.samples, args.repeats)
     print(f"\nload average after the runs {os.getloadavg()[0]:.1f}")
     print(f"\nrandom access, seq {SEQ}, {n_tok / 1e6:.0f}M-token corpus, {args.samples} samples, "
           f"median of {args.repeats} (warm page cache)")
-    print("| reader | samples/s | ratio vs memmap |")
-    print("|---|---|---|")
     raw = rates["np.memmap slice"]
-    for k, v in rates.items():
-        print(f"| {k} | {v:,.0f} | {v / raw:.2f} |")
+    print_table(["reader", "samples/s", "ratio vs memmap"],
+                [(k, f"{v:,.0f}", f"{v / raw:.2f}") for k, v in rates.items()])
 
 
 if __name__ == "__main__":

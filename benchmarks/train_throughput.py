@@ -19,17 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from _bench import bench, print_table  # noqa: E402
+from megagpt.train.optim import param_groups  # noqa: E402
+
 
 def matmul_flops(m, k, n, reps=10):
     a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(3):
-        torch.mm(a, b)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2 * m * k * n / statistics.median(times)
+    return 2 * m * k * n / bench({"mm": lambda: torch.mm(a, b)}, reps)["mm"]
 
 
 def make_megagpt(a):
@@ -48,11 +44,6 @@ def make_hf(a):
     return GPT2LMHeadModel(cfg)
 
 
-def param_groups(model):
-    from megagpt.train.optim import param_groups as pg
-    return pg(model, 0.01)
-
-
 class Bare:
     """Plain torch: forward, backward, clip, AdamW step."""
 
@@ -60,7 +51,7 @@ class Bare:
         self.model, self.hf = model, hf
         groups = ([{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.01},
                    {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
-                  if hf else param_groups(model))
+                  if hf else param_groups(model, 0.01))
         self.opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
 
     def step(self, x, y):
@@ -81,7 +72,7 @@ class Engine:
               "gradient_clipping": 1.0, "steps_per_print": 10**9, "zero_optimization": {"stage": stage},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
                                                        "weight_decay": 0.01}}}
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds)
 
     def step(self, x, y):
         loss = self.engine(x, labels=y)
@@ -145,14 +136,12 @@ def main():
     tok = a.batch * a.seq
     print(f"config: {a.layers} layers, width {a.width}, {a.width // 64} heads, seq {a.seq}, batch {a.batch}, "
           f"vocab {a.vocab}; {ref.num_params():,} params; {flops_per_step / 1e9:.2f} GFLOP/step (PaLM)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 torch.mm 1024^3: {peak / 1e9:.1f} GFLOP/s "
-          f"(median of {a.rounds})")
-    print(f"| contender | median ms/step | tokens/s | GFLOP/s | % of mm | best ms/step | best % of mm |")
-    print("|---|---|---|---|---|---|---|")
-    for k, t in med.items():
-        b = best[k]
-        print(f"| {k} | {1e3 * t:.1f} | {tok / t:,.0f} | {flops_per_step / t / 1e9:.1f} | "
-              f"{100 * flops_per_step / t / peak:.1f}% | {1e3 * b:.1f} | {100 * flops_per_step / b / max(mm):.1f}% |")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"fp32 torch.mm 1024^3: {peak / 1e9:.1f} GFLOP/s (median of {a.rounds})")
+    print_table(["contender", "median ms/step", "tokens/s", "GFLOP/s", "% of mm", "best ms/step", "best % of mm"],
+                [(k, f"{1e3 * t:.1f}", f"{tok / t:,.0f}", f"{flops_per_step / t / 1e9:.1f}",
+                  f"{100 * flops_per_step / t / peak:.1f}%", f"{1e3 * best[k]:.1f}",
+                  f"{100 * flops_per_step / best[k] / max(mm):.1f}%") for k, t in med.items()])
     hf, bare = "HF GPT2LMHeadModel bare loop", "megagpt bare torch loop"
     z0, z1 = "megagpt + DeepSpeed ZeRO-0", "megagpt + DeepSpeed ZeRO-1"
     print(f"megagpt+DeepSpeed ZeRO-0 vs HF: {ratio(hf, z0):.2f}x faster (target >= 1.3x); "
