@@ -84,7 +84,7 @@ def e2e_run(tmp_path_factory, sp_model, shared_data):
 
 def test_all_task_types_under_deepspeed_launcher(e2e_run):
     out, log = e2e_run
-    assert "2 rank(s)" in log
+    assert "dp=2 tp=1" in log
     for task in TASK_RUNS:
         hist = json.loads((out / task / "history.json").read_text())
         (res,) = hist["history"]
@@ -151,7 +151,7 @@ def test_plain_python_process_mrpc(tmp_path, sp_model, shared_data):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     evals = [json.loads(line.split("eval ", 1)[1]) for line in r.stdout.splitlines() if line.startswith("eval {")]
-    assert [e["epoch"] for e in evals] == [1, 2] and "1 rank(s)" in r.stdout
+    assert [e["epoch"] for e in evals] == [1, 2] and "dp=1 tp=1" in r.stdout
     assert all(0 <= e["f1"] <= 1 and 0 <= e["accuracy"] <= 1 and e["eval_examples"] == 24 for e in evals)
     hist = json.loads((tmp_path / "mrpc" / "history.json").read_text())
     best = max(evals, key=lambda e: e["f1"])           # first epoch wins ties
