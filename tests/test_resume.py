@@ -9,12 +9,11 @@ powers outside the checkpoint (``checkpoint.engine.resync_cpu_adam``), the per-T
 stream not saved, and the MFU peak measurement drawing from the restored global generator.
 """
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from test_layouts import legacy, legacy_data  # noqa: F401  (the fixture)
+from test_layouts import legacy, legacy_data  # noqa: F401,F811  (legacy_data: the fixture)
 from test_train_runs import launch, losses, ok
 
 pytestmark = pytest.mark.slow

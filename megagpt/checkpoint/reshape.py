@@ -10,7 +10,7 @@ import torch
 
 from megagpt.atomic import write_bytes_atomic
 from megagpt.errors import MegaGPTError
-from megagpt.model.sharding import merge, shard, shard_kind
+from megagpt.model.sharding import shard
 
 from .consolidated import save_consolidated
 from .load import open_checkpoint
@@ -89,42 +89,32 @@ def _step_of(base) -> int:
 def gather_optimizer_state(engine) -> tuple:
     """({"exp_avg.<serial name>": full tensor, "exp_avg_sq.<...>", "fp32.<...>" (master weight)}, step)
     of a live engine at any TP/PP/DP layout (collective: call on every rank; all get the result)."""
-    import torch.distributed as dist
-
+    from megagpt.model.gpt import gather_slices
+    from megagpt.model.pipeline import gather_stages
     from megagpt.parallel.layout import named_parameters_serial
 
     stage, base = _zero_optimizer(engine)
     module = engine.module
-    state, cfg = _layout(module)
-    tp = state.size
+    tp, cfg = _layout(module)
     out = {}
-    for name, p in named_parameters_serial(module):
-        for key in _MOMENTS + ("fp32",):
+    for key in _MOMENTS + ("fp32",):
+        local = {}
+        for name, p in named_parameters_serial(module):
             if stage == 0:
-                local = p if key == "fp32" else (base.state[p][key] if p in base.state else torch.zeros_like(p))
+                t = p if key == "fp32" else (base.state[p][key] if p in base.state else torch.zeros_like(p))
             elif key == "fp32":   # the fp32 master (differs from the module weight under bf16/fp16)
                 from deepspeed.utils import safe_get_full_fp32_param
 
-                local = safe_get_full_fp32_param(p)
+                t = safe_get_full_fp32_param(p)
             else:
                 from deepspeed.utils import safe_get_full_optimizer_state
 
-                local = safe_get_full_optimizer_state(p, key)
-            local = local.detach().float().contiguous()
-            if tp > 1 and shard_kind(name) != "replicated":
-                parts = [torch.empty_like(local) for _ in range(tp)]
-                dist.all_gather(parts, local, group=state.group)
-            else:
-                parts = [local]
-            out[f"{key}.{name}"] = merge(name, parts, cfg).clone()
+                t = safe_get_full_optimizer_state(p, key)
+            local[name] = t.detach().float()
+        out.update({f"{key}.{n}": v for n, v in gather_slices(local, cfg, tp).items()})   # across TP
     par = getattr(module, "parallel_state", None)
     if par is not None and par.pp_size > 1:
-        parts = [None] * par.pp_size
-        dist.all_gather_object(parts, {k: v.cpu() for k, v in out.items()}, group=par.pp_group)
-        out = {}
-        for part in parts:
-            for k, v in part.items():
-                out.setdefault(k, v)
+        out = gather_stages(out, par)
     return out, _step_of(base)
 
 

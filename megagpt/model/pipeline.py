@@ -131,12 +131,16 @@ def load_pipeline(module, full_sd: dict) -> None:
 def pipeline_full_state_dict(module) -> dict:
     """Serial-named full state dict, gathered over TP inside each stage and then over stages."""
     cfg, par = module.cfg, module.parallel_state
-    mine = gather_slices({n: p for n, p in stage_parameters(module).items()}, cfg, par.tp)
+    return with_tied_names(gather_stages(gather_slices(stage_parameters(module), cfg, par.tp), par), cfg)
+
+
+def gather_stages(tensors: dict, par) -> dict:
+    """Every pipeline stage's serial-named tensors, on every rank (a tied table: the first stage's)."""
     parts = [None] * par.pp_size
-    dist.all_gather_object(parts, {k: v.cpu() for k, v in mine.items()}, group=par.pp_group)
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in tensors.items()}, group=par.pp_group)
     full = {}
-    for p in parts:
-        for k, v in p.items():
+    for part in parts:
+        for k, v in part.items():
             full.setdefault(k, v)
-    return with_tied_names(full, cfg)
+    return full
 

@@ -80,7 +80,7 @@ def run(cfg, ds_config) -> int:
     t = cfg.train
     par = build_parallel_state(cfg.parallel)
     ds_config = prepare_ds_config(ds_config, par)
-    dp_rank, dp_size, dp_group = par.dp_rank, par.dp_size, par.dp_group   # not the world
+    dp_size, dp_group = par.dp_size, par.dp_group   # not the world
     tok = load_tokenizer(cfg.data.tokenizer)
     mcfg = cfg.model
 
