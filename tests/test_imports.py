@@ -185,3 +185,28 @@ def test_checker_finds_a_planted_cycle_and_layering_violation(tmp_path):
     assert members == ["megagpt.data.reader", "megagpt.errors", "megagpt.train.loop"]
     assert cycle == ["megagpt.data.reader", "megagpt.train.loop", "megagpt.errors", "megagpt.data.reader"]
     assert "megagpt.train.loop" in reachable_paths(graph, "megagpt.errors")
+
+
+# The documented layering (docs/architecture.md), bottom first: a package imports only from its
+# own layer or below. megagpt_kernels imports nothing from megagpt (checked above).
+LAYERS = [("errors",), ("schema",), ("atomic", "envsetup"), ("tokenizer",), ("data",), ("megagpt_kernels",),
+          ("tp",), ("model",), ("parallel",), ("export",), ("checkpoint",), ("cluster",), ("config",),
+          ("train", "finetune")]
+# the one sanctioned upward edge: the finetune config validates the task name against the registry
+ALLOWED_UP = {("megagpt.config", "megagpt.finetune.tasks")}
+
+
+def _layer(module):
+    parts = module.split(".")
+    name = parts[0] if parts[0] == "megagpt_kernels" else (parts[1] if len(parts) > 1 else None)
+    return next((i for i, names in enumerate(LAYERS) if name in names), None)
+
+
+def test_packages_import_only_their_own_layer_or_below(graph_and_mods):
+    graph, mods = graph_and_mods
+    assert all(_layer(m) is not None for m in mods if m not in ("megagpt",)), \
+        sorted(m for m in mods if m != "megagpt" and _layer(m) is None)
+    up = [f"{a} ({mods[a][0].relative_to(REPO)}:{line}) imports {b}"
+          for a, edges in sorted(graph.items()) for b, line in sorted(edges.items())
+          if b != "megagpt" and _layer(b) > _layer(a) and (a, b) not in ALLOWED_UP]
+    assert not up, "imports up the layering of docs/architecture.md:\n  " + "\n  ".join(up)
