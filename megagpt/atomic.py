@@ -21,7 +21,7 @@ from pathlib import Path
 from megagpt.errors import MegaGPTError
 
 __all__ = ["AtomicFile", "atomic_file", "write_bytes_atomic", "write_text_atomic", "atomic_dir", "publish",
-           "fsync_tree", "temp_sibling"]
+           "fsync_tree", "temp_sibling", "refuse_existing"]
 
 
 def temp_sibling(path, kind: str = "tmp") -> Path:
@@ -60,6 +60,14 @@ def fsync_tree(root) -> None:
 
 def _exists_error(path) -> MegaGPTError:
     return MegaGPTError(f"{path}: already exists; pass --force to overwrite")
+
+
+def refuse_existing(paths) -> None:
+    """The CLIs never overwrite a user's file without ``--force``: one line naming the first of
+    ``paths`` that exists, checked before any work starts."""
+    for p in paths:
+        if os.path.lexists(p):
+            raise _exists_error(p)
 
 
 def publish(src, dst, force: bool = True) -> None:

@@ -59,6 +59,7 @@ def parse_args(argv=None):
                    help="shard prefixes (PREFIX of PREFIX.bin/.idx) and/or folders holding shards")
     p.add_argument("--pattern", default="*", help="for folder inputs: glob on the shard name (default: *)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--force", action="store_true", help="overwrite an existing PREFIX.bin / PREFIX.idx")
     return p.parse_args(argv)
 
 
@@ -66,6 +67,10 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     prefixes = find_prefixes(a.input, a.pattern)
+    if not a.force:
+        from megagpt.atomic import refuse_existing
+
+        refuse_existing([f"{a.output_prefix}.bin", f"{a.output_prefix}.idx"])
     ds = merge_datasets(prefixes, a.output_prefix)
     print(f"merged {len(prefixes)} shards: {ds.num_documents} docs, {ds.num_tokens} tokens ({ds.dtype}) "
           f"→ {a.output_prefix}.bin/.idx")

@@ -34,7 +34,22 @@ def parse_args(argv=None):
     p.add_argument("--shard-size-tokens", type=int, default=0,
                    help="start a new numbered shard once one holds this many tokens (0 = one shard, the default)")
     p.add_argument("--log-interval", type=float, default=1.0, help="seconds between progress-bar updates")
+    p.add_argument("--force", action="store_true", help="overwrite existing shards at the output prefix (stale "
+                   "numbered shards of an earlier run are removed)")
     return p.parse_args(argv)
+
+
+def existing_outputs(output_prefix, json_keys) -> list:
+    """Shard files already at this output prefix (one per key, or numbered ones)."""
+    import glob
+
+    found = []
+    for key in json_keys:
+        base = f"{output_prefix}_{key}_document"
+        for ext in (".bin", ".idx"):
+            found += [base + ext] if os.path.lexists(base + ext) else []
+            found += sorted(glob.glob(glob.escape(base) + "_[0-9][0-9][0-9][0-9][0-9]" + ext))
+    return found
 
 
 @cli_main
@@ -42,10 +57,18 @@ def main(argv=None):
     a = parse_args(argv)
     from megagpt.data.preprocess import preprocess  # after parsing: megagpt.data pulls in torch, --help should not
 
+    existing = existing_outputs(a.output_prefix, a.json_keys)
+    if not a.force:
+        from megagpt.atomic import refuse_existing
+
+        refuse_existing(existing)
     summary = preprocess(a.input, a.output_prefix, a.tokenizer_model, json_keys=tuple(a.json_keys),
                          workers=a.workers, append_eod=a.append_eod, split_paragraphs=a.split_paragraphs,
                          skip_bad_lines=a.skip_bad_lines, shard_size_tokens=a.shard_size_tokens,
                          log_interval=a.log_interval)
+    written = {f"{p}{ext}" for p in summary.output_prefixes for ext in (".bin", ".idx")}
+    for stale in sorted(set(existing) - written):   # --force: an earlier run's extra numbered shards
+        os.remove(stale)
     print(f"done: {summary}")
     for prefix in summary.output_prefixes:
         print(f"wrote {prefix}.bin/.idx")

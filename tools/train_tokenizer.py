@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from megagpt.atomic import write_bytes_atomic
+from megagpt.atomic import refuse_existing, write_bytes_atomic
 from megagpt.errors import MegaGPTError, cli_main
 from megagpt.tokenizer import load_tokenizer, train_sentencepiece
 
@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="sentencepiece training threads (default: all cores)")
     p.add_argument("--verbose", action="store_true", help="show sentencepiece's training log")
+    p.add_argument("--force", action="store_true", help="overwrite an existing PREFIX.model / PREFIX.vocab")
     return p.parse_args(argv)
 
 
@@ -41,6 +42,8 @@ def main(argv=None):
     if args.workers < 1:
         raise MegaGPTError(f"--workers must be >= 1, got {args.workers}")
     out = Path(args.output_prefix)
+    if not args.force:
+        refuse_existing([f"{out}.model", f"{out}.vocab"])
     out.parent.mkdir(parents=True, exist_ok=True)
     # sentencepiece writes PREFIX.model/.vocab in place: train into a hidden scratch dir beside the
     # output, then publish each file atomically (.model last: it is the one loaded)
