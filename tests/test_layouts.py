@@ -1,7 +1,7 @@
 """Layouts and history, through the real pretraining entry (the `deepspeed` launcher, gloo ranks):
 
   * tp=pp=1 pretraining is bit-identical to the code before the one-model redesign: the losses
-    that commit 098005b logged (tests/fixtures/legacy_v0/expected.pt), with dropout off and on;
+    that commit 098005b logged (tests/fixtures/legacy_v0/expected.pt; dropout off — see below);
   * the same seed trains the same model at any layout: each layout starts from its own
     initialisation (no shared weights) and logs the serial run's losses within fp32
     reduction-order tolerance — DP=2, TP=2, TP=2 + sequence parallel, PP=2, and another
@@ -37,11 +37,14 @@ def legacy_data(tmp_path_factory, shakespeare_txt):
     return str(out) + "_text_document", tok
 
 
+# With dropout on, runs intentionally differ from 098005b (expected.pt's "serial_dropout"): the old
+# entry measured the MFU peak with 2 x 1024^2 normals drawn from the training generator, after a
+# resume had restored it (so resumes were not exact); the peak now uses a private generator, which
+# shifts every later dropout mask. tests/test_resume.py covers dropout-on runs.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["serial", "serial_dropout"])
+@pytest.mark.parametrize("name", ["serial"])
 def test_serial_losses_are_bit_identical_to_the_pre_redesign_code(tmp_path, legacy_data, name):
-    dropout = {"embd_dropout": 0.1, "resid_dropout": 0.1, "attn_dropout": 0.1} if name == "serial_dropout" else {}
-    cfg = legacy.config(tmp_path / "c.yaml", *legacy_data, model=dropout)
+    cfg = legacy.config(tmp_path / "c.yaml", *legacy_data)
     got = legacy.launch(cfg, "zero2.json", tmp_path / "ckpt", OLD=REPO)
     want = torch.load(LEGACY / "expected.pt")["losses"][name]
     assert sorted(got) == list(range(1, 13))
