@@ -132,3 +132,14 @@ def test_generate_cli_reads_a_consolidated_checkpoint_with_its_tokenizer(tmp_pat
         r = run(*args)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1, r.stderr
+
+
+def test_generate_cli_refuses_zero_new_tokens_naming_the_flag(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "tools" / "generate.py"), str(tmp_path), "--prompt", "x",
+                        "--max-new-tokens", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --max-new-tokens 0: must be >= 1"], r.stderr

@@ -56,7 +56,8 @@ def test_resume_is_bit_exact(tmp_path, legacy_data, name):  # noqa: F811
     ds, par, model = CASES[name]
     cfg = legacy.config(tmp_path / "c.yaml", *legacy_data, model=model, parallel=par, train_iters=25,
                         save_interval=0, keep_last=0)
-    ok(launch(cfg, ds, tmp_path / "straight"))
+    fresh = ok(launch(cfg, ds, tmp_path / "straight", "--load", str(tmp_path / "straight")))
+    assert f"no complete checkpoint in {tmp_path / 'straight'} (no such directory): starting from step 0" in fresh.stdout
     ok(launch(cfg, ds, tmp_path / "resumed", "--exit-interval", "5"))
     r = ok(launch(cfg, ds, tmp_path / "resumed", "--load", str(tmp_path / "resumed")))
     assert "resumed from" in r.stdout and "at step 5" in r.stdout

@@ -59,6 +59,8 @@ def main(argv=None) -> int:
             raise MegaGPTError(f"{a.prompt_file}: prompt file not found")
         prompts += [line.rstrip("\n") for line in open(a.prompt_file) if line.strip()]
     prompts += [_ids(text) for text in a.prompt_ids]
+    if a.max_new_tokens < 1:
+        raise MegaGPTError(f"--max-new-tokens {a.max_new_tokens}: must be >= 1")
     if not prompts:
         raise MegaGPTError("no prompt: pass --prompt TEXT (repeatable), --prompt-file FILE or --prompt-ids IDS")
     model, tok, meta = load_model(a.checkpoint, tag=a.tag, tokenizer=a.tokenizer)
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
             ids = [tok.bos_id]
         budget = min(a.max_new_tokens, model.cfg.max_seq_len - len(ids))
         if budget < 1:
-            raise MegaGPTError(f"prompt {i + 1} is {len(ids)} tokens; max_seq_len is {model.cfg.max_seq_len}")
+            raise MegaGPTError(f"prompt {i + 1} is {len(ids)} tokens: no room for a new token within the model's "
+                               f"max_seq_len={model.cfg.max_seq_len}")
         if any(not 0 <= t < model.cfg.vocab_size for t in ids):
             raise MegaGPTError(f"prompt {i + 1}: token ids must be in 0..{model.cfg.vocab_size - 1}")
         out = generate(model, ids, budget, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,

@@ -105,6 +105,9 @@ def run(cfg, ds_config) -> int:
             state = loop.TrainState(client["step"], client["consumed_samples"], client.get("skipped_steps", 0))
             if rank == 0:
                 print(f"resumed from {t.load}/{client['_tag']} at step {state.step}", flush=True)
+        elif rank == 0:   # say so: a typo in --load would otherwise restart a run silently
+            print(f"no complete checkpoint in {t.load}{'' if os.path.isdir(t.load) else ' (no such directory)'}: "
+                  f"starting from step 0", flush=True)
 
     def save_fn(st, kill=False):
         client = {"step": st.step, "consumed_samples": st.consumed_samples, "skipped_steps": st.skipped_steps,
