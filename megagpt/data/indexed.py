@@ -183,6 +183,15 @@ class IndexedDataset:
         self.pointers = np.frombuffer(self._idx_mmap, dtype=np.int64, count=n, offset=off)
         off += n * 8
         self.doc_idx = np.frombuffer(self._idx_mmap, dtype=np.int64, count=d, offset=off)
+        # pointers are the byte offsets of the sizes before each sequence: a corrupted entry in
+        # either (header intact) would otherwise read wrong tokens silently
+        expect = np.zeros(n, dtype=np.int64)
+        np.cumsum(self.sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=expect[1:])
+        bad = np.flatnonzero((self.sizes < 0) | (self.pointers != expect))
+        if bad.size:
+            i = int(bad[0])
+            raise MegaGPTError(f"{ipath}: sequence {i} has size {int(self.sizes[i])} and byte pointer "
+                               f"{int(self.pointers[i])}, inconsistent with the sizes before it; the index is corrupt")
         bin_len = os.path.getsize(bpath)
         total = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
         if bin_len != total:
