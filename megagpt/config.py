@@ -84,6 +84,9 @@ class TrainConfig(OptimConfig):
                                               "train_iters, which sizes the sample stream and LR schedule)")
     tensorboard_dir: Optional[str] = field(None, help="tensorboard event directory",
                                            default_text="<save>/tensorboard when save is set")
+    override_lr_schedule: bool = field(False, help="on resume, use this run's LR schedule settings even where they "
+                                                   "differ from the checkpoint's (default: keep the checkpoint's "
+                                                   "schedule and say which settings differ)")
     nan_policy: str = field("skip", choices=("skip", "stop"), help="on a non-finite loss: skip the step, or save "
                                                                    "the last good step and stop")
     progress_bar: bool = field(True, help="tqdm progress bar")

@@ -43,3 +43,39 @@ def test_resume_is_bit_exact(tmp_path, legacy_data, name):  # noqa: F811
     assert [s for s in want if got[s] != want[s]] == [], (want, got)
     diff, compared = first_difference(tmp_path / "straight" / "global_step25", tmp_path / "resumed" / "global_step25")
     assert diff is None and compared > 10, diff
+
+
+def test_resume_with_a_longer_run_keeps_the_lr_schedule_unless_told(tmp_path, legacy_data):  # noqa: F811
+    """Resuming a 6-step run with --train-iters 8 says which schedule settings differ and keeps the
+    checkpoint's schedule (steps 4-6 get exactly the 6-step run's LRs, then min_lr), also across a
+    second resume; --override-lr-schedule switches to the new decay instead."""
+    from megagpt.train.schedule import Schedule
+
+    cfg = legacy.config(tmp_path / "c.yaml", *legacy_data, train_iters=6, save_interval=0, keep_last=0)
+    ok(launch(cfg, "zero1.json", tmp_path / "straight"))
+    want = {s: r for s, r in lrs(tmp_path / "straight").items()}
+    for name, extra in (("kept", []), ("override", ["--override-lr-schedule"])):
+        save = tmp_path / name
+        ok(launch(cfg, "zero1.json", save, "--exit-interval", "3"))
+        r = ok(launch(cfg, "zero1.json", save, "--load", str(save), "--train-iters", "7", "--exit-interval", "5",
+                      *extra))
+        assert "LR schedule differs from the checkpoint's (decay_iters 6 -> 7)" in r.stdout, r.stdout[-2000:]
+        r = ok(launch(cfg, "zero1.json", save, "--load", str(save), "--train-iters", "8", *extra))
+        got = lrs(save)
+        if name == "kept":
+            assert "keeping the checkpoint's" in r.stdout and "decay_iters 6 -> 8" in r.stdout
+            assert all(got[s] == want[s] for s in range(1, 7)), (got, want)
+            assert got[7] == got[8] == Schedule.from_saved({"config": {"train": {
+                "lr": 3e-3, "min_lr": 3e-4, "lr_warmup_iters": 3, "train_iters": 6, "lr_decay_style": "cosine"}}}).at(6)
+        else:
+            assert "decay_iters 7 -> 8" in r.stdout and "using this run's" in r.stdout
+            new = Schedule(3e-3, 3e-4, 3, 8, "cosine")
+            # the logged lr of step s is the one the next step uses (the scheduler already stepped)
+            assert abs(got[7] - new.at(7)) < 1e-12 and got[7] > 3e-4 and got[5] != want[5]
+
+
+def lrs(save):
+    import json
+
+    return {j["step"]: j["lr"] for j in map(json.loads, (save / "train_log.jsonl").read_text().splitlines())
+            if "lr" in j}

@@ -16,6 +16,7 @@ any error (before or after) is printed once, by rank 0; see megagpt/config.py fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -70,7 +71,7 @@ def run(cfg, ds_config) -> int:
     from megagpt.train import distributed, loop
     from megagpt.train.metrics import Metrics, peak_flops
     from megagpt.train.optim import param_groups
-    from megagpt.train.schedule import Schedule, build_scheduler
+    from megagpt.train.schedule import Schedule, build_scheduler, resume_schedule
 
     from megagpt.parallel.groups import build_parallel_state
     from megagpt.parallel.layout import build_model, deepspeed_mpu, model_stats, prepare_ds_config
@@ -86,10 +87,11 @@ def run(cfg, ds_config) -> int:
 
     model = build_model(mcfg, par, t.seed)   # the same initial weights at every layout
     n_params, flops_per_token = model_stats(mcfg, cfg.data.seq_length)
+    schedule = Schedule.pretraining(t)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_config,
         mpu=deepspeed_mpu(par),
-        lr_scheduler=lambda opt: build_scheduler(opt, Schedule.pretraining(t)))
+        lr_scheduler=lambda opt: build_scheduler(opt, schedule))
 
     gbs = t.micro_batch_size * t.gradient_accumulation_steps * dp_size
     n_valid = t.eval_iters * t.micro_batch_size * dp_size if t.eval_interval else 0
@@ -103,6 +105,10 @@ def run(cfg, ds_config) -> int:
         client = checkpoint.load(engine, t.load, expect_model=cfg.model.to_dict(), tracker=par.rng)
         if client is not None:
             state = loop.TrainState(client["step"], client["consumed_samples"], client.get("skipped_steps", 0))
+            schedule, note = resume_schedule(engine.lr_scheduler, Schedule.from_saved(client), schedule,
+                                             t.override_lr_schedule)
+            if note and rank == 0:
+                print(note, flush=True)
             if rank == 0:
                 print(f"resumed from {t.load}/{client['_tag']} at step {state.step}", flush=True)
         elif rank == 0:   # say so: a typo in --load would otherwise restart a run silently
@@ -111,7 +117,7 @@ def run(cfg, ds_config) -> int:
 
     def save_fn(st, kill=False):
         client = {"step": st.step, "consumed_samples": st.consumed_samples, "skipped_steps": st.skipped_steps,
-                  "config": cfg.to_dict(), "tokenizer": tok.spec()}   # RNG: per rank, in rng_rank{R}.pt
+                  "config": cfg.to_dict(), "tokenizer": tok.spec(), "lr_schedule": dataclasses.asdict(schedule)}   # RNG: per rank, in rng_rank{R}.pt
         if not t.save:
             return
         if cfg.debug.dump_weights and par.tp_size == 1 and par.pp_size == 1:

@@ -43,6 +43,25 @@ class Schedule:
         return cls(t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_iters or t.train_iters, t.lr_decay_style)
 
     @classmethod
+    def from_saved(cls, client: dict) -> "Schedule":
+        """The schedule a checkpoint ran with: its recorded ``lr_schedule``, or (older checkpoints)
+        the one its recorded train section implies."""
+        if "lr_schedule" in client:
+            return cls(**client["lr_schedule"])
+        t = client["config"]["train"]
+        return cls(t["lr"], t["min_lr"], t["lr_warmup_iters"], t.get("lr_decay_iters") or t["train_iters"],
+                   t["lr_decay_style"])
+
+    def differences(self, other: "Schedule") -> list:
+        """``["decay_iters 6 -> 8", ...]``: the settings in which ``other`` differs from this one."""
+        return [f"{k} {getattr(self, k)} -> {getattr(other, k)}" for k in self.__dataclass_fields__
+                if getattr(self, k) != getattr(other, k)]
+
+    def factor(self, step: int) -> float:
+        """LambdaLR's multiplier of the group's initial lr (== ``self.lr``)."""
+        return self.at(step) / self.lr
+
+    @classmethod
     def finetuning(cls, lr: float, total_steps: int, warmup_frac: float) -> "Schedule":
         return cls(lr, 0.0, max(1, math.ceil(warmup_frac * total_steps)), total_steps, "linear")
 
@@ -52,4 +71,22 @@ class Schedule:
 
 def build_scheduler(optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR whose factor multiplies each group's initial lr (== ``schedule.lr``)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.at(step) / schedule.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
+
+
+def resume_schedule(scheduler, saved: Schedule, current: Schedule, override: bool) -> tuple:
+    """After a checkpoint restored ``scheduler``: keep the checkpoint's schedule (default), or with
+    ``override`` switch to ``current`` from this step on. Returns (the schedule in force, the line
+    to print when they differ, else None). Silently following a changed ``train_iters`` would jump
+    the LR mid-run (the decay is stretched)."""
+    diff = saved.differences(current)
+    if not diff:
+        return current, None
+    chosen = current if override else saved
+    scheduler.lr_lambdas = [chosen.factor] * len(scheduler.lr_lambdas)
+    scheduler.base_lrs = [chosen.lr] * len(scheduler.base_lrs)
+    if override:
+        return chosen, (f"LR schedule differs from the checkpoint's ({', '.join(diff)}): "
+                        f"--override-lr-schedule given, using this run's from here on")
+    return chosen, (f"LR schedule differs from the checkpoint's ({', '.join(diff)}): keeping the checkpoint's "
+                    f"(pass --override-lr-schedule to use this run's)")
