@@ -294,6 +294,15 @@ class MegaGPTConfig:
         m, d, t = self.model, self.data, self.train
         if not d.tokenizer:
             raise self.error("data.tokenizer", "missing; give the tokenizer the shards were made with")
+        from megagpt.data.indexed import check_tokenizer
+        from megagpt.tokenizer import load_tokenizer
+
+        try:   # a shard made with another tokenizer of the same size would train silently on garbage
+            tok = load_tokenizer(d.tokenizer)
+            for prefix in d.prefixes:
+                check_tokenizer(prefix, tok)
+        except MegaGPTError as e:
+            raise self.error("data.tokenizer", e.reason) from None
         if d.seq_length > m.max_seq_len:
             raise self.error("data.seq_length", f"seq_length={d.seq_length} exceeds model max_seq_len={m.max_seq_len}")
         if t.save_interval and not t.save:

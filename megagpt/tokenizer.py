@@ -196,6 +196,19 @@ class Tokenizer:
     def spec(self) -> dict:
         return {"type": self.type, "path": self.path}
 
+    def fingerprint(self) -> str:
+        """sha256 of the files that define the ids (the .model, or encoder.json + vocab.bpe): two
+        tokenizers of the same vocabulary size still differ here, so a shard can say which made it."""
+        import hashlib
+
+        files = [self.path] if self.type == "sentencepiece" else \
+            [os.path.join(self.path, "encoder.json"), os.path.join(self.path, "vocab.bpe")]
+        h = hashlib.sha256()
+        for f in files:
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+        return h.hexdigest()
+
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 

@@ -82,7 +82,8 @@ def test_tools_publish_with_normal_permissions_and_log_without_carriage_returns(
     finally:
         os.umask(old)
     assert sorted(os.listdir(tmp_path / "tok")) == ["sp.model", "sp.vocab"]
-    assert sorted(os.listdir(tmp_path / "data")) == ["shk_text_document.bin", "shk_text_document.idx"]
+    assert sorted(os.listdir(tmp_path / "data")) == ["shk_text_document.bin", "shk_text_document.idx",
+                                                        "shk_text_document.meta.json"]
     for p in [*(tmp_path / "tok").iterdir(), *(tmp_path / "data").iterdir()]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
     for res in (tok, pre):

@@ -54,7 +54,7 @@ def test_preprocess_refuses_then_forces_and_drops_stale_shards(tmp_path, shakesp
     assert forced.returncode == 0, forced.stderr
     left = sorted(p.name for p in tmp_path.glob("shk_text_document_*"))
     n = len([x for x in left if x.endswith(".bin")])
-    assert 0 < n < len(shards) and len(left) == 2 * n     # no shard of the first run survives
+    assert 0 < n < len(shards) and len(left) == 3 * n     # .bin, .idx, .meta.json; nothing of the first run
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 

@@ -10,6 +10,7 @@ share one dtype (made with the same tokenizer); the output appears only once com
 """
 import argparse
 import fnmatch
+import json
 import os
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def find_prefixes(inputs, pattern="*") -> list[str]:
 
 def merge_datasets(prefixes, output_prefix) -> "IndexedDataset":
     """Write the concatenation of ``prefixes`` to ``output_prefix`` (atomic) and return it opened."""
-    from megagpt.data.indexed import IndexedDataset, IndexedDatasetWriter  # lazy: megagpt.data pulls in torch
+    from megagpt.atomic import write_text_atomic
+    from megagpt.data.indexed import (IndexedDataset, IndexedDatasetWriter,  # lazy: megagpt.data pulls in torch
+                                      meta_path, read_meta)
 
     if not prefixes:
         raise MegaGPTError("no input shards to merge")
@@ -47,9 +50,17 @@ def merge_datasets(prefixes, output_prefix) -> "IndexedDataset":
         if ds.dtype != dtype:
             raise MegaGPTError(f"{p}: token dtype {ds.dtype} differs from {dtype} of {prefixes[0]}; "
                                f"these shards were made with different tokenizers and cannot be merged")
+    metas = {p: read_meta(p) for p in prefixes}
+    made = {p: m["tokenizer"]["sha256"] for p, m in metas.items() if m is not None}
+    if len(set(made.values())) > 1:
+        a, b = [next(p for p in made if made[p] == h) for h in list(dict.fromkeys(made.values()))[:2]]
+        raise MegaGPTError(f"{a} and {b} were made with different tokenizers ({metas[a]['tokenizer']['path']}, "
+                           f"{metas[b]['tokenizer']['path']}); their ids cannot be merged into one shard")
     with IndexedDatasetWriter(output_prefix, dtype) as w:
         for p in prefixes:
             w.add_index(p)
+    if all(metas[p] is not None for p in prefixes):   # every input known, one tokenizer: so is the output
+        write_text_atomic(meta_path(output_prefix), json.dumps(metas[prefixes[0]], indent=1))
     return IndexedDataset(output_prefix)
 
 

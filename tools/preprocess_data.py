@@ -46,7 +46,7 @@ def existing_outputs(output_prefix, json_keys) -> list:
     found = []
     for key in json_keys:
         base = f"{output_prefix}_{key}_document"
-        for ext in (".bin", ".idx"):
+        for ext in (".bin", ".idx", ".meta.json"):
             found += [base + ext] if os.path.lexists(base + ext) else []
             found += sorted(glob.glob(glob.escape(base) + "_[0-9][0-9][0-9][0-9][0-9]" + ext))
     return found
@@ -66,7 +66,7 @@ def main(argv=None):
                          workers=a.workers, append_eod=a.append_eod, split_paragraphs=a.split_paragraphs,
                          skip_bad_lines=a.skip_bad_lines, shard_size_tokens=a.shard_size_tokens,
                          log_interval=a.log_interval)
-    written = {f"{p}{ext}" for p in summary.output_prefixes for ext in (".bin", ".idx")}
+    written = {f"{p}{ext}" for p in summary.output_prefixes for ext in (".bin", ".idx", ".meta.json")}
     for stale in sorted(set(existing) - written):   # --force: an earlier run's extra numbered shards
         os.remove(stale)
     print(f"done: {summary}")

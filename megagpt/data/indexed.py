@@ -41,6 +41,40 @@ def idx_path(prefix) -> str:
     return f"{prefix}.idx"
 
 
+def meta_path(prefix) -> str:
+    """``PREFIX.meta.json``: which tokenizer made the shard (Megatron readers ignore it)."""
+    return f"{prefix}.meta.json"
+
+
+def shard_meta(tok) -> dict:
+    return {"format": "megagpt-shard", "version": 1, "tokenizer": {"type": tok.type, "path": tok.path,
+            "vocab_size": tok.vocab_size, "sha256": tok.fingerprint()}}
+
+
+def read_meta(prefix) -> dict | None:
+    """The shard's metadata, or None for a shard made elsewhere (megatron, older megagpt)."""
+    import json
+
+    try:
+        with open(meta_path(prefix)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise MegaGPTError(f"{meta_path(prefix)}: unreadable shard metadata ({e})") from None
+
+
+def check_tokenizer(prefix, tok) -> None:
+    """Refuse a shard whose metadata names another tokenizer than ``tok`` — same vocabulary size
+    or not, its ids would mean other pieces and the run would train on garbage."""
+    meta = read_meta(prefix)
+    made = (meta or {}).get("tokenizer", {})
+    if meta is not None and made.get("sha256") != tok.fingerprint():
+        raise MegaGPTError(f"{meta_path(prefix)}: shard made with tokenizer {made.get('path')} "
+                           f"(sha256 {str(made.get('sha256'))[:12]}), not {tok.path} "
+                           f"(sha256 {tok.fingerprint()[:12]}); pass the tokenizer the shards were made with")
+
+
 class IndexedDatasetWriter:
     """Streams documents to ``PREFIX.bin``/``.idx`` under temporary names; ``finalize`` renames.
 

@@ -38,8 +38,8 @@ from itertools import chain
 
 import numpy as np
 
-from megagpt.atomic import publish, temp_sibling
-from megagpt.data.indexed import IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path
+from megagpt.atomic import publish, temp_sibling, write_text_atomic
+from megagpt.data.indexed import IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path, meta_path, shard_meta
 from megagpt.errors import MegaGPTError
 from megagpt.tokenizer import expand_inputs, is_json_file, load_tokenizer, open_binary
 
@@ -236,8 +236,8 @@ def encode_chunk(chunk: Chunk) -> Encoded:
 class ShardedOutput:
     """Writes one key's documents, rolling to a new shard every ``shard_size_tokens`` tokens."""
 
-    def __init__(self, base: str, dtype, shard_size_tokens: int):
-        self.base, self.dtype, self.shard_size = base, dtype, shard_size_tokens
+    def __init__(self, base: str, dtype, shard_size_tokens: int, meta: dict):
+        self.base, self.dtype, self.shard_size, self.meta = base, dtype, shard_size_tokens, meta
         self.staged: list[tuple[str, str]] = []  # (partial prefix, final prefix) of finalized shards
         self.writer = None
 
@@ -273,7 +273,8 @@ class ShardedOutput:
             if self.writer is None:
                 self._open()
             self._close()
-        for partial, final in self.staged:
+        for partial, final in self.staged:   # the metadata first: no shard is ever without it
+            write_text_atomic(meta_path(final), json.dumps(self.meta, indent=1))
             publish(bin_path(partial), bin_path(final))
             publish(idx_path(partial), idx_path(final))
         if self.shard_size:  # higher-numbered shards of an earlier run would silently join a glob
@@ -312,7 +313,8 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
     if append_eod and tok.eod_id is None:
         raise MegaGPTError(f"{tokenizer_path}: tokenizer has no eos/eod token; use append_eod=False")
     dtype = dtype_for_vocab(tok.vocab_size)
-    outputs = {k: ShardedOutput(f"{output_prefix}_{k}_document", dtype, shard_size_tokens) for k in json_keys}
+    meta = shard_meta(tok)
+    outputs = {k: ShardedOutput(f"{output_prefix}_{k}_document", dtype, shard_size_tokens, meta) for k in json_keys}
     summary = Summary()
     t0 = time.perf_counter()
     init = (tok.path, json_keys, append_eod)
