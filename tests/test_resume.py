@@ -79,3 +79,15 @@ def lrs(save):
 
     return {j["step"]: j["lr"] for j in map(json.loads, (save / "train_log.jsonl").read_text().splitlines())
             if "lr" in j}
+
+
+def test_a_damaged_checkpoint_is_one_line_not_a_traceback(tmp_path, legacy_data):  # noqa: F811
+    cfg = legacy.config(tmp_path / "c.yaml", *legacy_data, train_iters=4, save_interval=0)
+    ok(launch(cfg, "zero1.json", tmp_path / "ckpt"))
+    f = tmp_path / "ckpt" / "global_step4" / "mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])          # truncated on disk
+    r = launch(cfg, "zero1.json", tmp_path / "ckpt", "--load", str(tmp_path / "ckpt"), "--train-iters", "6")
+    assert r.returncode != 0
+    errors = [line for line in r.stdout.splitlines() + r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "global_step4" in errors[0] and "cannot" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr and "resumed from" not in r.stdout

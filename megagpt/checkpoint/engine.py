@@ -98,8 +98,9 @@ def save(engine, save_dir: str, step: int, client_state: dict, dp_group=None, ke
 
 def _check_model(load_dir: str, tag: str, expect: dict) -> None:
     """A different architecture would fail deep inside DeepSpeed; name the differing keys instead."""
-    states = sorted(glob.glob(os.path.join(load_dir, tag, "*model_states.pt")))
-    client = torch.load(states[0], map_location="cpu", weights_only=False) if states else {}
+    from .deepspeed_files import read_client_state
+
+    client, _ = read_client_state(os.path.join(load_dir, tag))   # a damaged file: one line naming it
     saved = (client.get("config") or {}).get("model")
     if saved is None:
         return
@@ -131,8 +132,13 @@ def load(engine, load_dir: str, expect_model: dict | None = None, tracker=None):
         return None
     if expect_model is not None:
         _check_model(load_dir, tag, expect_model)
-    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    try:
+        path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:   # truncated/corrupt files, deep in torch
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise MegaGPTError(f"{load_dir}/{tag}: cannot load this checkpoint ({type(e).__name__}: {first}); it is "
+                           f"damaged — move the tag away to resume from the previous complete one") from None
     if path is None:
         raise MegaGPTError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
     rng_file = os.path.join(load_dir, tag, f"rng_rank{dist.get_rank()}.pt")
