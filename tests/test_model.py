@@ -72,7 +72,7 @@ def test_kv_cache_forward_matches_full_forward(name):
         cache = model.new_kv_cache()
         parts = [model(x[:, :7], kv_cache=cache)]
         parts += [model(x[:, t:t + 1], kv_cache=cache) for t in range(7, 20)]
-    assert cache.seq_len == 20
+    assert cache.length == 20
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 

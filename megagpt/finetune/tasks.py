@@ -1,6 +1,6 @@
 """The finetuning tasks: which reader, which input transform, which head, which metric.
 
-``encode(task, example, tok_ids, sp, max_len)`` turns one Example into its list of token
+``encode(task, example, tok_ids, sp, seq_length)`` turns one Example into its list of token
 sequences ("views": 1 for classification/entailment, 2 for similarity, K for multiple choice).
 """
 from __future__ import annotations
@@ -72,15 +72,15 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def encode(task: Task, ex: readers.Example, tokenize, sp: transforms.SpecialIds, max_len: int) -> list[list[int]]:
+def encode(task: Task, ex: readers.Example, tokenize, sp: transforms.SpecialIds, seq_length: int) -> list[list[int]]:
     """Token sequences of one example under the task's GPT-1 transform (``tokenize``: str → ids)."""
     t = [tokenize(x) for x in ex.texts]
     if task.kind == "classification":
-        return transforms.classification(t[0], sp, max_len)
+        return transforms.classification(t[0], sp, seq_length)
     if task.kind == "entailment":
-        return transforms.entailment(t[0], t[1], sp, max_len)
+        return transforms.entailment(t[0], t[1], sp, seq_length)
     if task.kind == "similarity":
-        return transforms.similarity(t[0], t[1], sp, max_len)
+        return transforms.similarity(t[0], t[1], sp, seq_length)
     if task.kind == "multiple_choice":
-        return transforms.multiple_choice(t[0], [tokenize(c) for c in ex.choices], sp, max_len)
+        return transforms.multiple_choice(t[0], [tokenize(c) for c in ex.choices], sp, seq_length)
     raise MegaGPTError(f"task {task.name}: unknown kind {task.kind!r}")

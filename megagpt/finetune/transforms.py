@@ -40,48 +40,48 @@ class SpecialIds:
         return cls(**ids)
 
 
-def single(x: list[int], sp: SpecialIds, max_len: int) -> list[int]:
+def single(x: list[int], sp: SpecialIds, seq_length: int) -> list[int]:
     """``<s> x <cls>``; x keeps its end when too long (the paper's classification layout)."""
-    room = max_len - 2
+    room = seq_length - 2
     if room < 1:
-        raise MegaGPTError(f"max_len {max_len} leaves no room for text between <s> and <cls>")
+        raise MegaGPTError(f"seq_length {seq_length} leaves no room for text between <s> and <cls>")
     x = x[len(x) - room:] if len(x) > room else x
     return [sp.bos, *x, sp.cls]
 
 
-def pair(first: list[int], second: list[int], sp: SpecialIds, max_len: int) -> list[int]:
+def pair(first: list[int], second: list[int], sp: SpecialIds, seq_length: int) -> list[int]:
     """``<s> first <delim> second <cls>``, truncating ``first`` from the left before ``second``."""
-    room = max_len - 3
+    room = seq_length - 3
     if room < 1:
-        raise MegaGPTError(f"max_len {max_len} leaves no room for text around <s>, <delim>, <cls>")
+        raise MegaGPTError(f"seq_length {seq_length} leaves no room for text around <s>, <delim>, <cls>")
     second = second[:room]                       # only when the answer alone overflows
     keep_first = room - len(second)
     first = first[len(first) - keep_first:] if len(first) > keep_first else first
     return [sp.bos, *first, sp.delim, *second, sp.cls]
 
 
-def classification(x, sp, max_len):
-    return [single(x, sp, max_len)]
+def classification(x, sp, seq_length):
+    return [single(x, sp, seq_length)]
 
 
-def entailment(premise, hypothesis, sp, max_len):
-    return [pair(premise, hypothesis, sp, max_len)]
+def entailment(premise, hypothesis, sp, seq_length):
+    return [pair(premise, hypothesis, sp, seq_length)]
 
 
-def similarity(a, b, sp, max_len):
+def similarity(a, b, sp, seq_length):
     """Both orderings: the head sums their final hidden states, so the order carries no meaning.
 
     The two views are listed in a canonical (sorted) order, so (a, b) and (b, a) produce the
     identical batch and the output is *bitwise* order-invariant: a BLAS matmul may round a row
     differently depending on where in the batch it sits, which a mere sum would not undo."""
-    return sorted([pair(a, b, sp, max_len), pair(b, a, sp, max_len)])
+    return sorted([pair(a, b, sp, seq_length), pair(b, a, sp, seq_length)])
 
 
-def multiple_choice(context, answers, sp, max_len):
-    return [pair(context, ans, sp, max_len) for ans in answers]
+def multiple_choice(context, answers, sp, seq_length):
+    return [pair(context, ans, sp, seq_length) for ans in answers]
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, cls_id: int, max_len: int | None = None):
+def pad_batch(seqs: list[list[int]], pad_id: int, cls_id: int, seq_length: int | None = None):
     """Right-pad to the longest sequence → (input_ids (N, T), cls_pos (N,), lm_labels (N, T)).
 
     ``cls_pos`` is found per row (the last ``<cls>``), never assumed to be the last column.
@@ -90,7 +90,7 @@ def pad_batch(seqs: list[list[int]], pad_id: int, cls_id: int, max_len: int | No
     """
     if not seqs:
         raise MegaGPTError("pad_batch: empty batch")
-    T = max(len(s) for s in seqs) if max_len is None else max_len
+    T = max(len(s) for s in seqs) if seq_length is None else seq_length
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), T), -100, dtype=torch.long)
     cls_pos = torch.empty(len(seqs), dtype=torch.long)

@@ -20,13 +20,13 @@ from .embedding import Dropout, apply_rope
 class KVCache:
     """Keys/values of the tokens seen so far, one (k, v) pair per layer, each (B, Hkv_local, T, D).
 
-    ``seq_len`` is the number of cached positions: the next token's position. Layers append in
-    order during a forward; ``GPT.forward`` advances ``seq_len`` once all layers have run.
+    ``length`` is the number of cached positions: the next token's position. Layers append in
+    order during a forward; ``GPT.forward`` advances ``length`` once all layers have run.
     """
 
     def __init__(self, n_layer: int):
         self.layers = [None] * n_layer
-        self.seq_len = 0
+        self.length = 0
 
     def update(self, layer: int, k, v):
         if self.layers[layer] is not None:

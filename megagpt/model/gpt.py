@@ -148,7 +148,7 @@ class GPT(nn.Module):
     def _hidden_local(self, input_ids, kv_cache=None):
         """Final hidden states of this rank's sequence chunk (all of it without sequence parallelism)."""
         cfg, tp = self.cfg, self.tp
-        start = kv_cache.seq_len if kv_cache is not None else 0
+        start = kv_cache.length if kv_cache is not None else 0
         T = input_ids.shape[1]
         if start + T > cfg.max_seq_len:
             raise MegaGPTError(
@@ -166,7 +166,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, kv_cache)
         if kv_cache is not None:
-            kv_cache.seq_len = start + T
+            kv_cache.length = start + T
         return self.ln_f(x) if self.ln_f is not None else x
 
     def forward(self, input_ids, labels=None, kv_cache: KVCache = None):
