@@ -132,6 +132,32 @@ def test_zero2_loss_falls_and_checkpoints_complete(zero2_reference):
     assert list((save / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_validation_loss_is_the_mean_over_every_data_parallel_rank(zero2_reference):
+    """The step-12 validation loss that 2 ranks logged equals one process evaluating the saved
+    step-12 weights on the same validation samples — both ranks' halves, not rank 0's alone."""
+    from megagpt.checkpoint import load_model
+    from megagpt.config import load_config
+    from megagpt.data import build_gpt_datasets
+    from megagpt.train.loop import to_batch
+
+    save, _ = zero2_reference
+    logged = [r["val_loss"] for r in map(json.loads, (save / "train_log.jsonl").read_text().splitlines())
+              if r.get("step") == 12 and "val_loss" in r]
+    cfg = load_config(save.parent / "c.yaml", {("train", "save"): str(save)})
+    t, dp = cfg.train, 2
+    n = t.eval_iters * t.micro_batch_size * dp
+    _, valid, _ = build_gpt_datasets(cfg.data, (t.train_iters * t.micro_batch_size * dp, n, 0), cfg.model.vocab_size)
+    model = load_model(save)[0].eval()
+    losses = []
+    with torch.no_grad():
+        for i in range(0, n, t.micro_batch_size):   # the micro-batches both ranks evaluated, in order
+            x, y = to_batch(valid, range(i, i + t.micro_batch_size), "cpu")
+            losses.append(model(x, labels=y).double())
+    assert len(logged) == 1 and abs(torch.stack(losses).mean().item() - logged[0]) < 1e-5, (logged, losses)
+    half = torch.stack(losses[0::2]).mean().item()     # what rank 0 alone saw: must differ, or the test is vacuous
+    assert abs(half - logged[0]) > 1e-4
+
+
 def test_client_state_holds_config_tokenizer_rng(zero2_reference, sp_model):
     save, _ = zero2_reference
     client = torch.load(save / "global_step12" / "mp_rank_00_model_states.pt", weights_only=False)
