@@ -39,36 +39,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def existing_outputs(output_prefix, json_keys) -> list:
-    """Shard files already at this output prefix (one per key, or numbered ones)."""
-    import glob
-
-    found = []
-    for key in json_keys:
-        base = f"{output_prefix}_{key}_document"
-        for ext in (".bin", ".idx", ".meta.json"):
-            found += [base + ext] if os.path.lexists(base + ext) else []
-            found += sorted(glob.glob(glob.escape(base) + "_[0-9][0-9][0-9][0-9][0-9]" + ext))
-    return found
-
-
 @cli_main
 def main(argv=None):
     a = parse_args(argv)
-    from megagpt.data.preprocess import preprocess  # after parsing: megagpt.data pulls in torch, --help should not
+    # after parsing: megagpt.data pulls in torch, --help should not
+    from megagpt.data.preprocess import existing_outputs, preprocess
 
-    existing = existing_outputs(a.output_prefix, a.json_keys)
     if not a.force:
         from megagpt.atomic import refuse_existing
 
-        refuse_existing(existing)
+        refuse_existing(existing_outputs(a.output_prefix, a.json_keys))
     summary = preprocess(a.input, a.output_prefix, a.tokenizer_model, json_keys=tuple(a.json_keys),
                          workers=a.workers, append_eod=a.append_eod, split_paragraphs=a.split_paragraphs,
                          skip_bad_lines=a.skip_bad_lines, shard_size_tokens=a.shard_size_tokens,
-                         log_interval=a.log_interval)
-    written = {f"{p}{ext}" for p in summary.output_prefixes for ext in (".bin", ".idx", ".meta.json")}
-    for stale in sorted(set(existing) - written):   # --force: an earlier run's extra numbered shards
-        os.remove(stale)
+                         log_interval=a.log_interval, replace=True)   # --force: drop an earlier run's extra shards
     print(f"done: {summary}")
     for prefix in summary.output_prefixes:
         print(f"wrote {prefix}.bin/.idx")

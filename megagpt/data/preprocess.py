@@ -277,12 +277,6 @@ class ShardedOutput:
             write_text_atomic(meta_path(final), json.dumps(self.meta, indent=1))
             publish(bin_path(partial), bin_path(final))
             publish(idx_path(partial), idx_path(final))
-        if self.shard_size:  # higher-numbered shards of an earlier run would silently join a glob
-            stale = sorted(p for p in glob.glob(glob.escape(self.base) + "_[0-9][0-9][0-9][0-9][0-9].idx")
-                           if int(p[-9:-4]) >= len(self.staged))
-            if stale:
-                warnings.warn(f"{len(stale)} shard(s) from an earlier run remain beside the new ones and are "
-                              f"not part of this output: {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}")
         return [final for _, final in self.staged]
 
     def abort(self):
@@ -295,10 +289,25 @@ class ShardedOutput:
 
 
 # ----------------------------------------------------------------------------- driver
+def existing_outputs(output_prefix, json_keys) -> list:
+    """Shard files already at this output prefix (one per key, or numbered ones), with metadata."""
+    found = []
+    for key in json_keys:
+        base = f"{output_prefix}_{key}_document"
+        for ext in (".bin", ".idx", ".meta.json"):
+            found += [base + ext] if os.path.lexists(base + ext) else []
+            found += sorted(glob.glob(glob.escape(base) + "_[0-9][0-9][0-9][0-9][0-9]" + ext))
+    return found
+
+
 def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), workers=1, append_eod=True,
                split_paragraphs=False, skip_bad_lines=False, shard_size_tokens=0, log_interval=1.0,
-               progress=None, chunk_bytes=CHUNK_BYTES) -> Summary:
-    """Tokenize ``inputs`` into ``{output_prefix}_{key}_document`` shard(s); see the module doc."""
+               progress=None, chunk_bytes=CHUNK_BYTES, replace=False) -> Summary:
+    """Tokenize ``inputs`` into ``{output_prefix}_{key}_document`` shard(s); see the module doc.
+
+    Shards of an earlier run at the prefix that this run does not rewrite (higher-numbered ones, or
+    the other naming) would silently join a glob or a blend: ``replace`` removes them once the new
+    output is published; otherwise they are named in a warning."""
     if workers < 1:
         raise MegaGPTError(f"workers must be >= 1, got {workers}")
     if shard_size_tokens < 0:
@@ -313,6 +322,7 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
     if append_eod and tok.eod_id is None:
         raise MegaGPTError(f"{tokenizer_path}: tokenizer has no eos/eod token; use append_eod=False")
     dtype = dtype_for_vocab(tok.vocab_size)
+    earlier = set(existing_outputs(output_prefix, json_keys))
     meta = shard_meta(tok)
     outputs = {k: ShardedOutput(f"{output_prefix}_{k}_document", dtype, shard_size_tokens, meta) for k in json_keys}
     summary = Summary()
@@ -348,6 +358,15 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
         results.close()  # stops the workers now, not at garbage collection
         if bar is not None:
             bar.close()
+    written = {f"{p}{ext}" for p in summary.output_prefixes for ext in (".bin", ".idx", ".meta.json")}
+    stale = sorted(earlier - written)
+    if stale and replace:
+        for path in stale:
+            os.remove(path)
+    elif stale:
+        shards = [p for p in stale if p.endswith(".idx")] or stale
+        warnings.warn(f"{len(shards)} shard(s) from an earlier run remain beside the new ones and are not part "
+                      f"of this output: {', '.join(shards[:3])}{' ...' if len(shards) > 3 else ''}")
     summary.seconds = time.perf_counter() - t0
     return summary
 
