@@ -75,7 +75,7 @@ def prepare_ds_config(ds_config: dict, par) -> dict:
 def deepspeed_mpu(par):
     """What ``deepspeed.initialize(mpu=...)`` needs: None serially and for pipelines (which bring
     their own grid), else the TP/DP group adapter."""
-    return None if (par.tp_size == 1 and par.pp_size == 1) or par.pp_size > 1 else par.mpu
+    return par.mpu if par.tp_size > 1 and par.pp_size == 1 else None
 
 
 def _unwrap(model):

@@ -116,14 +116,15 @@ def run(cfg, ds_config) -> int:
                   f"starting from step 0", flush=True)
 
     def save_fn(st, kill=False):
+        # each rank's RNG goes to its own rng_rank{R}.pt; the tokenizer files into the tag itself
         client = {"step": st.step, "consumed_samples": st.consumed_samples, "skipped_steps": st.skipped_steps,
-                  "config": cfg.to_dict(), "tokenizer": tok.spec(), "lr_schedule": dataclasses.asdict(schedule)}   # RNG: per rank, in rng_rank{R}.pt
+                  "config": cfg.to_dict(), "tokenizer": tok.spec(), "lr_schedule": dataclasses.asdict(schedule)}
         if not t.save:
             return
         if cfg.debug.dump_weights and par.tp_size == 1 and par.pp_size == 1:
             dump_weights(model, os.path.join(t.save, checkpoint.tag_for(st.step) + "_weights_at_save.pt"), rank)
         checkpoint.save(engine, t.save, st.step, client, dp_group, t.keep_last, kill_before_complete=kill,
-                        tokenizer=tok.path, tracker=par.rng)   # the tokenizer files go into the tag: self-contained checkpoints
+                        tokenizer=tok.path, tracker=par.rng)
 
     peak, peak_src = peak_flops()
     tb = t.tensorboard_dir or (os.path.join(t.save, "tensorboard") if t.save else None)
