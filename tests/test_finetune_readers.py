@@ -85,3 +85,44 @@ def test_single_file_split_is_deterministic(shared_data):
     assert len(train) + len(ev) == 1871 and abs(len(train) - len(ev)) <= 1
     with pytest.raises(MegaGPTError):
         R.split_examples([1, 2], 1.0)
+
+
+STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+
+
+@pytest.mark.parametrize("task,header,row", [
+    ("stsb", STSB_HEADER, '0\tg\tf\t2012\t1\ts\ts\t"A man\tdances."\tA man is dancing.\t4.5\n'),
+    ("sst2", "sentence\tlabel\n", '"a fine\tfilm"\t1\n'),
+    ("rte", "index\tsentence1\tsentence2\tlabel\n", '0\t"P\tQ"\tH\tentailment\n'),
+], ids=["stsb", "sst2", "rte"])
+def test_tab_inside_a_quoted_sentence_is_a_bad_row_in_every_glue_reader(tmp_path, task, header, row):
+    """GLUE TSVs have no quoting, so the tab splits the row: one column too many is refused (it
+    used to drop half of an STS-B sentence with exit 0); --skip-bad counts it."""
+    f = tmp_path / "dev.tsv"
+    f.write_text(header + row)
+    n = header.count("\t") + 1
+    with pytest.raises(MegaGPTError, match=rf"^{f}:2: expected {n} tab-separated columns, got {n + 1}$"):
+        R.read_glue(f, task)
+    exs, stats = R.read_glue(f, task, skip_bad=True)
+    assert exs == [] and (stats.rows, stats.skipped, stats.skipped_where) == (1, 1, [f"{f}:2"])
+
+
+def test_non_utf8_bytes_name_file_line_and_offset(tmp_path):
+    """Latin-1 bytes give one MegaGPTError with file:line and byte offset, not a UnicodeDecodeError."""
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_bytes("sentence\tlabel\ngood\t1\ncaf\xe9 noir\t0\n".encode("latin-1"))
+    xml = tmp_path / "copa.xml"
+    xml.write_bytes('<copa-corpus>\n<item id="1" asks-for="cause" most-plausible-alternative="1">\n'
+                    "<p>Caf\xe9.</p><a1>A.</a1><a2>B.</a2></item>\n</copa-corpus>\n".encode("latin-1"))
+    csv_ = tmp_path / "val.csv"
+    csv_.write_bytes(("InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,"
+                      "RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2,AnswerRightEnding\n"
+                      "a,s1,s2,s3,s4,e1,e2,1\nb,s1,na\xefve,s3,s4,e1,e2,2\n").encode("latin-1"))
+    for path, read in ((tsv, lambda p: R.read_glue(p, "sst2", skip_bad=True)), (xml, R.read_copa),
+                       (csv_, R.read_storycloze)):
+        raw = path.read_bytes()
+        offset = next(i for i, b in enumerate(raw) if b > 0x7f)
+        assert raw.count(b"\n", 0, offset) == 2
+        want = rf"^{path}:3: not UTF-8 \(byte 0x{raw[offset]:02x} at offset {offset}\)"
+        with pytest.raises(MegaGPTError, match=want):
+            read(path)
