@@ -46,10 +46,7 @@ def num_epochs_needed(tokens_per_epoch: int, num_samples: int, seq_length: int) 
 
 def build_doc_idx(lo: int, n_docs: int, num_epochs: int, seed: int) -> np.ndarray:
     """Each epoch a fresh permutation of documents ``lo .. lo+n_docs-1``, seeded by (seed, epoch)."""
-    out = np.empty(num_epochs * n_docs, dtype=np.int64)
-    for e in range(num_epochs):
-        out[e * n_docs:(e + 1) * n_docs] = lo + np.random.default_rng([seed, 0, e]).permutation(n_docs)
-    return out
+    return np.concatenate([lo + np.random.default_rng([seed, 0, e]).permutation(n_docs) for e in range(num_epochs)])
 
 
 def build_sample_idx(stream_doc_lengths: np.ndarray, num_samples: int, seq_length: int) -> np.ndarray:
@@ -67,13 +64,10 @@ def build_sample_idx(stream_doc_lengths: np.ndarray, num_samples: int, seq_lengt
 def build_shuffle_idx(num_samples: int, tokens_per_epoch: int, seq_length: int, seed: int) -> np.ndarray:
     """Permute samples within each epoch's block (block e = samples starting in epoch e), so a
     run of 1.5 epochs sees every document once before any repeats."""
-    n_epochs = -(-(num_samples * seq_length) // tokens_per_epoch) if num_samples else 0
-    starts = [min(-(-(e * tokens_per_epoch) // seq_length), num_samples) for e in range(n_epochs + 1)]
-    starts[-1] = num_samples
-    out = np.empty(num_samples, dtype=np.int64)
-    for b, (s, t) in enumerate(zip(starts[:-1], starts[1:])):
-        out[s:t] = s + np.random.default_rng([seed, 1, b]).permutation(t - s)
-    return out
+    n_epochs = -(-(num_samples * seq_length) // tokens_per_epoch)
+    starts = [min(-(-(e * tokens_per_epoch) // seq_length), num_samples) for e in range(n_epochs)] + [num_samples]
+    return np.concatenate([s + np.random.default_rng([seed, 1, b]).permutation(t - s)
+                           for b, (s, t) in enumerate(zip(starts, starts[1:]))])
 
 
 def check_tokens_cached(shard: IndexedDataset, vocab_size: int, cache_dir: Path, fingerprint: dict) -> None:
@@ -174,13 +168,11 @@ class GPTDataset(torch.utils.data.Dataset):
     def _doc_tokens(self, doc: int) -> np.ndarray:
         """All tokens of shard document ``doc`` (its sequences are stored back to back)."""
         s0, s1 = self._shard_doc_idx[doc:doc + 2].tolist()
-        if s1 == s0 + 1:  # the usual case: one sequence per document
-            start = self._seq_ptr[s0].item() // self._itemsize
-            return self._tokens[start:start + self._sizes[s0].item()]
         if s0 == s1:
             return self._tokens[:0]
         start = self._seq_ptr[s0].item() // self._itemsize
-        return self._tokens[start:start + int(self._sizes[s0:s1].sum())]
+        n = self._sizes[s0].item() if s1 == s0 + 1 else int(self._sizes[s0:s1].sum())  # usually one sequence
+        return self._tokens[start:start + n]
 
     def stream_sample(self, j: int) -> np.ndarray:
         """Sample ``j`` in stream (unshuffled) order."""
@@ -188,16 +180,9 @@ class GPTDataset(torch.utils.data.Dataset):
         docs = self.doc_idx[p0:p1 + 1].tolist()
         if p0 == p1:
             return self._doc_tokens(docs[0])[o0:o1 + 1].astype(np.int64)
-        out = np.empty(self.seq_length + 1, dtype=np.int64)
-        first = self._doc_tokens(docs[0])[o0:]
-        out[:len(first)] = first
-        n = len(first)
-        for d in docs[1:-1]:
-            t = self._doc_tokens(d)
-            out[n:n + len(t)] = t
-            n += len(t)
-        out[n:] = self._doc_tokens(docs[-1])[:o1 + 1]
-        return out
+        middle = map(self._doc_tokens, docs[1:-1])
+        return np.concatenate([self._doc_tokens(docs[0])[o0:], *middle, self._doc_tokens(docs[-1])[:o1 + 1]],
+                              dtype=np.int64)
 
     def __getitem__(self, i: int) -> dict:
         if not -self.num_samples <= i < self.num_samples:
@@ -238,6 +223,10 @@ def build_gpt_datasets(data_config, num_samples, vocab_size: int):
     for k, name in enumerate(("train", "valid", "test")):
         members = [(s, r[k], w, fp) for s, r, w, fp in zip(shards, ranges, cfg.weights, prints) if r[k][1] > r[k][0]]
         n = int(num_samples[k])
+        if n and not members and k == 0:  # no validation data only means no evaluation; no training data is fatal
+            docs = ", ".join(f"{s.prefix} ({s.num_documents} documents)" for s in shards)
+            raise MegaGPTError(f"train split is empty: {docs} with split={cfg.split} leave no documents for "
+                               f"training", key="split")
         if n == 0 or not members:
             if n > 0:
                 log.warning("%s split is empty (split=%s): no %s dataset", name, cfg.split, name)
@@ -247,15 +236,8 @@ def build_gpt_datasets(data_config, num_samples, vocab_size: int):
             log.warning("%s split: %d of %d prefixes have no documents in it; blending the rest",
                         name, len(shards) - len(members), len(shards))
         weights = normalise_weights([m[2] for m in members])
-
-        def make(shard, doc_range, count, fp):
-            return GPTDataset(shard, doc_range, count, cfg.seq_length, cfg.seed, name=name, split=list(cfg.split_ratios),
-                              cache_dir=cfg.cache_dir, vocab_size=vocab_size, fingerprint=fp)
-
-        if len(members) == 1:
-            s, r, _, fp = members[0]
-            out.append(make(s, r, n, fp))
-        else:
-            parts = [make(s, r, max_draws(w, n), fp) for (s, r, _, fp), w in zip(members, weights)]
-            out.append(BlendedDataset(parts, weights, n, cfg.seed))
+        parts = [GPTDataset(s, r, max_draws(w, n), cfg.seq_length, cfg.seed, name=name, split=list(cfg.split_ratios),
+                            cache_dir=cfg.cache_dir, vocab_size=vocab_size, fingerprint=fp)
+                 for (s, r, _, fp), w in zip(members, weights)]   # one member: max_draws(1.0, n) == n
+        out.append(parts[0] if len(parts) == 1 else BlendedDataset(parts, weights, n, cfg.seed))
     return tuple(out)
