@@ -1,23 +1,17 @@
 """GPT-1 finetuning on a DeepSpeed engine: examples → task transform → GPT + head → L2 + λ·L1.
 
-Works as one plain process or as N ranks under the ``deepspeed`` launcher (gloo on CPU), with
-``tensor_parallel`` ranks sharing each model replica (the GPT split as in pretraining, the head
-replicated). Each data-parallel replica sees its ``DistributedSampler`` share of the training
-examples; evaluation splits the eval set into contiguous per-replica slices (no padding
-duplicates) and gathers predictions, so every rank computes the same metrics. After each epoch the model is evaluated and, if the task's main
-metric improved, rank 0 writes ``<save>/best`` atomically.
-
-The pieces are pretraining's: the config is ``megagpt.config.FinetuneConfig`` (same names and
-flags for the same settings), the DeepSpeed JSON comes from ``train.distributed.build_ds_config``,
-the parameter groups from ``train.optim.param_groups``, the LR schedule from ``train.schedule``
-(``Schedule.finetuning``: GPT-1's linear warmup then linear decay to 0).
+One plain process or N ranks under the ``deepspeed`` launcher, ``tensor_parallel`` ranks sharing
+a replica (the GPT split as in pretraining, the head replicated). Training data is sharded by a
+``DistributedSampler``; evaluation gives each replica a contiguous slice (no padding duplicates)
+and gathers the predictions, so every rank computes the same metrics. After each epoch rank 0
+writes ``<save>/best`` atomically if the task's main metric improved. The pieces are
+pretraining's: ``FinetuneConfig``, ``build_ds_config``, ``param_groups``, ``Schedule.finetuning``.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import random
 import time
 
 import numpy as np
@@ -96,7 +90,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     from torch.utils.data import DistributedSampler
 
     from megagpt.parallel.groups import build_parallel_state
-    from megagpt.parallel.layout import deepspeed_mpu
+    from megagpt.parallel.layout import deepspeed_mpu, seed_all
     from megagpt.parallel.topology import ParallelConfig
     from megagpt.train.distributed import build_ds_config
     from megagpt.train.optim import param_groups
@@ -112,9 +106,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
                            key="batch_size")
     micro = cfg.batch_size // world
 
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)   # same seed on every rank: identical random init and head
+    seed_all(cfg.seed)   # same seed on every rank: identical random init and head
     model, tok, tok_path = build_model(cfg, task, par.tp)
     seq_length = cfg.seq_length or model.gpt.cfg.max_seq_len
     if seq_length > model.gpt.cfg.max_seq_len:
@@ -132,11 +124,8 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
 
     sampler = DistributedSampler(range(len(train_data)), num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg.seed, drop_last=False)
-    steps_per_epoch = math.ceil(len(sampler) / micro)
-    total = steps_per_epoch * cfg.epochs
-    zero_stage = cfg.zero_stage
-    if zero_stage is None and not cfg.deepspeed_config:
-        zero_stage = 1   # without a JSON
+    total = math.ceil(len(sampler) / micro) * cfg.epochs
+    zero_stage = 1 if cfg.zero_stage is None and not cfg.deepspeed_config else cfg.zero_stage
     ds_config = build_ds_config(cfg.deepspeed_config, cfg, world, micro_batch_size=micro,
                                 global_batch_size=cfg.batch_size, zero_stage=zero_stage, required=False)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -144,13 +133,11 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
         raise MegaGPTError(f"zero_optimization.stage={stage} is not supported for finetuning (0, 1 or 2: the "
                            f"best-checkpoint save reads full parameters on rank 0)", file=cfg.deepspeed_config)
     schedule = Schedule.finetuning(cfg.lr, total, cfg.warmup_frac)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
-                                           lr_scheduler=lambda opt: build_scheduler(opt, schedule), config=ds_config,
-                                           mpu=deepspeed_mpu(par))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
+                                      lr_scheduler=lambda opt: build_scheduler(opt, schedule), config=ds_config,
+                                      mpu=deepspeed_mpu(par))
     sp = SpecialIds.from_tokenizer(tok)
-
-    history, best, best_dir = [], None, None
-    step = 0
+    history, best, best_dir, step = [], None, None, 0
     for epoch in range(1, cfg.epochs + 1):
         engine.train()
         sampler.set_epoch(epoch)
@@ -171,8 +158,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
                 say(f"step {step}/{total} loss {loss.item():.4f} task {parts['task'].item():.4f}"
                     + (f" lm {parts['lm'].item():.4f}" if "lm" in parts else "")
                     + f" lr {engine.get_lr()[0]:.3g}")
-        train_loss = _mean_across(losses, dp_group)
-        result = {"epoch": epoch, "step": step, "train_loss": train_loss,
+        result = {"epoch": epoch, "step": step, "train_loss": _mean_across(losses, dp_group),
                   **evaluate(engine.module, task, eval_data, sp, micro, rank, world, dp_group),
                   "epoch_time_s": round(time.time() - t0, 2)}
         history.append(result)
@@ -183,15 +169,16 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
                 full = full_state_dict(engine.module)   # collective over the TP group
                 if dist.get_rank() == 0:
                     from .checkpoint import save_best
-                    best_dir = str(save_best(cfg.save, full, {
+                    save_best(cfg.save, full, {
                         "task": task.name, "epoch": epoch, "metrics": result, "main_metric": task.main_metric,
                         "finetune_config": cfg.to_dict(), "model": engine.module.gpt.cfg.to_dict(),
                         "head": {"kind": task.kind, "num_outputs": task.num_outputs,
-                                 "regression": task.regression}}, tok_path))
+                                 "regression": task.regression}}, tok_path)
                 dist.barrier()
                 best_dir = os.path.join(cfg.save, "best")
     if cfg.save and dist.get_rank() == 0:
-        _write_json(os.path.join(cfg.save, "history.json"), {"history": history, "best": best})
+        write_text_atomic(os.path.join(cfg.save, "history.json"),
+                          json.dumps({"history": history, "best": best}, indent=2))
     return {"history": history, "best": best, "best_dir": best_dir}
 
 
@@ -230,13 +217,5 @@ def evaluate(model, task, data, sp, micro, rank, world, group=None) -> dict:
     labels = [y for g in gathered for y in g[1]]
     model.train()
     res = {"eval_loss": sum(g[2] for g in gathered) / len(labels), "eval_examples": len(labels)}
-    if task.regression:   # the STS-B head predicts the 0..5 score directly
-        res.update(metrics.compute(task.metric_kind, np.asarray(preds), np.asarray(labels)))
-    else:
-        res.update(metrics.compute(task.metric_kind, np.asarray(preds, dtype=np.int64),
-                                   np.asarray(labels, dtype=np.int64)))
-    return res
-
-
-def _write_json(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2))
+    dtype = np.float64 if task.regression else np.int64   # the STS-B head predicts the 0..5 score directly
+    return {**res, **metrics.compute(task.metric_kind, np.asarray(preds, dtype), np.asarray(labels, dtype))}

@@ -28,30 +28,18 @@ class Task:
     def read(self, path, skip_bad=False):
         if self.name in readers.GLUE_FORMATS:
             return readers.read_glue(path, self.name, skip_bad)
-        if self.name == "copa":
-            return readers.read_copa(path, skip_bad)
-        if self.name == "storycloze":
-            return readers.read_storycloze(path, skip_bad)
-        raise MegaGPTError(f"task {self.name}: no reader")
+        return {"copa": readers.read_copa, "storycloze": readers.read_storycloze}[self.name](path, skip_bad)
 
     def load(self, data_root, skip_bad=False, train_fraction=0.8, log=print):
-        """(train examples, eval examples) from the files under ``data_root``."""
-        root = Path(data_root)
-        if self.single_file:
-            exs, st = self.read(root / self.train_file, skip_bad)
-            _report(st, log)
-            return readers.split_examples(exs, train_fraction)
-        train, st1 = self.read(root / self.train_file, skip_bad)
-        ev, st2 = self.read(root / self.eval_file, skip_bad)
-        _report(st1, log)
-        _report(st2, log)
-        return train, ev
-
-
-def _report(stats, log):
-    if stats.skipped:
-        log(f"{stats.path}: skipped {stats.skipped} bad row(s) of {stats.rows} "
-            f"(first: {', '.join(stats.skipped_where[:3])})")
+        """(train examples, eval examples) from the files under ``data_root``; skipped rows logged."""
+        sets = []
+        for name in [self.train_file] if self.single_file else [self.train_file, self.eval_file]:
+            examples, stats = self.read(Path(data_root) / name, skip_bad)
+            if stats.skipped:
+                log(f"{stats.path}: skipped {stats.skipped} bad row(s) of {stats.rows} "
+                    f"(first: {', '.join(stats.skipped_where[:3])})")
+            sets.append(examples)
+        return readers.split_examples(sets[0], train_fraction) if self.single_file else tuple(sets)
 
 
 TASKS = {t.name: t for t in [
