@@ -1,16 +1,12 @@
 """Full megagpt state dicts ⇄ HF transformers directories (weights, config, tokenizer files).
 
 Export picks the one HF architecture that computes exactly what the megagpt model computes
-(``hf_target``): Llama for RMSNorm/RoPE/SwiGLU, GPT-2 for pre-LN LayerNorm/learned/GELU, OpenAI
-GPT for post-LN; anything the target cannot express is refused with every offending field named.
-Weights move through the per-architecture name tables (``hf_gpt2``, ``hf_openai_gpt``,
-``hf_llama``): entries ``(ours, hf, op)`` with op ``"copy"``, ``"T"`` (Conv1D transpose),
-``"vocab"`` (padded rows dropped on export, zero rows re-added on import) or ``("rows", a, b)``
-(Llama's q/k/v slices of our fused qkv). Both directions read the same table, so they are inverses.
-
-Which checkpoint is read and how formats are detected is ``megagpt.checkpoint`` (``convert``,
-``load``); this module only knows HF's side. ``write_hf`` publishes through a temporary sibling
-directory renamed into place when complete.
+(``hf_target``: Llama, GPT-2 or OpenAI GPT) and refuses, naming every offending field, what it
+cannot express. Weights move through that architecture's name table of ``(ours, hf, op)``
+entries, op ``"copy"``, ``"T"`` (Conv1D transpose), ``"vocab"`` (padded rows dropped on export,
+zero rows re-added on import) or ``("rows", a, b)`` (Llama's q/k/v slices of our fused qkv).
+Both directions read the same table, so they are inverses. Checkpoint formats are
+``megagpt.checkpoint``'s business; this module only knows HF's side.
 """
 from __future__ import annotations
 
@@ -58,14 +54,9 @@ def hf_target(cfg, approximate_gelu: bool = False):
     return target
 
 
-def _to_hf_tensor(t, op, cfg):
-    if op == "T":
-        return t.T
-    if op == "vocab":
-        return t[: cfg.vocab_size]
-    if isinstance(op, tuple):
-        return t[op[1]: op[2]]
-    return t
+def _rows(op, cfg):
+    """The rows of our tensor that a "vocab" or ("rows", a, b) entry maps, else None."""
+    return (0, cfg.vocab_size) if op == "vocab" else op[1:] if isinstance(op, tuple) else None
 
 
 def to_hf_state_dict(sd: dict, cfg, target) -> dict:
@@ -74,7 +65,8 @@ def to_hf_state_dict(sd: dict, cfg, target) -> dict:
     for ours, hf, op in _progress(target.names(cfg), "to HF"):
         if ours not in sd:
             raise MegaGPTError(f"checkpoint lacks {ours!r}, which model config {cfg.name!r} has")
-        out[hf] = _to_hf_tensor(sd[ours], op, cfg).contiguous()
+        t, rows = sd[ours], _rows(op, cfg)
+        out[hf] = (t.T if op == "T" else t[rows[0]:rows[1]] if rows else t).contiguous()
     return out
 
 
@@ -188,14 +180,14 @@ def read_hf_weights(hf_dir, cfg, target) -> dict:
                            f"unexpected {unexpected[:5]})")
     sd = {}
     for ours, hf, op in _progress(table, "from HF"):
-        t = hf_sd[hf].to(torch.float32)
+        t, rows = hf_sd[hf].to(torch.float32), _rows(op, cfg)
         if op == "T":
             t = t.T
-        if op == "vocab" or isinstance(op, tuple):
+        if rows:
             full = sd.get(ours)
             if full is None:
                 full = sd[ours] = torch.zeros(shapes[ours], dtype=torch.float32)
-            a, b = (0, cfg.vocab_size) if op == "vocab" else op[1:]
+            a, b = rows
             if t.shape != full[a:b].shape:
                 raise MegaGPTError(f"{where}: {hf} has shape {tuple(t.shape)}, expected {tuple(full[a:b].shape)}")
             full[a:b] = t

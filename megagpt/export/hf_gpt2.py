@@ -46,6 +46,24 @@ def common_refusals(cfg: ModelConfig, hf_name: str) -> list[str]:
     return out
 
 
+def conv1d_config(cfg: ModelConfig, token_ids: dict) -> dict:
+    """The config.json entries GPT-2 and OpenAI GPT name alike."""
+    return dict(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                n_head=cfg.n_head, resid_pdrop=cfg.resid_dropout, embd_pdrop=cfg.embd_dropout,
+                attn_pdrop=cfg.attn_dropout, layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.init_std,
+                tie_word_embeddings=cfg.tie_embeddings, **token_ids)
+
+
+def conv1d_from_hf(c: dict, vocab_size: int, n_positions: int) -> dict:
+    """ModelConfig kwargs from the entries GPT-2 and OpenAI GPT name alike (absent: HF's defaults)."""
+    return dict(vocab_size=c.get("vocab_size", vocab_size), n_layer=c.get("n_layer", 12),
+                n_embd=c.get("n_embd", 768), n_head=c.get("n_head", 12), max_seq_len=c.get("n_positions", n_positions),
+                norm="layernorm", norm_eps=c.get("layer_norm_epsilon", 1e-5), pos_emb="learned", bias=True,
+                tie_embeddings=c.get("tie_word_embeddings", True), embd_dropout=c.get("embd_pdrop", 0.1),
+                resid_dropout=c.get("resid_pdrop", 0.1), attn_dropout=c.get("attn_pdrop", 0.1),
+                init_std=c.get("initializer_range", 0.02))
+
+
 def refusals(cfg: ModelConfig) -> list[str]:
     out = common_refusals(cfg, ARCHITECTURE)
     if cfg.norm_position != "pre":
@@ -60,13 +78,8 @@ def names(cfg: ModelConfig) -> list:
 def to_hf_config(cfg: ModelConfig, token_ids: dict):
     from transformers import GPT2Config
 
-    return GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_inner=cfg.ffn_hidden, activation_function=_ACT_TO_HF[cfg.activation],
-        resid_pdrop=cfg.resid_dropout, embd_pdrop=cfg.embd_dropout, attn_pdrop=cfg.attn_dropout,
-        layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.init_std,
-        tie_word_embeddings=cfg.tie_embeddings, architectures=[ARCHITECTURE], **token_ids,
-    )
+    return GPT2Config(**conv1d_config(cfg, token_ids), n_inner=cfg.ffn_hidden,
+                      activation_function=_ACT_TO_HF[cfg.activation], architectures=[ARCHITECTURE])
 
 
 def from_hf_config(c: dict) -> tuple[dict, list[str]]:
@@ -78,13 +91,7 @@ def from_hf_config(c: dict) -> tuple[dict, list[str]]:
                     ("add_cross_attention", False)):
         if c.get(key, ok) != ok:
             bad.append(f"{key}={c.get(key)!r}")
-    kw = dict(
-        vocab_size=c.get("vocab_size", 50257), n_layer=c.get("n_layer", 12), n_embd=c.get("n_embd", 768),
-        n_head=c.get("n_head", 12), ffn_hidden=c.get("n_inner"), max_seq_len=c.get("n_positions", 1024),
-        norm="layernorm", norm_position="pre", norm_eps=c.get("layer_norm_epsilon", 1e-5), pos_emb="learned",
-        activation=_ACT_FROM_HF.get(c.get("activation_function", "gelu_new"), "gelu_tanh"), bias=True,
-        tie_embeddings=c.get("tie_word_embeddings", True), embd_dropout=c.get("embd_pdrop", 0.1),
-        resid_dropout=c.get("resid_pdrop", 0.1), attn_dropout=c.get("attn_pdrop", 0.1),
-        init_std=c.get("initializer_range", 0.02), scaled_residual_init=True,
-    )
+    kw = dict(conv1d_from_hf(c, vocab_size=50257, n_positions=1024), ffn_hidden=c.get("n_inner"),
+              norm_position="pre", activation=_ACT_FROM_HF.get(c.get("activation_function", "gelu_new"), "gelu_tanh"),
+              scaled_residual_init=True)
     return kw, bad

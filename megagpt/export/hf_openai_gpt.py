@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from megagpt.model import ModelConfig
 
-from .hf_gpt2 import common_refusals, conv1d_names
+from .hf_gpt2 import common_refusals, conv1d_config, conv1d_from_hf, conv1d_names
 
 ARCHITECTURE = "OpenAIGPTLMHeadModel"
 MODEL_TYPE = "openai-gpt"
@@ -38,25 +38,13 @@ def names(cfg: ModelConfig) -> list:
 def to_hf_config(cfg: ModelConfig, token_ids: dict):
     from transformers import OpenAIGPTConfig
 
-    return OpenAIGPTConfig(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, afn="gelu", resid_pdrop=cfg.resid_dropout, embd_pdrop=cfg.embd_dropout,
-        attn_pdrop=cfg.attn_dropout, layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.init_std,
-        tie_word_embeddings=cfg.tie_embeddings, architectures=[ARCHITECTURE], **token_ids,
-    )
+    return OpenAIGPTConfig(**conv1d_config(cfg, token_ids), afn="gelu", architectures=[ARCHITECTURE])
 
 
 def from_hf_config(c: dict) -> tuple[dict, list[str]]:
     bad = []
     if c.get("afn", "gelu") not in _ACT_FROM_HF:
         bad.append(f"afn={c.get('afn')!r}")
-    kw = dict(
-        vocab_size=c.get("vocab_size", 40478), n_layer=c.get("n_layer", 12), n_embd=c.get("n_embd", 768),
-        n_head=c.get("n_head", 12), ffn_hidden=None, max_seq_len=c.get("n_positions", 512),
-        norm="layernorm", norm_position="post", norm_eps=c.get("layer_norm_epsilon", 1e-5), pos_emb="learned",
-        activation="gelu_tanh", bias=True, tie_embeddings=c.get("tie_word_embeddings", True),
-        embd_dropout=c.get("embd_pdrop", 0.1), resid_dropout=c.get("resid_pdrop", 0.1),
-        attn_dropout=c.get("attn_pdrop", 0.1), init_std=c.get("initializer_range", 0.02),
-        scaled_residual_init=False,
-    )
+    kw = dict(conv1d_from_hf(c, vocab_size=40478, n_positions=512), ffn_hidden=None, norm_position="post",
+              activation="gelu_tanh", scaled_residual_init=False)
     return kw, bad
