@@ -19,6 +19,7 @@ import os
 import torch
 
 from . import reference
+from .triton import interpreting
 
 log = logging.getLogger("megagpt.kernels")
 MODES = ("auto", "reference", "triton", "cuda")
@@ -57,10 +58,6 @@ def fallbacks() -> dict:
     return dict(_broken)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
 def _load(backend: str, op: str):
     """The fused implementation, or None after warning (once) why it is unavailable."""
     if (backend, op) in _broken:
@@ -86,7 +83,7 @@ def _plan(op: str, on_cuda: bool):
         return "reference", "MEGAGPT_KERNELS=reference"
     if mode == "auto" and not on_cuda:
         return "reference", "CPU tensors (auto)"
-    if not on_cuda and not _interpreting():
+    if not on_cuda and not interpreting():
         return "reference", f"{mode} requested but tensors are on CPU and TRITON_INTERPRET is unset"
     if mode == "cuda" and op == "layer_norm":
         return "cuda", "MEGAGPT_KERNELS=cuda" + (" (interpreter has no CUDA: see fallback)" if not on_cuda else "")
@@ -168,7 +165,7 @@ def bias_gelu(x, bias, approximate: str = "none"):
 def _attention_why_not(q, k, v, causal, dropout_p):
     if dropout_p > 0.0:  # checked without importing triton
         return f"dropout_p={dropout_p} > 0: the fused kernel is dropout-free"
-    if backend_name() == "reference" or (not q.is_cuda and not _interpreting()):
+    if backend_name() == "reference" or (not q.is_cuda and not interpreting()):
         return None
     try:
         from .triton.flash_attention import unsupported_reason

@@ -12,7 +12,7 @@ import os
 import sys
 
 
-def _env_on() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -20,7 +20,7 @@ def interpreter_ready() -> bool:
     if "triton" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"
         return True
-    if not _env_on():
+    if not interpreting():
         return False
     from triton.runtime.interpreter import InterpretedFunction
     from triton.language import standard

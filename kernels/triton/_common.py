@@ -23,13 +23,12 @@ def rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def row_block(n: int) -> int:
-    return triton.next_power_of_2(n)
-
-
-def num_row_programs(m: int, device: torch.device) -> int:
-    """Programs used by the stage-1 weight-gradient reduction: a few per SM on a GPU."""
-    return max(1, min(m, 4 * _sm_count(device.index) if device.type == "cuda" else 4))
+def row_chunks(m: int, device: torch.device):
+    """(programs, rows per program) for a stage-1 weight-gradient reduction: a few programs per SM
+    on a GPU, each over a contiguous chunk of the m rows (no program left without rows)."""
+    g = max(1, min(m, 4 * _sm_count(device.index) if device.type == "cuda" else 4))
+    per = triton.cdiv(m, g)
+    return triton.cdiv(m, per), per
 
 
 @functools.lru_cache(maxsize=None)

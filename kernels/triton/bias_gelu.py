@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, acc_torch_dtype, num_row_programs
+from ._common import acc_dtype, acc_torch_dtype, row_chunks, rows
 from .layer_norm import reduce_partials
 
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -77,9 +77,8 @@ class BiasGeluFn(torch.autograd.Function):
     def forward(ctx, x, bias, approximate):
         if approximate not in ("none", "tanh"):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-        n = x.shape[-1]
-        x2 = x.reshape(-1, n).contiguous()
-        m = x2.shape[0]
+        x2 = rows(x)
+        m, n = x2.shape
         y = torch.empty_like(x2)
         bm, bn = 16, min(triton.next_power_of_2(n), 256)
         _fwd[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
@@ -94,15 +93,12 @@ class BiasGeluFn(torch.autograd.Function):
         x2, bias = ctx.saved_tensors
         m, n = x2.shape
         dx = torch.empty_like(x2)
-        g = num_row_programs(m, x2.device)
-        per = triton.cdiv(m, g)
-        g = triton.cdiv(m, per)
+        g, per = row_chunks(m, x2.device)
         has_b = bias is not None
         part = torch.empty((g, n), dtype=acc_torch_dtype(x2.dtype), device=x2.device) if has_b else x2
         bm, bn = 16, min(triton.next_power_of_2(n), 256)
-        _bwd[(g, triton.cdiv(n, bn))](x2, bias if has_b else x2, dy.reshape(m, n).contiguous(), dx, part, m, n,
-                                      per, HAS_B=has_b, TANH=ctx.tanh, ACC=acc_dtype(x2.dtype),
-                                      BLOCK_M=bm, BLOCK_N=bn)
+        _bwd[(g, triton.cdiv(n, bn))](x2, bias if has_b else x2, rows(dy), dx, part, m, n, per, HAS_B=has_b,
+                                      TANH=ctx.tanh, ACC=acc_dtype(x2.dtype), BLOCK_M=bm, BLOCK_N=bn)
         db = reduce_partials(part, bias.dtype) if has_b and ctx.needs_input_grad[1] else None
         return dx.view(ctx.shape), db, None
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype
+from ._common import acc_dtype, acc_torch_dtype
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
@@ -301,8 +301,7 @@ class FlashAttentionFn(torch.autograd.Function):
         hkv, tk = k.shape[1], k.shape[2]
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
         o = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty((bsz, h, tq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                          device=q.device)
+        lse = torch.empty((bsz, h, tq), dtype=acc_torch_dtype(q.dtype), device=q.device)
         bm, bn, warps, stages = _cfg(q, "fwd")
         grid = (triton.cdiv(tq, bm), bsz * h)
         _fwd[grid](q, k, v, o, lse, sm_scale * LOG2E,
