@@ -1,11 +1,8 @@
 """Sample text from a megagpt checkpoint: a pretraining --save dir (any ZeRO stage, tensor- or
 pipeline-parallel), a consolidated checkpoint or an HF transformers dir.
 
-    python tools/generate.py CKPT_DIR --prompt "ROMEO:" [--prompt ...] [--prompt-file F] [--prompt-ids 2,40,41]
-        [--tag global_stepN] [--temperature 0.8 --top-k 50 --top-p 0.95 --max-new-tokens 100 --seed 0]
-
-The model config, weights and tokenizer come from the checkpoint, read by
-``megagpt.checkpoint.load_model`` (the newest complete tag of a DeepSpeed dir unless --tag).
+Model config, weights and tokenizer come from ``megagpt.checkpoint.load_model`` (for a DeepSpeed
+dir its newest complete tag unless --tag; a tag without the 'complete' marker is refused).
 """
 from __future__ import annotations
 
