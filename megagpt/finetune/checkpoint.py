@@ -1,17 +1,10 @@
-"""Where finetuning starts (pretrained checkpoint or random init) and where its best model goes.
-
-Pretrained inits are read by ``megagpt.checkpoint.load_model``: a DeepSpeed pretraining
-checkpoint dir (any ZeRO stage or TP/PP layout; its newest complete tag), a consolidated megagpt
-checkpoint or an HF transformers dir, with the tokenizer the checkpoint holds.
-
-The best finetuned model is written by rank 0 to ``<save_dir>/best`` through a temporary sibling
-directory that is renamed into place only when complete.
+"""Where finetuning starts (any checkpoint ``megagpt.checkpoint.load_model`` reads) and where its
+best model goes (``<save_dir>/best``, written by rank 0 to a temporary sibling renamed into place).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
 
 from megagpt.atomic import atomic_dir
 from megagpt.errors import MegaGPTError
@@ -20,12 +13,12 @@ from megagpt.tp import SERIAL
 
 def load_pretrained(path, tokenizer=None, tp=SERIAL):
     """A pretrained checkpoint → (GPT with its weights, in train mode, this rank's ``tp`` slice;
-    tokenizer path or None). ``tokenizer`` replaces the checkpoint's own (and is checked against
-    the model's vocabulary)."""
+    its tokenizer or None; the tokenizer's path or None). ``tokenizer`` replaces the checkpoint's
+    own (and is checked against the model's vocabulary)."""
     from megagpt.checkpoint import load_model
 
-    model, _, meta = load_model(path, tokenizer=tokenizer, tp=tp)
-    return model.train(), meta["tokenizer_path"]
+    model, tok, meta = load_model(path, tokenizer=tokenizer, tp=tp)
+    return model.train(), tok, meta["tokenizer_path"]
 
 
 def save_best(save_dir, state_dict: dict, info: dict, tokenizer_path=None) -> Path:

@@ -17,6 +17,7 @@ from torch import nn
 
 from megagpt.errors import MegaGPTError
 
+
 class FinetuneModel(nn.Module):
     def __init__(self, gpt, kind: str, num_outputs: int, regression: bool = False,
                  clf_dropout: float = 0.1, lm_coef: float = 0.5):
@@ -54,12 +55,9 @@ class FinetuneModel(nn.Module):
         out = self.task_output(hidden, cls_pos, B)
         if labels is None:
             return None, out, {}
-        if self.regression:
-            task_loss = F.mse_loss(out.float(), labels.float())
-        else:
-            task_loss = F.cross_entropy(out.float(), labels.long())
+        loss = task_loss = (F.mse_loss(out.float(), labels.float()) if self.regression
+                            else F.cross_entropy(out.float(), labels.long()))
         parts = {"task": task_loss.detach()}
-        loss = task_loss
         if self.lm_coef and lm_labels is not None:
             lm_loss = self.gpt.lm_loss_from_hidden(hidden, lm_labels)   # vocab-parallel at tp > 1
             loss = task_loss + self.lm_coef * lm_loss

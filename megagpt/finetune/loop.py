@@ -56,13 +56,9 @@ def build_model(cfg: FinetuneConfig, task, tp):
     else:
         from .checkpoint import load_pretrained
 
-        gpt, tok_path = load_pretrained(cfg.init, cfg.tokenizer, tp)
-        if not tok_path:
+        gpt, tok, tok_path = load_pretrained(cfg.init, cfg.tokenizer, tp)
+        if not tok_path:   # best/ bundles the tokenizer's files
             raise MegaGPTError(f"{cfg.init}: checkpoint names no tokenizer; pass --tokenizer")
-        tok = load_tokenizer(tok_path)
-        if tok.vocab_size > gpt.cfg.vocab_size:
-            raise MegaGPTError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model only "
-                               f"{gpt.cfg.vocab_size}: wrong tokenizer for this checkpoint?")
     model = FinetuneModel(gpt, task.kind, task.num_outputs, task.regression, cfg.clf_dropout, cfg.lm_coef)
     return model, tok, tok_path
 

@@ -93,34 +93,32 @@ def _read_table(path, rows, needed, sep: str, make, skip_bad: bool, what: str):
     return _collect(path, ((f"{path}:{n}", cols) for n, cols in rows if cols), example, skip_bad)
 
 
-def _int_label(text: str, allowed) -> int:
+def _binary(text: str) -> int:
     v = int(text)
-    if v not in allowed:
-        raise ValueError(f"label {v} is not one of {allowed}")
+    if v not in (0, 1):
+        raise ValueError(f"label {v} is not one of (0, 1)")
     return v
 
 
-def _rte(c):
-    labels = {"entailment": 1, "not_entailment": 0}
-    if c["label"] not in labels:
-        raise ValueError(f"label {c['label']!r} is not entailment/not_entailment")
-    return Example([c["sentence1"], c["sentence2"]], labels[c["label"]])
+def _entailment(text: str) -> int:
+    if text not in ("entailment", "not_entailment"):
+        raise ValueError(f"label {text!r} is not entailment/not_entailment")
+    return int(text == "entailment")
 
 
-def _stsb(c):
-    score = float(c["score"])
+def _score(text: str) -> float:
+    score = float(text)
     if not 0.0 <= score <= 5.0:
         raise ValueError(f"score {score} is outside 0..5")
-    return Example([c["sentence1"], c["sentence2"]], score)
+    return score
 
 
-# GLUE layouts: column names that must be in the header, and how a row becomes an Example.
+# GLUE layouts: the text columns, the label column and its parser.
 GLUE_FORMATS = {
-    "sst2": (("sentence", "label"), lambda c: Example([c["sentence"]], _int_label(c["label"], (0, 1)))),
-    "rte": (("sentence1", "sentence2", "label"), _rte),
-    "mrpc": (("Quality", "#1 String", "#2 String"),
-             lambda c: Example([c["#1 String"], c["#2 String"]], _int_label(c["Quality"], (0, 1)))),
-    "stsb": (("sentence1", "sentence2", "score"), _stsb),
+    "sst2": (("sentence",), "label", _binary),
+    "rte": (("sentence1", "sentence2"), "label", _entailment),
+    "mrpc": (("#1 String", "#2 String"), "Quality", _binary),
+    "stsb": (("sentence1", "sentence2"), "score", _score),
 }
 
 
@@ -128,10 +126,11 @@ def read_glue(path, task: str, skip_bad: bool = False) -> tuple[list[Example], R
     """Read a GLUE TSV with a header row (SST-2, RTE, MRPC, STS-B)."""
     if task not in GLUE_FORMATS:
         raise MegaGPTError(f"no GLUE reader for task {task!r} (have {', '.join(GLUE_FORMATS)})")
-    needed, make = GLUE_FORMATS[task]
+    texts, label, parse = GLUE_FORMATS[task]
     lines = (line.rstrip("\r\n") for line in io.StringIO(_read_text(path), newline=""))
     rows = enumerate((line.split("\t") if line else [] for line in lines), 1)
-    return _read_table(path, rows, needed, "tab", make, skip_bad, task)
+    return _read_table(path, rows, (*texts, label), "tab", lambda c: Example([c[k] for k in texts], parse(c[label])),
+                       skip_bad, task)
 
 
 # COPA: the premise plus a question that says which way the causal link goes. The answer is then

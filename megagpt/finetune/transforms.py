@@ -6,13 +6,8 @@
     multiple choice  <s> context <delim> answer_k <cls>   for each k
 
 ``<cls>`` is the paper's extract token ``<e>``: its final hidden state feeds the task head. The
-special ids come from the tokenizer and are inserted as ids, never by text, so user text cannot
-forge them.
-
-Truncation keeps the answer side: when a sequence is too long the *first* segment (the context /
-premise) loses tokens from its left, keeping its end (the words next to the answer); only if the
-second segment alone does not fit does that one lose tokens from its right. The special tokens are
-always kept.
+special ids are inserted as ids, never by text, so user text cannot forge them. Truncation keeps
+the answer side (see ``pair``).
 """
 from __future__ import annotations
 
@@ -50,7 +45,9 @@ def single(x: list[int], sp: SpecialIds, seq_length: int) -> list[int]:
 
 
 def pair(first: list[int], second: list[int], sp: SpecialIds, seq_length: int) -> list[int]:
-    """``<s> first <delim> second <cls>``, truncating ``first`` from the left before ``second``."""
+    """``<s> first <delim> second <cls>``. Too long: ``first`` (context, premise) loses tokens from
+    its left, keeping the words next to the answer; only if ``second`` alone does not fit is it cut
+    from its right. The specials are always kept."""
     room = seq_length - 3
     if room < 1:
         raise MegaGPTError(f"seq_length {seq_length} leaves no room for text around <s>, <delim>, <cls>")
@@ -81,22 +78,19 @@ def multiple_choice(context, answers, sp, seq_length):
     return [pair(context, ans, sp, seq_length) for ans in answers]
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, cls_id: int, seq_length: int | None = None):
+def pad_batch(seqs: list[list[int]], pad_id: int, cls_id: int):
     """Right-pad to the longest sequence → (input_ids (N, T), cls_pos (N,), lm_labels (N, T)).
 
     ``cls_pos`` is found per row (the last ``<cls>``), never assumed to be the last column.
-    ``lm_labels`` are the next-token targets for the auxiliary LM loss on the same tokens:
-    ``lm_labels[i, t] = ids[i, t+1]`` and -100 where that is padding or past the end.
+    ``lm_labels[i, t] = ids[i, t+1]`` (the auxiliary LM loss's targets), -100 at padding.
     """
     if not seqs:
         raise MegaGPTError("pad_batch: empty batch")
-    T = max(len(s) for s in seqs) if seq_length is None else seq_length
+    T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), T), -100, dtype=torch.long)
     cls_pos = torch.empty(len(seqs), dtype=torch.long)
     for i, s in enumerate(seqs):
-        if len(s) > T:
-            raise MegaGPTError(f"pad_batch: sequence of length {len(s)} exceeds {T}")
         if cls_id not in s:
             raise MegaGPTError(f"pad_batch: sequence {i} has no <cls> token (id {cls_id})")
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
