@@ -2,26 +2,26 @@
 
 Special tokens have FIXED ids in every sentencepiece model trained here, so that checkpoints,
 shards and finetune transforms agree without looking anything up: 0 ``<pad>`` (finetune batches
-only), 1 ``<unk>`` (rare: byte fallback spells unseen chars as ``<0xNN>``), 2 ``<s>`` (bos, GPT-1's
-start token), 3 ``</s>`` (eos == eod, appended after every document), 4 ``<delim>`` (the GPT-1
-paper's ``$``), 5 ``<cls>`` (its extract token ``<e>``, whose hidden state feeds the task head).
-
-``<delim>`` and ``<cls>`` are sentencepiece *control* symbols, not user-defined ones: user text
-that happens to contain the literal string ``"<cls>"`` (or ``"<s>"``) is spelled out as
-ordinary pieces and can never inject a structural token. Finetune transforms insert these ids
-directly (``tok.delim_id``), never by text. The GPT-2 BPE loader behaves the same way:
-``<|endoftext|>`` (50256, bos/eos/eod) and the appended ``<pad>``=50257, ``<delim>``=50258,
-``<cls>``=50259 are special tokens that ``encode`` never produces from text.
-
-``decode`` drops control/special tokens, so ``decode(encode(x)) == x`` holds for any text
-(the sentencepiece models use identity normalization and byte fallback to make that true).
+only), 1 ``<unk>`` (rare: byte fallback spells unseen chars as ``<0xNN>``), 2 ``<s>`` (bos),
+3 ``</s>`` (eos == eod, after every document), 4 ``<delim>`` (the GPT-1 paper's ``$``), 5 ``<cls>``
+(its extract token ``<e>``, whose hidden state feeds the task head). They are *control* symbols
+(GPT-2 BPE: ``<|endoftext|>``=50256 and the appended ``<pad> <delim> <cls>``=50257.. are special
+tokens): ``encode`` never makes them from text, so user text holding ``"<cls>"`` cannot inject
+one; finetune transforms insert them by id. ``decode`` drops them, and identity normalization
+with byte fallback makes ``decode(encode(x)) == x`` for any text.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import gzip
+import hashlib
 import json
 import os
+import re
+import warnings
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -33,6 +33,9 @@ GPT2_EOT = "<|endoftext|>"
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 SKIP_IN_FOLDERS = (".bin", ".idx")
+MAX_SENTENCE_BYTES = 4192  # sentencepiece's default max_sentence_length: it drops longer ones silently
+UNREADABLE = "unreadable (malformed JSON, missing key, not a string, or invalid UTF-8)"
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # from JSON "\\ud800" escapes: no tokenizer accepts them
 
 
 # ----------------------------------------------------------------------------- input files
@@ -43,12 +46,8 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     (and hence the output bytes) is reproducible. Folders skip hidden files and token shards
     (.bin/.idx), so re-running with outputs inside an input folder does not read them as text.
     """
-    import glob
-
     files: list[str] = []
-    seen: set[str] = set()
-    for arg in inputs:
-        arg = str(arg)
+    for arg in map(str, inputs):
         if os.path.isdir(arg):
             found = sorted(str(p) for p in Path(arg).rglob("*")
                            if p.is_file() and not p.name.startswith(".") and p.suffix not in SKIP_IN_FOLDERS)
@@ -62,11 +61,8 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
                 raise MegaGPTError(f"{arg}: pattern matches no files")
         else:
             raise MegaGPTError(f"{arg}: no such file or folder")
-        for f in found:
-            if f not in seen:
-                seen.add(f)
-                files.append(f)
-    return files
+        files += found
+    return list(dict.fromkeys(files))
 
 
 def is_json_file(path: str) -> bool:
@@ -81,43 +77,56 @@ def open_binary(path: str):
         raise MegaGPTError(f"{path}: cannot open: {e.strerror or e}") from None
 
 
-def sentence_iterator(inputs: Sequence[str], json_keys=("text",)) -> Iterator[str]:
+@contextlib.contextmanager
+def writing(path):
+    """An OSError in the block (read-only or full disk, a file where a folder should be) becomes
+    one line naming the output ``path``, and the file it failed on unless that is a hidden temp."""
+    try:
+        yield
+    except OSError as e:
+        failed = str(e.filename or "")
+        where = f" ({failed})" if failed and not os.path.basename(failed).startswith(".") else ""
+        raise MegaGPTError(f"{path}: cannot write: {e.strerror or e}{where}") from None
+
+
+def sentence_iterator(inputs: Sequence[str], json_keys=("text",), skipped: Counter | None = None) -> Iterator[str]:
     """Stream training sentences (non-empty lines) from txt/jsonl(.gz) files, one at a time.
 
-    Bad lines (malformed JSON, missing key, bad UTF-8) are skipped here: a tokenizer sample does
-    not need every line, and ``preprocess`` is the strict gate.
+    Unreadable lines (malformed JSON, missing key, bad UTF-8) are skipped here: a tokenizer sample
+    does not need every line, and ``preprocess`` is the strict gate. So are the sentences
+    sentencepiece would drop anyway. ``skipped`` counts them by (file, reason).
     """
+    skipped = Counter() if skipped is None else skipped
     for path in expand_inputs(inputs):
         try:
-            yield from _file_sentences(path, json_keys)
+            yield from _file_sentences(path, json_keys, skipped)
         except (OSError, EOFError, zlib.error) as e:  # e.g. a truncated .gz
             raise MegaGPTError(f"{path}: read failed: {e}") from None
 
 
-def _file_sentences(path, json_keys):
+def _file_sentences(path, json_keys, skipped):
     as_json = is_json_file(path)
     with open_binary(path) as f:
         for raw in f:
+            if as_json and raw.isspace():
+                continue
             try:
                 line = raw.decode("utf-8")
                 texts = [json.loads(line)[k] for k in json_keys] if as_json else [line]
             except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+                skipped[path, UNREADABLE] += 1
                 continue
             for text in texts:
-                if not isinstance(text, str) or (b"\\u" in raw and not _is_valid_unicode(text)):
+                if not isinstance(text, str) or (b"\\u" in raw and LONE_SURROGATE.search(text)):
+                    skipped[path, UNREADABLE] += 1
                     continue
-                for sent in text.splitlines():
-                    if sent.strip():
+                for sent in filter(str.strip, text.splitlines()):
+                    if len(sent) > MAX_SENTENCE_BYTES // 4 and len(sent.encode()) > MAX_SENTENCE_BYTES:
+                        skipped[path, f"longer than {MAX_SENTENCE_BYTES} bytes"] += 1
+                    elif "\u2047" in sent:
+                        skipped[path, "containing \u2047 (reserved by sentencepiece)"] += 1
+                    else:
                         yield sent
-
-
-def _is_valid_unicode(text: str) -> bool:
-    """False for strings with lone surrogates (from JSON ``\\ud800`` escapes): tokenizers reject them."""
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 # ----------------------------------------------------------------------------- training
@@ -138,12 +147,17 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int, 
         raise MegaGPTError(f"vocab_size {vocab_size} is too small: the specials"
                            f"{' and 256 byte pieces' if byte_fallback else ''} alone need {minimum - 1}")
     files = expand_inputs(inputs)  # fail on missing inputs before sentencepiece starts
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    with writing(output_prefix):
+        Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     failure: list[MegaGPTError] = []
+    skipped, n_sentences = Counter(), 0
 
     def sentences():  # sentencepiece turns an iterator's exception into a multi-line RuntimeError
+        nonlocal n_sentences
         try:
-            yield from sentence_iterator(files, json_keys)
+            for sent in sentence_iterator(files, json_keys, skipped):
+                n_sentences += 1
+                yield sent
         except MegaGPTError as e:
             failure.append(e)
             raise
@@ -166,8 +180,17 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int, 
     except RuntimeError as e:
         if failure:
             raise failure[0] from None
+        if not n_sentences:
+            raise MegaGPTError(f"{', '.join(files)}: no text to train on (empty, blank, or every line "
+                               f"skipped)") from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MegaGPTError(f"sentencepiece training on {', '.join(files)} failed: {msg}") from None
+    finally:
+        for path in files:
+            counts = {why: n for (p, why), n in skipped.items() if p == path}
+            if counts:
+                warnings.warn(f"{path}: {sum(counts.values())} lines skipped: "
+                              + ", ".join(f"{n} {why}" for why, n in counts.items()))
     return str(output_prefix) + ".model"
 
 
@@ -182,12 +205,7 @@ class Tokenizer:
     type: str
     path: str
     vocab_size: int
-    pad_id: int | None
-    unk_id: int | None
-    bos_id: int | None
-    eos_id: int | None
-    delim_id: int | None
-    cls_id: int | None
+    pad_id = unk_id = bos_id = eos_id = delim_id = cls_id = None  # int ids, None where the model lacks one
 
     @property
     def eod_id(self) -> int | None:
@@ -199,15 +217,9 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """sha256 of the files that define the ids (the .model, or encoder.json + vocab.bpe): two
         tokenizers of the same vocabulary size still differ here, so a shard can say which made it."""
-        import hashlib
-
         files = [self.path] if self.type == "sentencepiece" else \
             [os.path.join(self.path, "encoder.json"), os.path.join(self.path, "vocab.bpe")]
-        h = hashlib.sha256()
-        for f in files:
-            with open(f, "rb") as fh:
-                h.update(fh.read())
-        return h.hexdigest()
+        return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]

@@ -38,6 +38,7 @@ def merge_datasets(prefixes, output_prefix) -> "IndexedDataset":
     from megagpt.atomic import write_text_atomic
     from megagpt.data.indexed import (IndexedDataset, IndexedDatasetWriter,  # lazy: megagpt.data pulls in torch
                                       meta_path, read_meta)
+    from megagpt.tokenizer import writing
 
     if not prefixes:
         raise MegaGPTError("no input shards to merge")
@@ -56,11 +57,12 @@ def merge_datasets(prefixes, output_prefix) -> "IndexedDataset":
         a, b = [next(p for p in made if made[p] == h) for h in list(dict.fromkeys(made.values()))[:2]]
         raise MegaGPTError(f"{a} and {b} were made with different tokenizers ({metas[a]['tokenizer']['path']}, "
                            f"{metas[b]['tokenizer']['path']}); their ids cannot be merged into one shard")
-    with IndexedDatasetWriter(output_prefix, dtype) as w:
-        for p in prefixes:
-            w.add_index(p)
-    if all(metas[p] is not None for p in prefixes):   # every input known, one tokenizer: so is the output
-        write_text_atomic(meta_path(output_prefix), json.dumps(metas[prefixes[0]], indent=1))
+    with writing(output_prefix):
+        with IndexedDatasetWriter(output_prefix, dtype) as w:
+            for p in prefixes:
+                w.add_index(p)
+        if all(metas[p] is not None for p in prefixes):   # every input known, one tokenizer: so is the output
+            write_text_atomic(meta_path(output_prefix), json.dumps(metas[prefixes[0]], indent=1))
     return IndexedDataset(output_prefix)
 
 

@@ -9,6 +9,7 @@ writes shards/web_text_document.bin/.idx (one pair per --json-keys key; with
 """
 import argparse
 import os
+import warnings
 
 from megagpt.errors import cli_main
 
@@ -42,6 +43,7 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     a = parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     # after parsing: megagpt.data pulls in torch, --help should not
     from megagpt.data.preprocess import existing_outputs, preprocess
 

@@ -9,11 +9,12 @@ writes tok/my.model + tok/my.vocab; ids 0..5 are <pad> <unk> <s> </s> <delim> <c
 import argparse
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 from megagpt.atomic import refuse_existing, write_bytes_atomic
 from megagpt.errors import MegaGPTError, cli_main
-from megagpt.tokenizer import load_tokenizer, train_sentencepiece
+from megagpt.tokenizer import load_tokenizer, train_sentencepiece, writing
 
 
 def parse_args(argv=None):
@@ -39,22 +40,24 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     if args.workers < 1:
         raise MegaGPTError(f"--workers must be >= 1, got {args.workers}")
     out = Path(args.output_prefix)
     if not args.force:
         refuse_existing([f"{out}.model", f"{out}.vocab"])
-    out.parent.mkdir(parents=True, exist_ok=True)
     # sentencepiece writes PREFIX.model/.vocab in place: train into a hidden scratch dir beside the
     # output, then publish each file atomically (.model last: it is the one loaded)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as scratch:
-        staged = Path(scratch) / out.name
-        train_sentencepiece(args.input, str(staged), vocab_size=args.vocab_size,
-                            model_type=args.model_type, json_keys=tuple(args.json_keys),
-                            byte_fallback=args.byte_fallback, input_sentence_size=args.input_sentence_size,
-                            num_threads=args.workers, verbose=args.verbose)
-        for ext in (".vocab", ".model"):
-            write_bytes_atomic(f"{out}{ext}", Path(f"{staged}{ext}").read_bytes())
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as scratch:
+            staged = Path(scratch) / out.name
+            train_sentencepiece(args.input, str(staged), vocab_size=args.vocab_size,
+                                model_type=args.model_type, json_keys=tuple(args.json_keys),
+                                byte_fallback=args.byte_fallback, input_sentence_size=args.input_sentence_size,
+                                num_threads=args.workers, verbose=args.verbose)
+            for ext in (".vocab", ".model"):
+                write_bytes_atomic(f"{out}{ext}", Path(f"{staged}{ext}").read_bytes())
     model = f"{out}.model"
     tok = load_tokenizer(model)
     print(f"wrote {model} (vocab_size {tok.vocab_size})")

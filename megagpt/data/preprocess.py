@@ -17,9 +17,10 @@ any error removes them.
 
 Documents: one per jsonl line (per key); one per txt file, or with ``split_paragraphs`` one per
 blank-line-separated paragraph (its lines, joined by their newlines, without the trailing one).
-A document whose text is empty or only whitespace is skipped and counted. A bad line (malformed
-JSON, not an object, missing key, non-string value, invalid UTF-8) raises a MegaGPTError naming
-``file:line`` or, with ``skip_bad_lines``, is skipped (all keys of that line) and counted.
+A document whose text is empty or only whitespace is skipped and counted; an input file that gives
+no document is named in a warning, and inputs that give none at all are refused. A bad line
+(malformed JSON, not an object, missing key, non-string value, invalid UTF-8) raises a MegaGPTError
+naming ``file:line`` or, with ``skip_bad_lines``, is skipped (all keys of that line) and counted.
 """
 from __future__ import annotations
 
@@ -34,14 +35,14 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, groupby
 
 import numpy as np
 
 from megagpt.atomic import publish, temp_sibling, write_text_atomic
 from megagpt.data.indexed import IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path, meta_path, shard_meta
 from megagpt.errors import MegaGPTError
-from megagpt.tokenizer import expand_inputs, is_json_file, load_tokenizer, open_binary
+from megagpt.tokenizer import LONE_SURROGATE, expand_inputs, is_json_file, load_tokenizer, open_binary, writing
 
 CHUNK_BYTES = 1 << 18
 CHUNK_ITEMS = 2048
@@ -125,21 +126,10 @@ def _read_text_items(path, split_paragraphs):
         if not split_paragraphs:
             yield 1, f.read()
             return
-        para, start = [], 0
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                start = start or lineno
-                para.append(raw)
-            elif para:
-                yield start, _join_paragraph(para)
-                para, start = [], 0
-        if para:
-            yield start, _join_paragraph(para)
-
-
-def _join_paragraph(lines):
-    text = b"".join(lines)
-    return text[:-1] if text.endswith(b"\n") else text
+        for blank, para in groupby(enumerate(f, 1), key=lambda numbered: not numbered[1].strip()):
+            if not blank:
+                para = list(para)
+                yield para[0][0], b"".join(raw for _, raw in para).removesuffix(b"\n")
 
 
 # ----------------------------------------------------------------------------- encoding (workers)
@@ -185,13 +175,11 @@ def _parse(raw, start, is_json, keys):
         if not isinstance(obj[k], str):
             raise ValueError(start, f"key {k!r} holds a {type(obj[k]).__name__}, expected a string")
         texts.append(obj[k])
-    if b"\\u" in raw:  # only a \u escape can make a lone surrogate, which no tokenizer accepts
+    if b"\\u" in raw:  # only a \u escape can make a lone surrogate
         for k, t in zip(keys, texts):
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError as e:
+            if bad := LONE_SURROGATE.search(t):
                 raise ValueError(start, f"key {k!r} holds an unpaired surrogate escape "
-                                        f"(\\u{ord(t[e.start]):04x}), which is not valid text") from None
+                                        f"(\\u{ord(bad.group()):04x}), which is not valid text")
     return texts
 
 
@@ -250,18 +238,19 @@ class ShardedOutput:
         """Append a chunk's documents, in bulk up to each shard boundary."""
         ends = np.cumsum(sizes)
         doc, pos = 0, 0
-        while doc < len(sizes):
-            if self.writer is None:
-                self._open()
-            stop = len(sizes)
-            if self.shard_size:  # the shard is full after the first doc whose end reaches `room`
-                room = pos + self.shard_size - self.writer.num_tokens
-                stop = min(int(np.searchsorted(ends, room, side="left")) + 1, stop)
-            end = int(ends[stop - 1])
-            self.writer.add_documents(flat[pos:end], sizes[doc:stop])
-            doc, pos = stop, end
-            if self.shard_size and self.writer.num_tokens >= self.shard_size:
-                self._close()
+        with writing(self.base):
+            while doc < len(sizes):
+                if self.writer is None:
+                    self._open()
+                stop = len(sizes)
+                if self.shard_size:  # the shard is full after the first doc whose end reaches `room`
+                    room = pos + self.shard_size - self.writer.num_tokens
+                    stop = min(int(np.searchsorted(ends, room, side="left")) + 1, stop)
+                end = int(ends[stop - 1])
+                self.writer.add_documents(flat[pos:end], sizes[doc:stop])
+                doc, pos = stop, end
+                if self.shard_size and self.writer.num_tokens >= self.shard_size:
+                    self._close()
 
     def _close(self):
         self.writer.finalize()
@@ -269,14 +258,15 @@ class ShardedOutput:
         self.writer = None
 
     def commit(self) -> list[str]:
-        if self.writer is not None or not self.staged:  # an empty input still yields one (empty) shard
-            if self.writer is None:
-                self._open()
-            self._close()
-        for partial, final in self.staged:   # the metadata first: no shard is ever without it
-            write_text_atomic(meta_path(final), json.dumps(self.meta, indent=1))
-            publish(bin_path(partial), bin_path(final))
-            publish(idx_path(partial), idx_path(final))
+        with writing(self.base):
+            if self.writer is not None or not self.staged:  # a key without documents still gets an (empty) shard
+                if self.writer is None:
+                    self._open()
+                self._close()
+            for partial, final in self.staged:   # the metadata first: no shard is ever without it
+                write_text_atomic(meta_path(final), json.dumps(self.meta, indent=1))
+                publish(bin_path(partial), bin_path(final))
+                publish(idx_path(partial), idx_path(final))
         return [final for _, final in self.staged]
 
     def abort(self):
@@ -331,6 +321,7 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
     chunks = read_chunks(files, split_paragraphs, chunk_bytes=chunk_bytes)
     bar = _progress_bar(files, progress, log_interval)
     results = _map_ordered(encode_chunk, chunks, workers, init)
+    productive = set()  # input files that gave at least one document
     try:
         for chunk, enc in results:
             for line, msg in enc.errors:
@@ -341,13 +332,17 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
                 out.add(enc.tokens[k], enc.sizes[k])
                 summary.docs += len(enc.sizes[k])
                 summary.tokens += int(enc.tokens[k].size)
+                if len(enc.sizes[k]):
+                    productive.add(enc.path)
             summary.empty_docs += enc.empty
             nbytes = sum(len(raw) for _, raw in chunk.items)
             summary.bytes += nbytes
-            if bar is not None:
-                el = max(time.perf_counter() - t0, 1e-9)
-                bar.update(nbytes)
-                bar.set_postfix_str(f"{summary.docs / el:.0f} docs/s, {summary.tokens / el:.0f} tok/s", refresh=False)
+            el = max(time.perf_counter() - t0, 1e-9)
+            bar.update(nbytes)
+            bar.set_postfix_str(f"{summary.docs / el:.0f} docs/s, {summary.tokens / el:.0f} tok/s", refresh=False)
+        if not productive:
+            raise MegaGPTError(f"no documents in {', '.join(map(str, inputs))}: empty, blank or only bad lines; "
+                               f"nothing written")
         for out in outputs.values():
             summary.output_prefixes += out.commit()
     except BaseException:
@@ -356,8 +351,10 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
         raise
     finally:
         results.close()  # stops the workers now, not at garbage collection
-        if bar is not None:
-            bar.close()
+        bar.close()
+    for path in files:
+        if path not in productive:
+            warnings.warn(f"{path}: no documents in this input (empty, blank or only bad lines)")
     written = {f"{p}{ext}" for p in summary.output_prefixes for ext in (".bin", ".idx", ".meta.json")}
     stale = sorted(earlier - written)
     if stale and replace:
@@ -399,9 +396,7 @@ def _map_ordered(fn, chunks, workers, init):
 
 
 def _progress_bar(files, progress, log_interval):
-    """tqdm over input bytes (None when disabled); ``progress=None`` shows it only on a terminal."""
-    if progress is False:
-        return None
+    """tqdm over input bytes; ``progress=None`` shows it only on a terminal."""
     from tqdm import tqdm
 
     total = None if any(f.endswith(".gz") for f in files) else sum(os.path.getsize(f) for f in files)
