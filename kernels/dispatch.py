@@ -1,8 +1,8 @@
 """The one place the model asks for layer_norm / rms_norm / attention (and, optionally,
 cross_entropy over the vocab and a fused bias + GELU).
 
-Backend choice: env ``MEGAGPT_KERNELS`` (a process-wide switch, so every rank of a launch agrees),
-overridden in-process by ``set_backend(name)`` (tests and notebooks; no config field sets it):
+Backend choice: env ``MEGAGPT_KERNELS`` (a process-wide switch, so every rank of a launch agrees;
+read on every call, so setting ``os.environ`` switches a running process too):
   auto      (default) fused Triton kernels for CUDA tensors, the PyTorch reference otherwise;
   reference always the reference;
   triton    Triton for every tensor (CPU tensors only when ``TRITON_INTERPRET=1``, i.e. tests);
@@ -25,22 +25,11 @@ log = logging.getLogger("megagpt.kernels")
 MODES = ("auto", "reference", "triton", "cuda")
 _TRITON_MODULES = {"layer_norm": "layer_norm", "rms_norm": "rms_norm", "attention": "flash_attention",
                    "cross_entropy": "cross_entropy", "bias_gelu": "bias_gelu"}
-_override = None
 _logged: set = set()
 _broken: dict = {}  # (backend, op) -> reason it cannot be used in this process
 
 
-def set_backend(name):
-    """In-process switch (takes precedence over the env var); ``None`` returns control to the env."""
-    global _override
-    if name is not None and name.lower() not in MODES:
-        raise ValueError(f"kernel backend {name!r} is not one of {', '.join(MODES)}")
-    _override = None if name is None else name.lower()
-
-
 def backend_name() -> str:
-    if _override is not None:
-        return _override
     name = os.environ.get("MEGAGPT_KERNELS", "auto").lower()
     if name not in MODES:
         raise ValueError(f"MEGAGPT_KERNELS={name!r} is not one of {', '.join(MODES)}")
@@ -76,8 +65,8 @@ def _load(backend: str, op: str):
         return None
 
 
-def _plan(op: str, on_cuda: bool):
-    """(backend, reason) before per-call checks; backend in reference/triton/cuda."""
+def _plan(op: str, on_cuda: bool, why_not=None):
+    """(backend, reason) before loading anything; backend in reference/triton/cuda."""
     mode = backend_name()
     if mode == "reference":
         return "reference", "MEGAGPT_KERNELS=reference"
@@ -85,24 +74,18 @@ def _plan(op: str, on_cuda: bool):
         return "reference", "CPU tensors (auto)"
     if not on_cuda and not interpreting():
         return "reference", f"{mode} requested but tensors are on CPU and TRITON_INTERPRET is unset"
+    if why_not:
+        return "reference", why_not
     if mode == "cuda" and op == "layer_norm":
-        return "cuda", "MEGAGPT_KERNELS=cuda" + (" (interpreter has no CUDA: see fallback)" if not on_cuda else "")
+        return ("cuda", "MEGAGPT_KERNELS=cuda") if on_cuda else ("reference", "cuda layer_norm needs CUDA tensors")
     return "triton", f"MEGAGPT_KERNELS={mode}" + ("" if on_cuda else " with TRITON_INTERPRET=1")
 
 
 def _resolve(op: str, on_cuda: bool, why_not=None):
-    backend, reason = _plan(op, on_cuda)
-    impl = None
-    if backend != "reference":
-        if why_not:
-            backend, reason = "reference", why_not
-        elif backend == "cuda" and not on_cuda:
-            backend, reason = "reference", "cuda layer_norm needs CUDA tensors"
-        else:
-            impl = _load(backend, op)
-            if impl is None:
-                reason = f"{backend} unavailable: {_broken[(backend, op)]}"
-                backend = "reference"
+    backend, reason = _plan(op, on_cuda, why_not)
+    impl = None if backend == "reference" else _load(backend, op)
+    if impl is None and backend != "reference":
+        backend, reason = "reference", f"{backend} unavailable: {_broken[(backend, op)]}"
     return backend, reason, impl or getattr(reference, op)
 
 

@@ -23,38 +23,35 @@ if not INTERPRETED:
         assert rc == 0, out[-6000:]
 
 
-def _train(preset: str, backend: str, steps: int = 2):
+def _train(preset: str, backend: str, monkeypatch, steps: int = 2):
     from megagpt.model import GPT, get_preset
 
-    dispatch.set_backend(backend)
-    try:
-        torch.manual_seed(0)
-        model = GPT(get_preset(preset))
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        g = torch.Generator().manual_seed(1)
-        tokens = torch.randint(0, 1000, (2, 22), generator=g)  # T = 21: not a multiple of any tile
-        losses = []
-        for _ in range(steps):
-            loss = model(tokens[:, :-1], labels=tokens[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        if backend == "triton":
-            used = {k: v for k, v in dispatch.describe("cpu").items() if k in ("layer_norm", "rms_norm", "attention")}
-            assert used == {"layer_norm": "triton", "rms_norm": "triton", "attention": "triton"}
-            assert dispatch.fallbacks() == {}
-        return losses, model
-    finally:
-        dispatch.set_backend(None)
+    monkeypatch.setenv("MEGAGPT_KERNELS", backend)
+    torch.manual_seed(0)
+    model = GPT(get_preset(preset))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 1000, (2, 22), generator=g)  # T = 21: not a multiple of any tile
+    losses = []
+    for _ in range(steps):
+        loss = model(tokens[:, :-1], labels=tokens[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    if backend == "triton":
+        used = {k: v for k, v in dispatch.describe("cpu").items() if k in ("layer_norm", "rms_norm", "attention")}
+        assert used == {"layer_norm": "triton", "rms_norm": "triton", "attention": "triton"}
+        assert dispatch.fallbacks() == {}
+    return losses, model
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-modern"])
-def test_tiny_gpt_losses_match_reference(preset):
+def test_tiny_gpt_losses_match_reference(preset, monkeypatch):
     if not INTERPRETED:
         pytest.skip("needs TRITON_INTERPRET=1 before triton's import: covered by the subprocess test")
-    ref_losses, ref_model = _train(preset, "reference")
-    tri_losses, tri_model = _train(preset, "triton")
+    ref_losses, ref_model = _train(preset, "reference", monkeypatch)
+    tri_losses, tri_model = _train(preset, "triton", monkeypatch)
     assert ref_losses[-1] < ref_losses[0]  # it really trained
     torch.testing.assert_close(torch.tensor(tri_losses), torch.tensor(ref_losses), atol=1e-4, rtol=1e-4)
     for (name, p), q in zip(ref_model.named_parameters(), tri_model.parameters()):

@@ -25,7 +25,7 @@ _HOST_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 
 def _split_top_level(nodelist):
     """Split ``a[1-2],b3`` on commas outside brackets (commas inside brackets separate ranges)."""
-    parts, depth, cur = [], 0, []
+    depth = 0
     for ch in nodelist:
         if ch == "[":
             depth += 1
@@ -35,15 +35,9 @@ def _split_top_level(nodelist):
             depth -= 1
             if depth < 0:
                 raise MegaGPTError(f"node list {nodelist!r}: ']' without a matching '['")
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
     if depth != 0:
         raise MegaGPTError(f"node list {nodelist!r}: '[' without a matching ']'")
-    parts.append("".join(cur))
-    return parts
+    return re.split(r",(?![^\[]*\])", nodelist)  # brackets are balanced and flat: inside iff ']' comes next
 
 
 def _expand_ranges(body, nodelist):
@@ -232,10 +226,10 @@ def discover_dist_env(environ=None, default_port=DEFAULT_MASTER_PORT, master_add
     else:
         return {}
     rank, size = _env_int(env, rank_k), _env_int(env, size_k)
-    local_rank = _env_int(env, lrank_k, -1) if lrank_k in env else None
-    local_size = _env_int(env, lsize_k, -1) if lsize_k in env else None
-    if local_rank is None:
+    if lrank_k not in env:
         raise MegaGPTError(f"MPI launch: {rank_k} is set but {lrank_k} is not; cannot pick a local device")
+    local_rank = _env_int(env, lrank_k, -1)
+    local_size = _env_int(env, lsize_k, -1) if lsize_k in env else None
     if not 0 <= rank < size:
         raise MegaGPTError(f"MPI launch: {rank_k}={rank} outside 0..{size - 1}")
     out = {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(local_rank)}
