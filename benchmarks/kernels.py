@@ -8,6 +8,7 @@ baseline is timed in the same run, interleaved with the candidate, after warm-up
 ``--reps`` (>= 5) timings is reported with the ratio.
 """
 import argparse
+import functools
 import math
 import platform
 import sys
@@ -19,6 +20,12 @@ import torch.nn.functional as F
 from megagpt_kernels import reference
 
 from _bench import bench, print_table
+
+GPU_SIZES = dict(norm_shapes=[(16384, n) for n in (1024, 2048, 4096, 8192)] + [(16384, 5120 + 7)],
+                 seqs=[512, 1024, 2048, 4096, 8192], head_dims=[64, 128], hidden=2048, tokens=16384,
+                 eager_max_bytes=24 << 30, ce_shape=(8192, 50304), gelu_shape=(16384, 8192))
+CPU_SIZES = dict(norm_shapes=[(2048, 256), (2048, 1024)], seqs=[128, 512], head_dims=[64], hidden=256,
+                 tokens=1024, eager_max_bytes=1 << 30, ce_shape=(512, 8192), gelu_shape=(1024, 1024))
 
 
 def _fwd_bwd(fn, inputs, dy):
@@ -57,15 +64,20 @@ def norm_rows(args, cuda: bool, dev: str, dtype):
         es = x.element_size()
         copy_gbs = 2 * m * n * es / t["copy"] / 1e9
         rows.append(("copy (read+write once)", f"{m}x{n}", f"{t['copy'] * 1e3:.3f}", f"{copy_gbs:.1f}", "1.00", "-"))
-        for k in fns:
-            if k == "copy":
-                continue
+        for k in list(fns)[1:]:
             gbs = 5 * m * n * es / t[k] / 1e9
             base = "torch F.layer_norm" if "layer_norm" in k else "reference rms_norm"
-            rows.append((f"{k}", f"{m}x{n}", f"{t[k] * 1e3:.3f}", f"{gbs:.1f}", f"{gbs / copy_gbs:.2f}",
+            rows.append((k, f"{m}x{n}", f"{t[k] * 1e3:.3f}", f"{gbs:.1f}", f"{gbs / copy_gbs:.2f}",
                          f"{t[base] / t[k]:.2f}"))
     print_table(["impl", "rows x hidden", "ms", "GB/s", "vs copy BW", "speedup vs torch"], rows,
                 f"Norm fwd+bwd ({str(dtype).replace('torch.', '')})")
+
+
+def _vs_reference(fns, args, cuda, shape, nbytes):
+    """Rows of impl, shape, ms, GB/s, speedup vs the first (reference) entry of fns."""
+    t = bench(fns, args.reps, cuda)
+    base = next(iter(fns))
+    return [(k, shape, f"{t[k] * 1e3:.3f}", f"{nbytes / t[k] / 1e9:.1f}", f"{t[base] / t[k]:.2f}") for k in fns]
 
 
 def extras_rows(args, cuda: bool, dev: str, dtype):
@@ -78,31 +90,18 @@ def extras_rows(args, cuda: bool, dev: str, dtype):
         from megagpt_kernels.triton.cross_entropy import cross_entropy
         ce["triton cross_entropy"] = cross_entropy
         bg["triton bias_gelu"] = lambda x, b: bias_gelu(x, b, "tanh")
-    rows = []
     n, v = args.ce_shape
     logits = torch.randn(n, v, device=dev, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, v, (n,), device=dev)
     one = torch.ones((), device=dev)
-
-    def ce_run(f):
-        def run():
-            logits.grad = None
-            f(logits, labels).backward(one)
-        return run
-    t = bench({k: ce_run(f) for k, f in ce.items()}, args.reps, cuda)
-    base = "reference cross_entropy"
-    for k in ce:
-        gbs = 3 * n * v * logits.element_size() / t[k] / 1e9
-        rows.append((k, f"{n}x{v}", f"{t[k] * 1e3:.3f}", f"{gbs:.1f}", f"{t[base] / t[k]:.2f}"))
+    fns = {k: _fwd_bwd(lambda x, f=f: f(x, labels), (logits,), one) for k, f in ce.items()}
+    rows = _vs_reference(fns, args, cuda, f"{n}x{v}", 3 * n * v * logits.element_size())
     m, h = args.gelu_shape
     x = torch.randn(m, h, device=dev, dtype=dtype, requires_grad=True)
     b = torch.randn(h, device=dev, dtype=dtype, requires_grad=True)
     dy = torch.randn(m, h, device=dev, dtype=dtype)
-    t = bench({k: _fwd_bwd(f, (x, b), dy) for k, f in bg.items()}, args.reps, cuda)
-    base = "reference bias_gelu"
-    for k in bg:
-        gbs = 4 * m * h * x.element_size() / t[k] / 1e9
-        rows.append((k, f"{m}x{h}", f"{t[k] * 1e3:.3f}", f"{gbs:.1f}", f"{t[base] / t[k]:.2f}"))
+    fns = {k: _fwd_bwd(f, (x, b), dy) for k, f in bg.items()}
+    rows += _vs_reference(fns, args, cuda, f"{m}x{h}", 4 * m * h * x.element_size())
     print_table(["impl", "shape", "ms", "GB/s", "speedup vs reference"], rows,
                 f"Cross-entropy and bias+GELU fwd+bwd ({str(dtype).replace('torch.', '')})")
 
@@ -140,13 +139,11 @@ def attention_rows(args, cuda: bool, dev: str, dtype):
             use = dict(impls)
             if "eager" in use and bsz * h * t * t * 6 > args.eager_max_bytes:
                 del use["eager"]  # the (T, T) score matrix would not fit
-            for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
-                if mode == "fwd":
-                    fns = {k_: (lambda f=f: f(q, k, v)) for k_, f in use.items()}
-                    with torch.no_grad():
-                        tm = bench(fns, args.reps, cuda)
-                else:
-                    tm = bench({k_: _fwd_bwd(f, (q, k, v), do) for k_, f in use.items()}, args.reps, cuda)
+            for mode, mult, grad in (("fwd", 1.0, False), ("fwd+bwd", 3.5, True)):
+                fns = {k_: _fwd_bwd(f, (q, k, v), do) if grad else functools.partial(f, q, k, v)
+                       for k_, f in use.items()}
+                with torch.set_grad_enabled(grad):
+                    tm = bench(fns, args.reps, cuda)
                 for name, sec in tm.items():
                     rows.append((name, mode, f"{bsz}x{h}x{t}x{d}", f"{sec * 1e3:.3f}",
                                  f"{fwd_flops * mult / sec / 1e12:.3f}", f"{tm[base] / sec:.2f}"))
@@ -163,30 +160,19 @@ def main(argv=None):
         p.error("--reps must be >= 5 (median of at least 5)")
     cuda = torch.cuda.is_available()
     if cuda:
-        dev, dtype = "cuda", torch.bfloat16
-        a.norm_shapes = [(16384, n) for n in (1024, 2048, 4096, 8192)] + [(16384, 5120 + 7)]
-        a.seqs, a.head_dims, a.hidden, a.tokens = [512, 1024, 2048, 4096, 8192], [64, 128], 2048, 16384
-        a.eager_max_bytes = 24 << 30
-        a.ce_shape, a.gelu_shape = (8192, 50304), (16384, 8192)
-        machine = torch.cuda.get_device_name()
+        dev, dtype, machine = "cuda", torch.bfloat16, torch.cuda.get_device_name()
     else:
         dev, dtype = "cpu", torch.float32
-        a.norm_shapes = [(2048, 256), (2048, 1024)]
-        a.seqs, a.head_dims, a.hidden, a.tokens = [128, 512], [64], 256, 1024
-        a.eager_max_bytes = 1 << 30
-        a.ce_shape, a.gelu_shape = (512, 8192), (1024, 1024)
         machine = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    vars(a).update(GPU_SIZES if cuda else CPU_SIZES)
     print(f"# megagpt kernels benchmark: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, "
           f"torch {torch.__version__}, median of {a.reps} interleaved timings after warm-up")
     if not cuda:
         print("# No CUDA device: only the PyTorch references run (fp32, small sizes). The fused Triton/CUDA "
               "kernels need a GPU; their figures are pending a GPU run.")
-    if a.only in (None, "norm"):
-        norm_rows(a, cuda, dev, dtype)
-    if a.only in (None, "attention"):
-        attention_rows(a, cuda, dev, dtype)
-    if a.only in (None, "extras"):
-        extras_rows(a, cuda, dev, dtype)
+    for name, rows in (("norm", norm_rows), ("attention", attention_rows), ("extras", extras_rows)):
+        if a.only in (None, name):
+            rows(a, cuda, dev, dtype)
     return 0
 
 
