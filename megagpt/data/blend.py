@@ -8,14 +8,12 @@ per dataset, which a random draw cannot promise. The result equals megatron-core
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megagpt.atomic import write_text_atomic
 from megagpt.data import index_cache
 from megagpt.errors import MegaGPTError
 
@@ -30,11 +28,10 @@ def blending_indices(weights, num_samples: int) -> tuple[np.ndarray, np.ndarray]
     on all earlier ones; ``BlendedDataset`` caches the result on disk.
     """
     w = [float(x) for x in weights]
-    n_ds = len(w)
-    counts = [0] * n_ds
+    counts = [0] * len(w)
     ds_index = np.empty(num_samples, dtype=np.int32)
     ds_sample = np.empty(num_samples, dtype=np.int64)
-    ds_range = range(n_ds)
+    ds_range = range(len(w))
     for k in range(num_samples):
         scale = float(max(k, 1))
         best, best_err = 0, w[0] * scale - counts[0]
@@ -79,35 +76,24 @@ class BlendedDataset(torch.utils.data.Dataset):
         self.weights = normalise_weights(weights)
         self.num_samples, self.seed = int(num_samples), int(seed)
         self.built_index, self.paths = False, None
-        if cache_dir is None:
-            cache_dir = getattr(self.datasets[0], "cache_dir", None)
+        cache_dir = getattr(self.datasets[0], "cache_dir", None) if cache_dir is None else cache_dir
         keys = [getattr(d, "cache_hash", None) for d in self.datasets]
         if cache_dir is None or None in keys:
             self.dataset_index, self.dataset_sample_index = blending_indices(self.weights, self.num_samples)
         else:
-            self._load_or_build(Path(cache_dir), keys)
+            desc = {"class": "BlendedDataset", "version": CLASS_VERSION, "children": keys,
+                    "weights": self.weights, "num_samples": self.num_samples, "seed": self.seed}
+            stem = Path(cache_dir) / f"blend_{index_cache.describe_hash(desc)}"
+            names = ("dataset_index", "dataset_sample_index")
+            self.paths, self.built_index = index_cache.cached_arrays(
+                stem, names, desc, lambda: dict(zip(names, blending_indices(self.weights, self.num_samples))))
+            self._load()
         self._check_sizes()
 
-    def _load_or_build(self, cache_dir: Path, keys):
-        desc = {"class": "BlendedDataset", "version": CLASS_VERSION, "children": keys,
-                "weights": self.weights, "num_samples": self.num_samples, "seed": self.seed}
-        stem = cache_dir / f"blend_{index_cache.describe_hash(desc)}"
-        self.paths = paths = [Path(f"{stem}_dataset_index.npy"), Path(f"{stem}_dataset_sample_index.npy")]
-
-        def build():
-            if all(p.exists() for p in paths):
-                return
-            for p, arr in zip(paths, blending_indices(self.weights, self.num_samples)):
-                index_cache.save_npy_atomic(p, arr)
-            write_text_atomic(Path(f"{stem}_desc.json"), json.dumps(desc, indent=1))
-            self.built_index = True
-
-        index_cache.rank0_first(build, self._load)
-
     def _load(self):
-        self.dataset_index, self.dataset_sample_index = (index_cache.load_npy(p) for p in self.paths)
+        self.dataset_index, self.dataset_sample_index = (index_cache.load_npy(p) for p in self.paths.values())
         if self.dataset_index.shape != (self.num_samples,):
-            raise MegaGPTError(f"{self.paths[0]}: cached blend index has the wrong length; delete it and rerun")
+            raise MegaGPTError(f"{self.paths['dataset_index']}: cached blend index has the wrong length; delete it and rerun")
 
     def __getstate__(self):
         """Cached arrays travel as paths (see ``GPTDataset.__getstate__``)."""

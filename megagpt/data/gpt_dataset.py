@@ -96,8 +96,10 @@ class GPTDataset(torch.utils.data.Dataset):
             raise MegaGPTError(f"{self.shard.prefix}: document range [{lo}, {hi}) is empty or outside "
                                f"its {self.shard.num_documents} documents")
         if num_samples < 1 or seq_length < 1:
-            raise MegaGPTError(f"{self.shard.prefix}: num_samples={num_samples} and seq_length={seq_length} must be >= 1")
-        self.doc_range, self.num_samples, self.seq_length, self.seed = (lo, hi), int(num_samples), int(seq_length), int(seed)
+            raise MegaGPTError(f"{self.shard.prefix}: num_samples={num_samples} and seq_length={seq_length} "
+                               f"must be >= 1")
+        self.doc_range, self.num_samples, self.seq_length = (lo, hi), int(num_samples), int(seq_length)
+        self.seed = int(seed)
         fingerprint = fingerprint or index_cache.shard_fingerprint(self.shard.prefix)
         self.cache_dir = index_cache.resolve_cache_dir(self.shard.prefix, cache_dir)
         self.description = {"class": "GPTDataset", "version": CLASS_VERSION, "shard": fingerprint,
@@ -105,20 +107,11 @@ class GPTDataset(torch.utils.data.Dataset):
                             "num_samples": self.num_samples, "split": [name, split]}
         self.cache_hash = index_cache.describe_hash(self.description)
         stem = self.cache_dir / f"{Path(self.shard.prefix).name}_{name}_{self.cache_hash}"
-        self.paths = {k: Path(f"{stem}_{k}.npy") for k in ("doc_idx", "sample_idx", "shuffle_idx")}
-        self.built_index = False
-
-        def build():
-            if vocab_size is not None:
-                check_tokens_cached(self.shard, vocab_size, self.cache_dir, fingerprint)
-            if all(p.exists() for p in self.paths.values()):
-                return
-            for k, arr in self._build_arrays().items():
-                index_cache.save_npy_atomic(self.paths[k], arr)
-            write_text_atomic(Path(f"{stem}_desc.json"), json.dumps(self.description, indent=1))
-            self.built_index = True
-
-        index_cache.rank0_first(build, self._load)
+        check = None if vocab_size is None else (
+            lambda: check_tokens_cached(self.shard, vocab_size, self.cache_dir, fingerprint))
+        self.paths, self.built_index = index_cache.cached_arrays(
+            stem, ("doc_idx", "sample_idx", "shuffle_idx"), self.description, self._build_arrays, check)
+        self._load()
         self._attach_shard()
 
     def _attach_shard(self):

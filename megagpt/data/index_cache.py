@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megagpt.atomic import atomic_file
+from megagpt.atomic import atomic_file, write_text_atomic
 from megagpt.data import indexed
 from megagpt.errors import MegaGPTError
 
@@ -55,18 +55,11 @@ def resolve_cache_dir(prefix, cache_dir=None) -> Path:
     d = Path(os.path.abspath(prefix)).parent / "index-cache"
     if os.access(d.parent, os.W_OK) and _writable(d):
         return d
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    d = base / "megagpt" / "index-cache"
+    d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megagpt" / "index-cache"
     if not _writable(d):
         raise MegaGPTError(f"{prefix}: neither the shard's directory nor {d} is writable for index "
                            f"caches; set cache_dir in the data config")
     return d
-
-
-def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    """``np.save`` through ``megagpt.atomic.atomic_file``: never a half file under ``path``."""
-    with atomic_file(path) as f:
-        np.save(f, arr, allow_pickle=False)
 
 
 def load_npy(path: Path) -> np.ndarray:
@@ -75,21 +68,36 @@ def load_npy(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
 
 
-def rank0_first(build, load):
-    """``build()`` on rank 0 while the other ranks wait, then ``load()`` everywhere.
+def cached_arrays(stem, names, desc: dict, make, check=None) -> tuple[dict, bool]:
+    """Paths ``{name: Path(f"{stem}_{name}.npy")}`` of index arrays and whether this process built
+    them: unless they all exist, ``make()`` returns them by name and ``{stem}_desc.json`` records
+    ``desc``. ``check()`` runs first either way. Rank 0 goes first (``rank0_first``)."""
+    paths, built = {k: Path(f"{stem}_{k}.npy") for k in names}, []
 
-    ``build`` must be a no-op when its files already exist: the other ranks call it too after
-    the wait, so that with node-local cache directories (no shared filesystem) each node builds
-    its own (identical, deterministic) copy instead of failing to find rank 0's files.
-    The wait is a broadcast rather than a bare barrier so that a ``MegaGPTError`` on rank 0
-    (say, a bad token id) is re-raised on every rank instead of leaving them hung at a barrier.
-    It is a collective: every rank of the default group must get here.
-    """
+    def build():
+        if check is not None:
+            check()
+        if not all(p.exists() for p in paths.values()):
+            for k, arr in make().items():
+                with atomic_file(paths[k]) as f:
+                    np.save(f, arr, allow_pickle=False)
+            write_text_atomic(Path(f"{stem}_desc.json"), json.dumps(desc, indent=1))
+            built.append(True)
+
+    rank0_first(build)
+    return paths, bool(built)
+
+
+def rank0_first(build):
+    """``build()`` on rank 0 while the other ranks wait, then on them: with a shared cache
+    directory they find rank 0's files and do nothing, with node-local ones each node builds its
+    own (identical) copy. The wait is a broadcast, not a bare barrier, so that a ``MegaGPTError``
+    on rank 0 (say, a bad token id) is re-raised on every rank instead of leaving them hung.
+    A collective: every rank of the default group must get here."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        build()
-        return load()
+        return build()
     err, exc = [None], None
     if dist.get_rank() == 0:
         try:
@@ -104,4 +112,3 @@ def rank0_first(build, load):
         raise MegaGPTError(err[0])
     if dist.get_rank() != 0:
         build()
-    return load()

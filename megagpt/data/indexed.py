@@ -5,12 +5,12 @@
 (exclusive prefix sum of size * itemsize), int64 doc_idx[D] (0 ... N). ``.bin`` is the token
 arrays back to back. megatron-core's ``IndexedDataset`` reads exactly these bytes.
 
-The reader maps both files (zero-copy; resident memory does not grow with the corpus) and
-validates everything it can check cheaply, so a truncated or foreign file fails here with its
-path in the message rather than deep inside training.
+The reader maps both files (zero-copy: memory does not grow with the corpus) and checks all it
+can cheaply, so a truncated or foreign file fails here, named, rather than deep inside training.
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 
@@ -53,8 +53,6 @@ def shard_meta(tok) -> dict:
 
 def read_meta(prefix) -> dict | None:
     """The shard's metadata, or None for a shard made elsewhere (megatron, older megagpt)."""
-    import json
-
     try:
         with open(meta_path(prefix)) as f:
             return json.load(f)
@@ -77,11 +75,8 @@ def check_tokenizer(prefix, tok) -> None:
 
 class IndexedDatasetWriter:
     """Streams documents to ``PREFIX.bin``/``.idx`` under temporary names; ``finalize`` renames.
-
-    Nothing at ``PREFIX`` is touched until ``finalize`` succeeds, so an interrupted run never
-    leaves a shard that looks complete. Use as a context manager: an exception discards the temp
-    files.
-    """
+    Nothing at ``PREFIX`` changes before, so an interrupted run never leaves a shard that looks
+    complete. As a context manager, an exception discards the temp files."""
 
     def __init__(self, prefix, dtype):
         self.prefix = str(prefix)
@@ -122,7 +117,8 @@ class IndexedDatasetWriter:
             raise MegaGPTError(f"{self.prefix}: add_documents needs {self.dtype} tokens, got {tokens.dtype}")
         sizes = np.asarray(sizes, dtype=np.int64)
         if int(sizes.sum()) != tokens.size or (sizes.size and int(sizes.min()) < 0):
-            raise MegaGPTError(f"{self.prefix}: document sizes sum to {int(sizes.sum())} but {tokens.size} tokens were given")
+            raise MegaGPTError(f"{self.prefix}: document sizes sum to {int(sizes.sum())} but {tokens.size} tokens "
+                               f"were given")
         self._bin.write(np.ascontiguousarray(tokens).tobytes())
         first = len(self._sizes)
         self._sizes.extend(sizes.tolist())
@@ -144,10 +140,6 @@ class IndexedDatasetWriter:
         with open(bin_path(other_prefix), "rb") as src:
             while chunk := src.read(1 << 24):
                 self._bin.write(chunk)
-
-    @property
-    def num_documents(self) -> int:
-        return len(self._doc_idx) - 1
 
     def finalize(self) -> None:
         """Write the index, then publish ``.bin`` and ``.idx`` (each fsynced and renamed)."""
@@ -210,13 +202,10 @@ class IndexedDataset:
             raise MegaGPTError(
                 f"{ipath}: file is {idx_len} bytes but its header (N={n} sequences, D={d} doc entries) "
                 f"needs {expected}; the index is truncated or corrupt")
-        self._idx_mmap = np.memmap(ipath, mode="r", dtype=np.uint8)
-        off = HEADER_SIZE
-        self.sizes = np.frombuffer(self._idx_mmap, dtype=np.int32, count=n, offset=off)
-        off += n * 4
-        self.pointers = np.frombuffer(self._idx_mmap, dtype=np.int64, count=n, offset=off)
-        off += n * 8
-        self.doc_idx = np.frombuffer(self._idx_mmap, dtype=np.int64, count=d, offset=off)
+        self._idx_mmap = m = np.memmap(ipath, mode="r", dtype=np.uint8)
+        self.sizes = np.frombuffer(m, dtype=np.int32, count=n, offset=HEADER_SIZE)
+        self.pointers = np.frombuffer(m, dtype=np.int64, count=n, offset=HEADER_SIZE + 4 * n)
+        self.doc_idx = np.frombuffer(m, dtype=np.int64, count=d, offset=HEADER_SIZE + 12 * n)
         # pointers are the byte offsets of the sizes before each sequence: a corrupted entry in
         # either (header intact) would otherwise read wrong tokens silently
         expect = np.zeros(n, dtype=np.int64)
@@ -225,7 +214,8 @@ class IndexedDataset:
         if bad.size:
             i = int(bad[0])
             raise MegaGPTError(f"{ipath}: sequence {i} has size {int(self.sizes[i])} and byte pointer "
-                               f"{int(self.pointers[i])}, inconsistent with the sizes before it; the index is corrupt")
+                               f"{int(self.pointers[i])}, inconsistent with the sizes before it; the index is "
+                               f"corrupt")
         bin_len = os.path.getsize(bpath)
         total = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
         if bin_len != total:
@@ -234,7 +224,8 @@ class IndexedDataset:
                 f"the pair does not match (truncated, or from different runs)")
         if d == 0 or self.doc_idx[0] != 0 or self.doc_idx[-1] != n:
             raise MegaGPTError(f"{ipath}: doc_idx must start at 0 and end at N={n}")
-        self._bin_mmap = np.memmap(bpath, mode="r", dtype=self.dtype) if bin_len else np.zeros(0, self.dtype)
+        # all tokens of the shard as one flat memory-mapped array
+        self.tokens = np.memmap(bpath, mode="r", dtype=self.dtype) if bin_len else np.zeros(0, self.dtype)
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -249,16 +240,11 @@ class IndexedDataset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(self.pointers[i]) // self.dtype.itemsize
-        return self._bin_mmap[start: start + int(self.sizes[i])]
-
-    @property
-    def tokens(self) -> np.ndarray:
-        """All tokens of the shard as one flat memory-mapped array."""
-        return self._bin_mmap
+        return self.tokens[start: start + int(self.sizes[i])]
 
     def check_token_range(self, vocab_size: int, chunk: int = 1 << 24) -> None:
         """Raise naming this shard if any token id is >= vocab_size (or negative)."""
-        toks = self._bin_mmap
+        toks = self.tokens
         for s in range(0, len(toks), chunk):
             part = toks[s: s + chunk]
             hi, lo = int(part.max()), int(part.min())
