@@ -95,8 +95,7 @@ def main():
     print(f"corpus: {len(paras)} docs, {mb:.1f} MB jsonl, vocab {a.vocab_size}, {len(chunks)} chunks; "
           f"{os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}")
 
-    times = {(w, k): [] for w in a.workers for k in ("ours", "raw")}
-    cpu = {(w, k): [] for w in a.workers for k in ("ours", "raw")}
+    runs = {(w, k): [] for w in a.workers for k in ("ours", "raw")}  # (wall, CPU) seconds per rep
     tokens = {}
     for rep in range(a.reps + 1):  # rep 0 is the warm-up
         for w in a.workers:
@@ -105,12 +104,10 @@ def main():
             assert n1 == n2 + len(paras), (n1, n2)  # ours adds one eod per document
             tokens[w] = n2
             if rep:
-                times[(w, "ours")].append(t1)
-                times[(w, "raw")].append(t2)
-                cpu[(w, "ours")].append(c1)
-                cpu[(w, "raw")].append(c2)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+                runs[(w, "ours")].append((t1, c1))
+                runs[(w, "raw")].append((t2, c2))
+    med = {k: statistics.median(t for t, _ in v) for k, v in runs.items()}
+    cmed = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
     print()
     print_table(["workers", "preprocess tok/s (MB/s)", "raw sp.encode tok/s", "ratio (wall)", "preprocess CPU s",
                  "raw CPU s", "ratio (CPU)"],

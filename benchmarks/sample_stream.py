@@ -48,13 +48,11 @@ def child(args):
     t0 = time.perf_counter()
     from megagpt.data import DataConfig, build_gpt_datasets
 
-    t_import = time.perf_counter() - t0
-    out = {"import_s": t_import}
+    out = {"import_s": time.perf_counter() - t0}
     if args.prefix:
-        n_tokens = int(args.tokens)
         cfg = DataConfig([args.prefix], split="1,0,0", seq_length=SEQ, seed=1)
         t0 = time.perf_counter()
-        ds, _, _ = build_gpt_datasets(cfg, (n_tokens // SEQ - 1, 0, 0), vocab_size=32000)
+        ds, _, _ = build_gpt_datasets(cfg, (args.tokens // SEQ - 1, 0, 0), vocab_size=32000)
         out["index_s"], out["built"] = time.perf_counter() - t0, ds.built_index
         idx = np.random.default_rng(0).integers(0, len(ds), args.samples)
         t0 = time.perf_counter()
@@ -121,13 +119,11 @@ def main():
     rows = []
     for m in (int(x) for x in args.sizes.split(",")):
         prefix = os.path.join(work, f"corpus_{m}M")
-        t0 = time.perf_counter()
         n_tok = write_corpus(prefix, m * 1_000_000)
-        t_write = time.perf_counter() - t0
         build = run_child(prefix, n_tok, 0)
         load = run_child(prefix, n_tok, args.samples)
         assert build["built"] and not load["built"]
-        rows.append((m, n_tok, t_write, build, load))
+        rows.append((m, n_tok, build, load))
     print("RSS in MB; 'anon' = private memory at exit, 'file' = mapped page-cache pages at exit "
           f"(shared, reclaimable); import-only subprocess: peak {base['peak_rss_mb']:.0f}, "
           f"anon {base['RssAnon']:.0f}, file {base['RssFile']:.0f}")
@@ -136,7 +132,7 @@ def main():
                 [(f"{n_tok / 1e6:.1f}M", f"{b['index_s']:.2f}",
                   f"{b['peak_rss_mb']:.0f} / {b['RssAnon']:.0f} / {b['RssFile']:.0f}", f"{l['index_s']:.3f}",
                   f"{l['peak_rss_mb']:.0f} / {l['RssAnon']:.0f} / {l['RssFile']:.0f}",
-                  f"{args.samples / l['read_s']:,.0f}") for m, n_tok, t_write, b, l in rows])
+                  f"{args.samples / l['read_s']:,.0f}") for m, n_tok, b, l in rows])
 
     m, n_tok = rows[-1][0], rows[-1][1]
     rates = throughput(os.path.join(work, f"corpus_{m}M"), n_tok, args.samples, args.repeats)

@@ -6,8 +6,6 @@ FLOP/s measured in the same run.
 
     python benchmarks/train_throughput.py [--layers 4 --width 256 --seq 256 --batch 8 --rounds 7 --steps 4]
 """
-from __future__ import annotations
-
 import argparse
 import json
 import os
@@ -83,12 +81,8 @@ class Engine:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--rounds", type=int, default=7)
+    for name, default in (("layers", 4), ("width", 256), ("seq", 256), ("batch", 8), ("vocab", 1024), ("rounds", 7)):
+        p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--steps", type=int, default=4, help="timed steps per contender per round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", help="write the results here too")
@@ -99,12 +93,10 @@ def main():
 
     ref = make_megagpt(a)
     flops_per_step = ref.flops_per_token(a.seq) * a.batch * a.seq
-    contenders = {
-        "megagpt + DeepSpeed ZeRO-0": Engine(make_megagpt(a), 0, a.batch),
-        "megagpt + DeepSpeed ZeRO-1": Engine(make_megagpt(a), 1, a.batch),
-        "megagpt bare torch loop": Bare(make_megagpt(a)),
-        "HF GPT2LMHeadModel bare loop": Bare(make_hf(a), hf=True),
-    }
+    z0, z1, bare, hf = ("megagpt + DeepSpeed ZeRO-0", "megagpt + DeepSpeed ZeRO-1", "megagpt bare torch loop",
+                        "HF GPT2LMHeadModel bare loop")
+    contenders = {z0: Engine(make_megagpt(a), 0, a.batch), z1: Engine(make_megagpt(a), 1, a.batch),
+                  bare: Bare(make_megagpt(a)), hf: Bare(make_hf(a), hf=True)}
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g) for _ in range(4)]
     xs = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in batches]
@@ -142,8 +134,6 @@ def main():
                 [(k, f"{1e3 * t:.1f}", f"{tok / t:,.0f}", f"{flops_per_step / t / 1e9:.1f}",
                   f"{100 * flops_per_step / t / peak:.1f}%", f"{1e3 * best[k]:.1f}",
                   f"{100 * flops_per_step / best[k] / max(mm):.1f}%") for k, t in med.items()])
-    hf, bare = "HF GPT2LMHeadModel bare loop", "megagpt bare torch loop"
-    z0, z1 = "megagpt + DeepSpeed ZeRO-0", "megagpt + DeepSpeed ZeRO-1"
     print(f"megagpt+DeepSpeed ZeRO-0 vs HF: {ratio(hf, z0):.2f}x faster (target >= 1.3x); "
           f"megagpt bare vs HF: {ratio(hf, bare):.2f}x")
     print(f"engine overhead vs bare loop (median per-round ratio): ZeRO-0 {100 * (ratio(z0, bare) - 1):+.1f}%, "
