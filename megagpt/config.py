@@ -115,6 +115,8 @@ class DebugConfig(Section):
                                                    "this step's files but before marking it complete")
     dump_weights: bool = field(False, cli=False, help="rank 0 writes the gathered fp32 weights into each saved "
                                                       "tag as weights_at_save.pt")
+    sample_ids: bool = field(False, cli=False, help="each rank appends the train-sample indices of every step to "
+                                                    "samples_rank{R}.jsonl in the save dir")
 
 
 @dataclass

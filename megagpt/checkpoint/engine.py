@@ -96,26 +96,41 @@ def save(engine, save_dir: str, step: int, client_state: dict, dp_group=None, ke
     return tag
 
 
-def _check_model(load_dir: str, tag: str, expect: dict) -> None:
+def _check_model(where: str, client: dict, expect: dict) -> None:
     """A different architecture would fail deep inside DeepSpeed; name the differing keys instead."""
-    from .deepspeed_files import read_client_state
-
-    client, _ = read_client_state(os.path.join(load_dir, tag))   # a damaged file: one line naming it
     saved = (client.get("config") or {}).get("model")
     if saved is None:
         return
     diff = sorted(k for k in set(saved) | set(expect) if k != "name" and saved.get(k) != expect.get(k))
     if diff:
-        raise MegaGPTError(f"{load_dir}/{tag}: checkpoint model differs from the config in "
+        raise MegaGPTError(f"{where}: checkpoint model differs from the config in "
                            + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, config {expect.get(k)!r})" for k in diff))
 
 
-def load(engine, load_dir: str, expect_model: dict | None = None, tracker=None):
+def check_global_batch(where: str, client: dict, engine) -> None:
+    """The step count, LR schedule and data position are counted in global batches: refuse another size."""
+    saved, now = (client.get("ds_config") or {}).get("train_batch_size"), engine.train_batch_size()
+    if not isinstance(saved, int) or saved == now:
+        return
+    mbs, dp = engine.train_micro_batch_size_per_gpu(), engine.dp_world_size
+    fix = (f"--gradient-accumulation-steps {saved // (mbs * dp)}" if saved % (mbs * dp) == 0 else
+           f"micro-batch x accumulation x data-parallel {dp} = {saved}")
+    raise MegaGPTError(f"{where}: saved with a global batch of {saved} samples, this run's is {now} (micro-batch "
+                       f"{mbs} x accumulation {engine.gradient_accumulation_steps()} x data-parallel {dp}); resume "
+                       f"with the same global batch ({fix})")
+
+
+def load(engine, load_dir: str, expect_model: dict | None = None, par=None):
     """Load the newest complete tag into ``engine``; returns its client state (None: fresh start).
 
     Rank 0 first deletes tag dirs without a ``complete`` marker (work lost to a crash mid-save) —
     only in a directory megagpt wrote: one saved by DeepSpeed alone (a ``latest`` and no marker
-    anywhere) is refused with one line, never touched."""
+    anywhere) is refused with one line, never touched. A tag of another layout (``par``: this
+    run's ParallelState) resumes through ``elastic.load_elastic``; the same layout through
+    DeepSpeed's own load, with every rank's RNG state."""
+    from .deepspeed_files import read_client_state
+    from .elastic import load_elastic, saved_layout
+
     if not os.path.isdir(load_dir):
         return None
     done = {t for _, t in complete_tags(load_dir)}
@@ -130,22 +145,34 @@ def load(engine, load_dir: str, expect_model: dict | None = None, tracker=None):
     tag = newest_complete_tag(load_dir)
     if tag is None:
         return None
+    where = f"{load_dir}/{tag}"
+    saved, _ = read_client_state(os.path.join(load_dir, tag))   # a damaged file: one line naming it
     if expect_model is not None:
-        _check_model(load_dir, tag, expect_model)
+        _check_model(where, saved, expect_model)
+    check_global_batch(where, saved, engine)
+    was = saved_layout(saved)
+    now = {"dp": engine.dp_world_size, "tp": par.tp_size if par else 1, "pp": par.pp_size if par else 1,
+           "zero": engine.zero_optimization_stage()}
+    if was != now:
+        if dist.get_rank() == 0:
+            print(f"elastic resume of {where}: saved at " + ", ".join(f"{k}={was[k]}" for k in was)
+                  + "; now " + ", ".join(f"{k}={now[k]}" for k in now), flush=True)
+        load_elastic(engine, load_dir, tag, saved)
+        resync_cpu_adam(engine)
+        return {**saved, "_tag": tag}
     try:
         path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:   # truncated/corrupt files, deep in torch
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise MegaGPTError(f"{load_dir}/{tag}: cannot load this checkpoint ({type(e).__name__}: {first}); it is "
+        raise MegaGPTError(f"{where}: cannot load this checkpoint ({type(e).__name__}: {first}); it is "
                            f"damaged — move the tag away to resume from the previous complete one") from None
     if path is None:
-        raise MegaGPTError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
+        raise MegaGPTError(f"{where}: DeepSpeed could not load this checkpoint")
     rng_file = os.path.join(load_dir, tag, f"rng_rank{dist.get_rank()}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False), tracker)
-    else:
-        raise MegaGPTError(f"{rng_file}: missing (checkpoint saved with a different number of ranks?)")
+    if not os.path.isfile(rng_file):
+        raise MegaGPTError(f"{rng_file}: missing (a damaged checkpoint: every rank saves its RNG state)")
+    set_rng_state(torch.load(rng_file, weights_only=False), par.rng if par else None)
     resync_cpu_adam(engine)
     client["_tag"] = tag
     return client

@@ -60,14 +60,17 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _zero_optimizer(engine):
-    """(stage, torch optimizer, {local param -> its state holder}) with the supported checks."""
+    """(stage, the torch optimizer holding Adam's state), refusing what cannot be reshaped."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
     stage = engine.zero_optimization_stage()
     if stage >= 3:
         raise MegaGPTError("optimizer-state reshaping supports ZeRO stage 0-2; for stage 3 reshape weights "
                            "only (the optimizer starts fresh)")
     opt = engine.optimizer
     base = opt if isinstance(opt, torch.optim.Optimizer) and stage == 0 else getattr(opt, "optimizer", None)
-    if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)) or base.defaults.get("amsgrad"):
+    adam = (torch.optim.Adam, torch.optim.AdamW, FusedAdam, DeepSpeedCPUAdam)
+    if not isinstance(base, adam) or base.defaults.get("amsgrad"):
         raise MegaGPTError(f"optimizer-state reshaping supports Adam/AdamW (no amsgrad), not {type(base).__name__}")
     return stage, base
 
@@ -130,48 +133,62 @@ def save_optimizer_state(out_dir, moments: dict, step: int) -> Path:
 def load_optimizer_state(engine, ckpt_dir) -> int:
     """Re-split ``optimizer.safetensors`` of a consolidated checkpoint into a freshly initialised
     engine of any layout (ZeRO 0-2, Adam/AdamW), before its first step. Returns the step count."""
-    from safetensors import safe_open
-
-    from megagpt.parallel.layout import named_parameters_serial
+    from safetensors.torch import load_file
 
     path = Path(ckpt_dir) / OPTIMIZER_FILE
     if not path.is_file():
         raise MegaGPTError(f"{ckpt_dir}: no {OPTIMIZER_FILE} (weights-only checkpoint: the optimizer starts fresh)")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        step = int(f.metadata()["step"])
+    set_optimizer_state(engine, load_file(str(path)), step, where=str(path))
+    return step
+
+
+@torch.no_grad()
+def set_optimizer_state(engine, full: dict, step: int, where: str) -> None:
+    """Give a live engine (ZeRO 0-2, any layout) Adam's state from full serial-named tensors
+    (``exp_avg.<name>``, ``exp_avg_sq.<name>`` and, when present, the fp32 master ``fp32.<name>``,
+    which also becomes the module weight), as if it had taken ``step`` steps."""
+    from megagpt.parallel.layout import named_parameters_serial
+
     stage, base = _zero_optimizer(engine)
     module = engine.module
     state, _ = _layout(module)
-    tp_rank, tp = state.rank, state.size
-    with safe_open(str(path), framework="pt") as f:
-        step = int(f.metadata()["step"])
-        named = named_parameters_serial(module)
-        missing = [f"{k}.{n}" for n, _ in named for k in _MOMENTS if f"{k}.{n}" not in f.keys()]
-        if missing:
-            raise MegaGPTError(f"{path}: no optimizer state for {missing[:3]} (saved for another model?)")
-        # create Adam's state as its first step would, then overwrite it
-        holders = (engine.optimizer.single_partition_of_fp32_groups if stage > 0
-                   else [p for grp in base.param_groups for p in grp["params"]])
-        for hp in holders:
-            base.state[hp] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(hp),
-                              "exp_avg_sq": torch.zeros_like(hp)}
-        if stage > 0:
-            from deepspeed.utils import safe_set_full_optimizer_state
+    named = named_parameters_serial(module)
+    missing = [f"{k}.{n}" for n, _ in named for k in _MOMENTS if f"{k}.{n}" not in full]
+    if missing:
+        raise MegaGPTError(f"{where}: no optimizer state for {missing[:3]} (saved for another model?)")
+    # create Adam's state as its first step would, then overwrite it (FusedAdam counts steps in ints)
+    holders = (engine.optimizer.single_partition_of_fp32_groups if stage > 0
+               else [p for grp in base.param_groups for p in grp["params"]])
+    count = step if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)) else torch.tensor(float(step))
+    for hp in holders:
+        base.state[hp] = {"step": count, "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
+    for grp in base.param_groups:
+        if "step" in grp:
+            grp["step"] = step
+    if stage > 0:
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-            engine.optimizer._hp_optimizer_states_linked = False
-            engine.optimizer._lazy_init_hp_params_optimizer_state()
-        for name, p in named:
-            for key in _MOMENTS:
-                local = shard(name, f.get_tensor(f"{key}.{name}"), tp_rank, tp, module.cfg)
-                if local.shape != p.shape:
-                    raise MegaGPTError(f"{path}: {key}.{name} slice {tuple(local.shape)} does not fit {tuple(p.shape)}")
-                if stage == 0:
-                    base.state[p][key].copy_(local)
-                else:
-                    safe_set_full_optimizer_state(p, local.to(p.device), key)
-            if stage > 0 and f"fp32.{name}" in f.keys():   # fp32 master, exact under mixed precision
-                from deepspeed.utils import safe_set_full_fp32_param
-
-                safe_set_full_fp32_param(p, shard(name, f.get_tensor(f"fp32.{name}"), tp_rank, tp, module.cfg).to(p.device))
-    return step
+    for name, p in named:
+        for key in _MOMENTS + ("fp32",):
+            if f"{key}.{name}" not in full:
+                continue
+            local = shard(name, full[f"{key}.{name}"], state.rank, state.size, module.cfg).to(p.device)
+            if local.shape != p.shape:
+                raise MegaGPTError(f"{where}: {key}.{name} slice {tuple(local.shape)} does not fit {tuple(p.shape)}")
+            if key == "fp32":
+                p.data.copy_(local)
+                if stage > 0:
+                    safe_set_full_fp32_param(p, local.float())
+            elif stage == 0:
+                base.state[p][key].copy_(local)
+            else:
+                safe_set_full_optimizer_state(p, local, key)
 
 
 def save_consolidated_with_optimizer(engine, out_dir, cfg, tokenizer_path=None, run_config=None, step=None,

@@ -8,7 +8,9 @@ accumulation boundary). With pipeline parallelism DeepSpeed owns the micro-batch
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import signal
 from dataclasses import dataclass
 
@@ -135,7 +137,12 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
     stop = StopFlag()
     engine.train()
     while state.step < t.train_iters:
-        micro = [to_batch(train_ds, next(it), device) for _ in range(ga)] if it is not None else None
+        ids = [next(it) for _ in range(ga)] if it is not None else None
+        micro = [to_batch(train_ds, i, device) for i in ids] if ids is not None else None
+        if dbg.sample_ids and ids is not None and t.save:
+            os.makedirs(t.save, exist_ok=True)
+            with open(os.path.join(t.save, f"samples_rank{dist.get_rank()}.jsonl"), "a") as f:
+                f.write(json.dumps({"step": state.step + 1, "ids": [i for m in ids for i in m]}) + "\n")
         inject = dbg.inject_nan_at_step == state.step + 1
         if pipe:
             loss, ok, done = pipeline_step(engine, micro, par, inject)

@@ -102,7 +102,7 @@ def run(cfg, ds_config) -> int:
 
     state = loop.TrainState()
     if t.load:
-        client = checkpoint.load(engine, t.load, expect_model=cfg.model.to_dict(), tracker=par.rng)
+        client = checkpoint.load(engine, t.load, expect_model=cfg.model.to_dict(), par=par)
         if client is not None:
             state = loop.TrainState(client["step"], client["consumed_samples"], client.get("skipped_steps", 0))
             schedule, note = resume_schedule(engine.lr_scheduler, Schedule.from_saved(client), schedule,

@@ -1,0 +1,122 @@
+"""Elastic resume: a pretraining checkpoint continues on another layout (DP, TP, PP or ZeRO stage).
+
+DeepSpeed's ``load_checkpoint`` needs the layout that wrote the files (the same DP for ZeRO
+partitions, the same TP/PP for the module files). When the layout differs, the tag is instead
+read offline into full serial-named tensors (each parameter's fp32 master and both Adam moments,
+cut out of DeepSpeed's flat partitions by the ``param_slice_mappings`` it saves), re-split into
+the live engine (``reshape.set_optimizer_state``), and the step counters and LR scheduler are set
+as DeepSpeed's own load would. The data position (consumed samples) is a global count, so the
+sampler continues at the next unseen sample for any DP x micro-batch split of the same global
+batch (``engine.check_global_batch`` refuses another global batch).
+
+Exact: every weight, moment and step equals the checkpoint's. The steps that follow differ from
+the unmoved run only by reduction order. Not carried: per-rank dropout streams (a new layout has
+other ranks; each starts from its seed-derived stream) and an fp16 loss scale (restarts).
+Sources and targets of ZeRO stage 0-2; ZeRO-3 partitions each parameter and is refused.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from megagpt.errors import MegaGPTError
+from megagpt.model.sharding import merge, pipeline_layer_prefixes
+
+from .deepspeed_files import _load, model_config_of
+
+KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+_OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def saved_layout(client: dict) -> dict:
+    """{"dp", "tp", "pp", "zero"} of the run that wrote ``client`` (a model-states dict)."""
+    dims = client.get("checkpoint_parallel_dimensions") or {}
+    zero = int(((client.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+    return {"dp": int(client["dp_world_size"]), "tp": int(dims.get("tp_degree", 1)),
+            "pp": int(dims.get("pp_degree", 1)), "zero": zero}
+
+
+def _serial_name(name: str, prefixes: list) -> str:
+    """A pipeline stage's parameter name (``3.attn.qkv.weight``, ``tied_modules.tok.weight``) in the GPT."""
+    if name.startswith("tied_modules.tok."):
+        return "embed.tok." + name[len("tied_modules.tok."):]
+    idx, rest = name.split(".", 1)
+    return prefixes[int(idx)] + rest
+
+
+def _mp_rank_states(tag_dir: Path, mp: int, zero: int) -> tuple[dict, int]:
+    """({key: {local name: tensor}}, step) of model-parallel rank ``mp`` (all its DP partitions)."""
+    model = _load(tag_dir / f"mp_rank_{mp:02d}_model_states.pt")
+    shapes = {n: s for group in model["param_shapes"] for n, s in group.items()}
+    if zero == 0:   # a torch-style optimizer state_dict; params numbered in param_shapes' order
+        osd = model.get("optimizer") or {}
+        if "state" not in osd or "param_groups" not in osd:
+            raise MegaGPTError(f"{tag_dir}: ZeRO-0 optimizer state of an unsupported kind (bf16/fp16?); "
+                               "elastic resume of ZeRO-0 supports fp32 runs")
+        ids = [i for g in osd["param_groups"] for i in g["params"]]
+        out = {k: {} for k in KEYS}
+        for i, name in zip(ids, [n for group in model["param_shapes"] for n in group]):
+            st = osd["state"].get(i, {})
+            for k in KEYS[1:]:
+                out[k][name] = st[k].view(shapes[name])
+        module = model.get("module") or {}
+        out["fp32"] = {n: module[n] for n in shapes if n in module}   # PP: module weights come from layer files
+        return out, int(next(iter(osd["state"].values()))["step"])
+    files = sorted((int(m.group(1)), f) for f in tag_dir.glob(f"zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt")
+                   if (m := _OPTIM_FILE.search(f.name)))
+    pieces, step = {}, 0
+    for _, f in files:   # data-parallel rank order: a parameter's fragments concatenate to it whole
+        osd = _load(f)["optimizer_state_dict"]
+        state = osd["base_optimizer_state"]["state"]
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            flat = {"fp32": osd["single_partition_of_fp32_groups"][g], **{k: state[g][k] for k in KEYS[1:]}}
+            step = int(state[g]["step"])
+            for name, frag in mapping.items():
+                for k, t in flat.items():
+                    pieces.setdefault(k, {}).setdefault(name, []).append(t.detach().narrow(0, frag.start, frag.numel))
+    return {k: {n: torch.cat(p).view(shapes[n]) for n, p in by_name.items()} for k, by_name in pieces.items()}, step
+
+
+def read_training_state(tag_dir, client: dict, weights: dict) -> tuple[dict, int]:
+    """({"fp32.<serial name>", "exp_avg.<...>", "exp_avg_sq.<...>": full tensor}, Adam step) of a
+    tag of any layout. ``weights``: the tag's full serial-named module weights, used for the fp32
+    masters a ZeRO-0 pipeline keeps only in its layer files."""
+    tag_dir = Path(tag_dir)
+    lay, cfg = saved_layout(client), model_config_of(client, tag_dir)
+    if lay["zero"] >= 3:
+        raise MegaGPTError(f"{tag_dir}: a ZeRO-3 checkpoint resumes only on the layout that saved it "
+                           f"(dp={lay['dp']}, tp={lay['tp']}, pp={lay['pp']}): elastic resume supports ZeRO 0-2")
+    prefixes = pipeline_layer_prefixes(cfg)
+    slices, step = {}, 0   # (key, serial name) -> {tp rank: local tensor}
+    for mp in range(lay["tp"] * lay["pp"]):
+        states, step = _mp_rank_states(tag_dir, mp, lay["zero"])
+        for k, named in states.items():
+            for name, t in named.items():
+                serial = _serial_name(name, prefixes) if lay["pp"] > 1 else name
+                slices.setdefault((k, serial), {}).setdefault(mp % lay["tp"], t)   # tied table: first stage's
+    full = {f"{k}.{n}": merge(n, [s[r] for r in sorted(s)], cfg) for (k, n), s in slices.items()}
+    for n, w in weights.items():
+        full.setdefault(f"fp32.{n}", w)
+    return full, step
+
+
+def load_elastic(engine, load_dir, tag: str, client: dict) -> None:
+    """Set a live engine (ZeRO 0-2, any layout) to the training state of a tag of another layout."""
+    from .deepspeed_files import read_weights
+    from .reshape import set_optimizer_state
+    from .state_dict import normalize_state_dict
+
+    tag_dir = Path(load_dir) / tag
+    cfg = model_config_of(client, tag_dir)
+    weights = normalize_state_dict(read_weights(load_dir, tag, client, cfg), cfg, str(tag_dir))
+    state, step = read_training_state(tag_dir, client, weights)
+    set_optimizer_state(engine, state, step, where=str(tag_dir))
+    engine.global_steps = int(client.get("global_steps", step))
+    engine.global_samples = int(client.get("global_samples", 0))
+    engine.skipped_steps = int(client.get("skipped_steps", 0))
+    if engine.lr_scheduler is not None and client.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(client["lr_scheduler"])
+        for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr   # DeepSpeed's load restores it with the optimizer's param groups
