@@ -6,6 +6,7 @@ One launch runs everything (this file is also the worker script: ``--worker``) t
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def worker(out: Path, tok_path: str, data_root: str):
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory, sp_model, shared_data):
     out = tmp_path_factory.mktemp("finetune_e2e")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(Path(__file__).resolve()),
            "--worker", str(out), sp_model, str(shared_data)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -84,7 +86,13 @@ def e2e_run(tmp_path_factory, sp_model, shared_data):
 
 def test_all_task_types_under_deepspeed_launcher(e2e_run):
     out, log = e2e_run
-    assert "dp=2 tp=1" in log
+    assert "dp=2 tp=1" in log and log.count("lm_coef 0.5") == len(TASK_RUNS)
+    # every logged step has the auxiliary LM term, and loss = L2 + λ·L1 with λ = 0.5 (4-decimal logs)
+    steps = re.findall(r"step \d+/\d+ loss (\S+) task (\S+)( lm (\S+))? lr", log)
+    assert len(steps) == 2 * len(TASK_RUNS), steps     # 4 steps per task, --log-interval 2
+    for loss, task_loss, has_lm, lm in steps:
+        assert has_lm, steps
+        assert abs(float(loss) - (float(task_loss) + 0.5 * float(lm))) <= 2e-4, steps
     for task in TASK_RUNS:
         hist = json.loads((out / task / "history.json").read_text())
         (res,) = hist["history"]
@@ -99,9 +107,14 @@ def test_all_task_types_under_deepspeed_launcher(e2e_run):
         assert not list((out / task).glob(".best*"))       # no temp dirs left behind
 
 
-def test_best_checkpoint_reproduces_its_metric(e2e_run, sp_model, shared_data):
-    """Reload sst2's best/ in this process, re-evaluate single-process: same accuracy as logged."""
+@pytest.mark.parametrize("task_name", list(TASK_RUNS))
+def test_best_checkpoint_reproduces_its_logged_metrics(e2e_run, shared_data, task_name):
+    """Reload each task's best/ in this process and evaluate its 40 eval examples: the logged
+    eval loss, accuracy / Pearson / Spearman (recomputed here with numpy and scipy, not
+    megagpt.finetune.metrics) equal what the 2-rank run logged from its gathered predictions."""
+    import numpy as np
     import torch
+    from scipy.stats import spearmanr
 
     from megagpt.finetune.checkpoint import load_finetuned
     from megagpt.finetune.heads import FinetuneModel
@@ -112,19 +125,37 @@ def test_best_checkpoint_reproduces_its_metric(e2e_run, sp_model, shared_data):
     from megagpt.tokenizer import load_tokenizer
 
     out, _ = e2e_run
-    sd, info = load_finetuned(out / "sst2" / "best")
-    task = get_task("sst2")
-    model = FinetuneModel(GPT(ModelConfig.from_dict(info["model"])), task.kind, task.num_outputs)
+    sd, info = load_finetuned(out / task_name / "best")
+    task = get_task(task_name)
+    model = FinetuneModel(GPT(ModelConfig.from_dict(info["model"])), task.kind, task.num_outputs, task.regression)
     model.load_state_dict(sd)
     model.eval()
-    tok = load_tokenizer(out / "sst2" / "best" / "tokenizer" / "tokenizer.model")
+    tok = load_tokenizer(out / task_name / "best" / "tokenizer" / "tokenizer.model")
     _, ev = task.load(shared_data)
-    data = encode_examples(task, ev[:EVAL_LIMIT], tok, 64)
+    data = encode_examples(task, ev[:EVAL_LIMIT], tok, info["model"]["max_seq_len"])
     sp = SpecialIds.from_tokenizer(tok)
-    ids, cls_pos, _, labels = collate(data, sp.pad, sp.cls, False)
-    with torch.no_grad():
-        pred = model(ids, cls_pos)[1].argmax(-1)
-    assert (pred == labels).float().mean().item() == pytest.approx(info["metrics"]["accuracy"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)    # as the ranks ran (OMP_NUM_THREADS=1)
+    outs, losses = [], []
+    try:   # the run's batches: each rank a contiguous half, micro-batches of 16 / 2 ranks = 8
+        for lo, hi in ((0, EVAL_LIMIT // 2), (EVAL_LIMIT // 2, EVAL_LIMIT)):
+            for i in range(lo, hi, 8):
+                ids, cls_pos, _, y = collate(data[i:min(i + 8, hi)], sp.pad, sp.cls, task.regression)
+                with torch.no_grad():
+                    _, o, parts = model(ids, cls_pos, None, y, batch_size=y.size(0))
+                outs.append(o.float())
+                losses.append(parts["task"].item() * y.size(0))
+    finally:
+        torch.set_num_threads(threads)
+    got, labels = torch.cat(outs).numpy(), np.array([y for _, y in data])
+    logged = info["metrics"]
+    assert logged["eval_examples"] == EVAL_LIMIT
+    assert sum(losses) / EVAL_LIMIT == pytest.approx(logged["eval_loss"], rel=1e-5)
+    if task.regression:
+        assert np.corrcoef(got, labels)[0, 1] == pytest.approx(logged["pearson"], abs=1e-5)
+        assert spearmanr(got, labels)[0] == pytest.approx(logged["spearman"], abs=1e-5)
+    else:
+        assert (got.argmax(-1) == labels).mean() == pytest.approx(logged["accuracy"], abs=1e-9)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
