@@ -89,19 +89,22 @@ def writing(path):
         raise MegaGPTError(f"{path}: cannot write: {e.strerror or e}{where}") from None
 
 
-def sentence_iterator(inputs: Sequence[str], json_keys=("text",), skipped: Counter | None = None) -> Iterator[str]:
+def sentence_iterator(inputs: Sequence[str], json_keys=("text",)) -> Iterator[str]:
     """Stream training sentences (non-empty lines) from txt/jsonl(.gz) files, one at a time.
 
     Unreadable lines (malformed JSON, missing key, bad UTF-8) are skipped here: a tokenizer sample
     does not need every line, and ``preprocess`` is the strict gate. So are the sentences
-    sentencepiece would drop anyway. ``skipped`` counts them by (file, reason).
+    sentencepiece would drop anyway. A file's skipped lines are counted in one warning.
     """
-    skipped = Counter() if skipped is None else skipped
     for path in expand_inputs(inputs):
+        skipped = Counter()
         try:
             yield from _file_sentences(path, json_keys, skipped)
         except (OSError, EOFError, zlib.error) as e:  # e.g. a truncated .gz
             raise MegaGPTError(f"{path}: read failed: {e}") from None
+        if skipped:
+            reasons = ", ".join(f"{n} {why}" for why, n in skipped.items())
+            warnings.warn(f"{path}: {skipped.total()} lines skipped: {reasons}")
 
 
 def _file_sentences(path, json_keys, skipped):
@@ -114,17 +117,17 @@ def _file_sentences(path, json_keys, skipped):
                 line = raw.decode("utf-8")
                 texts = [json.loads(line)[k] for k in json_keys] if as_json else [line]
             except (UnicodeDecodeError, ValueError, KeyError, TypeError):
-                skipped[path, UNREADABLE] += 1
+                skipped[UNREADABLE] += 1
                 continue
             for text in texts:
                 if not isinstance(text, str) or (b"\\u" in raw and LONE_SURROGATE.search(text)):
-                    skipped[path, UNREADABLE] += 1
+                    skipped[UNREADABLE] += 1
                     continue
                 for sent in filter(str.strip, text.splitlines()):
                     if len(sent) > MAX_SENTENCE_BYTES // 4 and len(sent.encode()) > MAX_SENTENCE_BYTES:
-                        skipped[path, f"longer than {MAX_SENTENCE_BYTES} bytes"] += 1
+                        skipped[f"longer than {MAX_SENTENCE_BYTES} bytes"] += 1
                     elif "\u2047" in sent:
-                        skipped[path, "containing \u2047 (reserved by sentencepiece)"] += 1
+                        skipped["containing \u2047 (reserved by sentencepiece)"] += 1
                     else:
                         yield sent
 
@@ -150,12 +153,12 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int, 
     with writing(output_prefix):
         Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     failure: list[MegaGPTError] = []
-    skipped, n_sentences = Counter(), 0
+    n_sentences = 0
 
     def sentences():  # sentencepiece turns an iterator's exception into a multi-line RuntimeError
         nonlocal n_sentences
         try:
-            for sent in sentence_iterator(files, json_keys, skipped):
+            for sent in sentence_iterator(files, json_keys):
                 n_sentences += 1
                 yield sent
         except MegaGPTError as e:
@@ -185,12 +188,6 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int, 
                                f"skipped)") from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MegaGPTError(f"sentencepiece training on {', '.join(files)} failed: {msg}") from None
-    finally:
-        for path in files:
-            counts = {why: n for (p, why), n in skipped.items() if p == path}
-            if counts:
-                warnings.warn(f"{path}: {sum(counts.values())} lines skipped: "
-                              + ", ".join(f"{n} {why}" for why, n in counts.items()))
     return str(output_prefix) + ".model"
 
 

@@ -29,13 +29,9 @@ def _as_weight(x):
 class DataConfig(Section):
     """Megatron-style data options: the ``data:`` section of a run config.
 
-    ``data_path``: ``[prefix]``, ``[prefix, prefix, ...]`` (weight 1 each) or
-    ``[w1, prefix1, w2, prefix2, ...]`` (as ``--data-path 0.7 a 0.3 b``); weights are normalised.
-    ``split``: train/valid/test document ratios, e.g. ``"969,30,1"`` (normalised).
-    ``seq_length``: ``None`` until resolved: a run config fills in ``model.max_seq_len``
-    (``megagpt.config``); ``build_gpt_datasets`` needs it set.
-    ``cache_dir``: where index arrays go; None = next to each shard (or a user cache dir if that
-    directory is read-only).
+    ``data_path`` weights (1 each when only prefixes are given) and ``split`` ratios are normalised.
+    ``seq_length`` is None until a run config fills in ``model.max_seq_len``; ``build_gpt_datasets``
+    needs it set. A null ``cache_dir`` falls back to a user cache dir when a shard's is read-only.
     """
 
     data_path: list = field(default_factory=list, help="shard prefix(es) PREFIX (for PREFIX.bin/.idx), or "
@@ -79,7 +75,6 @@ class DataConfig(Section):
                     raise MegaGPTError(f"data_path weight {raw!r} (before {p!r}) is not a number", key="data_path")
                 if not math.isfinite(w) or w <= 0:
                     raise MegaGPTError(f"data_path weight {raw!r} for {p!r} must be a positive number", key="data_path")
-        prefixes = []
         for _, p in pairs:
             if not isinstance(p, str) or _as_weight(p) is not None:
                 raise MegaGPTError(f"data_path entry {p!r} should be a shard prefix (weights and "
@@ -87,9 +82,8 @@ class DataConfig(Section):
             missing = [f for f in (indexed.bin_path(p), indexed.idx_path(p)) if not os.path.isfile(f)]
             if missing:
                 raise MegaGPTError(f"data_path prefix {p!r}: missing {', '.join(missing)}", key="data_path")
-            prefixes.append(p)
         total = sum(w for w, _ in pairs)
-        return prefixes, [w / total for w, _ in pairs]
+        return [p for _, p in pairs], [w / total for w, _ in pairs]
 
     @staticmethod
     def _parse_split(split):

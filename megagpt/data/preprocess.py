@@ -1,19 +1,16 @@
 """Text → Megatron token shards, streamed, in parallel, byte-identical for any worker count.
 
-Pipeline: the main process reads the inputs as chunks of raw lines / paragraphs / files
-(``read_chunks``), a Pool of workers decodes, parses and batch-encodes each chunk
-(``encode_chunk``; each worker loads the tokenizer once), and the main process writes the
-results *in input order*. At most ``2 * workers + 2`` chunks are in flight, so memory does not
-grow with the corpus. Chunk boundaries never change the output: a document is always one item.
+The main process reads the inputs as chunks of raw lines / paragraphs / files (``read_chunks``),
+worker processes decode, parse and batch-encode each chunk (``encode_chunk``), and the main
+process writes the results *in input order*. At most ``2 * workers + 2`` chunks are in flight,
+so memory does not grow with the corpus; a document is always one item, so chunk boundaries
+never change the output.
 
-Outputs (Megatron naming), one set per json key (txt inputs use key ``text``):
-  ``{output_prefix}_{key}_document.bin/.idx``                 (default)
-  ``{output_prefix}_{key}_document_{00000,00001,...}.bin/.idx`` (``shard_size_tokens`` > 0: a new
-  shard starts once the current one holds >= shard_size_tokens tokens; documents are never split)
-
-Nothing appears at a final name until the whole run succeeded: shards are finalized under a
-hidden ``.NAME.partial-PID-RANDOM`` prefix and published (``megagpt.atomic.publish``) at the end;
-any error removes them.
+Outputs, one set per json key (txt inputs use key ``text``): ``{output_prefix}_{key}_document``
+``.bin/.idx``, or with ``shard_size_tokens`` > 0 ``..._document_00000``, ``_00001``, ... (a new
+shard once one holds >= shard_size_tokens tokens; documents are never split). They are
+finalized under hidden ``.NAME.partial-PID-RANDOM`` names and published only once the whole
+run succeeded; any error removes them.
 
 Documents: one per jsonl line (per key); one per txt file, or with ``split_paragraphs`` one per
 blank-line-separated paragraph (its lines, joined by their newlines, without the trailing one).
@@ -311,16 +308,13 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
     tok = load_tokenizer(tokenizer_path)  # fail fast, before any worker starts
     if append_eod and tok.eod_id is None:
         raise MegaGPTError(f"{tokenizer_path}: tokenizer has no eos/eod token; use append_eod=False")
-    dtype = dtype_for_vocab(tok.vocab_size)
     earlier = set(existing_outputs(output_prefix, json_keys))
-    meta = shard_meta(tok)
+    dtype, meta = dtype_for_vocab(tok.vocab_size), shard_meta(tok)
     outputs = {k: ShardedOutput(f"{output_prefix}_{k}_document", dtype, shard_size_tokens, meta) for k in json_keys}
-    summary = Summary()
-    t0 = time.perf_counter()
-    init = (tok.path, json_keys, append_eod)
-    chunks = read_chunks(files, split_paragraphs, chunk_bytes=chunk_bytes)
+    summary, t0 = Summary(), time.perf_counter()
     bar = _progress_bar(files, progress, log_interval)
-    results = _map_ordered(encode_chunk, chunks, workers, init)
+    chunks = read_chunks(files, split_paragraphs, chunk_bytes=chunk_bytes)
+    results = _map_ordered(encode_chunk, chunks, workers, (tok.path, json_keys, append_eod))
     productive = set()  # input files that gave at least one document
     try:
         for chunk, enc in results:
@@ -369,9 +363,8 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
 
 
 def _map_ordered(fn, chunks, workers, init):
-    """Yield (chunk, fn(chunk)) in input order; worker processes with bounded in-flight chunks if
-    workers > 1. (ProcessPoolExecutor, not Pool: a worker killed e.g. by the OOM killer fails the
-    run instead of hanging it.)"""
+    """Yield (chunk, fn(chunk)) in input order, from worker processes if workers > 1 (an executor,
+    not a Pool: a worker killed e.g. by the OOM killer fails the run instead of hanging it)."""
     if workers == 1:
         _init_worker(*init)
         for c in chunks:
