@@ -8,6 +8,7 @@ time / MFU. Formulas and assumptions: docs/planner.md.
 import argparse
 import json
 import sys
+from dataclasses import fields
 
 from megagpt.errors import MegaGPTError, cli_main
 from megagpt.cluster.plan import GIB, Cluster, ModelShape, TrainSetup, describe, layouts
@@ -89,12 +90,10 @@ def check(a, m):
 
 
 def row_text(stage, r):
-    mem, t = r["memory"], r["time"]
-    gib = {k: mem[k] / GIB for k in ("params", "grads", "optimizer", "activations", "working")}
-    return (f"{stage:>4} {r['tp']:>3} {r['pp']:>3} {r['dp']:>4} {r['micro_batches']:>4} "
-            f"{gib['params']:>7.2f} {gib['grads']:>7.2f} {gib['optimizer']:>7.2f} {gib['activations']:>7.2f} "
-            f"{gib['working']:>7.2f} {r['mem_gib']:>7.2f} {'yes' if r['fits'] else 'NO':>4} "
-            f"{t['step_s']:>8.3f} {100 * t['mfu']:>5.1f} {t['tokens_per_s']:>10.0f}")
+    gib = " ".join(f"{r['memory'][k] / GIB:>7.2f}" for k in ("params", "grads", "optimizer", "activations", "working"))
+    t = r["time"]
+    return (f"{stage:>4} {r['tp']:>3} {r['pp']:>3} {r['dp']:>4} {r['micro_batches']:>4} {gib} {r['mem_gib']:>7.2f} "
+            f"{'yes' if r['fits'] else 'NO':>4} {t['step_s']:>8.3f} {100 * t['mfu']:>5.1f} {t['tokens_per_s']:>10.0f}")
 
 
 @cli_main
@@ -103,9 +102,7 @@ def main(argv=None):
     m = model_shape(a)
     check(a, m)
     stages = range(4) if a.zero_stage == "all" else [int(a.zero_stage)]
-    cluster = Cluster(num_gpus=a.gpus, gpus_per_node=a.gpus_per_node, gpu_mem_gib=a.gpu_mem_gib,
-                      peak_tflops=a.peak_tflops, efficiency=a.efficiency, intra_node_gbps=a.intra_node_gbps,
-                      inter_node_gbps=a.inter_node_gbps, reserve_gib=a.reserve_gib)
+    cluster = Cluster(num_gpus=a.gpus, **{f.name: getattr(a, f.name) for f in fields(Cluster) if f.name != "num_gpus"})
     rows = []
     for z in stages:
         setup = TrainSetup(global_batch=a.global_batch, micro_batch=a.micro_batch, dtype=a.dtype, zero_stage=z,

@@ -72,10 +72,8 @@ def _expand_one(name, nodelist):
 
 
 def expand_nodelist(nodelist):
-    """Expand a Slurm node list (``node[01-04,07]``, ``gpu-a[1-2],gpu-b3``, ``n[001-003]-ib``).
-
-    Does what ``scontrol show hostnames`` does, so the templates need no Slurm client tools.
-    """
+    """Expand a Slurm node list (``node[01-04,07]``, ``gpu-a[1-2],gpu-b3``, ``n[001-003]-ib``) as
+    ``scontrol show hostnames`` does, so the templates need no Slurm client tools."""
     nodelist = nodelist.strip()
     if not nodelist:
         raise MegaGPTError("node list is empty (is SLURM_JOB_NODELIST set?)")
@@ -147,11 +145,8 @@ def _check_node_rank(job):
 
 
 def deepspeed_node_command(job, hostfile, script, script_args):
-    """The per-node ``deepspeed --no_ssh`` launcher command (one srun task per node).
-
-    ``--no_ssh`` makes each node start only its own ranks (``--node_rank``); the hostfile must
-    still list every node so DeepSpeed can number ranks globally.
-    """
+    """The per-node ``deepspeed --no_ssh`` launcher command (one srun task per node): each node
+    starts only its own ranks; the hostfile still lists every node so ranks are numbered globally."""
     _check_node_rank(job)
     return ["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", str(job["node_rank"]),
             "--num_nodes", str(job["num_nodes"]), "--num_gpus", str(job["gpus_per_node"]),
