@@ -13,6 +13,7 @@ Results are appended to ``<out>/results.json`` after every run, so an interrupte
 it finished. ``--quick`` shrinks everything to check that the script works (~2 min).
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -93,27 +94,18 @@ def pretrain(out: Path, args, log):
     return ckpt, tok_path, {"val_loss": vl, "seconds": time.time() - t0, "params": model.num_params()}
 
 
-def arms(args):
-    for seed in args.seeds:                      # seed-major: an interrupted run stays balanced
-        for task in args.tasks:
-            for init in ("pretrained", "random"):
-                for lm_coef in (0.5, 0.0):
-                    yield task, init, lm_coef, seed
-
-
 def table(results, tasks):
     rows = []
-    for init in ("pretrained", "random"):
-        for lm in (0.5, 0.0):
-            cells = []
-            for t in tasks:
-                accs = [r["accuracy"] for r in results if (r["task"], r["init"], r["lm_coef"]) == (t, init, lm)]
-                if not accs:
-                    cells.append("–")
-                    continue
-                half = (max(accs) - min(accs)) / 2
-                cells.append(f"{100 * statistics.mean(accs):.1f} ± {100 * half:.1f} (n={len(accs)})")
-            rows.append((init, str(lm), *cells))
+    for init, lm in itertools.product(("pretrained", "random"), (0.5, 0.0)):
+        cells = []
+        for t in tasks:
+            accs = [r["accuracy"] for r in results if (r["task"], r["init"], r["lm_coef"]) == (t, init, lm)]
+            if not accs:
+                cells.append("–")
+                continue
+            half = (max(accs) - min(accs)) / 2
+            cells.append(f"{100 * statistics.mean(accs):.1f} ± {100 * half:.1f} (n={len(accs)})")
+        rows.append((init, str(lm), *cells))
     print_table(["init", "aux LM (λ)", *(f"{t.upper()} dev acc" for t in tasks)], rows)
 
 
@@ -149,7 +141,8 @@ def main():
     t_start = time.time()
     ckpt, tok_path, pre = pretrain(out, args, log)
     results = []
-    for task, init, lm_coef, seed in arms(args):
+    arms = itertools.product(args.seeds, args.tasks, ("pretrained", "random"), (0.5, 0.0))
+    for seed, task, init, lm_coef in arms:  # seed-major: an interrupted run stays balanced
         t0 = time.time()
         cfg = FinetuneConfig(task=task, data_root=str(DATA), init=str(ckpt) if init == "pretrained" else "random",
                              preset="tiny", model_overrides=dict(MODEL), tokenizer=tok_path, lr=args.lr,
