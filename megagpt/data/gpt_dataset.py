@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 def document_lengths(shard: IndexedDataset, lo: int, hi: int) -> np.ndarray:
     """Token count of documents ``lo .. hi-1`` (a document may span several sequences)."""
     s0, s1 = int(shard.doc_idx[lo]), int(shard.doc_idx[hi])
-    cum = np.zeros(s1 - s0 + 1, dtype=np.int64)
-    np.cumsum(shard.sizes[s0:s1], out=cum[1:])
+    cum = np.concatenate(([0], np.cumsum(shard.sizes[s0:s1], dtype=np.int64)))
     bounds = np.asarray(shard.doc_idx[lo: hi + 1], dtype=np.int64) - s0
     return np.diff(cum[bounds])
 
@@ -52,8 +51,7 @@ def build_doc_idx(lo: int, n_docs: int, num_epochs: int, seed: int) -> np.ndarra
 def build_sample_idx(stream_doc_lengths: np.ndarray, num_samples: int, seq_length: int) -> np.ndarray:
     """Start (doc_idx position, offset) of every window; ``searchsorted`` over the cumulative
     stream length, so empty documents are stepped over and no Python loop runs per sample."""
-    cum = np.zeros(len(stream_doc_lengths) + 1, dtype=np.int64)
-    np.cumsum(stream_doc_lengths, out=cum[1:])
+    cum = np.concatenate(([0], np.cumsum(stream_doc_lengths, dtype=np.int64)))
     pos = np.arange(num_samples + 1, dtype=np.int64) * seq_length
     if pos[-1] >= cum[-1]:
         raise ValueError("document stream too short for the requested samples")
