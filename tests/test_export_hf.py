@@ -3,6 +3,7 @@ greedy generations in transformers (loaded with AutoModelForCausalLM, no custom 
 → HF is exact, the tokenizer encodes alike, and unfaithful configs / overwrites / crashes are refused
 cleanly."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -275,3 +276,19 @@ def test_imports_old_hub_gpt2_layout(tmp_path):
     torch.save(sd, tmp_path / "old" / "pytorch_model.bin")
     with pytest.raises(MegaGPTError, match=r"unexpected \['transformer.h.0.mlp.extra.weight'\]"):
         hf_to_consolidated(tmp_path / "old", tmp_path / "cons2")
+
+
+@pytest.mark.parametrize("name,hf_name", [("ln", "model.layers.0.input_layernorm.weight"),      # copy entry
+                                          ("k", "model.layers.0.self_attn.k_proj.weight"),       # rows of qkv
+                                          ("vocab", "model.embed_tokens.weight")])               # vocab rows
+def test_hf_weight_of_the_wrong_shape_is_named(tmp_path, name, hf_name):
+    from safetensors.torch import load_file, save_file
+
+    hf_dir = _export(_random_model("tiny-modern"), tmp_path)
+    sd = load_file(str(hf_dir / "model.safetensors"))
+    want = tuple(sd[hf_name].shape)
+    sd[hf_name] = sd[hf_name][:-1].clone()
+    save_file(sd, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    got = (want[0] - 1, *want[1:])
+    with pytest.raises(MegaGPTError, match=re.escape(f"{hf_name} has shape {got}, expected {want}")):
+        load_model(hf_dir)

@@ -35,9 +35,9 @@ def worker(out: Path, tok_path: str, data_root: str):
     import torch
     import torch.distributed as dist
 
+    from megagpt.checkpoint import load_model
     from megagpt.checkpoint.consolidated import save_consolidated
     from megagpt.finetune import run
-    from megagpt.finetune.checkpoint import load_pretrained
     from megagpt.finetune.loop import init_distributed
     from megagpt.model import GPT, get_preset
     from megagpt.tokenizer import load_tokenizer
@@ -59,10 +59,10 @@ def worker(out: Path, tok_path: str, data_root: str):
     if rank == 0:
         save_consolidated(out / "pre_cons", ref, cfg.to_dict(), tokenizer_path=tok_path)
         for kind in ("pre_ds", "pre_cons"):   # both loaders give back exactly the saved weights
-            model, loaded_tok, tpath = load_pretrained(out / kind)
+            model, loaded_tok, meta = load_model(out / kind)
             got = model.state_dict()
             assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), kind
-            assert tpath is not None and loaded_tok.vocab_size == tok.vocab_size
+            assert meta["tokenizer_path"] is not None and loaded_tok.vocab_size == tok.vocab_size
     dist.barrier()
     inits = {"random": "random", "consolidated": str(out / "pre_cons"), "deepspeed": str(out / "pre_ds")}
     for task, init in TASK_RUNS.items():

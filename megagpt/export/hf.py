@@ -165,8 +165,7 @@ def read_hf_weights(hf_dir, cfg, target) -> dict:
     padded vocab rows zero, a tied head under the embedding's name only."""
     from megagpt.model.gpt import full_shapes
 
-    hf_sd, where = _read_hf_weights(Path(hf_dir)), str(hf_dir)
-    shapes = {k: torch.Size(v) for k, v in full_shapes(cfg).items()}
+    hf_sd, where, shapes = _read_hf_weights(Path(hf_dir)), str(hf_dir), full_shapes(cfg)
     table = target.names(cfg)
     wanted = {h for _, h, _ in table}
     if cfg.tie_embeddings:   # some writers store the tied head too; it is the embedding
@@ -181,20 +180,16 @@ def read_hf_weights(hf_dir, cfg, target) -> dict:
     sd = {}
     for ours, hf, op in _progress(table, "from HF"):
         t, rows = hf_sd[hf].to(torch.float32), _rows(op, cfg)
-        if op == "T":
-            t = t.T
-        if rows:
-            full = sd.get(ours)
-            if full is None:
-                full = sd[ours] = torch.zeros(shapes[ours], dtype=torch.float32)
-            a, b = rows
-            if t.shape != full[a:b].shape:
-                raise MegaGPTError(f"{where}: {hf} has shape {tuple(t.shape)}, expected {tuple(full[a:b].shape)}")
-            full[a:b] = t
-            continue
-        if t.shape != shapes[ours]:
-            raise MegaGPTError(f"{where}: {hf} has shape {tuple(t.shape)}, expected {tuple(shapes[ours])}")
-        sd[ours] = t.contiguous()
+        t = t.T if op == "T" else t
+        want = (rows[1] - rows[0], *shapes[ours][1:]) if rows else shapes[ours]
+        if tuple(t.shape) != want:
+            raise MegaGPTError(f"{where}: {hf} has shape {tuple(t.shape)}, expected {want}")
+        if rows:   # a slice of one of our tensors (rows no entry maps, the padded vocab, stay zero)
+            if ours not in sd:
+                sd[ours] = torch.zeros(shapes[ours], dtype=torch.float32)
+            sd[ours][rows[0]:rows[1]] = t
+        else:
+            sd[ours] = t.contiguous()
     return sd
 
 

@@ -1,6 +1,5 @@
-"""Where finetuning starts (any checkpoint ``megagpt.checkpoint.load_model`` reads) and where its
-best model goes (``<save_dir>/best``, written by rank 0 to a temporary sibling renamed into place).
-"""
+"""The best finetuned model: ``<save_dir>/best``, written by rank 0 to a temporary sibling directory
+renamed into place when complete, and read back."""
 from __future__ import annotations
 
 import json
@@ -8,17 +7,6 @@ from pathlib import Path
 
 from megagpt.atomic import atomic_dir
 from megagpt.errors import MegaGPTError
-from megagpt.tp import SERIAL
-
-
-def load_pretrained(path, tokenizer=None, tp=SERIAL):
-    """A pretrained checkpoint → (GPT with its weights, in train mode, this rank's ``tp`` slice;
-    its tokenizer or None; the tokenizer's path or None). ``tokenizer`` replaces the checkpoint's
-    own (and is checked against the model's vocabulary)."""
-    from megagpt.checkpoint import load_model
-
-    model, tok, meta = load_model(path, tokenizer=tokenizer, tp=tp)
-    return model.train(), tok, meta["tokenizer_path"]
 
 
 def save_best(save_dir, state_dict: dict, info: dict, tokenizer_path=None) -> Path:

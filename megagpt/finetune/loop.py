@@ -53,10 +53,11 @@ def build_model(cfg: FinetuneConfig, task, tp):
         tok = load_tokenizer(cfg.tokenizer)
         gpt = GPT(get_preset(cfg.preset, vocab_size=tok.vocab_size, **cfg.model_overrides), tp)
         tok_path = cfg.tokenizer
-    else:
-        from .checkpoint import load_pretrained
+    else:   # any checkpoint load_model reads; it loads the tokenizer and checks it against the vocabulary
+        from megagpt.checkpoint import load_model
 
-        gpt, tok, tok_path = load_pretrained(cfg.init, cfg.tokenizer, tp)
+        gpt, tok, meta = load_model(cfg.init, tokenizer=cfg.tokenizer, tp=tp)
+        tok_path = meta["tokenizer_path"]
         if not tok_path:   # best/ bundles the tokenizer's files
             raise MegaGPTError(f"{cfg.init}: checkpoint names no tokenizer; pass --tokenizer")
     model = FinetuneModel(gpt, task.kind, task.num_outputs, task.regression, cfg.clf_dropout, cfg.lm_coef)

@@ -56,12 +56,12 @@ def spearman(x, y) -> float:
     return pearson(rankdata(x), rankdata(y))
 
 
+# a task's metric kind → its metrics ("accuracy_f1": MRPC, "correlation": STS-B)
+KINDS = {"accuracy": {"accuracy": accuracy}, "accuracy_f1": {"accuracy": accuracy, "f1": f1},
+         "correlation": {"pearson": pearson, "spearman": spearman}}
+
+
 def compute(kind: str, preds, labels) -> dict:
-    """Metrics for a task kind: "accuracy", "accuracy_f1" (MRPC) or "correlation" (STS-B)."""
-    if kind == "accuracy":
-        return {"accuracy": accuracy(preds, labels)}
-    if kind == "accuracy_f1":
-        return {"accuracy": accuracy(preds, labels), "f1": f1(preds, labels)}
-    if kind == "correlation":
-        return {"pearson": pearson(preds, labels), "spearman": spearman(preds, labels)}
-    raise MegaGPTError(f"unknown metric kind {kind!r}")
+    if kind not in KINDS:
+        raise MegaGPTError(f"unknown metric kind {kind!r}")
+    return {name: fn(preds, labels) for name, fn in KINDS[kind].items()}
