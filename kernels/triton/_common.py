@@ -33,7 +33,8 @@ def row_chunks(m: int, device: torch.device):
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(index) -> int:
-    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+    props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+    return props.multi_processor_count
 
 
 def warps_for(block: int) -> int:

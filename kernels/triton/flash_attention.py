@@ -276,12 +276,10 @@ def _unit_last(t):
 
 def _cfg(q, phase: str):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per phase; 32-bit+ dtypes get smaller tiles (shared memory)."""
-    d, big = q.shape[-1], q.element_size() >= 4
-    if big:
+    if q.element_size() >= 4:
         return 32, 32, 4, 2
-    if phase == "fwd":
-        return (128, 64, 8, 3) if d == 128 else (128, 64, 4, 3)
-    return (64, 64, 8, 2) if d == 128 else (64, 64, 4, 2)
+    warps = 8 if q.shape[-1] == 128 else 4
+    return (128, 64, warps, 3) if phase == "fwd" else (64, 64, warps, 2)
 
 
 def _upcast(dtype) -> bool:
@@ -306,8 +304,8 @@ class FlashAttentionFn(torch.autograd.Function):
         grid = (triton.cdiv(tq, bm), bsz * h)
         _fwd[grid](q, k, v, o, lse, sm_scale * LOG2E,
                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                   h, tq, tk, h // hkv, CAUSAL=causal, ACC=acc_dtype(q.dtype), PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype),
-                   BLOCK_M=bm, BLOCK_N=bn, D=d, num_warps=warps, num_stages=stages)
+                   h, tq, tk, h // hkv, CAUSAL=causal, ACC=acc_dtype(q.dtype), PREC=_prec(q.dtype),
+                   UPCAST=_upcast(q.dtype), BLOCK_M=bm, BLOCK_N=bn, D=d, num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return o
@@ -322,9 +320,7 @@ class FlashAttentionFn(torch.autograd.Function):
         delta = torch.empty_like(lse)
         _bwd_delta[(triton.cdiv(tq, 64), bsz * h)](o, do, delta, *o.stride()[:3], *do.stride()[:3], h, tq,
                                                    ACC=acc, BLOCK_M=64, D=d)
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         bm, bn, warps, stages = _cfg(q, "bwd")
         qk_scale = ctx.sm_scale * LOG2E
         common = dict(CAUSAL=ctx.causal, ACC=acc, PREC=prec, UPCAST=_upcast(q.dtype), BLOCK_M=bm, BLOCK_N=bn, D=d,

@@ -77,9 +77,7 @@ def expand_nodelist(nodelist):
     nodelist = nodelist.strip()
     if not nodelist:
         raise MegaGPTError("node list is empty (is SLURM_JOB_NODELIST set?)")
-    hosts = []
-    for part in _split_top_level(nodelist):
-        hosts.extend(_expand_one(part, nodelist))
+    hosts = [h for part in _split_top_level(nodelist) for h in _expand_one(part, nodelist)]
     if len(set(hosts)) != len(hosts):
         raise MegaGPTError(f"node list {nodelist!r} names a host twice")
     return hosts
