@@ -12,7 +12,7 @@ from megagpt.data import DataConfig, build_gpt_datasets
 from megagpt.data.indexed import IndexedDatasetWriter
 from megagpt.data.preprocess import preprocess
 from megagpt.errors import MegaGPTError
-from megagpt.tokenizer import train_sentencepiece
+from megagpt.tokenizer import expand_inputs, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,13 @@ def shard(prefix, docs):
         for d in docs:
             w.add_document(d)
     return str(prefix)
+
+
+def test_inputs_expand_in_order_once_each(tmp_path):
+    for name in ("b.txt", "a.jsonl", ".hidden", "s.bin"):
+        (tmp_path / name).write_text("x")
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")
+    assert expand_inputs([b, str(tmp_path), str(tmp_path / "*.txt"), a]) == [b, a]  # folders skip hidden files, shards
 
 
 def test_empty_train_split_is_one_error_naming_prefix_and_split(tmp_path):
