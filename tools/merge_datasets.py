@@ -20,8 +20,7 @@ from megagpt.errors import MegaGPTError, cli_main
 def find_prefixes(inputs, pattern="*") -> list[str]:
     """Shard prefixes from prefixes and/or folders (each folder: its *.idx matching ``pattern``, sorted)."""
     prefixes = []
-    for arg in inputs:
-        arg = str(arg)
+    for arg in map(str, inputs):
         if os.path.isdir(arg):
             found = sorted(str(p.with_suffix("")) for p in Path(arg).glob("*.idx")
                            if fnmatch.fnmatch(p.stem, pattern))

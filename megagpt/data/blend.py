@@ -60,12 +60,9 @@ def normalise_weights(weights) -> list[float]:
 
 
 class BlendedDataset(torch.utils.data.Dataset):
-    """``num_samples`` samples drawn from ``datasets`` in proportion to ``weights``.
-
-    ``seed`` is part of the cache key (the interleaving itself needs no randomness: each child
-    dataset already shuffles its own samples). With ``cache_dir`` (default: the first child's
-    ``cache_dir``, if it has one) the index arrays are cached like ``GPTDataset``'s.
-    """
+    """``num_samples`` samples drawn from ``datasets`` in proportion to ``weights``, the index
+    arrays cached like ``GPTDataset``'s in ``cache_dir`` (default: the first child's, if any).
+    ``seed`` only keys the cache: each child already shuffles its own samples."""
 
     def __init__(self, datasets, weights, num_samples: int, seed: int, cache_dir=None):
         self.datasets = list(datasets)

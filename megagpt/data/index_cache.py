@@ -1,9 +1,8 @@
 """On-disk cache of index arrays: naming by content hash, atomic writes, rank 0 builds first.
 
 Index arrays (document order, sample boundaries, shuffles, blend order) are cheap to load and
-expensive to build for big corpora, and every data-parallel rank must see the *same* arrays. So
-rank 0 builds them once and writes them under a name hashing everything they depend on; the
-other ranks wait on a collective and then memory-map the same files.
+expensive to build, and every data-parallel rank must see the *same* arrays: rank 0 builds them
+under a name hashing all they depend on, the others wait and then memory-map the same files.
 """
 from __future__ import annotations
 

@@ -174,11 +174,8 @@ class IndexedDatasetWriter:
 
 
 class IndexedDataset:
-    """Read-only, memory-mapped view of one ``PREFIX.bin``/``.idx`` pair.
-
-    ``ds[i]`` is sequence i as a numpy view (no copy).
-    ``doc_idx`` maps documents to sequence ranges (megagpt writes one sequence per document).
-    """
+    """Read-only, memory-mapped view of one ``PREFIX.bin``/``.idx`` pair: ``ds[i]`` is sequence i
+    (a view, no copy); ``doc_idx`` maps documents to sequence ranges (megagpt writes one each)."""
 
     def __init__(self, prefix):
         self.prefix = str(prefix)

@@ -1,11 +1,9 @@
 """Data-parallel micro-batch sampler that resumes exactly from a consumed-samples count.
 
-The dataset is already shuffled (``GPTDataset`` / ``BlendedDataset``), so the global order is
-simply 0, 1, 2, ...: global micro-step ``t`` uses indices ``[t*G, (t+1)*G)`` with
-``G = micro_batch_size * dp_size``, and rank ``r`` takes the contiguous slice
-``[r*mbs, (r+1)*mbs)`` of it. Because the order depends on nothing but the index, a run resumed
-with ``consumed_samples`` from a checkpoint sees exactly the batches the uninterrupted run would
-have seen, independent of worker counts or restarts.
+The dataset is already shuffled, so the global order is 0, 1, 2, ...: global micro-step ``t``
+uses ``[t*G, (t+1)*G)`` (``G = micro_batch_size * dp_size``) and rank ``r`` its slice
+``[r*mbs, (r+1)*mbs)``. The order depends on nothing but the index, so a run resumed at a
+checkpoint's ``consumed_samples`` sees exactly the batches of the uninterrupted run.
 """
 from __future__ import annotations
 
