@@ -130,9 +130,8 @@ def _read_hf_weights(d: Path) -> dict:
 
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(read_json(index)["weight_map"].values()))
         sd = {}
-        for f in _progress(files, "reading shards"):
+        for f in _progress(sorted(set(read_json(index)["weight_map"].values())), "reading shards"):
             sd.update(load_file(str(d / f)))
         return sd
     if (d / "model.safetensors").is_file():
@@ -195,7 +194,4 @@ def read_hf_weights(hf_dir, cfg, target) -> dict:
 
 def is_hf_dir(path) -> bool:
     cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    c = read_json(cfg)
-    return "model_type" in c or "architectures" in c
+    return cfg.is_file() and not {"model_type", "architectures"}.isdisjoint(read_json(cfg))

@@ -32,18 +32,14 @@ def conv1d_names(cfg: ModelConfig, prefix: str, tok: str, pos: str, final_norm: 
 
 def common_refusals(cfg: ModelConfig, hf_name: str) -> list[str]:
     """What no Conv1D-family HF GPT can express: rmsnorm, rope, swiglu, missing biases, GQA."""
-    out = []
-    if cfg.norm != "layernorm":
-        out.append(f"norm={cfg.norm!r} ({hf_name} has LayerNorm only)")
-    if cfg.pos_emb != "learned":
-        out.append(f"pos_emb={cfg.pos_emb!r} ({hf_name} has learned positions only)")
-    if cfg.activation not in ("gelu", "gelu_tanh"):
-        out.append(f"activation={cfg.activation!r} ({hf_name} has no gated MLP)")
-    if not cfg.bias:
-        out.append(f"bias=False ({hf_name} always has biases)")
-    if cfg.num_kv_heads != cfg.n_head:
-        out.append(f"n_kv_head={cfg.n_kv_head} ({hf_name} has multi-head attention only, no GQA/MQA)")
-    return out
+    checks = [(cfg.norm != "layernorm", f"norm={cfg.norm!r} ({hf_name} has LayerNorm only)"),
+              (cfg.pos_emb != "learned", f"pos_emb={cfg.pos_emb!r} ({hf_name} has learned positions only)"),
+              (cfg.activation not in ("gelu", "gelu_tanh"),
+               f"activation={cfg.activation!r} ({hf_name} has no gated MLP)"),
+              (not cfg.bias, f"bias=False ({hf_name} always has biases)"),
+              (cfg.num_kv_heads != cfg.n_head,
+               f"n_kv_head={cfg.n_kv_head} ({hf_name} has multi-head attention only, no GQA/MQA)")]
+    return [why for bad, why in checks if bad]
 
 
 def conv1d_config(cfg: ModelConfig, token_ids: dict) -> dict:

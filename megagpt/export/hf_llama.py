@@ -13,16 +13,12 @@ MODEL_TYPE = "llama"
 
 
 def refusals(cfg: ModelConfig) -> list[str]:
-    out = []
-    if cfg.norm != "rmsnorm":
-        out.append(f"norm={cfg.norm!r} ({ARCHITECTURE} has RMSNorm only)")
-    if cfg.norm_position != "pre":
-        out.append(f"norm_position={cfg.norm_position!r} ({ARCHITECTURE} is pre-norm)")
-    if cfg.pos_emb != "rope":
-        out.append(f"pos_emb={cfg.pos_emb!r} ({ARCHITECTURE} has rotary positions only)")
-    if cfg.activation != "swiglu":
-        out.append(f"activation={cfg.activation!r} ({ARCHITECTURE}'s MLP is gated: act(gate(x)) * up(x))")
-    return out
+    checks = [(cfg.norm != "rmsnorm", f"norm={cfg.norm!r} ({ARCHITECTURE} has RMSNorm only)"),
+              (cfg.norm_position != "pre", f"norm_position={cfg.norm_position!r} ({ARCHITECTURE} is pre-norm)"),
+              (cfg.pos_emb != "rope", f"pos_emb={cfg.pos_emb!r} ({ARCHITECTURE} has rotary positions only)"),
+              (cfg.activation != "swiglu",
+               f"activation={cfg.activation!r} ({ARCHITECTURE}'s MLP is gated: act(gate(x)) * up(x))")]
+    return [why for bad, why in checks if bad]
 
 
 def names(cfg: ModelConfig) -> list:
@@ -56,8 +52,7 @@ def to_hf_config(cfg: ModelConfig, token_ids: dict):
         initializer_range=cfg.init_std, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
         attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=cfg.attn_dropout,
-        architectures=[ARCHITECTURE], **token_ids,
-    )
+        architectures=[ARCHITECTURE], **token_ids)
 
 
 def _rope_theta(c: dict, bad: list) -> float:
@@ -85,6 +80,5 @@ def from_hf_config(c: dict) -> tuple[dict, list[str]]:
         rope_theta=_rope_theta(c, bad), activation="swiglu", bias=bool(c.get("attention_bias", False)),
         tie_embeddings=c.get("tie_word_embeddings", False), embd_dropout=0.0, resid_dropout=0.0,
         attn_dropout=c.get("attention_dropout", 0.0) or 0.0, init_std=c.get("initializer_range", 0.02),
-        scaled_residual_init=False,
-    )
+        scaled_residual_init=False)
     return kw, bad

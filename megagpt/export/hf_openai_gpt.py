@@ -1,12 +1,9 @@
 """megagpt post-LN GPT-1-style models ⇄ transformers ``OpenAIGPTLMHeadModel`` (name table: docs/export.md).
 
-GPT-2's Conv1D block names (``hf_gpt2``) with ``tokens_embed``/``positions_embed`` and no final
-norm (post-LN has none). The MLP width is fixed at 4 * n_embd.
-
-Activation: OpenAIGPT's ``afn="gelu"`` is the *tanh approximation* (its ``ACT_FNS["gelu"]`` is
-``gelu_new``) and it has no exact GELU at all. So ``activation="gelu_tanh"`` exports exactly;
-exact ``activation="gelu"`` is refused unless the caller accepts the approximation
-(``approximate_gelu=True``; at most 4.7e-4 per activation, at x ≈ -2.7).
+GPT-2's Conv1D block names (``hf_gpt2``) with ``tokens_embed``/``positions_embed``, no final norm
+(post-LN) and an MLP fixed at 4 * n_embd. Its ``afn="gelu"`` is the *tanh approximation*
+(``ACT_FNS["gelu"]`` is ``gelu_new``) and it has no exact GELU: ``activation="gelu"`` is refused
+unless the caller accepts the approximation (``approximate_gelu``; at most 4.7e-4 per activation).
 """
 from __future__ import annotations
 
@@ -20,15 +17,13 @@ _ACT_FROM_HF = {"gelu": "gelu_tanh"}  # ACT_FNS["gelu"] is gelu_new, see the mod
 
 
 def refusals(cfg: ModelConfig, approximate_gelu: bool = False) -> list[str]:
-    out = common_refusals(cfg, ARCHITECTURE)
-    if cfg.norm_position != "post":
-        out.append(f"norm_position={cfg.norm_position!r} ({ARCHITECTURE} is post-LN)")
-    if cfg.activation == "gelu" and not approximate_gelu:
-        out.append(f"activation='gelu' ({ARCHITECTURE}'s only GELU is the tanh approximation, up to "
-                   f"4.7e-4 off per activation; use activation='gelu_tanh' or accept it with --approximate-gelu)")
-    if cfg.ffn_dim != 4 * cfg.n_embd:
-        out.append(f"ffn_hidden={cfg.ffn_hidden} ({ARCHITECTURE}'s MLP is fixed at 4*n_embd={4 * cfg.n_embd})")
-    return out
+    checks = [(cfg.norm_position != "post", f"norm_position={cfg.norm_position!r} ({ARCHITECTURE} is post-LN)"),
+              (cfg.activation == "gelu" and not approximate_gelu,
+               f"activation='gelu' ({ARCHITECTURE}'s only GELU is the tanh approximation, up to 4.7e-4 off per "
+               f"activation; use activation='gelu_tanh' or accept it with --approximate-gelu)"),
+              (cfg.ffn_dim != 4 * cfg.n_embd,
+               f"ffn_hidden={cfg.ffn_hidden} ({ARCHITECTURE}'s MLP is fixed at 4*n_embd={4 * cfg.n_embd})")]
+    return common_refusals(cfg, ARCHITECTURE) + [why for bad, why in checks if bad]
 
 
 def names(cfg: ModelConfig) -> list:

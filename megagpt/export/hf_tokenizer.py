@@ -14,6 +14,7 @@ from pathlib import Path
 from megagpt.errors import MegaGPTError
 from megagpt.tokenizer import BOS, CLS, DELIM, EOS, GPT2_EOT, PAD, UNK, load_tokenizer
 
+
 def _sentencepiece_fast(model_path: str):
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
@@ -23,13 +24,11 @@ def _sentencepiece_fast(model_path: str):
     proto = import_protobuf().ModelProto()
     proto.ParseFromString(Path(model_path).read_bytes())
     ts, ns = proto.trainer_spec, proto.normalizer_spec
-    problems = []
-    if ts.model_type != 2:
-        problems.append(f"model_type={ts.model_type} (only BPE=2 is exported)")
-    if ns.precompiled_charsmap or ns.name not in ("identity", ""):
-        problems.append(f"normalization rule {ns.name!r} (only 'identity' is exported exactly)")
-    if ns.remove_extra_whitespaces:
-        problems.append("remove_extra_whitespaces=true")
+    checks = [(ts.model_type != 2, f"model_type={ts.model_type} (only BPE=2 is exported)"),
+              (ns.precompiled_charsmap or ns.name not in ("identity", ""),
+               f"normalization rule {ns.name!r} (only 'identity' is exported exactly)"),
+              (ns.remove_extra_whitespaces, "remove_extra_whitespaces=true")]
+    problems = [why for bad, why in checks if bad]
     if problems:
         raise MegaGPTError(f"{model_path}: sentencepiece model cannot be exported faithfully: {'; '.join(problems)}")
 
@@ -54,9 +53,7 @@ def _sentencepiece_fast(model_path: str):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=present(BOS), eos_token=present(EOS), unk_token=present(UNK),
         pad_token=present(PAD), additional_special_tokens=extra, split_special_tokens=True,
-        clean_up_tokenization_spaces=False, add_bos_token=False, add_eos_token=False,
-        model_max_length=None,
-    )
+        clean_up_tokenization_spaces=False, add_bos_token=False, add_eos_token=False, model_max_length=None)
 
 
 def _gpt2_fast(bpe_dir: str, dest: Path):
@@ -67,8 +64,7 @@ def _gpt2_fast(bpe_dir: str, dest: Path):
     return GPT2TokenizerFast.from_pretrained(
         str(dest), bos_token=GPT2_EOT, eos_token=GPT2_EOT, unk_token=GPT2_EOT, pad_token=PAD,
         additional_special_tokens=[DELIM, CLS], split_special_tokens=True,
-        add_prefix_space=False, clean_up_tokenization_spaces=False,
-    )
+        add_prefix_space=False, clean_up_tokenization_spaces=False)
 
 
 def export_tokenizer(tokenizer_path, dest, max_length: int | None = None) -> None:
@@ -92,12 +88,8 @@ def export_tokenizer(tokenizer_path, dest, max_length: int | None = None) -> Non
 
 
 def import_tokenizer(hf_dir, dest) -> str | None:
-    """Recover our tokenizer files from an HF dir into ``dest``; returns the path for
-    ``save_consolidated(tokenizer_path=...)``, or None when the dir has no tokenizer we can read.
-
-    sentencepiece ``tokenizer.model`` is used as-is; GPT-2's ``vocab.json``/``merges.txt`` are
-    exactly ``encoder.json``/``vocab.bpe``.
-    """
+    """Our tokenizer's path from an HF dir (its ``tokenizer.model``, or GPT-2's ``vocab.json`` /
+    ``merges.txt`` copied into ``dest`` as ``encoder.json`` / ``vocab.bpe``), or None if it has none."""
     src, dest = Path(hf_dir), Path(dest)
     if (src / "tokenizer.model").is_file():
         return str(src / "tokenizer.model")
