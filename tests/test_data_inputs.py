@@ -1,12 +1,11 @@
 """Inputs that give the data tools nothing to work with, and outputs they cannot write: each is one
 error line naming the file, prefix or split (never a traceback, never a silent success)."""
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from test_preprocess import load_script
 
 from megagpt.data import DataConfig, build_gpt_datasets
 from megagpt.data.indexed import IndexedDatasetWriter
@@ -14,20 +13,11 @@ from megagpt.data.preprocess import preprocess
 from megagpt.errors import MegaGPTError
 from megagpt.tokenizer import expand_inputs, train_sentencepiece
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def cli_error(capsys, name, *args) -> str:
     """Run a tool's main in-process; it must exit 2 with exactly one ``error:`` line, returned."""
     with pytest.raises(SystemExit) as e:
-        tool(name).main([str(a) for a in args])
+        load_script(name).main([str(a) for a in args])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     return err[0]

@@ -25,7 +25,8 @@ def parse_args(argv=None):
                    help="keys of jsonl records whose text is used (default: text)")
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, specials included")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece algorithm (default: bpe)")
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe",
+                   help="sentencepiece algorithm (default: bpe)")
     p.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
                    help="spell characters outside the vocabulary as UTF-8 byte pieces instead of <unk> (default: on)")
     p.add_argument("--input-sentence-size", type=int, default=0,

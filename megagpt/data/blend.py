@@ -90,7 +90,8 @@ class BlendedDataset(torch.utils.data.Dataset):
     def _load(self):
         self.dataset_index, self.dataset_sample_index = (index_cache.load_npy(p) for p in self.paths.values())
         if self.dataset_index.shape != (self.num_samples,):
-            raise MegaGPTError(f"{self.paths['dataset_index']}: cached blend index has the wrong length; delete it and rerun")
+            raise MegaGPTError(f"{self.paths['dataset_index']}: cached blend index has the wrong length; delete it "
+                               f"and rerun")
 
     def __getstate__(self):
         """Cached arrays travel as paths (see ``GPTDataset.__getstate__``)."""
