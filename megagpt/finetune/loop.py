@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megagpt.atomic import write_text_atomic
 from megagpt.config import FinetuneConfig
@@ -31,7 +32,6 @@ from .transforms import SpecialIds, pad_batch
 def init_distributed():
     """gloo process group: from the launcher's env, or a 1-rank group for a plain process."""
     import deepspeed
-    import torch.distributed as dist
 
     if dist.is_initialized():
         return
@@ -83,7 +83,6 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     """Train and evaluate; returns {"history": [per-epoch metrics], "best": {...}, "best_dir": ...}."""
     cfg.validate()   # before the slow deepspeed import: config mistakes fail fast
     import deepspeed
-    import torch.distributed as dist
     from torch.utils.data import DistributedSampler
 
     from megagpt.parallel.groups import build_parallel_state
@@ -186,8 +185,6 @@ def full_state_dict(model: FinetuneModel) -> dict:
 
 
 def _mean_across(values: list[float], group) -> float:
-    import torch.distributed as dist
-
     t = torch.tensor([sum(values), len(values)], dtype=torch.float64)
     dist.all_reduce(t, group=group)
     return float(t[0] / max(t[1], 1))
@@ -197,22 +194,20 @@ def _mean_across(values: list[float], group) -> float:
 def evaluate(model, task, data, sp, micro, rank, world, group=None) -> dict:
     """Loss and metrics on the whole eval set: contiguous slices per data-parallel replica
     (``rank`` of ``world`` in ``group``), gathered to every rank."""
-    import torch.distributed as dist
-
     model.eval()
     lo, hi = rank * len(data) // world, (rank + 1) * len(data) // world
     preds, labels, loss_sum = [], [], 0.0
     for i in range(lo, hi, micro):
-        ids, cls_pos, lm_labels, y = collate(data[i:min(i + micro, hi)], sp.pad, sp.cls, task.regression)
+        ids, cls_pos, _, y = collate(data[i:min(i + micro, hi)], sp.pad, sp.cls, task.regression)
         _, out, parts = model(ids, cls_pos, None, y, batch_size=y.size(0))   # task loss only
         loss_sum += parts["task"].item() * y.size(0)
         preds += model.predict(out).tolist()
         labels += y.tolist()
     gathered = [None] * world
     dist.all_gather_object(gathered, (preds, labels, loss_sum), group=group)
-    preds = [p for g in gathered for p in g[0]]
-    labels = [y for g in gathered for y in g[1]]
     model.train()
-    res = {"eval_loss": sum(g[2] for g in gathered) / len(labels), "eval_examples": len(labels)}
     dtype = np.float64 if task.regression else np.int64   # the STS-B head predicts the 0..5 score directly
-    return {**res, **metrics.compute(task.metric_kind, np.asarray(preds, dtype), np.asarray(labels, dtype))}
+    preds = np.asarray([p for g in gathered for p in g[0]], dtype)
+    labels = np.asarray([y for g in gathered for y in g[1]], dtype)
+    return {"eval_loss": sum(g[2] for g in gathered) / len(labels), "eval_examples": len(labels),
+            **metrics.compute(task.metric_kind, preds, labels)}

@@ -1,15 +1,9 @@
 """Readers for the GPT-1 finetuning tasks: GLUE TSV, COPA XML, Story Cloze CSV → ``Example`` lists.
 
-Every reader is strict by default: a malformed row raises ``MegaGPTError`` naming ``file:line``.
-With ``skip_bad=True`` bad rows are dropped instead and counted in the returned ``ReadStats`` (the
-caller logs the count, so nothing is silently lost).
-
-GLUE TSVs are read with plain ``split("\\t")`` (no CSV quoting): SST-2 and MRPC sentences contain
-bare ``"`` characters that a CSV parser would treat as quotes and merge lines. So a tab is always
-a column break, and a row with a tab inside a sentence has too many columns: it is a bad row.
-
-COPA and Story Cloze ship only a dev/val file, so ``split_examples`` cuts them deterministically
-(file order, no shuffling): the first ``train_fraction`` is the train split, the rest is eval.
+A malformed row raises ``MegaGPTError`` naming ``file:line``; with ``skip_bad=True`` it is dropped
+and counted in ``ReadStats`` instead (the caller logs the count: nothing is silently lost).
+GLUE TSVs are split on tabs with no CSV quoting (SST-2 and MRPC sentences contain bare ``"`` that a
+CSV parser would take for quotes, merging lines), so a tab inside a sentence makes a bad row.
 """
 from __future__ import annotations
 

@@ -7,10 +7,8 @@
 Tasks: sst2 (classification), rte (entailment), mrpc / stsb (similarity; stsb is regression),
 copa / storycloze (multiple choice; their single file is split first 80% train / last 20% eval).
 
-Every flag is a field of megagpt.config.FinetuneConfig (its help names the key and the default);
-the same settings can come from the ``finetune:`` section of a YAML/JSON file (--config), flags
-overriding it. Settings shared with pretraining have its names: --seq-length, --lr, --weight-decay,
---clip-grad, --seed, --save, --log-interval, --deepspeed_config.
+Every flag is a field of megagpt.config.FinetuneConfig, named as in pretraining where shared; the
+``finetune:`` section of a YAML/JSON file (--config) can hold the same settings, flags override it.
 """
 import argparse
 import json
