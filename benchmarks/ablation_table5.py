@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _bench import print_table  # noqa: E402
+from megagpt.atomic import write_text_atomic  # noqa: E402
 from megagpt.errors import cli_main  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -155,9 +156,8 @@ def main():
                "seconds": round(time.time() - t0, 1)}
         results.append(row)
         log(json.dumps(row))
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps({"pretrain": pre, "args": vars(args), "results": results}, indent=2))
-        os.replace(tmp, out / "results.json")
+        state = {"pretrain": pre, "args": vars(args), "results": results}
+        write_text_atomic(out / "results.json", json.dumps(state, indent=2))  # an interrupted run keeps it
     log(f"total {time.time() - t_start:.0f}s")
     print()
     print(f"pretrain: {pre['params']:,} params, {args.pretrain_steps} steps, val loss {pre['val_loss']:.3f}, "

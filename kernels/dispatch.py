@@ -100,11 +100,8 @@ def _pick(op: str, on_cuda: bool, why_not=None):
 def describe(device=None, with_reasons: bool = False) -> dict:
     """Which backend each op would use for tensors on ``device`` (default: cuda if available)."""
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = {}
-    for op in _TRITON_MODULES:
-        backend, reason, _ = _resolve(op, dev.type == "cuda")
-        out[op] = (backend, reason) if with_reasons else backend
-    return out
+    plans = {op: _resolve(op, dev.type == "cuda")[:2] for op in _TRITON_MODULES}
+    return plans if with_reasons else {op: backend for op, (backend, _) in plans.items()}
 
 
 def _call(op: str, on_cuda: bool, args, why_not=None):

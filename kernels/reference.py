@@ -17,8 +17,7 @@ def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None):
     """q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with Hq % Hkv == 0 (GQA/MQA)."""
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     # With a KV cache Tq < Tk: query i sits at position Tk - Tq + i (bottom-right aligned mask).
     if causal and q.shape[2] != k.shape[2]:
         tq, tk = q.shape[2], k.shape[2]
