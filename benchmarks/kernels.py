@@ -106,17 +106,16 @@ def extras_rows(args, cuda: bool, dev: str, dtype):
                 f"Cross-entropy and bias+GELU fwd+bwd ({str(dtype).replace('torch.', '')})")
 
 
-def eager_attention(q, k, v, causal=True):
+def eager_causal_attention(q, k, v):
+    t = q.shape[2]
     s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if causal:
-        t = q.shape[2]
-        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
 
 
 def attention_rows(args, cuda: bool, dev: str, dtype):
     """Causal attention; FLOPs = 4*B*H*T^2*D/2 forward, x3.5 for fwd+bwd (backward = 2.5x forward)."""
-    impls = {"eager": eager_attention}
+    impls = {"eager": eager_causal_attention}
     if cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from megagpt_kernels.triton.flash_attention import attention as tri

