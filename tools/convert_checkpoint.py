@@ -3,11 +3,9 @@
 layout) → consolidated megagpt (serial names: loads at any layout) or HF transformers; consolidated → HF;
 HF transformers (GPT-2, OpenAI GPT, Llama) → consolidated megagpt. Mappings, refusals: docs/export.md.
 
-The input type is detected: a DeepSpeed checkpoint dir (``global_stepN/`` tags: the newest with a
-``complete`` marker unless --tag), a consolidated megagpt dir (``config.json`` with ``"format":
-"megagpt-consolidated"``), or an HF dir (``config.json`` with ``model_type``). Outputs are written to a
-temporary directory and renamed into place when complete; an existing output is never overwritten
-without --force.
+The input type is detected (for a DeepSpeed dir: its newest tag with a ``complete`` marker unless
+--tag). Outputs are written to a temporary directory renamed into place when complete; an existing
+output is never overwritten without --force.
 
     python tools/convert_checkpoint.py --input runs/gpt2/checkpoints --to consolidated --output ckpt/gpt2
     python tools/convert_checkpoint.py --input ckpt/gpt2 --to hf --output hf/gpt2
@@ -21,7 +19,7 @@ import argparse
 import logging
 
 from megagpt.errors import cli_main
-from megagpt.envsetup import set_torch_extensions_dir  # noqa: E402
+from megagpt.envsetup import set_torch_extensions_dir
 
 set_torch_extensions_dir()   # before deepspeed loads: this environment's JIT-built ops cache
 
@@ -45,9 +43,8 @@ def parse_args(argv=None):
                    help="HF output only: weight dtype (default float32)")
     p.add_argument("--max-shard-size", default="5GB", help="HF output only: largest safetensors shard (default: 5GB)")
     p.add_argument("--approximate-gelu", action="store_true",
-                   help="HF output only: export a post-LN model trained with exact GELU (activation: gelu) "
-                        "as OpenAIGPT, whose only GELU is the tanh approximation (up to 4.7e-4 off per "
-                        "activation); the gpt1/tiny presets already use tanh GELU and need no flag (default: off)")
+                   help="HF output only: export a post-LN model with exact GELU (activation: gelu) as OpenAIGPT, "
+                        "whose only GELU is the tanh approximation (up to 4.7e-4 off per activation; gpt1/tiny use it)")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors (no progress, no DeepSpeed output)")
     return p.parse_args(argv)
 

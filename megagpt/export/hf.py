@@ -1,12 +1,10 @@
 """Full megagpt state dicts ⇄ HF transformers directories (weights, config, tokenizer files).
 
-Export picks the one HF architecture that computes exactly what the megagpt model computes
-(``hf_target``: Llama, GPT-2 or OpenAI GPT) and refuses, naming every offending field, what it
-cannot express. Weights move through that architecture's name table of ``(ours, hf, op)``
-entries, op ``"copy"``, ``"T"`` (Conv1D transpose), ``"vocab"`` (padded rows dropped on export,
-zero rows re-added on import) or ``("rows", a, b)`` (Llama's q/k/v slices of our fused qkv).
-Both directions read the same table, so they are inverses. Checkpoint formats are
-``megagpt.checkpoint``'s business; this module only knows HF's side.
+Export picks the one HF architecture that computes exactly what the model computes (``hf_target``)
+and refuses, naming every offending field, what it cannot express. Both directions read the same
+name table of ``(ours, hf, op)`` entries, so they are inverses; op is ``"copy"``, ``"T"`` (Conv1D
+transpose), ``"vocab"`` (padded rows dropped on export, zero on import) or ``("rows", a, b)``
+(Llama's q/k/v slices of our fused qkv).
 """
 from __future__ import annotations
 

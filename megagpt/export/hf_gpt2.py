@@ -1,7 +1,7 @@
 """megagpt pre-LN GPT-2-style models ⇄ transformers ``GPT2LMHeadModel`` (name table: docs/export.md).
 
-HF's ``Conv1D`` stores (in, out), our ``nn.Linear`` (out, in): hence the transposes. Biases are
-plain vectors. A mapping entry is ``(ours, hf, op)``; ``op`` is ``"copy"``, ``"T"`` or ``"vocab"``.
+HF's ``Conv1D`` stores (in, out), our ``nn.Linear`` (out, in): hence the ``"T"`` entries. The
+Conv1D-family helpers here (name table, refusals, config keys) serve ``hf_openai_gpt`` too.
 """
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """megagpt RMSNorm/RoPE/SwiGLU models ⇄ transformers ``LlamaForCausalLM`` (name table: docs/export.md).
 
-Both use Linear (out, in) layouts and rotate-half RoPE, so no transposes or q/k permutations; our
-fused qkv is sliced by rows into q/k/v. ``bias=True`` maps to ``attention_bias=True, mlp_bias=True``
-(RMSNorm has no bias either side).
+Both use Linear (out, in) layouts and rotate-half RoPE: no transposes or q/k permutations; our fused
+qkv is sliced by rows into q/k/v. ``bias`` maps to ``attention_bias`` and ``mlp_bias``.
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """Our tokenizers as HF tokenizer files that ``AutoTokenizer.from_pretrained`` loads with no custom code
-(what each file holds: docs/export.md). sentencepiece becomes a ``tokenizer.json`` spelling out its own
-pipeline, with ``tokenizer.model`` copied beside it so the import direction gets the original back;
-GPT-2 BPE keeps its files under HF's names. Both set ``split_special_tokens=True``: like ours, a
-literal ``"<cls>"`` in user text is spelled out, never turned into the structural token. Neither
-adds bos/eos on ``encode`` (ours doesn't).
+(docs/export.md): sentencepiece as a ``tokenizer.json`` spelling out its pipeline (``tokenizer.model``
+copied beside it for the way back), GPT-2 BPE under HF's names. Like ours, both spell out a literal
+``"<cls>"`` in text (``split_special_tokens=True``) and add no bos/eos on ``encode``.
 """
 from __future__ import annotations
 

@@ -1,5 +1,2 @@
-"""GPT-1 finetuning: task readers, input transforms, heads, metrics and the DeepSpeed loop.
-
-See docs/finetune.md. Heavy imports (deepspeed) stay inside ``loop``/``checkpoint`` functions so
-the readers, transforms and metrics import fast.
-"""
+"""GPT-1 finetuning: task readers, input transforms, heads, metrics and the DeepSpeed loop
+(docs/finetune.md). deepspeed is imported inside functions, so the rest imports fast."""

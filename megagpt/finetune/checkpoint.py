@@ -24,8 +24,7 @@ def save_best(save_dir, state_dict: dict, info: dict, tokenizer_path=None) -> Pa
 
 
 def load_finetuned(path):
-    """``<save_dir>/best`` → (state_dict, info) as written by ``save_best`` (its tokenizer:
-    ``megagpt.checkpoint.tokenizer_files.bundled_tokenizer(path)``)."""
+    """``<save_dir>/best`` → (state_dict, info); its tokenizer: ``tokenizer_files.bundled_tokenizer``."""
     from safetensors.torch import load_file
 
     p = Path(path)

@@ -1,13 +1,9 @@
-"""GPT-1 task heads on top of ``GPT.forward_hidden``, and the combined loss L3 = L2 + λ·L1.
-
-The hidden state fed to the head is gathered at each row's ``<cls>`` position (rows are
-right-padded, so that is not the last column). Per kind:
+"""GPT-1 task heads on ``GPT.forward_hidden`` and the loss L3 = L2 + λ·L1 (L1: the auxiliary LM loss
+on the same tokens). The head reads each row's ``<cls>`` state (rows are right-padded: not the last column):
 
   classification / entailment   W_y · dropout(h_cls)                  → (B, C) logits
   similarity                    W_y · dropout(h_cls(a,b) + h_cls(b,a)) → (B, C), or (B,) score
   multiple choice               w · dropout(h_cls(ctx, ans_k))         → (B, K) scores, softmax over k
-
-L1 is the auxiliary language-model loss on the same input tokens (padding ignored).
 """
 from __future__ import annotations
 

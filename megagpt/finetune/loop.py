@@ -1,11 +1,9 @@
 """GPT-1 finetuning on a DeepSpeed engine: examples → task transform → GPT + head → L2 + λ·L1.
 
-One plain process or N ranks under the ``deepspeed`` launcher, ``tensor_parallel`` ranks sharing
-a replica (the GPT split as in pretraining, the head replicated). Training data is sharded by a
-``DistributedSampler``; evaluation gives each replica a contiguous slice (no padding duplicates)
-and gathers the predictions, so every rank computes the same metrics. After each epoch rank 0
-writes ``<save>/best`` atomically if the task's main metric improved. The pieces are
-pretraining's: ``FinetuneConfig``, ``build_ds_config``, ``param_groups``, ``Schedule.finetuning``.
+One process or N ranks under the ``deepspeed`` launcher (``tensor_parallel`` ranks share a replica;
+the head is replicated). Evaluation gives each replica a contiguous slice (no padding duplicates)
+and gathers the predictions, so every rank computes the same metrics; rank 0 writes ``<save>/best``
+when the main metric improves. Config, DeepSpeed JSON, parameter groups and LR schedule are pretraining's.
 """
 from __future__ import annotations
 
@@ -23,6 +21,7 @@ from megagpt.config import FinetuneConfig
 from megagpt.errors import MegaGPTError
 
 from . import metrics
+from .checkpoint import save_best
 from .heads import FinetuneModel
 from .tasks import encode, get_task
 from .transforms import SpecialIds, pad_batch
@@ -47,9 +46,7 @@ def build_model(cfg: FinetuneConfig, task, tp):
     from megagpt.model import GPT, get_preset
     from megagpt.tokenizer import load_tokenizer
 
-    if cfg.init == "random":
-        if not cfg.tokenizer:
-            raise MegaGPTError("random init needs --tokenizer (a sentencepiece .model or GPT-2 BPE dir)")
+    if cfg.init == "random":   # cfg.validate() made sure a tokenizer is given
         tok = load_tokenizer(cfg.tokenizer)
         gpt = GPT(get_preset(cfg.preset, vocab_size=tok.vocab_size, **cfg.model_overrides), tp)
         tok_path = cfg.tokenizer
@@ -164,7 +161,6 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
             if cfg.save:
                 full = full_state_dict(engine.module)   # collective over the TP group
                 if dist.get_rank() == 0:
-                    from .checkpoint import save_best
                     save_best(cfg.save, full, {
                         "task": task.name, "epoch": epoch, "metrics": result, "main_metric": task.main_metric,
                         "finetune_config": cfg.to_dict(), "model": engine.module.gpt.cfg.to_dict(),

@@ -48,8 +48,7 @@ def _read_text(path) -> str:
 
 
 def _collect(path, rows, make, skip_bad: bool) -> tuple[list[Example], ReadStats]:
-    """``(where, row)`` pairs → Examples; a row whose ``make`` raises ValueError is an error, or
-    with ``skip_bad`` is counted and dropped."""
+    """``(where, row)`` pairs → Examples; a row whose ``make`` raises ValueError is bad."""
     stats, out = ReadStats(str(path)), []
     for where, row in rows:
         stats.rows += 1
@@ -70,8 +69,7 @@ def _collect(path, rows, make, skip_bad: bool) -> tuple[list[Example], ReadStats
 
 
 def _read_table(path, rows, needed, sep: str, make, skip_bad: bool, what: str):
-    """Numbered rows of columns, the first the header (blank rows are ``[]``) → Examples made by
-    ``make(dict column name → value)``."""
+    """(line, columns) rows, the header first, blank rows ``[]`` → ``make({column: value})`` Examples."""
     _, header = next(rows, (1, []))
     if not header:
         raise MegaGPTError(f"{path}:1: no header row")
@@ -127,9 +125,8 @@ def read_glue(path, task: str, skip_bad: bool = False) -> tuple[list[Example], R
                        skip_bad, task)
 
 
-# COPA: the premise plus a question that says which way the causal link goes. The answer is then
-# read as the completion of "premise + question": "My body cast a shadow over the grass. What was
-# the cause of this?" → "The sun was rising."
+# COPA: the premise plus a question that says which way the causal link goes, so the answer reads as
+# its completion: "My body cast a shadow over the grass. What was the cause of this?" → "The sun was rising."
 COPA_QUESTIONS = {"cause": "What was the cause of this?", "effect": "What happened as a result?"}
 
 
@@ -146,10 +143,8 @@ def _copa_item(item) -> Example:
 
 
 def read_copa(path, skip_bad: bool = False) -> tuple[list[Example], ReadStats]:
-    """COPA XML: ``<item asks-for=cause|effect most-plausible-alternative=1|2><p/><a1/><a2/>``.
-
-    Context = ``premise + " " + COPA_QUESTIONS[asks-for]``; choices = [a1, a2]; label = 0 or 1.
-    """
+    """COPA XML: ``<item asks-for=cause|effect most-plausible-alternative=1|2><p/><a1/><a2/>`` →
+    context ``premise + " " + COPA_QUESTIONS[asks-for]``, choices [a1, a2], label 0 or 1."""
     text = _read_text(path)
     try:
         root = ET.fromstring(text.encode("utf-8"))
@@ -176,8 +171,7 @@ def _story(c) -> Example:
 
 
 def read_storycloze(path, skip_bad: bool = False) -> tuple[list[Example], ReadStats]:
-    """Story Cloze val/test CSV: context = the four sentences joined by spaces; choices = the two
-    endings; label = AnswerRightEnding - 1."""
+    """Story Cloze CSV: context = the four sentences joined by spaces, choices = the two endings."""
     reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     rows = ((reader.line_num, row) for row in reader)   # line_num: the line where the row ends
     return _read_table(path, rows, STORYCLOZE_COLUMNS, "comma", _story, skip_bad, "storycloze")

@@ -1,8 +1,4 @@
-"""The finetuning tasks: which reader, which input transform, which head, which metric.
-
-``encode(task, example, tok_ids, sp, seq_length)`` turns one Example into its list of token
-sequences ("views": 1 for classification/entailment, 2 for similarity, K for multiple choice).
-"""
+"""The finetuning tasks: which reader, which input transform, which head, which metric."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +18,7 @@ class Task:
     metric_kind: str        # see metrics.compute
     main_metric: str        # the metric that picks the best checkpoint
     train_file: str         # relative to the data root (../shared/data)
-    eval_file: str
-    single_file: bool = False   # only one file ships: split it (readers.split_examples)
+    eval_file: str | None = None   # None: only one file ships, split it (readers.split_examples)
 
     def read(self, path, skip_bad=False):
         if self.name in readers.GLUE_FORMATS:
@@ -33,13 +28,13 @@ class Task:
     def load(self, data_root, skip_bad=False, train_fraction=0.8, log=print):
         """(train examples, eval examples) from the files under ``data_root``; skipped rows logged."""
         sets = []
-        for name in [self.train_file] if self.single_file else [self.train_file, self.eval_file]:
+        for name in [self.train_file] if self.eval_file is None else [self.train_file, self.eval_file]:
             examples, stats = self.read(Path(data_root) / name, skip_bad)
             if stats.skipped:
                 log(f"{stats.path}: skipped {stats.skipped} bad row(s) of {stats.rows} "
                     f"(first: {', '.join(stats.skipped_where[:3])})")
             sets.append(examples)
-        return readers.split_examples(sets[0], train_fraction) if self.single_file else tuple(sets)
+        return readers.split_examples(sets[0], train_fraction) if self.eval_file is None else tuple(sets)
 
 
 TASKS = {t.name: t for t in [
@@ -47,10 +42,8 @@ TASKS = {t.name: t for t in [
     Task("rte", "entailment", 2, False, "accuracy", "accuracy", "glue/RTE/train.tsv", "glue/RTE/dev.tsv"),
     Task("mrpc", "similarity", 2, False, "accuracy_f1", "f1", "glue/MRPC/train.tsv", "glue/MRPC/dev.tsv"),
     Task("stsb", "similarity", 1, True, "correlation", "pearson", "glue/STS-B/train.tsv", "glue/STS-B/dev.tsv"),
-    Task("copa", "multiple_choice", 1, False, "accuracy", "accuracy", "copa/copa-dev.xml", "copa/copa-dev.xml",
-         single_file=True),
-    Task("storycloze", "multiple_choice", 1, False, "accuracy", "accuracy", "storycloze/val.csv",
-         "storycloze/val.csv", single_file=True),
+    Task("copa", "multiple_choice", 1, False, "accuracy", "accuracy", "copa/copa-dev.xml"),
+    Task("storycloze", "multiple_choice", 1, False, "accuracy", "accuracy", "storycloze/val.csv"),
 ]}
 
 
@@ -61,14 +54,11 @@ def get_task(name: str) -> Task:
 
 
 def encode(task: Task, ex: readers.Example, tokenize, sp: transforms.SpecialIds, seq_length: int) -> list[list[int]]:
-    """Token sequences of one example under the task's GPT-1 transform (``tokenize``: str → ids)."""
+    """The token sequences ("views") of one example under the task's GPT-1 transform (``tokenize``:
+    str → ids): 1 for classification/entailment, 2 for similarity, K for multiple choice."""
     t = [tokenize(x) for x in ex.texts]
-    if task.kind == "classification":
-        return transforms.classification(t[0], sp, seq_length)
-    if task.kind == "entailment":
-        return transforms.entailment(t[0], t[1], sp, seq_length)
-    if task.kind == "similarity":
-        return transforms.similarity(t[0], t[1], sp, seq_length)
     if task.kind == "multiple_choice":
         return transforms.multiple_choice(t[0], [tokenize(c) for c in ex.choices], sp, seq_length)
-    raise MegaGPTError(f"task {task.name}: unknown kind {task.kind!r}")
+    transform = {"classification": transforms.classification, "entailment": transforms.entailment,
+                 "similarity": transforms.similarity}[task.kind]
+    return transform(*t, sp, seq_length)   # x, or (premise, hypothesis) / (a, b)

@@ -5,9 +5,8 @@
     similarity       <s> a <delim> b <cls>   and   <s> b <delim> a <cls>   (both orders)
     multiple choice  <s> context <delim> answer_k <cls>   for each k
 
-``<cls>`` is the paper's extract token ``<e>``: its final hidden state feeds the task head. The
-special ids are inserted as ids, never by text, so user text cannot forge them. Truncation keeps
-the answer side (see ``pair``).
+``<cls>`` is the paper's extract token ``<e>``, whose final state feeds the head. Specials are inserted
+as ids, never by text, so user text cannot forge them. Truncation keeps the answer side (``pair``).
 """
 from __future__ import annotations
 
@@ -66,11 +65,9 @@ def entailment(premise, hypothesis, sp, seq_length):
 
 
 def similarity(a, b, sp, seq_length):
-    """Both orderings: the head sums their final hidden states, so the order carries no meaning.
-
-    The two views are listed in a canonical (sorted) order, so (a, b) and (b, a) produce the
-    identical batch and the output is *bitwise* order-invariant: a BLAS matmul may round a row
-    differently depending on where in the batch it sits, which a mere sum would not undo."""
+    """Both orderings, which the head sums. Listed in canonical (sorted) order so that (a, b) and
+    (b, a) give the identical batch, hence a *bitwise* equal output: a BLAS matmul may round a row
+    differently depending on where in the batch it sits, which the sum would not undo."""
     return sorted([pair(a, b, sp, seq_length), pair(b, a, sp, seq_length)])
 
 
@@ -80,10 +77,8 @@ def multiple_choice(context, answers, sp, seq_length):
 
 def pad_batch(seqs: list[list[int]], pad_id: int, cls_id: int):
     """Right-pad to the longest sequence → (input_ids (N, T), cls_pos (N,), lm_labels (N, T)).
-
-    ``cls_pos`` is found per row (the last ``<cls>``), never assumed to be the last column.
-    ``lm_labels[i, t] = ids[i, t+1]`` (the auxiliary LM loss's targets), -100 at padding.
-    """
+    ``cls_pos``: each row's last ``<cls>``, never assumed to be the last column. ``lm_labels[i, t] =
+    ids[i, t+1]`` (the auxiliary LM loss's targets), -100 at padding."""
     if not seqs:
         raise MegaGPTError("pad_batch: empty batch")
     T = max(len(s) for s in seqs)
