@@ -80,6 +80,10 @@ class TrainConfig(OptimConfig):
     load: Optional[str] = field(None, help="resume from the newest complete checkpoint here")
     save_interval: int = field(0, min=0, help="save every N steps; 0 = only at the end / on SIGTERM / on NaN stop")
     keep_last: int = field(0, min=0, help="keep only the newest N checkpoints, 0 = all")
+    checkpoint_fallback: bool = field(True, help="on resume, a newest tag whose files fail its manifest is renamed "
+                                                 "<tag>.damaged and the previous complete tag is used (false: stop)")
+    distributed_timeout_minutes: float = field(10.0, min=0.05, help="a collective that waits longer (a rank died "
+                                                                   "or hangs) stops every rank with an error")
     exit_interval: int = field(0, min=0, help="save and exit 0 when step % N == 0 (stop early without changing "
                                               "train_iters, which sizes the sample stream and LR schedule)")
     tensorboard_dir: Optional[str] = field(None, help="tensorboard event directory",
@@ -115,6 +119,8 @@ class DebugConfig(Section):
                                                    "this step's files but before marking it complete")
     dump_weights: bool = field(False, cli=False, help="rank 0 writes the gathered fp32 weights into each saved "
                                                       "tag as weights_at_save.pt")
+    hang_at_step: Optional[int] = field(None, cli=False, help="the last rank stops responding at this step")
+    kill_at_step: Optional[int] = field(None, cli=False, help="the last rank SIGKILLs itself at this step")
     sample_ids: bool = field(False, cli=False, help="each rank appends the train-sample indices of every step to "
                                                     "samples_rank{R}.jsonl in the save dir")
 

@@ -94,7 +94,7 @@ def _save_worker(rank, world, tmp, sp_model):
 
     def recording(path, data, force=True):
         writes.append((os.path.basename(path), sorted(os.listdir(os.path.dirname(path)))))
-        if writes[-1][0] == "latest" and len(writes) > 2:
+        if writes[-1][0] == "latest" and len(writes) > 3:
             raise RuntimeError("killed between 'complete' and 'latest'")
         return real(path, data, force)
 
@@ -108,8 +108,9 @@ def _save_worker(rank, world, tmp, sp_model):
     step()
     client = {"config": {"model": cfg.to_dict()}, "step": 2}
     ckpt.save(engine, save, 2, client, tokenizer=sp_model)
-    (name, files), (second, _) = writes
-    assert (name, second) == ("complete", "latest"), writes   # the marker first, then the hint
+    (manifest, _), (name, files), (second, _) = writes
+    assert (manifest, name, second) == ("manifest.json", "complete", "latest"), writes   # the marker, then the hint
+    assert ckpt.verify_tag(os.path.join(save, "global_step2")) is None
     assert "tokenizer" in files and "rng_rank0.pt" in files and "mp_rank_00_model_states.pt" in files, files
     assert open(os.path.join(save, "latest")).read() == "global_step2"
     step()

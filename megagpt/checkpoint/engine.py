@@ -2,10 +2,12 @@
 
 Save: every rank writes its shard (``engine.save_checkpoint(..., save_latest=False)``) and fsyncs
 the tag dir; after a barrier rank 0 checks the expected files exist, copies the tokenizer into the
-tag (``tokenizer/``: a checkpoint is self-contained), writes ``complete`` and then ``latest``
-(each published atomically), and prunes old tags. A run SIGKILLed anywhere in between leaves a tag
-without ``complete``, which load ignores and removes — so a resume always starts from a checkpoint
-that was whole. Which tag readers take is ``tags.resolve_tag``'s rule.
+tag (``tokenizer/``: a checkpoint is self-contained), writes ``manifest.json`` (size and sha256 of
+every file), ``complete`` and then ``latest`` (each published atomically), and prunes old tags. A
+run SIGKILLed anywhere in between leaves a tag without ``complete``, which load ignores and
+removes; a failed write removes its tag at once; a complete tag damaged later fails its manifest
+on resume and the previous one is used — so a resume always starts from a checkpoint that was
+whole. Which tag readers take is ``tags.resolve_tag``'s rule.
 
 Per-rank RNG states go to ``rng_rank{R}.pt`` beside DeepSpeed's files because DeepSpeed keeps only
 rank 0's client state (ZeRO <= 2) and dropout streams differ per rank.
@@ -13,6 +15,8 @@ rank 0's client state (ZeRO <= 2) and dropout streams differ per rank.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -63,10 +67,59 @@ def _check_files(tag_dir: str, zero_stage: int, world: int) -> None:
             raise MegaGPTError(f"{f}: empty checkpoint file")
 
 
+MANIFEST = "manifest.json"
+
+
+def write_manifest(tag_dir: str) -> None:
+    """``manifest.json``: size and sha256 of every file of the tag (``complete`` comes after it)."""
+    files = {}
+    for d, _, names in os.walk(tag_dir):
+        for name in names:
+            path = os.path.join(d, name)
+            files[os.path.relpath(path, tag_dir)] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    write_bytes_atomic(os.path.join(tag_dir, MANIFEST), json.dumps({"files": files}, indent=1).encode())
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_tag(tag_dir: str) -> str | None:
+    """What is wrong with a complete tag by its manifest (None: whole, or a tag saved before manifests)."""
+    path = os.path.join(tag_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        files = json.loads(open(path).read())["files"]
+    except (ValueError, KeyError, OSError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for rel, want in sorted(files.items()):
+        f = os.path.join(tag_dir, rel)
+        if not os.path.isfile(f):
+            return f"{rel} is missing"
+        if os.path.getsize(f) != want["size"]:
+            return f"{rel} has {os.path.getsize(f)} bytes, the manifest says {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{rel} does not match its sha256 in the manifest"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:200]
+
+
 def save(engine, save_dir: str, step: int, client_state: dict, dp_group=None, keep_last: int = 0,
          kill_before_complete: bool = False, tokenizer: str | None = None, tracker=None) -> str:
     """Save tag ``global_step{step}`` (with the ``tokenizer`` files, when given); returns the tag.
-    Collective over the whole world."""
+    Collective over the whole world.
+
+    A failed write on any rank (disk full, permissions, I/O error) removes the partial tag and
+    raises one MegaGPTError on every rank; earlier complete tags are never touched. (A rank that
+    fails inside DeepSpeed's save joins its closing barrier before the ranks compare notes.)"""
     tag = tag_for(step)
     tag_dir = os.path.join(save_dir, tag)
     rank = dist.get_rank()
@@ -76,24 +129,59 @@ def save(engine, save_dir: str, step: int, client_state: dict, dp_group=None, ke
     if rank == 0 and os.path.isdir(tag_dir):  # a half-written leftover of the same step
         shutil.rmtree(tag_dir)
     dist.barrier()
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(tracker), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
-    fsync_tree(tag_dir)
-    dist.barrier()
+    failure = None
+    try:
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as e:
+        failure = f"rank {rank}: {_first_line(e)}"
+        dist.barrier()   # the one the other ranks wait in at the end of save_checkpoint
+    if failure is None:
+        try:
+            torch.save(rng_state(tracker), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
+            fsync_tree(tag_dir)
+        except (OSError, RuntimeError) as e:
+            failure = f"rank {rank}: {_first_line(e)}"
+    _raise_if_failed(failure, tag_dir, save_dir)
     if kill_before_complete and rank == 0:  # test hook: die with every shard written, no marker
         os.kill(os.getpid(), 9)
     if rank == 0:
-        _check_files(tag_dir, engine.zero_optimization_stage(), dist.get_world_size())
-        if tokenizer is not None:
-            with atomic_dir(os.path.join(tag_dir, TOKENIZER_DIR), force=True) as tmp:
-                write_tokenizer(tokenizer, tmp)
-        write_bytes_atomic(os.path.join(tag_dir, COMPLETE), b"ok\n")      # the tag is whole from here on;
-        write_bytes_atomic(os.path.join(save_dir, LATEST), tag.encode())  # only then the hint for DeepSpeed
+        try:
+            _check_files(tag_dir, engine.zero_optimization_stage(), dist.get_world_size())
+            if tokenizer is not None:
+                with atomic_dir(os.path.join(tag_dir, TOKENIZER_DIR), force=True) as tmp:
+                    write_tokenizer(tokenizer, tmp)
+            write_manifest(tag_dir)
+            write_bytes_atomic(os.path.join(tag_dir, COMPLETE), b"ok\n")   # the tag is whole from here on;
+        except (OSError, MegaGPTError) as e:
+            failure = f"rank 0: {e if isinstance(e, MegaGPTError) else _first_line(e)}"
+    _raise_if_failed(failure, tag_dir, save_dir)
+    if rank == 0:
+        try:   # only then the hint for DeepSpeed, and pruning
+            write_bytes_atomic(os.path.join(save_dir, LATEST), tag.encode())
+        except OSError as e:
+            print(f"warning: {save_dir}/{LATEST} not updated ({_first_line(e)}); {tag} is complete", flush=True)
         if keep_last:
             for _, old in complete_tags(save_dir)[:-keep_last]:
                 shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def _raise_if_failed(failure, tag_dir: str, save_dir: str) -> None:
+    """Collective: every rank learns whether any failed; then the partial tag goes and all raise."""
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    failed = [f for f in failures if f]
+    if not failed:
+        return
+    free = shutil.disk_usage(save_dir).free / 2 ** 20   # before the partial tag frees its space
+    full = " — the disk is full" if free < 64 else ""
+    if dist.get_rank() == 0:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    dist.barrier()
+    prev = newest_complete_tag(save_dir)
+    raise MegaGPTError(f"{tag_dir}: saving failed ({failed[0]}; {free:.1f} MiB were free there{full}); removed "
+                       f"the partial tag, the last complete checkpoint ({prev or 'none'}) is untouched")
 
 
 def _check_model(where: str, client: dict, expect: dict) -> None:
@@ -120,12 +208,39 @@ def check_global_batch(where: str, client: dict, engine) -> None:
                        f"with the same global batch ({fix})")
 
 
-def load(engine, load_dir: str, expect_model: dict | None = None, par=None):
+def choose_tag(load_dir: str, fallback: bool = True) -> str | None:
+    """The newest complete tag whose files match its manifest (collective: rank 0 checks, every
+    rank gets its answer). A damaged newer tag is renamed ``<tag>.damaged`` (kept for inspection,
+    never read or overwritten) and the previous one taken; with ``fallback`` off, one error."""
+    choice = [None, None]   # tag, error
+    if dist.get_rank() == 0:
+        for _, tag in reversed(complete_tags(load_dir)):
+            problem = verify_tag(os.path.join(load_dir, tag))
+            if problem is None:
+                choice[0] = tag
+                break
+            msg = f"{load_dir}/{tag}: damaged ({problem})"
+            if not fallback:
+                choice[1] = msg + "; not resuming (checkpoint_fallback=false): move it away to resume from the " \
+                                  "previous complete tag"
+                break
+            aside = next(f"{tag}.damaged{n or ''}" for n in range(1000)
+                         if not os.path.exists(os.path.join(load_dir, f"{tag}.damaged{n or ''}")))
+            os.replace(os.path.join(load_dir, tag), os.path.join(load_dir, aside))
+            print(f"warning: {msg}; renamed it {aside}, trying the previous complete tag", flush=True)
+    dist.broadcast_object_list(choice, src=0)
+    if choice[1]:
+        raise MegaGPTError(choice[1])
+    return choice[0]
+
+
+def load(engine, load_dir: str, expect_model: dict | None = None, par=None, fallback: bool = True):
     """Load the newest complete tag into ``engine``; returns its client state (None: fresh start).
 
     Rank 0 first deletes tag dirs without a ``complete`` marker (work lost to a crash mid-save) —
     only in a directory megagpt wrote: one saved by DeepSpeed alone (a ``latest`` and no marker
-    anywhere) is refused with one line, never touched. A tag of another layout (``par``: this
+    anywhere) is refused with one line, never touched. A tag failing its manifest is set aside
+    (``choose_tag``). A tag of another layout (``par``: this
     run's ParallelState) resumes through ``elastic.load_elastic``; the same layout through
     DeepSpeed's own load, with every rank's RNG state."""
     from .deepspeed_files import read_client_state
@@ -142,7 +257,7 @@ def load(engine, load_dir: str, expect_model: dict | None = None, par=None):
             if t not in done:
                 shutil.rmtree(os.path.join(load_dir, t), ignore_errors=True)
     dist.barrier()
-    tag = newest_complete_tag(load_dir)
+    tag = choose_tag(load_dir, fallback)
     if tag is None:
         return None
     where = f"{load_dir}/{tag}"

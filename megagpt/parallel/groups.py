@@ -63,7 +63,8 @@ class ParallelState:
         return deepspeed_topology(self.world_size, self.tp_size, self.pp_size)
 
 
-def build_parallel_state(cfg: ParallelConfig) -> ParallelState:
+def build_parallel_state(cfg: ParallelConfig, timeout=None) -> ParallelState:
+    """The groups of ``cfg``'s layout (``timeout``: a timedelta for their collectives; torch's default if None)."""
     if not dist.is_initialized():
         raise MegaGPTError("build_parallel_state: torch.distributed is not initialised "
                            "(run under the deepspeed launcher or call deepspeed.init_distributed first)")
@@ -74,7 +75,7 @@ def build_parallel_state(cfg: ParallelConfig) -> ParallelState:
     groups, ranks = {}, {}
     for kind, lists in group_ranks(world, cfg.tensor_parallel, cfg.pipeline_parallel).items():
         for members in lists:                      # every rank creates every group, same order
-            g = dist.new_group(ranks=members)
+            g = dist.new_group(ranks=members, timeout=timeout)
             if rank in members:
                 groups[kind], ranks[kind] = g, members
     coord = rank_to_coord(rank, world, cfg.tensor_parallel, cfg.pipeline_parallel)

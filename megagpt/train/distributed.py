@@ -136,8 +136,9 @@ def single_process_env() -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
 
 
-def init_distributed():
+def init_distributed(timeout=None):
     """Init the default group via DeepSpeed (gloo on CPU, NCCL on GPU); returns (rank, world).
+    ``timeout`` (a timedelta): how long a collective waits for a dead or hung rank before failing.
     The data-parallel group is not the world under TP/PP: it comes from ``parallel.groups``."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -146,7 +147,8 @@ def init_distributed():
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False)
+    kw = {"timeout": timeout} if timeout is not None else {}
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False, **kw)
     release_deepspeed_shm_name()
     return dist.get_rank(), dist.get_world_size()
 
@@ -177,3 +179,31 @@ def device():
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
     return acc.device_name() if acc.device_name() == "cpu" else f"{acc.device_name()}:{acc.current_device()}"
+
+
+def stopped_ranks(grace_s: float = 3.0) -> tuple[list, bool]:
+    """After a failed collective: (the ranks that did not report back, whether rank 0's store is gone).
+
+    Each survivor marks itself alive in the rendezvous store, waits ``grace_s`` for the others
+    (their collectives fail at about the same time) and reads who did: a rank that died or hangs
+    never marks. The store lives in rank 0's process, so if it is unreachable rank 0 stopped."""
+    import datetime
+    import time
+
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    try:
+        store = _get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=10))
+        store.set(f"megagpt/alive/{dist.get_rank()}", "1")
+        time.sleep(grace_s)
+        return [r for r in range(dist.get_world_size()) if not store.check([f"megagpt/alive/{r}"])], False
+    except Exception:
+        return [0], True
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """A collective failed because of another rank (closed connection, timeout), not a local bug."""
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("gloo", "NCCL", "Timed out", "Connection closed", "Connection reset"))

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +138,10 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
     stop = StopFlag()
     engine.train()
     while state.step < t.train_iters:
+        if state.step + 1 in (dbg.hang_at_step, dbg.kill_at_step) and dist.get_rank() == dist.get_world_size() - 1:
+            if dbg.kill_at_step == state.step + 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)
         ids = [next(it) for _ in range(ga)] if it is not None else None
         micro = [to_batch(train_ds, i, device) for i in ids] if ids is not None else None
         if dbg.sample_ids and ids is not None and t.save:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import os
 import sys
 
@@ -76,10 +77,11 @@ def run(cfg, ds_config) -> int:
     from megagpt.parallel.groups import build_parallel_state
     from megagpt.parallel.layout import build_model, deepspeed_mpu, model_stats, prepare_ds_config
 
-    rank, world = distributed.init_distributed()
-    device = distributed.device()
     t = cfg.train
-    par = build_parallel_state(cfg.parallel)
+    timeout = datetime.timedelta(minutes=t.distributed_timeout_minutes)
+    rank, world = distributed.init_distributed(timeout)
+    device = distributed.device()
+    par = build_parallel_state(cfg.parallel, timeout)
     ds_config = prepare_ds_config(ds_config, par)
     dp_size, dp_group = par.dp_size, par.dp_group   # not the world
     tok = load_tokenizer(cfg.data.tokenizer)
@@ -102,7 +104,8 @@ def run(cfg, ds_config) -> int:
 
     state = loop.TrainState()
     if t.load:
-        client = checkpoint.load(engine, t.load, expect_model=cfg.model.to_dict(), par=par)
+        client = checkpoint.load(engine, t.load, expect_model=cfg.model.to_dict(), par=par,
+                                 fallback=t.checkpoint_fallback)
         if client is not None:
             state = loop.TrainState(client["step"], client["consumed_samples"], client.get("skipped_steps", 0))
             schedule, note = resume_schedule(engine.lr_scheduler, Schedule.from_saved(client), schedule,
@@ -143,6 +146,18 @@ def run(cfg, ds_config) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
+    except RuntimeError as e:   # another rank died or hangs: name it (rank 0 does, unless it is the one)
+        if not distributed.is_comm_failure(e):
+            raise
+        stopped, store_gone = distributed.stopped_ranks()
+        if rank == min(set(range(world)) - set(stopped), default=rank):
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            who = ", ".join(f"rank {r}" for r in stopped) or "no rank"
+            store = "; the rendezvous store in rank 0 is gone" if store_gone else ""
+            print(f"error: {who} stopped responding (died or hangs{store}) at step {state.step + 1}; rank {rank} "
+                  f"stops too ({first}; distributed_timeout_minutes={t.distributed_timeout_minutes})",
+                  file=sys.stderr, flush=True)
+        os._exit(1)   # no clean-up that could wait on the lost rank
     metrics.close()
     torch.distributed.barrier()
     return 0 if reason in ("done", "preempted", "exit_interval") else 1
