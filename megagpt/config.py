@@ -91,8 +91,15 @@ class TrainConfig(OptimConfig):
     override_lr_schedule: bool = field(False, help="on resume, use this run's LR schedule settings even where they "
                                                    "differ from the checkpoint's (default: keep the checkpoint's "
                                                    "schedule and say which settings differ)")
-    nan_policy: str = field("skip", choices=("skip", "stop"), help="on a non-finite loss: skip the step, or save "
-                                                                   "the last good step and stop")
+    nan_policy: str = field("skip", choices=("skip", "stop"), help="on a non-finite loss or gradient: skip the "
+                                                                   "update on every rank, or save the last good step "
+                                                                   "and stop")
+    spike_policy: str = field("none", choices=("none", "rollback"), help="on a loss spike: ignore it, or reload the "
+                                                                         "last complete checkpoint and skip the "
+                                                                         "spike's samples")
+    spike_window: int = field(20, min=2, help="a spike is measured against the mean loss of this many previous steps")
+    spike_factor: float = field(1.5, help="a loss above spike_factor x the window's mean loss is a spike")
+    max_rollbacks: int = field(3, min=0, help="rollbacks allowed in a run; at the next spike the run stops")
     progress_bar: bool = field(True, help="tqdm progress bar")
     deepspeed_config: Optional[str] = field(None, flags=("--deepspeed_config", "--deepspeed-config"),
                                             help="DeepSpeed JSON (ds_configs/*.json); \"auto\" values are filled "
@@ -102,6 +109,8 @@ class TrainConfig(OptimConfig):
         super()._check()
         if not 0 <= self.min_lr <= self.lr:
             raise MegaGPTError(f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]", key="min_lr")
+        if self.spike_factor <= 1:
+            raise MegaGPTError(f"spike_factor={self.spike_factor!r} must be > 1", key="spike_factor")
 
     def batch_sizes(self) -> dict:
         """The batch keyword arguments of ``megagpt.train.distributed.build_ds_config``."""
@@ -121,6 +130,8 @@ class DebugConfig(Section):
                                                       "tag as weights_at_save.pt")
     hang_at_step: Optional[int] = field(None, cli=False, help="the last rank stops responding at this step")
     kill_at_step: Optional[int] = field(None, cli=False, help="the last rank SIGKILLs itself at this step")
+    spike_at_step: Optional[int] = field(None, cli=False, help="the samples of this step (first attempt only) get "
+                                                              "their labels shuffled: a loss spike")
     sample_ids: bool = field(False, cli=False, help="each rank appends the train-sample indices of every step to "
                                                     "samples_rank{R}.jsonl in the save dir")
 
