@@ -1,5 +1,7 @@
 """Session-wide fixtures: the shared real data, a small real tokenizer, real shards of it."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,34 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from megagpt.envsetup import set_torch_extensions_dir  # noqa: E402
 
 set_torch_extensions_dir()
+
+
+def interpreter_ready() -> bool:
+    """Whether this process can run the Triton kernels in the CPU interpreter (tests/test_kernels_*.py).
+
+    Triton reads TRITON_INTERPRET when each ``@triton.jit`` function is *defined*, its own
+    ``tl.sum``/``tl.max`` helpers included, so it works only if set before triton's first import
+    in the process: set here when nothing has imported triton yet. Otherwise (another test module
+    imported it, e.g. via deepspeed) the test file re-runs itself with ``rerun_interpreted``."""
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return True
+    from megagpt_kernels.triton import interpreting
+
+    if not interpreting():
+        return False
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.sum, InterpretedFunction)
+
+
+def rerun_interpreted(test_file: str, timeout: float = 300):
+    """Run one pytest file in a fresh process with TRITON_INTERPRET=1; returns (returncode, output)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import importlib.util
 import pytest
 import torch
 
+from conftest import interpreter_ready, rerun_interpreted
 from megagpt_kernels import reference
-from megagpt_kernels.triton import interpreter_ready, rerun_interpreted
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)

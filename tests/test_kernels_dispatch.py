@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
+from conftest import interpreter_ready, rerun_interpreted
 from megagpt_kernels import dispatch, reference
-from megagpt_kernels.triton import interpreter_ready, rerun_interpreted
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = HAVE_TRITON and interpreter_ready()
