@@ -21,7 +21,7 @@ from pathlib import Path
 from megagpt.errors import MegaGPTError
 
 __all__ = ["AtomicFile", "atomic_file", "write_bytes_atomic", "write_text_atomic", "atomic_dir", "publish",
-           "fsync_tree", "temp_sibling", "refuse_existing"]
+           "fsync_tree", "temp_sibling", "refuse_existing", "writing"]
 
 
 def temp_sibling(path, kind: str = "tmp") -> Path:
@@ -68,6 +68,18 @@ def refuse_existing(paths) -> None:
     for p in paths:
         if os.path.lexists(p):
             raise _exists_error(p)
+
+
+@contextlib.contextmanager
+def writing(path):
+    """An OSError in the block (read-only or full disk, a file where a folder should be) becomes
+    one line naming the output ``path``, and the file it failed on unless that is a hidden temp."""
+    try:
+        yield
+    except OSError as e:
+        failed = str(e.filename or "")
+        where = f" ({failed})" if failed and not os.path.basename(failed).startswith(".") else ""
+        raise MegaGPTError(f"{path}: cannot write: {e.strerror or e}{where}") from None
 
 
 def publish(src, dst, force: bool = True) -> None:

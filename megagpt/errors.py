@@ -12,6 +12,7 @@ They are plain attributes, so they survive pickling (multiprocessing workers) as
 import functools
 import os
 import sys
+import warnings
 
 
 class MegaGPTError(Exception):
@@ -48,11 +49,12 @@ def reports_errors() -> bool:
 
 
 def cli_main(fn):
-    """Decorate a CLI ``main`` so a ``MegaGPTError`` becomes ``error: <msg>`` on stderr (rank 0 only),
-    exit 2."""
+    """Decorate a CLI ``main``: a ``MegaGPTError`` becomes ``error: <msg>`` on stderr (rank 0 only)
+    and exit 2; warnings print as one line, ``warning: <msg>``."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
         try:
             return fn(*args, **kwargs)
         except MegaGPTError as e:

@@ -12,7 +12,6 @@ with byte fallback makes ``decode(encode(x)) == x`` for any text.
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import gzip
 import hashlib
@@ -25,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from megagpt.atomic import writing
 from megagpt.errors import MegaGPTError
 
 PAD, UNK, BOS, EOS, DELIM, CLS = "<pad>", "<unk>", "<s>", "</s>", "<delim>", "<cls>"
@@ -75,18 +75,6 @@ def open_binary(path: str):
         return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
     except OSError as e:
         raise MegaGPTError(f"{path}: cannot open: {e.strerror or e}") from None
-
-
-@contextlib.contextmanager
-def writing(path):
-    """An OSError in the block (read-only or full disk, a file where a folder should be) becomes
-    one line naming the output ``path``, and the file it failed on unless that is a hidden temp."""
-    try:
-        yield
-    except OSError as e:
-        failed = str(e.filename or "")
-        where = f" ({failed})" if failed and not os.path.basename(failed).startswith(".") else ""
-        raise MegaGPTError(f"{path}: cannot write: {e.strerror or e}{where}") from None
 
 
 def sentence_iterator(inputs: Sequence[str], json_keys=("text",)) -> Iterator[str]:

@@ -34,10 +34,9 @@ def find_prefixes(inputs, pattern="*") -> list[str]:
 
 def merge_datasets(prefixes, output_prefix) -> "IndexedDataset":
     """Write the concatenation of ``prefixes`` to ``output_prefix`` (atomic) and return it opened."""
-    from megagpt.atomic import write_text_atomic
+    from megagpt.atomic import write_text_atomic, writing
     from megagpt.data.indexed import (IndexedDataset, IndexedDatasetWriter,  # lazy: megagpt.data pulls in torch
                                       meta_path, read_meta)
-    from megagpt.tokenizer import writing
 
     if not prefixes:
         raise MegaGPTError("no input shards to merge")

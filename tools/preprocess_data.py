@@ -9,7 +9,6 @@ writes shards/web_text_document.bin/.idx (one pair per --json-keys key; with
 """
 import argparse
 import os
-import warnings
 
 from megagpt.errors import cli_main
 
@@ -43,7 +42,6 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     a = parse_args(argv)
-    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     # after parsing: megagpt.data pulls in torch, --help should not
     from megagpt.data.preprocess import existing_outputs, preprocess
 

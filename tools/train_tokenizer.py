@@ -9,12 +9,11 @@ writes tok/my.model + tok/my.vocab; ids 0..5 are <pad> <unk> <s> </s> <delim> <c
 import argparse
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
-from megagpt.atomic import refuse_existing, write_bytes_atomic
+from megagpt.atomic import refuse_existing, write_bytes_atomic, writing
 from megagpt.errors import MegaGPTError, cli_main
-from megagpt.tokenizer import load_tokenizer, train_sentencepiece, writing
+from megagpt.tokenizer import load_tokenizer, train_sentencepiece
 
 
 def parse_args(argv=None):
@@ -41,7 +40,6 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     if args.workers < 1:
         raise MegaGPTError(f"--workers must be >= 1, got {args.workers}")
     out = Path(args.output_prefix)
