@@ -18,11 +18,8 @@ from .embedding import Dropout, apply_rope
 
 
 class KVCache:
-    """Keys/values of the tokens seen so far, one (k, v) pair per layer, each (B, Hkv_local, T, D).
-
-    ``length`` is the number of cached positions: the next token's position. Layers append in
-    order during a forward; ``GPT.forward`` advances ``length`` once all layers have run.
-    """
+    """Keys/values of the tokens seen so far, one (k, v) pair per layer, each (B, Hkv_local, T, D);
+    ``length`` (the next token's position) is advanced by the GPT once all layers have run."""
 
     def __init__(self, n_layer: int):
         self.layers = [None] * n_layer
@@ -50,10 +47,8 @@ class CausalSelfAttention(nn.Module):
         qkv = self.qkv(x)                                       # (B, T, local heads * D): full T under SP
         B, T, _ = qkv.shape
         D = self.head_dim
-        q, k, v = qkv.split([self.n_head * D, self.n_kv_head * D, self.n_kv_head * D], dim=-1)
-        q = q.view(B, T, self.n_head, D).transpose(1, 2)       # (B, Hq, T, D)
-        k = k.view(B, T, self.n_kv_head, D).transpose(1, 2)    # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_head, D).transpose(1, 2)
+        sizes = [self.n_head * D, self.n_kv_head * D, self.n_kv_head * D]
+        q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in qkv.split(sizes, dim=-1))   # (B, H, T, D)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

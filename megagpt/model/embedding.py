@@ -1,14 +1,12 @@
 """Token + learned position embeddings, tensor-parallel dropout, and rotary embedding (RoPE).
 
-The token table is vocab-parallel (rows split across TP ranks, partial lookups summed); the
-position table is replicated. With sequence parallelism the embedding output is reduce-scattered
-along the sequence, so each TP rank adds the positions of its own chunk.
-
-RoPE uses the "rotate half" layout (the first and second halves of each head's dims form the
-rotated pairs), as transformers' Llama does, so an exported q/k projection needs no permutation.
-cos/sin are computed per call from the positions in float32: no buffers to save, move or
-down-cast, and the cost (T x head_dim/2) is negligible next to attention.
+With sequence parallelism the embedding output is reduce-scattered along the sequence, so each TP
+rank adds the positions of its own chunk. RoPE uses the "rotate half" layout, as transformers'
+Llama does, so an exported q/k projection needs no permutation; cos/sin are computed per call in
+float32 (no buffers to save, move or down-cast; the cost is negligible next to attention).
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,23 +16,19 @@ from megagpt.tp.layers import VocabParallelEmbedding, copy_to_tp
 
 
 class Dropout(nn.Module):
-    """Dropout whose mask is the same on every TP rank when the activation is replicated (default
-    generator, seeded alike across TP) and differs per rank when the activation is split (the
-    per-TP-rank generator): ``split`` for per-head tensors, or any activation under sequence
-    parallelism. At tp=1 it is ``nn.Dropout``."""
+    """Dropout whose mask is the same on every TP rank for a replicated activation (the default
+    generator) and differs per rank for one split along the sequence (the per-TP-rank generator)."""
 
-    def __init__(self, p: float, tp=SERIAL, split: bool = False):
+    def __init__(self, p: float, tp=SERIAL):
         super().__init__()
         self.p, self.tp = p, tp
-        self.split = tp.size > 1 and (split or tp.sequence_parallel)
+        self.split = tp.size > 1 and tp.sequence_parallel
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        if self.split:
-            with self.tp.rng.fork():
-                return F.dropout(x, self.p, True)
-        return F.dropout(x, self.p, True)
+        with self.tp.rng.fork() if self.split else contextlib.nullcontext():
+            return F.dropout(x, self.p, True)
 
 
 class Positions(nn.Module):

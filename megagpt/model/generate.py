@@ -30,15 +30,11 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def _as_batch(prompt_ids, device):
-    if isinstance(prompt_ids, torch.Tensor):
-        ids = prompt_ids.to(device=device, dtype=torch.long)
-    else:
-        rows = prompt_ids if prompt_ids and isinstance(prompt_ids[0], (list, tuple)) else [prompt_ids]
-        if len({len(r) for r in rows}) > 1:
-            raise MegaGPTError(f"batched prompts must have equal length, got {sorted({len(r) for r in rows})}")
-        ids = torch.tensor(rows, dtype=torch.long, device=device)
-        if rows is not prompt_ids:
-            ids = ids[0]
+    if not torch.is_tensor(prompt_ids) and prompt_ids and isinstance(prompt_ids[0], (list, tuple)):
+        lengths = sorted({len(row) for row in prompt_ids})
+        if len(lengths) > 1:
+            raise MegaGPTError(f"batched prompts must have equal length, got {lengths}")
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
     squeeze = ids.dim() == 1
     ids = ids[None] if squeeze else ids
     if ids.dim() != 2 or ids.shape[1] == 0:
@@ -55,18 +51,15 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
         raise MegaGPTError(f"temperature={temperature} must be >= 0")
     device = next(model.parameters()).device
     ids, squeeze = _as_batch(prompt_ids, device)
-    total = ids.shape[1] + max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise MegaGPTError(
-            f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.cfg.max_seq_len}"
-        )
+    if ids.shape[1] + max_new_tokens > model.cfg.max_seq_len:
+        raise MegaGPTError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+                           f"max_seq_len={model.cfg.max_seq_len}")
     was_training = model.training
     model.eval()
     cache = model.new_kv_cache() if use_kv_cache else None
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    step_input = ids
     for _ in range(max_new_tokens):
-        logits = model(step_input if use_kv_cache else ids, kv_cache=cache)[:, -1, :].float()
+        logits = model(ids[:, cache.length:] if use_kv_cache else ids, kv_cache=cache)[:, -1, :].float()
         if temperature == 0:
             next_id = logits.argmax(dim=-1)
         else:
@@ -76,7 +69,6 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
             next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
             finished |= next_id == eos_id
         ids = torch.cat([ids, next_id[:, None]], dim=1)
-        step_input = next_id[:, None]
         if eos_id is not None and bool(finished.all()):
             break
     model.train(was_training)

@@ -1,9 +1,9 @@
 """The GPT decoder: GPT-1 (post-LN), GPT-2 (pre-LN) and Llama-style blocks from one ModelConfig,
-serial at tp=1 and tensor-parallel at tp>1 (the same class; the layers in megagpt/tp skip every
+serial at tp=1 and tensor-parallel at tp>1 (the same class; the megagpt/tp layers skip every
 collective when the group has one rank). Pipeline stages (pipeline.py) are built from these modules.
 
-Parameter names (stable: checkpoints, the HF exporter and tensor parallelism map these; shapes
-are the full, serial ones — under TP each rank holds the slice sharding.py describes):
+Parameter names (stable: checkpoints, the HF exporter and tensor parallelism map these; full
+serial shapes, each TP rank holding the slice sharding.py describes):
 
     embed.tok.weight              (padded_vocab, n_embd)   token embedding
     embed.pos.weight              (max_seq_len, n_embd)    learned positions only (absent for rope)
@@ -15,28 +15,19 @@ are the full, serial ones — under TP each rank holds the slice sharding.py des
     blocks.{i}.mlp.gate.weight    (ffn_dim, n_embd)          SwiGLU only
     blocks.{i}.mlp.proj.weight    (n_embd, ffn_dim), .bias
     ln_f.weight/.bias             final norm, pre-LN only (GPT-1 post-LN has none)
-    lm_head.weight                (padded_vocab, n_embd); with tie_embeddings it *is* embed.tok.weight
-                                  (one Parameter: state_dict lists both keys, parameters() one)
+    lm_head.weight                (padded_vocab, n_embd); with tie_embeddings the same Parameter as
+                                  embed.tok.weight (state_dict lists both keys, parameters() one)
 
-Block order. post ("GPT-1"): x = ln1(x + attn(x)); x = ln2(x + mlp(x)).
-             pre  ("GPT-2"): x = x + attn(ln1(x)); x = x + mlp(ln2(x)); ln_f after the last block.
-
-Padded vocabulary: embedding/lm_head rows beyond ``vocab_size`` exist only for matmul speed and
-even tensor-parallel splits. ``forward`` returns logits sliced to ``vocab_size`` (padded ids can
-never be predicted or sampled, and logits match an HF model of ``vocab_size`` directly); the loss
-is computed on the same sliced logits (at tp>1 by the vocab-parallel cross-entropy, which masks
-the padded columns instead of gathering the vocabulary).
-
-Initial weights do not depend on the layout: ``init_params`` replays one serial random stream
-and every rank keeps its own slice of each tensor (see ``init_stream``).
+Vocabulary rows beyond ``vocab_size`` exist only for matmul speed and even TP splits: logits and
+loss use the first ``vocab_size`` columns only, so padded ids are never predicted and logits match
+an HF model of ``vocab_size`` (at tp>1 the vocab-parallel loss masks them instead of gathering).
 """
-import functools
 import logging
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from megagpt.errors import MegaGPTError
@@ -54,17 +45,6 @@ from .norm import make_norm
 from .sharding import check_tp, merge, shard, shard_kind, with_tied_names
 
 log = logging.getLogger("megagpt.model")
-
-
-def activation_checkpoint(fn, *args):
-    """Recompute ``fn(*args)`` in backward instead of storing its activations."""
-    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-
-
-def checkpoint_fn(tp):
-    """The activation-checkpoint function for this TP layout: at tp>1 the recomputation must
-    replay the per-TP-rank dropout stream too (torch's checkpoint restores only the default one)."""
-    return activation_checkpoint if tp.size == 1 else functools.partial(tp_checkpoint, tp.rng)
 
 
 def rope_for(cfg, start: int, length: int, device):
@@ -116,7 +96,6 @@ class GPT(nn.Module):
         self.ln_f = make_norm(cfg, tp) if cfg.norm_position == "pre" else None
         self.lm_head = ColumnParallelLinear(cfg.n_embd, cfg.padded_vocab_size, False, tp)
         self.tie_weights()
-        self.checkpoint_fn = checkpoint_fn(tp)
         if init:
             self.init_weights()
             log.info("GPT %s: %s params (%s non-embedding), %d layers, width %d, tp=%d, kernels=%s",
@@ -139,11 +118,10 @@ class GPT(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
     def forward_hidden(self, input_ids, kv_cache: KVCache = None):
-        """Final hidden states (B, T, n_embd), replicated on every TP rank: after ln_f (pre-LN)
-        or the last block (post-LN). A consumer computes the same thing on every TP rank (a
-        finetuning head), so under sequence parallelism the gather's backward takes the own chunk."""
-        return gather_from_tp(self._hidden_local(input_ids, kv_cache), self.tp.group, dim=1) \
-            if self.tp.sequence_parallel else self._hidden_local(input_ids, kv_cache)
+        """Final hidden states (B, T, n_embd), replicated on every TP rank (for a finetuning head,
+        which computes the same on every rank: so the sequence gather's backward keeps the own chunk)."""
+        h = self._hidden_local(input_ids, kv_cache)
+        return gather_from_tp(h, self.tp.group, dim=1) if self.tp.sequence_parallel else h
 
     def _hidden_local(self, input_ids, kv_cache=None):
         """Final hidden states of this rank's sequence chunk (all of it without sequence parallelism)."""
@@ -162,7 +140,7 @@ class GPT(nn.Module):
         checkpointing = cfg.activation_checkpointing and self.training and kv_cache is None
         for block in self.blocks:
             if checkpointing:
-                x = self.checkpoint_fn(block, x, rope)
+                x = tp_checkpoint(tp.rng, block, x, rope)
             else:
                 x = block(x, rope, kv_cache)
         if kv_cache is not None:
@@ -170,16 +148,14 @@ class GPT(nn.Module):
         return self.ln_f(x) if self.ln_f is not None else x
 
     def forward(self, input_ids, labels=None, kv_cache: KVCache = None):
-        """Logits (B, T, vocab_size), or the mean cross-entropy over labels != -100 if given.
-
-        Labels are already aligned with the inputs (labels[t] is the token after input_ids[t]).
-        """
+        """Logits (B, T, vocab_size), or the mean cross-entropy over labels != -100 if given
+        (labels come aligned: labels[t] is the token after input_ids[t])."""
         cfg, tp = self.cfg, self.tp
         if labels is not None and labels.shape != input_ids.shape:
             raise MegaGPTError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         logits_local = self.lm_head(self._hidden_local(input_ids, kv_cache))   # gathers a split sequence
         if labels is None:
-            return gather_from_tp(logits_local, tp.group)[..., : cfg.vocab_size]
+            return gather_from_tp(logits_local, tp.group, dim=-1)[..., : cfg.vocab_size]
         return lm_loss(logits_local, labels, cfg, tp)
 
     def lm_loss_from_hidden(self, hidden, labels):
@@ -206,20 +182,14 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters of the whole model (tied weights once; full sizes at any TP).
         non_embedding drops token/position tables and lm_head (Kaplan et al.'s N)."""
-        skip = set()
-        if non_embedding:
-            skip = {id(self.embed.tok.weight), id(self.lm_head.weight)}
-            if self.embed.pos is not None:
-                skip.add(id(self.embed.pos.weight))
-        scale = {n: (1 if shard_kind(n) == "replicated" else self.tp.size) for n, _ in self.named_parameters()}
-        return sum(p.numel() * scale[n] for n, p in self.named_parameters() if id(p) not in skip)
+        tables = [self.embed.tok, self.embed.pos, self.lm_head] if non_embedding else []
+        skip = {id(m.weight) for m in tables if m is not None}
+        return sum(p.numel() * (1 if shard_kind(n) == "replicated" else self.tp.size)
+                   for n, p in self.named_parameters() if id(p) not in skip)
 
     def flops_per_token(self, seq_length: int) -> int:
-        """Training FLOPs per token, PaLM appendix B: 6N + 12*L*H*Q*T.
-
-        N = non-embedding parameters + the lm_head matmul (padded_vocab * n_embd): every weight
-        that takes part in a matmul per token; embedding lookups cost no FLOPs.
-        """
+        """Training FLOPs per token, PaLM appendix B: 6N + 12*L*H*Q*T, N = the weights in a matmul
+        per token (non-embedding parameters + lm_head; embedding lookups cost no FLOPs)."""
         cfg = self.cfg
         n = self.num_params(non_embedding=True) + cfg.padded_vocab_size * cfg.n_embd
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_length
@@ -228,35 +198,27 @@ class GPT(nn.Module):
 # ---- initialisation: one serial random stream, sliced per rank ------------------------------------
 
 def init_stream(cfg):
-    """The initial-weight random stream, as (draw, serial name, std) in order; a layout-free
+    """The initial-weight random stream, as (draw, serial name, std) in order: a layout-free
     definition every rank replays, keeping only its own slices.
 
     It is the stream the serial model has drawn since the first release (so tp=pp=1 runs stay
-    bit-identical to earlier ones): first torch's default construction of each Linear/Embedding
-    in registration order (``"construct"``: a normal_ draw for tables, uniform_ for Linear weights
-    and biases; the values are discarded, only the generator advances), then N(0, std) for every
-    matrix in the same order, output projections scaled by 1/sqrt(2*n_layer) when configured. A
-    tied head is drawn last into the shared token table (its value wins, as it always did).
+    bit-identical): first torch's default construction of each Embedding (normal_) and Linear
+    (uniform_ weight and bias) in registration order, values discarded; then N(0, std) for every
+    matrix in the same order, output projections at proj_std. A tied head is drawn last into the
+    shared token table (its value wins, as it always did).
     """
     std = cfg.init_std
     proj_std = std / math.sqrt(2 * cfg.n_layer) if cfg.scaled_residual_init else std
-    linears = []   # (name, has bias, std), registration order
-    for i in range(cfg.n_layer):
-        b = f"blocks.{i}."
-        linears += [(b + "attn.qkv", cfg.bias, std), (b + "attn.proj", cfg.bias, proj_std), (b + "mlp.fc", cfg.bias, std)]
-        if cfg.activation == "swiglu":
-            linears.append((b + "mlp.gate", cfg.bias, std))
-        linears.append((b + "mlp.proj", cfg.bias, proj_std))
+    mlp = ["mlp.fc", "mlp.gate", "mlp.proj"] if cfg.activation == "swiglu" else ["mlp.fc", "mlp.proj"]
+    linears = [f"blocks.{i}.{n}" for i in range(cfg.n_layer) for n in ["attn.qkv", "attn.proj", *mlp]]
     tables = ["embed.tok"] + (["embed.pos"] if cfg.pos_emb == "learned" else [])
     head = "embed.tok" if cfg.tie_embeddings else "lm_head"
     stream = [("construct_normal", t + ".weight", None) for t in tables]
-    for name, bias, _ in linears:
-        stream.append(("construct_uniform", name + ".weight", None))
-        if bias:
-            stream.append(("construct_uniform", name + ".bias", None))
+    stream += [("construct_uniform", n + part, None) for n in linears
+               for part in ([".weight", ".bias"] if cfg.bias else [".weight"])]
     stream.append(("construct_uniform", "lm_head.weight", None))
     stream += [("normal", t + ".weight", std) for t in tables]
-    stream += [("normal", name + ".weight", s) for name, _, s in linears]
+    stream += [("normal", n + ".weight", proj_std if n.endswith(".proj") else std) for n in linears]
     stream.append(("normal", head + ".weight", std))
     return stream
 
@@ -270,8 +232,8 @@ def full_shapes(cfg) -> dict:
 @torch.no_grad()
 def init_params(params: dict, cfg, tp=SERIAL) -> None:
     """Initialise ``params`` ({serial name: this rank's parameter}; any subset of the model, e.g.
-    one pipeline stage's) by replaying ``init_stream`` on the default CPU generator. Biases start
-    at zero and norms at one (they are created so). Parameters on the meta device are skipped."""
+    one pipeline stage's) by replaying ``init_stream`` on the default CPU generator. Biases and
+    norms keep the zeros and ones they are created with."""
     if any(p.is_meta for p in params.values()):
         return
     shapes = full_shapes(cfg)
@@ -304,15 +266,12 @@ def load_slices(params: dict, full_sd: dict, cfg, tp=SERIAL) -> None:
 @torch.no_grad()
 def gather_slices(local_sd: dict, cfg, tp=SERIAL) -> dict:
     """Full serial-named tensors from this rank's ``local_sd`` (a collective over the TP group)."""
-    import torch.distributed as dist
-
     out = {}
     for name, t in local_sd.items():
         t = t.detach().contiguous()
+        parts = [t]
         if tp.size > 1 and shard_kind(name) != "replicated":
             parts = [torch.empty_like(t) for _ in range(tp.size)]
             dist.all_gather(parts, t, group=tp.group)
-        else:
-            parts = [t]
-        out[name] = merge(name, parts, cfg).clone() if tp.size > 1 else t.clone()
+        out[name] = merge(name, parts, cfg).clone()
     return out

@@ -1,20 +1,18 @@
 """Megatron-style tensor-parallel layers on plain torch.distributed collectives.
 
-Conjugate pairs of autograd Functions move activations in and out of TP regions:
+Each communication is a named autograd pair (forward / backward):
 
-    copy_to_tp         fwd identity          bwd all-reduce      (replicated input -> column-parallel)
-    reduce_from_tp     fwd all-reduce        bwd identity        (row-parallel partial sums -> replicated)
-    gather_from_tp     fwd all-gather(dim)   bwd take own chunk  (vocab logits for sampling; a sequence-
-                                                             split output for a replicated consumer)
+    copy_to_tp         identity          all-reduce        replicated input -> column-parallel
+    reduce_from_tp     all-reduce        identity          row-parallel partial sums -> replicated
+    gather_from_tp     all-gather(dim)   take own chunk    vocab logits for sampling; a sequence-split
+                                                           output for a replicated consumer
   sequence parallel (activations split along dim 1 = sequence):
-    scatter_to_seq     fwd take own chunk    bwd all-gather
-    gather_from_seq    fwd all-gather        bwd reduce-scatter  (before column-parallel)
-    reduce_scatter_seq fwd reduce-scatter    bwd all-gather      (after row-parallel)
+    gather_from_seq    all-gather        reduce-scatter    before column-parallel
+    reduce_scatter_seq reduce-scatter    all-gather        after row-parallel
 
-Parameters split across TP ranks carry ``tensor_model_parallel = True`` (DeepSpeed counts their
-grad norm on every TP rank, replicated ones on TP rank 0 only). Every collective is skipped when
-the group has one rank, so tp=1 layers are plain Linear/Embedding (same numerics, same
-parameter names) and need no process group at all.
+Split parameters carry ``tensor_model_parallel = True`` (DeepSpeed counts their grad norm on every
+TP rank, replicated ones on TP rank 0 only). Every collective is skipped when the group has one
+rank, so tp=1 layers are plain Linear/Embedding (same numerics and names) with no process group.
 """
 import torch
 import torch.distributed as dist
@@ -26,45 +24,40 @@ def _size(group):
     return dist.get_world_size(group) if group is not None else 1
 
 
-def _all_reduce(x, group):
-    if _size(group) > 1:
-        x = x.contiguous()
-        dist.all_reduce(x, group=group)
+# The collectives: (x, group, dim) -> tensor, called by a mapping only when the group has > 1 rank.
+def _identity(x, group, dim):
+    return x
+
+
+def _reduce(x, group, dim):
+    x = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(x, group=group)
     return x
 
 
 def _all_gather(x, group, dim):
-    n = _size(group)
-    if n == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(n)]
+    parts = [torch.empty_like(x) for _ in range(_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
 
 
 def _chunk(x, group, dim):
-    n = _size(group)
-    if n == 1:
-        return x
-    return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
+    return x.chunk(_size(group), dim=dim)[dist.get_rank(group)].contiguous()
 
 
 def _reduce_scatter(x, group, dim):
-    n = _size(group)
-    if n == 1:
-        return x
     if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter: all-reduce, keep own chunk
-        return _chunk(_all_reduce(x.clone(), group), group, dim)
-    parts = [p.contiguous() for p in x.chunk(n, dim=dim)]
+        return _chunk(_reduce(x, group, dim), group, dim)
+    parts = [p.contiguous() for p in x.chunk(_size(group), dim=dim)]
     out = torch.empty_like(parts[0])
     dist.reduce_scatter(out, parts, group=group)
     return out
 
 
 def _mapping(name, forward, backward):
-    """A communication as a named autograd pair: ``forward(x, group, dim)`` in the forward pass,
-    ``backward(g, group, dim)`` for the gradient. Identity (no autograd node) when the group has
-    one rank, so tp=1 graphs are exactly the serial model's."""
+    """A communication as a named autograd pair: ``forward`` in the forward pass, ``backward`` for
+    the gradient. Identity (no autograd node) when the group has one rank, so tp=1 graphs are
+    exactly the serial model's."""
 
     class Mapping(torch.autograd.Function):
         @staticmethod
@@ -85,24 +78,11 @@ def _mapping(name, forward, backward):
     return apply
 
 
-def _identity(x, group, dim):
-    return x
-
-
-def _reduce(x, group, dim):
-    return _all_reduce(x.clone(), group)
-
-
 copy_to_tp = _mapping("copy_to_tp", _identity, _reduce)
 reduce_from_tp = _mapping("reduce_from_tp", _reduce, _identity)
-_gather = _mapping("gather_from_tp", _all_gather, _chunk)
-scatter_to_seq = _mapping("scatter_to_seq", _chunk, _all_gather)
+gather_from_tp = _mapping("gather_from_tp", _all_gather, _chunk)
 gather_from_seq = _mapping("gather_from_seq", _all_gather, _reduce_scatter)
 reduce_scatter_seq = _mapping("reduce_scatter_seq", _reduce_scatter, _all_gather)
-
-
-def gather_from_tp(x, group, dim=-1):
-    return _gather(x, group, dim)
 
 
 def mark_tp(param: nn.Parameter, tp) -> nn.Parameter:

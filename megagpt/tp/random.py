@@ -1,17 +1,13 @@
 """TP-aware random state: which dropout masks match across tensor-parallel ranks and which differ.
 
-* Default generator (seeded by ``parallel.layout.build_model``: ``seed + 1000 * dp_rank + 100 *
-  pp_rank``): identical on every TP rank of a replica's stage, so dropout on *replicated*
-  activations (embedding, residual outside sequence parallelism) draws the same mask everywhere,
-  as the serial model would once.
-* Tracker generator (``tracker.fork()``): seeded ``seed + 2718 + 100 * pp_rank + tp_rank`` —
-  different per TP rank, for dropout on *split* activations (attention probabilities, which are
-  per head; any activation that sequence parallelism splits along the sequence). Initial
-  weights never use it: they come from one layout-free serial stream (model/gpt.py).
+* Default generator (seeded by ``parallel.layout.build_model``): identical on every TP rank of a
+  replica's stage, so dropout on *replicated* activations draws the mask the serial model would.
+* Tracker generator (``tracker.fork()``, seed ``seed + 2718 + 100 * pp_rank + tp_rank``): differs
+  per TP rank, for dropout on *split* activations (attention heads; sequence-parallel chunks).
+  Initial weights never use it: they come from one serial stream (model/gpt.py ``init_stream``).
 
-Activation checkpointing must replay the tracker as well as the default generator:
-``checkpoint(tracker, fn, *args)`` restores the tracker state for the recomputation. The
-tracker's state is saved per rank with each checkpoint (checkpoint/engine.py ``rng_state``).
+Activation checkpointing must replay the tracker as well as the default generator (``checkpoint``).
+The tracker's state is saved per rank with each checkpoint (checkpoint/engine.py ``rng_state``).
 """
 import contextlib
 
@@ -19,14 +15,9 @@ import torch
 import torch.utils.checkpoint
 
 
-def _cuda_on() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
-
-
 class RNGTracker:
-    """The per-TP-rank stream: a CPU state, and a CUDA state created (from the same seed) the
-    first time ``fork`` runs with CUDA initialised — so a tracker built before CUDA starts never
-    falls back to the shared default CUDA stream."""
+    """The per-TP-rank stream: a CPU state, and a CUDA state created (same seed) once CUDA is
+    initialised, so a tracker built before CUDA starts never falls back to the default CUDA stream."""
 
     def __init__(self, seed: int, tp_rank: int, pp_rank: int = 0):
         self.tp_rank, self.pp_rank = tp_rank, pp_rank
@@ -34,9 +25,7 @@ class RNGTracker:
 
     def reseed(self, seed: int, seed_default: bool = True) -> None:
         """Restart both streams from ``seed`` (the default generator too, unless told not to).
-
-        After the model is built, ``reseed(seed + 1000 * dp_rank)`` gives each data-parallel
-        replica its own dropout masks while TP ranks keep agreeing on the replicated ones."""
+        ``reseed(seed + 1000 * dp_rank)`` gives each data-parallel replica its own dropout masks."""
         self.default_seed = seed + 100 * self.pp_rank
         self.tp_seed = seed + 2718 + 100 * self.pp_rank + self.tp_rank
         self._cpu = torch.Generator().manual_seed(self.tp_seed).get_state()
@@ -49,7 +38,7 @@ class RNGTracker:
         torch.manual_seed(self.default_seed)
 
     def _ensure_cuda(self) -> None:
-        if self._cuda is None and _cuda_on():
+        if self._cuda is None and torch.cuda.is_available() and torch.cuda.is_initialized():
             outer = torch.cuda.get_rng_state()
             torch.cuda.manual_seed(self.tp_seed)
             self._cuda = torch.cuda.get_rng_state()
@@ -83,7 +72,9 @@ class RNGTracker:
 
 def checkpoint(tracker: RNGTracker, fn, *args):
     """Non-reentrant activation checkpoint of ``fn(*args)`` that replays the tracker's state too
-    (torch's checkpoint restores only the default generator)."""
+    (torch's checkpoint restores only the default generator); torch's alone if tracker is None."""
+    if tracker is None:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     saved = {}
 
     def run(*a):
