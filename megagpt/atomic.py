@@ -1,14 +1,10 @@
 """Publish files and directories so readers only ever see the old version or the complete new one.
 
-Every output megagpt writes (shards, index caches, checkpoints, exports, hostfiles, metrics)
-follows one rule: build it under a hidden temporary sibling (``.NAME.tmp-PID-RANDOM``), make it
-durable (fsync), then rename it into place and fsync the parent directory. A crash, a kill -9 or
-an exception leaves at most a dot-prefixed temp entry — never a half-written file or directory
-under the real name — and an exception removes even that.
-
-Temp entries are created with mode 0o666 / 0o777 filtered by the umask, like any ``open()`` or
-``mkdir``: ``tempfile.mkstemp``/``mkdtemp`` would make them 0o600 / 0o700, and that mode survives
-the rename, leaving outputs unreadable for the rest of a shared cluster.
+Every output megagpt writes is built under a hidden temporary sibling (``.NAME.tmp-PID-RANDOM``),
+fsynced, then renamed into place and the parent directory fsynced: a crash or kill -9 leaves at most
+a dot-prefixed temp entry, an exception not even that. Temp entries get the modes a plain ``open()``
+or ``mkdir`` would (0o666 / 0o777 less the umask): ``tempfile``'s 0o600 / 0o700 would survive the
+rename and leave outputs unreadable for the rest of a shared cluster.
 """
 from __future__ import annotations
 
@@ -83,17 +79,13 @@ def writing(path):
 
 
 def publish(src, dst, force: bool = True) -> None:
-    """Rename the finished ``src`` to ``dst`` (same filesystem) and fsync ``dst``'s directory.
-
-    ``force=False`` refuses to replace an existing ``dst``, race-free for files (a hard link
-    fails if the name exists). The caller has made ``src``'s content durable already.
-    """
+    """Rename the durable ``src`` to ``dst`` (same filesystem) and fsync ``dst``'s directory.
+    ``force=False`` refuses an existing ``dst``, race-free for files (a hard link fails if the name exists)."""
     src, dst = Path(src), Path(dst)
     if force:
         os.replace(src, dst)
     elif src.is_dir():
-        if dst.exists() or dst.is_symlink():
-            raise _exists_error(dst)
+        refuse_existing([dst])
         os.rename(src, dst)  # an existing empty dir would be replaced; checked just above
     else:
         try:
@@ -111,8 +103,8 @@ class AtomicFile:
 
     def __init__(self, path, force: bool = True):
         self.path, self.force = Path(path), force
-        if not force and (self.path.exists() or self.path.is_symlink()):
-            raise _exists_error(self.path)
+        if not force:
+            refuse_existing([self.path])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_sibling(self.path)
         self.file = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), "wb")
@@ -168,16 +160,13 @@ def _remove(p: Path) -> None:
 @contextlib.contextmanager
 def atomic_dir(out, force: bool = False):
     """Yield a hidden temp dir beside ``out``; when the block succeeds its tree is fsynced and it
-    replaces ``out`` (an existing ``out`` only with ``force``). On any failure the temp dir is
-    removed and ``out`` is left as it was.
+    replaces ``out`` (an existing one only with ``force``); on any failure it is removed, ``out`` untouched.
 
-    Replacing a non-empty directory takes two renames (the old one aside to a hidden
-    ``.NAME.old-PID-RANDOM``, the new one in): between them ``out`` is briefly absent, and if the
-    second rename fails the old one is put back. The old tree is deleted afterwards.
-    """
+    Replacing a directory takes two renames (the old one aside to ``.NAME.old-PID-RANDOM``, then the
+    new one in): ``out`` is briefly absent, and put back if the second rename fails."""
     out = Path(out)
-    if not force and (out.exists() or out.is_symlink()):
-        raise _exists_error(out)
+    if not force:
+        refuse_existing([out])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out)
     os.mkdir(tmp, 0o777)  # mode filtered by the umask, as for any new directory
@@ -185,11 +174,9 @@ def atomic_dir(out, force: bool = False):
         yield tmp
         _umask_modes(tmp)
         fsync_tree(tmp)
-        if not (out.exists() or out.is_symlink()):
-            publish(tmp, out, force=False)
+        if not force or not os.path.lexists(out):
+            publish(tmp, out, force=False)   # refuses an ``out`` made meanwhile
             return
-        if not force:
-            raise _exists_error(out)
         old = temp_sibling(out, "old")
         os.rename(out, old)
         try:

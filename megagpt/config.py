@@ -1,28 +1,16 @@
 """The run config: one typed tree, built once from a YAML/JSON file plus command-line flags.
 
-Pretraining (``load_config(path, overrides) -> MegaGPTConfig``)::
+Pretraining: ``load_config(path, overrides) -> MegaGPTConfig``, sections ``model`` (a preset and
+ModelConfig fields overriding it), ``data``, ``train``, ``parallel`` and ``debug`` (test hooks only).
+Finetuning: ``load_finetune_config(path or None, overrides) -> FinetuneConfig``, a ``finetune:``
+section, usually all flags. Sections are ``megagpt.schema.Section``s; flags override the file.
+Defaults that depend on another section are filled before it is built (``data.seq_length`` =
+``model.max_seq_len``, ``model.vocab_size`` = the tokenizer's, ``parallel.seed`` = ``train.seed``).
 
-    model:    {preset: tiny, <any ModelConfig field overriding the preset>}   -> cfg.model    ModelConfig
-    data:     {data_path, tokenizer, split, seq_length, seed, cache_dir}     -> cfg.data     DataConfig
-    train:    {micro_batch_size, ..., lr, ..., save, load, deepspeed_config} -> cfg.train    TrainConfig
-    parallel: {tensor_parallel, pipeline_parallel, sequence_parallel, ...}   -> cfg.parallel ParallelConfig
-    debug:    {inject_nan_at_step, sigkill_in_save_at_step, dump_weights}    -> cfg.debug    DebugConfig
-                                                                              (test hooks only)
-
-Finetuning (``load_finetune_config(path or None, overrides) -> FinetuneConfig``): a ``finetune:``
-section, usually all flags.
-
-Every section is a ``megagpt.schema.Section`` (declared, checked and turned into flags there);
-values given as flags override the file. Defaults that depend on another section are filled by a
-resolution step before a section is built (``data.seq_length`` = ``model.max_seq_len``,
-``model.vocab_size`` = the tokenizer's size, ``parallel.seed`` = ``train.seed``); nothing is
-changed after construction.
-
-Loading is strict: an unknown key anywhere, a wrong type, a bad value is a ``MegaGPTError`` with
-``.key`` (``'train.lr'``) and where the value came from — ``.file``/``.line`` for the config file
-(YAML keys carry their line), ``.flag`` for a command-line flag (``--seq-length 99``) — so a typo
-fails before any process group starts. The parallel layout is checked against the model here;
-against the world size and the DeepSpeed JSON in ``pretrain.main`` before launch.
+Loading is strict: an unknown key, a wrong type or value is a ``MegaGPTError`` with ``.key``
+(``'train.lr'``) and where the value came from (``.file``/``.line``, or ``.flag``), so a typo
+fails before any process group starts. The layout is checked against the model here; against the
+world size and the DeepSpeed JSON in ``pretrain.main``.
 """
 from __future__ import annotations
 
@@ -130,8 +118,10 @@ class DebugConfig(Section):
                                                       "tag as weights_at_save.pt")
     hang_at_step: Optional[int] = field(None, cli=False, help="the last rank stops responding at this step")
     kill_at_step: Optional[int] = field(None, cli=False, help="the last rank SIGKILLs itself at this step")
-    spike_at_step: Optional[int] = field(None, cli=False, help="the samples of this step (first attempt only) get "
-                                                              "their labels shuffled: a loss spike")
+    spike_at_step: Optional[int] = field(None, cli=False, help="this step's loss (first attempt only) is x10: a "
+                                                              "loss spike")
+    nan_grad_at_step: Optional[int] = field(None, cli=False, help="rank 1's first parameter gets a NaN gradient at "
+                                                                 "this step (the loss stays finite)")
     sample_ids: bool = field(False, cli=False, help="each rank appends the train-sample indices of every step to "
                                                     "samples_rank{R}.jsonl in the save dir")
 
@@ -165,8 +155,7 @@ class FinetuneConfig(OptimConfig):
     seed: int = field(1234, help="seed for init, head, dropout and shuffling")
     tensor_parallel: int = field(1, min=1, flags=("--tensor-parallel", "--tensor-model-parallel-size"),
                                  help="tensor-parallel degree (ranks / this = data-parallel replicas)")
-    train_limit: Optional[int] = field(None, min=1, help="use the first N training examples",
-                                       default_text="all")
+    train_limit: Optional[int] = field(None, min=1, help="use the first N training examples", default_text="all")
     eval_limit: Optional[int] = field(None, min=1, help="use the first N eval examples", default_text="all")
     train_fraction: float = field(0.8, help="copa/storycloze: this leading fraction of the file is train, "
                                             "the rest eval")

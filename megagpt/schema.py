@@ -1,24 +1,14 @@
 """Config sections as typed dataclasses, declared, checked and exposed one way.
 
-Every section of the run config (``ModelConfig``, ``DataConfig``, ``ParallelConfig``, the
-``train``/``debug``/``finetune`` sections in ``megagpt/config.py``) is a dataclass deriving from
-``Section`` whose fields are declared with ``field(default, help=..., flags=..., choices=..., min=...)``:
-
-* **checking**: on construction every field's value is checked against its type hint (``int``
-  refuses ``True`` and ``"4"``, ``float`` takes ints, ``Optional[...]`` takes ``None``), its
-  ``choices`` and its lower bound ``min``, then the section's own ``_check()`` runs; a mistake is a
-  ``MegaGPTError`` whose ``key`` is the field name (the config tree prefixes the section and adds
-  the file and line, or the flag, where the value came from);
-* **dicts**: ``Section.from_dict(d)`` refuses unknown keys (``key`` = the first one), ``to_dict()``
-  returns the YAML keys;
-* **flags**: ``FlagSet.add(section, cls)`` adds one argparse flag per field — ``--seq-length`` for
-  ``seq_length`` unless ``flags=`` names others (Megatron aliases such as
-  ``--tensor-model-parallel-size``), ``--x/--no-x`` for booleans, ``nargs='+'`` for lists — whose
-  help ends with the YAML key and the default. ``FlagSet.overrides(args, argv)`` returns only the
-  flags given, as ``{(section, key): value}`` with the flag text of each in ``.flags``.
-
-Fields with ``yaml=False`` are filled by the program, not the user (``ParallelConfig.seed`` comes
-from ``train.seed``); ``cli=False`` keeps a field out of the generated flags.
+A section (``ModelConfig``, ``DataConfig``, ``ParallelConfig``, those in ``megagpt/config.py``) is a
+dataclass deriving from ``Section``, its fields declared with ``field(default, help=, flags=,
+choices=, min=)``. On construction every value is checked against its type hint (``int`` refuses
+``True`` and ``"4"``, ``float`` takes ints, ``Optional`` takes ``None``), its choices and lower
+bound, then the section's ``_check()``; a mistake is a ``MegaGPTError`` whose ``key`` is the field
+(the config tree adds the section and the file/line or flag the value came from).
+``FlagSet`` adds one argparse flag per field (``--seq-length`` unless ``flags=`` names others,
+``--x/--no-x`` for booleans, ``nargs='+'`` for lists), its help ending with the YAML key and default.
+``yaml=False`` fields are filled by the program (``ParallelConfig.seed``); ``cli=False`` ones get no flag.
 """
 from __future__ import annotations
 
@@ -50,13 +40,9 @@ def _base_type(hint):
 
 
 def _is(typ, value) -> bool:
-    if typ is bool:
-        return isinstance(value, bool)
-    if typ is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typ is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, typ)
+    if isinstance(value, bool):   # a bool is an int to isinstance, never to a config
+        return typ is bool
+    return isinstance(value, (int, float) if typ is float else typ)
 
 
 def check_value(name: str, value, hint, meta) -> None:
