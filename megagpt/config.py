@@ -110,8 +110,8 @@ class TrainConfig(OptimConfig):
 class DebugConfig(Section):
     """Test-only hooks (tests/test_train_*.py); they deliberately break a run. No flags."""
 
-    inject_nan_at_step: Optional[int] = field(None, cli=False, help="the loss of this step becomes NaN on every "
-                                                                    "rank")
+    inject_nan_at_step: Optional[int] = field(None, cli=False, help="the loss of this step's last micro-batch "
+                                                                    "becomes NaN on every rank")
     sigkill_in_save_at_step: Optional[int] = field(None, cli=False, help="rank 0 SIGKILLs itself after writing "
                                                    "this step's files but before marking it complete")
     dump_weights: bool = field(False, cli=False, help="rank 0 writes the gathered fp32 weights into each saved "
