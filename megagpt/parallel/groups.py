@@ -1,25 +1,45 @@
 """ParallelState: this rank's coordinates and process groups, built once and passed explicitly.
 
 ``build_parallel_state(cfg)`` needs ``torch.distributed`` initialised (every rank calls it; group
-creation is collective). ``state.mpu`` is the adapter ``deepspeed.initialize(mpu=...)`` reads:
-DeepSpeed 0.19.8 calls get_{model,data}_parallel_{rank,world_size,group} (ZeRO partitioning over
-the DP group, grad-norm/overflow sums over the model-parallel group, ``mp_rank_XX`` checkpoint file
-names), the tensor/pipe variants through ``deepspeed.utils.bwc``, and
-get_data_parallel_group_ranks. "Model parallel" there means TP x PP (as in Megatron and in
-DeepSpeed's own PipelineParallelGrid); the tensor variants mean TP only.
+creation is collective). ``state.mpu`` is the adapter ``deepspeed.initialize(mpu=...)`` reads
+(DeepSpeed 0.19.8: ZeRO partitioning over the DP group, grad-norm/overflow sums over the
+model-parallel group, ``mp_rank_XX`` checkpoint names). "Model parallel" there means TP x PP (as
+in Megatron and DeepSpeed's PipelineParallelGrid); the tensor variants mean TP only.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch.distributed as dist
 
 from megagpt.errors import MegaGPTError
-
 from megagpt.tp import TPContext
 from megagpt.tp.random import RNGTracker
 
 from .topology import Coord, ParallelConfig, group_ranks, rank_to_coord
+
+# What DeepSpeed calls on ``mpu`` (Megatron's parallel_state interface): get_<name>() for each name.
+_MPU = {
+    "model_parallel_rank": lambda s: s.ranks["mp"].index(s.rank),
+    "model_parallel_world_size": lambda s: len(s.ranks["mp"]),
+    "model_parallel_group": lambda s: s.groups["mp"],
+    "tensor_model_parallel_rank": lambda s: s.tp_rank,
+    "tensor_model_parallel_world_size": lambda s: s.tp_size,
+    "tensor_model_parallel_group": lambda s: s.tp_group,
+    "tensor_model_parallel_src_rank": lambda s: s.ranks["tp"][0],
+    "pipeline_model_parallel_rank": lambda s: s.pp_rank,
+    "pipeline_model_parallel_world_size": lambda s: s.pp_size,
+    "pipeline_model_parallel_group": lambda s: s.pp_group,
+    "pipe_parallel_rank": lambda s: s.pp_rank,
+    "pipe_parallel_world_size": lambda s: s.pp_size,
+    "pipe_parallel_group": lambda s: s.pp_group,
+    "data_parallel_rank": lambda s: s.dp_rank,
+    "data_parallel_world_size": lambda s: s.dp_size,
+    "data_parallel_group": lambda s: s.dp_group,
+    "data_parallel_group_ranks": lambda s: list(s.ranks["dp"]),
+}
 
 
 @dataclass
@@ -54,13 +74,14 @@ class ParallelState:
                          self.sequence_parallel, self.rng)
 
     @property
-    def mpu(self) -> "DeepSpeedMPU":
-        return DeepSpeedMPU(self)
+    def mpu(self) -> SimpleNamespace:
+        return SimpleNamespace(**{f"get_{name}": functools.partial(get, self) for name, get in _MPU.items()})
 
     def topology(self):
-        from .topology import deepspeed_topology
+        """The same layout as DeepSpeed's topology object (for PipelineModule(topology=...))."""
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-        return deepspeed_topology(self.world_size, self.tp_size, self.pp_size)
+        return PipeModelDataParallelTopology(num_pp=self.pp_size, num_mp=self.tp_size, num_dp=self.dp_size)
 
 
 def build_parallel_state(cfg: ParallelConfig, timeout=None) -> ParallelState:
@@ -83,36 +104,3 @@ def build_parallel_state(cfg: ParallelConfig, timeout=None) -> ParallelState:
     rng.seed_default()
     return ParallelState(cfg, rank, world, coord, dp_size, groups, ranks, rng)
 
-
-class DeepSpeedMPU:
-    """What DeepSpeed expects of ``mpu`` (Megatron's parallel_state interface): ``get_X`` for every
-    name below, answered from the ParallelState. "model parallel" = TP x PP."""
-
-    _ANSWERS = {
-        "model_parallel_rank": lambda s: s.ranks["mp"].index(s.rank),
-        "model_parallel_world_size": lambda s: len(s.ranks["mp"]),
-        "model_parallel_group": lambda s: s.groups["mp"],
-        "tensor_model_parallel_rank": lambda s: s.tp_rank,
-        "tensor_model_parallel_world_size": lambda s: s.tp_size,
-        "tensor_model_parallel_group": lambda s: s.tp_group,
-        "tensor_model_parallel_src_rank": lambda s: s.ranks["tp"][0],
-        "pipeline_model_parallel_rank": lambda s: s.pp_rank,
-        "pipeline_model_parallel_world_size": lambda s: s.pp_size,
-        "pipeline_model_parallel_group": lambda s: s.pp_group,
-        "pipe_parallel_rank": lambda s: s.pp_rank,
-        "pipe_parallel_world_size": lambda s: s.pp_size,
-        "pipe_parallel_group": lambda s: s.pp_group,
-        "data_parallel_rank": lambda s: s.dp_rank,
-        "data_parallel_world_size": lambda s: s.dp_size,
-        "data_parallel_group": lambda s: s.dp_group,
-        "data_parallel_group_ranks": lambda s: list(s.ranks["dp"]),
-    }
-
-    def __init__(self, state: ParallelState):
-        self._s = state
-
-    def __getattr__(self, name):
-        answer = self._ANSWERS.get(name[4:]) if name.startswith("get_") else None
-        if answer is None:
-            raise AttributeError(name)
-        return lambda: answer(self._s)

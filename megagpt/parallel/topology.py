@@ -1,13 +1,9 @@
 """ParallelConfig and the rank <-> (pp, dp, tp) mapping: pure functions, no process groups.
 
 Rank order (Megatron's default, and DeepSpeed's ``PipeModelDataParallelTopology`` with axes
-``['pipe', 'data', 'model']``): **TP fastest, then DP, then PP**::
-
-    rank = pp * (dp_size * tp) + dp * tp + tp_rank
-
-so the ranks of one TP group are adjacent (one node, fast links), a pipeline stage is a
-contiguous block of ``dp_size * tp`` ranks, and DeepSpeed's PipelineModule (which builds its own
-grid from the same topology object) agrees with our groups rank for rank.
+``['pipe', 'data', 'model']``): TP fastest, then DP, then PP, ``rank = (pp * dp_size + dp) * tp + tp_rank``.
+The ranks of one TP group are adjacent (one node, fast links), and DeepSpeed's PipelineModule (which
+builds its own grid from the same topology) agrees with our groups rank for rank.
 """
 from __future__ import annotations
 
@@ -21,9 +17,7 @@ from megagpt.schema import Section, field
 @dataclass(frozen=True)
 class ParallelConfig(Section):
     """Model-parallel layout; the data-parallel size is what is left: world // (tp * pp).
-
-    Fields are declared and checked the way every config section is (``megagpt.schema``):
-    ``ParallelConfig.from_dict(section, seed=...)``; ``seed`` is not a config key (it is train.seed)."""
+    ``ParallelConfig.from_dict(section, seed=...)``: ``seed`` is train.seed, not a key of this section."""
 
     tensor_parallel: int = field(1, min=1, flags=("--tensor-parallel", "--tensor-model-parallel-size"),
                                  help="tensor-parallel degree (splits heads, MLP and vocabulary)")
@@ -37,16 +31,12 @@ class ParallelConfig(Section):
                                                                "backward, 0 = off")
     seed: int = field(1234, yaml=False, help="seeds the model-parallel RNG streams (from train.seed)")
 
-    @property
-    def model_parallel_size(self) -> int:
-        return self.tensor_parallel * self.pipeline_parallel
-
     def data_parallel_size(self, world_size: int) -> int:
-        if world_size % self.model_parallel_size:
+        if world_size % (self.tensor_parallel * self.pipeline_parallel):
             raise MegaGPTError(
                 f"world size {world_size} is not divisible by tensor_parallel * pipeline_parallel = "
                 f"{self.tensor_parallel} * {self.pipeline_parallel}")
-        return world_size // self.model_parallel_size
+        return world_size // (self.tensor_parallel * self.pipeline_parallel)
 
 
 class Coord(NamedTuple):
@@ -87,10 +77,3 @@ def group_ranks(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]
         "mp": [sorted(r(p, d, t) for p in range(pp) for t in range(tp)) for d in range(dp_size)],
     }
 
-
-def deepspeed_topology(world_size: int, tp: int, pp: int):
-    """The same layout as DeepSpeed's topology object (for PipelineModule(topology=...))."""
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    dp_size = ParallelConfig(tp, pp).data_parallel_size(world_size)
-    return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp_size)
