@@ -1,18 +1,12 @@
 """Per-environment cache of JIT-built ops: every entry that may start DeepSpeed calls
-``set_torch_extensions_dir()`` first.
+``set_torch_extensions_dir()`` first (the launch CLI before it execs trainers).
 
-torch builds C++/CUDA extensions on first use (DeepSpeed's shm comm, CPU Adam, fused Adam;
-``megagpt_kernels.cuda``) and caches them in ``~/.cache/torch_extensions/py311_cpu/``, a name
-keyed by the Python version only. Two environments on one machine (two venvs, two torch builds)
-then share that directory and rebuild each other's ops, 30-90 s each, every time they alternate;
-a torch upgrade can even load a stale build. The directory here is keyed by the environment
-(``sys.prefix``) and the torch version instead, and ``scripts/setup_env.sh`` pre-builds the ops
-into the same place (it runs this file to get the name).
-
-Every entry point calls it before DeepSpeed loads (the launch CLI before it execs trainers). An
-explicit ``TORCH_EXTENSIONS_DIR`` always wins.
-
-Imports nothing heavy (no torch): it must run before torch loads, and as a plain script.
+torch caches the C++/CUDA extensions it builds on first use (DeepSpeed's shm comm, CPU Adam, fused
+Adam; ``megagpt_kernels.cuda``) in ``~/.cache/torch_extensions/py311_cpu/``, keyed by the Python
+version only: two environments on one machine rebuild each other's ops (30-90 s each) whenever they
+alternate, and a torch upgrade can load a stale build. This directory is keyed by ``sys.prefix``
+and the torch version; ``scripts/setup_env.sh`` pre-builds into it (it runs this file for the
+name). An explicit ``TORCH_EXTENSIONS_DIR`` wins. Imports nothing heavy: runs before torch loads.
 """
 from __future__ import annotations
 

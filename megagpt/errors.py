@@ -1,13 +1,10 @@
 """One error type for every user mistake megagpt can name (bad file, line, key or value).
 
-Entry points catch ``MegaGPTError`` and print its message on one line (exit code 2) instead of a
-traceback; anything else escaping is a bug in megagpt, not in the user's input.
-
-Where the mistake is travels as data, not inside the text: ``key`` (the dotted config key, e.g.
-``'train.lr'``, or a field name when raised by a section on its own), ``file`` and ``line`` (where
-the value was written), or ``flag`` (the command-line flag and value that set it). The message is
-built from them: ``file, line N, key 'a.b': why`` or ``--seq-length 99, key 'data.seq_length': why``.
-They are plain attributes, so they survive pickling (multiprocessing workers) as they are.
+Entry points print its message on one line (exit 2) instead of a traceback; anything else escaping
+is a bug in megagpt. Where the mistake is travels as data, as plain attributes that survive
+pickling: ``key`` (dotted config key ``'train.lr'``, or a section's own field name), ``file`` and
+``line``, or ``flag``; the message is built from them: ``file, line N, key 'a.b': why`` or
+``--seq-length 99, key 'data.seq_length': why``.
 """
 import functools
 import os
@@ -41,10 +38,8 @@ class MegaGPTError(Exception):
 
 
 def reports_errors() -> bool:
-    """Whether this process prints errors: rank 0 of a launched job, or a plain process.
-
-    Every rank of a job loads the same config and data, so it finds the same mistake; only rank 0
-    says it (the others still exit 2)."""
+    """Rank 0 of a launched job, or a plain process: every rank finds the same mistake (same config
+    and data), only rank 0 says it (the others still exit 2)."""
     return os.environ.get("RANK", "0").strip() in ("", "0")
 
 

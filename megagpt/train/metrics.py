@@ -131,9 +131,6 @@ class Metrics:
         self._t, self._steps = time.perf_counter(), 0
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer:
-            self.writer.close()
-        if self.jsonl:
-            self.jsonl.close()
+        for sink in (self.bar, self.writer, self.jsonl):
+            if sink is not None:
+                sink.close()

@@ -16,16 +16,10 @@ def _named_parameters(model):
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay matmul weights only — not biases, norm gains or embedding tables.
-
-    This is pretraining's rule (Megatron's and GPT-2-style codebases' too): the embedding tables
-    are lookups, and decaying them would shrink rare tokens' rows each step they are not seen.
-    Finetuning uses the same function so that the two agree for the same model; GPT-1's
-    finetuning code decayed every matrix including the embeddings, so finetuned results differ
-    slightly from before this rule was shared (the task head's weight is decayed, its bias not).
-    Names are the serial GPT's in every layout, so the rule does not depend on the layout; the
-    groups' order and contents are exactly what pretraining has always used (tp=pp=1 losses are
-    bit-for-bit unchanged)."""
+    """AdamW groups: decay matmul weights only, not biases, norm gains or embedding tables (lookups:
+    decaying them would shrink rare tokens' rows each step they are not seen), in pretraining and
+    finetuning alike (the head's weight is decayed, its bias not; GPT-1's code also decayed the
+    embeddings). Serial GPT names in every layout, so the groups do not depend on the layout."""
     decay, no_decay = [], []
     for name, p in _named_parameters(model):
         if not p.requires_grad:

@@ -1,10 +1,7 @@
 """Learning-rate schedule: linear warmup to the peak, then cosine/linear decay to ``min_lr`` (or
-constant). A ``LambdaLR`` handed to ``deepspeed.initialize``, so the engine steps it on every
-applied optimizer step and saves/loads it with the checkpoint.
-
-One formula, ``lr_at``, for pretraining and finetuning: ``Schedule.pretraining(train)`` takes the
-train section's keys; ``Schedule.finetuning(lr, total_steps, warmup_frac)`` is GPT-1's recipe —
-linear warmup over ``warmup_frac`` of the steps (at least one), then linear decay to 0 at the end.
+constant), one formula (``lr_at``) for pretraining and finetuning (GPT-1's recipe: warmup over
+``warmup_frac`` of the steps, at least one, then linear decay to 0). A ``LambdaLR`` handed to
+``deepspeed.initialize``: the engine steps it on every applied step and checkpoints it.
 """
 import math
 from dataclasses import dataclass
@@ -18,12 +15,8 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int, st
         return lr * (step + 1) / warmup
     if style == "constant":
         return lr
-    span = max(1, decay_iters - warmup)
-    frac = min(1.0, (step - warmup) / span)
-    if style == "linear":
-        coeff = 1.0 - frac
-    else:  # cosine
-        coeff = 0.5 * (1.0 + math.cos(math.pi * frac))
+    frac = min(1.0, (step - warmup) / max(1, decay_iters - warmup))
+    coeff = 1.0 - frac if style == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))   # else cosine
     return min_lr + coeff * (lr - min_lr)
 
 
@@ -38,8 +31,7 @@ class Schedule:
     style: str
 
     @classmethod
-    def pretraining(cls, train_cfg) -> "Schedule":
-        t = train_cfg
+    def pretraining(cls, t) -> "Schedule":   # t: the run config's train section
         return cls(t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_iters or t.train_iters, t.lr_decay_style)
 
     @classmethod
@@ -85,8 +77,6 @@ def resume_schedule(scheduler, saved: Schedule, current: Schedule, override: boo
     chosen = current if override else saved
     scheduler.lr_lambdas = [chosen.factor] * len(scheduler.lr_lambdas)
     scheduler.base_lrs = [chosen.lr] * len(scheduler.base_lrs)
-    if override:
-        return chosen, (f"LR schedule differs from the checkpoint's ({', '.join(diff)}): "
-                        f"--override-lr-schedule given, using this run's from here on")
-    return chosen, (f"LR schedule differs from the checkpoint's ({', '.join(diff)}): keeping the checkpoint's "
-                    f"(pass --override-lr-schedule to use this run's)")
+    choice = ("--override-lr-schedule given, using this run's from here on" if override
+              else "keeping the checkpoint's (pass --override-lr-schedule to use this run's)")
+    return chosen, f"LR schedule differs from the checkpoint's ({', '.join(diff)}): {choice}"
