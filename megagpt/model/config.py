@@ -1,12 +1,9 @@
-"""ModelConfig: every architectural choice of a megagpt GPT, validated on construction.
+"""ModelConfig: every architectural choice of a megagpt GPT, validated on construction
+(``megagpt.schema``; a mistake is a ``MegaGPTError`` whose ``key`` is the field name).
 
-Defaults that depend on other fields stay ``None`` in the stored config and are resolved by
-properties (``num_kv_heads``, ``ffn_dim``, ``head_dim``, ``padded_vocab_size``), so
-``dataclasses.replace(cfg, n_embd=...)`` never keeps a stale derived value.
-
-The field names are stored in every checkpoint: never rename one. Fields are declared and checked
-the way every config section is (``megagpt.schema``); a mistake is a ``MegaGPTError`` whose
-``key`` is the field name.
+The field names are stored in every checkpoint: never rename one. Defaults that depend on other
+fields stay ``None`` and are resolved by properties, so ``dataclasses.replace(cfg, n_embd=...)``
+never keeps a stale derived value.
 """
 import math
 from dataclasses import dataclass

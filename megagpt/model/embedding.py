@@ -68,10 +68,13 @@ class Embedding(nn.Module):
         return self.drop(x)
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float):
-    """cos, sin of shape (T, head_dim) for integer ``positions`` (T,), in float32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+def rope_cos_sin(cfg, start: int, length: int, device):
+    """RoPE cos, sin (length, head_dim) in float32 for positions start.., or None for learned positions."""
+    if cfg.pos_emb != "rope":
+        return None
+    dims = torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32)
+    inv_freq = 1.0 / cfg.rope_theta ** (dims / cfg.head_dim)
+    angles = torch.arange(start, start + length, device=device).float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 

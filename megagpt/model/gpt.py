@@ -41,17 +41,10 @@ from .attention import CausalSelfAttention, KVCache
 from .config import ModelConfig
 from .embedding import Embedding, rope_cos_sin
 from .mlp import MLP
-from .norm import make_norm
+from .norm import Norm
 from .sharding import check_tp, merge, shard, shard_kind, with_tied_names
 
 log = logging.getLogger("megagpt.model")
-
-
-def rope_for(cfg, start: int, length: int, device):
-    """RoPE (cos, sin) for positions start..start+length, or None for learned positions."""
-    if cfg.pos_emb != "rope":
-        return None
-    return rope_cos_sin(torch.arange(start, start + length, device=device), cfg.head_dim, cfg.rope_theta)
 
 
 def lm_loss(logits_local, labels, cfg, tp=SERIAL):
@@ -67,9 +60,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, tp=SERIAL):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
-        self.ln1 = make_norm(cfg, tp)
+        self.ln1 = Norm(cfg, tp)
         self.attn = CausalSelfAttention(cfg, layer_idx, tp)
-        self.ln2 = make_norm(cfg, tp)
+        self.ln2 = Norm(cfg, tp)
         self.mlp = MLP(cfg, tp)
 
     def forward(self, x, rope=None, kv_cache=None):
@@ -93,7 +86,7 @@ class GPT(nn.Module):
         self.cfg, self.tp = cfg, tp
         self.embed = Embedding(cfg, tp)
         self.blocks = nn.ModuleList(Block(cfg, i, tp) for i in range(cfg.n_layer))
-        self.ln_f = make_norm(cfg, tp) if cfg.norm_position == "pre" else None
+        self.ln_f = Norm(cfg, tp) if cfg.norm_position == "pre" else None
         self.lm_head = ColumnParallelLinear(cfg.n_embd, cfg.padded_vocab_size, False, tp)
         self.tie_weights()
         if init:
@@ -136,7 +129,7 @@ class GPT(nn.Module):
                                f"be split over tensor_parallel={tp.size}; build the model without sequence "
                                f"parallelism for generation")
         x = self.embed(input_ids, start)
-        rope = rope_for(cfg, start, T, input_ids.device)
+        rope = rope_cos_sin(cfg, start, T, input_ids.device)
         checkpointing = cfg.activation_checkpointing and self.training and kv_cache is None
         for block in self.blocks:
             if checkpointing:
@@ -168,12 +161,10 @@ class GPT(nn.Module):
         return KVCache(self.cfg.n_layer)
 
     # ---- weights at any layout ----------------------------------------------------------
-    @torch.no_grad()
     def load_full_state_dict(self, full_sd: dict) -> None:
         """Copy this rank's slices of a full (serial-named) state dict into the model."""
         load_slices(dict(self.named_parameters(remove_duplicate=False)), full_sd, self.cfg, self.tp)
 
-    @torch.no_grad()
     def full_state_dict(self) -> dict:
         """Full serial-named tensors (gathered across TP: a collective at tp>1; every rank gets them)."""
         return gather_slices(self.state_dict(), self.cfg, self.tp)

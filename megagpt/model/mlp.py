@@ -1,9 +1,7 @@
-"""The feed-forward sublayer: ``fc`` -> activation -> ``proj`` (and ``gate`` for SwiGLU).
+"""The feed-forward sublayer: ``fc`` -> activation -> ``proj``; SwiGLU: ``proj(silu(gate(x)) * fc(x))``.
 
-``fc``/``gate`` are column-parallel (each TP rank holds ffn_dim/tp rows), ``proj`` row-parallel
-(partial sums all-reduced). SwiGLU computes ``proj(silu(gate(x)) * fc(x))``; gate and up
-projections are separate (not one fused matrix) so tensor parallelism and HF Llama export
-(gate_proj/up_proj/down_proj) split them without re-interleaving rows.
+``fc``/``gate`` are column-parallel, ``proj`` row-parallel. Gate and up projections are separate
+matrices so tensor parallelism and HF Llama export split them without re-interleaving rows.
 """
 import torch.nn.functional as F
 from torch import nn

@@ -1,9 +1,8 @@
-"""LayerNorm / RMSNorm modules whose forward is a call into ``megagpt_kernels.dispatch``.
+"""LayerNorm / RMSNorm whose forward is a call into ``megagpt_kernels.dispatch``.
 
-Parameters are ``weight`` (ones at init) and, for LayerNorm with ``bias=True``, ``bias`` (zeros),
-the same names as ``torch.nn.LayerNorm`` so exporters map them one-to-one. Norm weights are
-replicated across tensor-parallel ranks; with sequence parallelism each rank normalises only its
-sequence chunk, so the weights pass through ``copy_to_tp`` to have their gradients summed.
+Parameters are ``weight`` (ones) and, for LayerNorm with ``bias=True``, ``bias`` (zeros): the names
+of ``torch.nn.LayerNorm``, so exporters map them one-to-one. They are replicated across TP ranks;
+with sequence parallelism each rank normalises only its chunk, so their gradients are summed.
 """
 import torch
 from torch import nn
@@ -14,11 +13,11 @@ from megagpt_kernels import dispatch
 
 
 class Norm(nn.Module):
-    def __init__(self, kind: str, dim: int, eps: float, bias: bool = True, tp=SERIAL):
+    def __init__(self, cfg, tp=SERIAL):
         super().__init__()
-        self.kind, self.eps, self.tp = kind, eps, tp
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
+        self.kind, self.eps, self.tp = cfg.norm, cfg.norm_eps, tp
+        self.weight = nn.Parameter(torch.ones(cfg.n_embd))
+        self.bias = nn.Parameter(torch.zeros(cfg.n_embd)) if cfg.bias and cfg.norm == "layernorm" else None
 
     def forward(self, x):
         w, b = self.weight, self.bias
@@ -28,7 +27,3 @@ class Norm(nn.Module):
         if self.kind == "rmsnorm":
             return dispatch.rms_norm(x, w, self.eps)
         return dispatch.layer_norm(x, w, b, self.eps)
-
-
-def make_norm(cfg, tp=SERIAL) -> Norm:
-    return Norm(cfg.norm, cfg.n_embd, cfg.norm_eps, bias=cfg.bias, tp=tp)

@@ -1,7 +1,7 @@
 """Pipeline stages for DeepSpeed's PipelineModule: thin wrappers over the GPT's own modules.
 
-Layer list (indices are what DeepSpeed's ``layer_XX-model_YY-model_states.pt`` files number, and
-``sharding.pipeline_layer_prefixes`` names):
+Layer list (the indices of DeepSpeed's ``layer_XX-model_YY-model_states.pt``, named by
+``sharding.pipeline_layer_prefixes``):
 
     0        TokStage      the vocab-parallel token table           (TiedLayerSpec "tok" when tied)
     1        PosStage      + learned positions, embedding dropout  (no parameters with RoPE)
@@ -10,10 +10,8 @@ Layer list (indices are what DeepSpeed's ``layer_XX-model_YY-model_states.pt`` f
     last     the token table again as the output weight (tied; DeepSpeed all-reduces its gradient
              between first and last stage), or HeadStage (untied). The loss is ``lm_loss``.
 
-Each stage module carries ``full_prefix``, the serial-name prefix of its parameters, so the same
-initial weights, full-state-dict gather/load and name-keyed rules (weight decay) as the GPT apply.
-DeepSpeed's 1F1B schedule (``engine.train_batch``) feeds input_ids to the first stage and labels
-to the loss on the last; middle stages read no data.
+Each stage module carries ``full_prefix``, the serial-name prefix of its parameters, so the GPT's
+initial weights, full-state-dict gather/load and name-keyed rules (weight decay) apply unchanged.
 """
 import functools
 
@@ -25,8 +23,8 @@ from megagpt.errors import MegaGPTError
 from megagpt.tp.layers import ColumnParallelLinear, VocabParallelEmbedding, column_parallel_linear
 from megagpt.tp.random import checkpoint as tp_checkpoint
 
-from .embedding import Dropout, add_positions
-from .gpt import Block, gather_slices, init_params, lm_loss, load_slices, rope_for
+from .embedding import Dropout, add_positions, rope_cos_sin
+from .gpt import Block, gather_slices, init_params, lm_loss, load_slices
 from .norm import Norm
 from .sharding import check_tp, with_tied_names
 
@@ -63,14 +61,11 @@ class BlockStage(Block):
 
     def forward(self, x):
         T = x.shape[1] * (self.tp.size if self.tp.sequence_parallel else 1)
-        return super().forward(x, rope_for(self.cfg, 0, T, x.device))
+        return super().forward(x, rope_cos_sin(self.cfg, 0, T, x.device))
 
 
 class NormStage(Norm):
     full_prefix = "ln_f."
-
-    def __init__(self, cfg, tp):
-        super().__init__(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, tp)
 
 
 class HeadStage(ColumnParallelLinear):

@@ -1,11 +1,8 @@
 """Named model configurations: the GPT-1 / GPT-2 papers, a modern (Llama-style) variant, and
-tiny versions of each family for tests.
+tiny versions of each family for tests (no dropout, so tests are deterministic).
 
-Both GPT-1 and GPT-2 use the tanh approximation of GELU (``gelu_tanh``): it is what OpenAI's
-GPT-1 code computed, and what transformers' ``OpenAIGPTConfig(afn="gelu")`` and GPT-2's
-``gelu_new`` compute, so HF export of either family is exact. (Exact GELU stays available as
-``activation="gelu"``; the exporter refuses it for post-LN models, as OpenAIGPT cannot express it.)
-Tiny presets have no dropout so tests are deterministic; pass ``embd_dropout=...`` etc. as overrides to get it back.
+GPT-1 and GPT-2 use ``gelu_tanh``: what OpenAI's GPT-1 code, transformers' OpenAIGPT
+(``afn="gelu"``) and GPT-2's ``gelu_new`` compute, so HF export of either family is exact.
 """
 from megagpt.errors import MegaGPTError
 

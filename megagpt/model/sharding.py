@@ -14,19 +14,13 @@ import torch
 
 from megagpt.errors import MegaGPTError
 
-_ROWS = re.compile(r"(^embed\.tok\.weight|^lm_head\.weight|mlp\.(fc|gate)\.(weight|bias))$")
-_COLS = re.compile(r"(attn\.proj|mlp\.proj)\.weight$")
-_QKV = re.compile(r"attn\.qkv\.(weight|bias)$")
+_KINDS = {"qkv": re.compile(r"attn\.qkv\.(weight|bias)$"),
+          "rows": re.compile(r"(^embed\.tok\.weight|^lm_head\.weight|mlp\.(fc|gate)\.(weight|bias))$"),
+          "cols": re.compile(r"(attn\.proj|mlp\.proj)\.weight$")}
 
 
 def shard_kind(name: str) -> str:
-    if _QKV.search(name):
-        return "qkv"
-    if _ROWS.search(name):
-        return "rows"
-    if _COLS.search(name):
-        return "cols"
-    return "replicated"
+    return next((kind for kind, pattern in _KINDS.items() if pattern.search(name)), "replicated")
 
 
 def check_tp(cfg, tp: int) -> None:

@@ -1,10 +1,8 @@
-"""Tensor parallelism, the bottom floor of the model: Megatron-style split layers, the
-communication each one needs (as named forward/backward pairs), vocab-parallel cross-entropy and
-the TP-aware random state. Nothing here knows about GPT, DeepSpeed or process-group creation.
+"""Tensor parallelism: Megatron-style split layers, vocab-parallel cross-entropy and the TP-aware
+random state; nothing here knows about GPT, DeepSpeed or process-group creation.
 
-``TPContext`` is all a layer needs to know about its tensor-parallel group. ``SERIAL`` (size 1,
-no group) makes every layer a plain Linear/Embedding with no collective: the serial model *is*
-the tensor-parallel model at tp=1.
+``TPContext`` is all a layer needs to know about its tensor-parallel group. With ``SERIAL`` (size
+1, no group) every layer is a plain Linear/Embedding: the serial model *is* the TP model at tp=1.
 """
 from __future__ import annotations
 

@@ -50,11 +50,8 @@ class _VocabParallelCE(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits_local, labels, group, vocab_start: int, vocab_size: int):
-    """Mean token cross-entropy (labels == -100 ignored) of logits split along the last dim.
-
-    logits_local: (..., V_local) this rank's slice; labels: (...) global ids. Same value on every
-    TP rank; the gradient flows only into this rank's slice.
-    """
+    """Mean token cross-entropy (labels == -100 ignored) of logits_local (..., V_local), this rank's
+    slice of the vocabulary; labels (...) are global ids. Same value on every TP rank."""
     flat_labels = labels.reshape(-1)
     bad = (flat_labels != IGNORE_INDEX) & ((flat_labels < 0) | (flat_labels >= vocab_size))
     if bad.any():
