@@ -9,16 +9,12 @@
   load.py             ``open_checkpoint`` / ``load_model``: any of DeepSpeed, consolidated, HF dirs
   convert.py          DeepSpeed / consolidated / HF → consolidated or HF (tools/convert_checkpoint.py)
   reshape.py          weights and Adam state of live engines across TP/PP/DP layouts
-
-``from megagpt.checkpoint import load_model`` works without importing torch up front.
 """
 
-_LAZY = {"load_model": "load", "open_checkpoint": "load"}
 
+def __getattr__(name):   # lazy: ``from megagpt.checkpoint import load_model`` does not import torch up front
+    if name in ("load_model", "open_checkpoint"):
+        from . import load
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        return getattr(load, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

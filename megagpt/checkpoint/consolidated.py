@@ -1,14 +1,11 @@
 """The consolidated megagpt checkpoint: the one unsharded format every conversion can go through.
 
-A directory holding
-  model.safetensors   full (un-sharded) state dict in ``megagpt.model.GPT`` parameter names, fp32
-  config.json         {"format": "megagpt-consolidated", "version": 1, "model": ModelConfig dict,
-                       "megagpt": full run config (optional), "step": int or null}
-  tokenizer/          the tokenizer files and ``spec.json`` (layout: ``tokenizer_files``)
+A directory (published by ``atomic_dir``: a crash never leaves one that looks finished) holding
+  model.safetensors      full state dict in ``megagpt.model.GPT`` parameter names, fp32
+  config.json            {"format": "megagpt-consolidated", "version": 1, "model": ModelConfig dict,
+                          "megagpt": full run config (optional), "step": int or null}
+  tokenizer/             the tokenizer files and ``spec.json`` (layout: ``tokenizer_files``)
   optimizer.safetensors  optional: Adam state for resuming at another layout (``reshape``)
-
-Written into a hidden temporary sibling directory renamed into place when complete, so a crash
-never leaves a directory that looks like a finished checkpoint.
 """
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Conversions: any checkpoint ``load.open_checkpoint`` reads → a consolidated megagpt dir or an HF
-transformers dir. Every conversion is read into memory then written once (no scratch copies);
-outputs are published through a temporary sibling renamed into place when complete.
-
-    deepspeed (any ZeRO stage, TP, PP) → consolidated | hf
-    consolidated                       → hf
-    hf                                 → consolidated (to continue training or finetune)
+"""Conversions: any checkpoint ``load.open_checkpoint`` reads (DeepSpeed at any ZeRO stage and
+layout, consolidated, HF) → a consolidated megagpt dir or an HF transformers dir. Read into memory,
+then written once to a temporary sibling renamed into place when complete.
 """
 from __future__ import annotations
 
@@ -35,8 +31,7 @@ def convert(input_path, output_path, to: str, tag: str | None = None, force: boo
     src = open_checkpoint(input_path, tag, tokenizer)
     if src.format == to:
         raise MegaGPTError(f"{input_path} is already a {to} checkpoint")
-    if to == "hf":
-        hf_target(src.cfg, approximate_gelu)
+    target = hf_target(src.cfg, approximate_gelu) if to == "hf" else None
     if src.tokenizer_path is None:
         log.warning("%s: no tokenizer in the checkpoint; the %s output will have none (pass --tokenizer PATH)",
                     src.where, to)
@@ -48,5 +43,5 @@ def convert(input_path, output_path, to: str, tag: str | None = None, force: boo
         out = write_hf(output_path, sd, src.cfg, src.tokenizer_path, force=force, dtype=dtype,
                        approximate_gelu=approximate_gelu, max_shard_size=max_shard_size)
     log.info("converted %s (%s, model %s, step %s) to %s (%s)", src.where, src.format, src.cfg.name, src.step, out,
-             f"{hf_target(src.cfg, approximate_gelu).ARCHITECTURE}" if to == "hf" else to)
+             target.ARCHITECTURE if target else to)
     return Path(out)

@@ -1,17 +1,14 @@
 """DeepSpeed checkpoint files (any ZeRO stage, any TP/PP layout) → one full serial-named state dict.
 
-* ZeRO 1/2/3 without TP/PP: DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint`` merges
-  the fp32 master partitions of every rank (ZeRO-3's module files hold only placeholders).
-* ZeRO-0: there are no partitions; the module state in ``mp_rank_00_model_states.pt`` is the model
-  (for bf16/fp16 runs its half-precision copy: DeepSpeed keeps the fp32 masters as unnamed flat
-  groups — a warning says so).
+* ZeRO 1-3 without TP/PP: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` merges every
+  rank's fp32 master partitions (ZeRO-3's module files hold only placeholders).
+* ZeRO-0: the module state in ``mp_rank_00_model_states.pt`` (for bf16/fp16 runs the half-precision
+  copy: the fp32 masters are unnamed flat groups; a warning says so).
 * TP/PP (``mp_rank_01_*``, ``layer_II-model_TT-model_states.pt``): the module files' TP slices are
-  merged with ``megagpt.model.sharding.merge``, pipeline layer files named back with
-  ``pipeline_layer_prefixes``. These are the module weights: exact for fp32 training, the rounded
-  copy under bf16/fp16 (the fp32 masters live in the ZeRO optimizer shards).
+  merged (``sharding.merge``) and pipeline layer files named back (``pipeline_layer_prefixes``):
+  exact for fp32 training, the rounded copy under bf16/fp16 (the masters are in the ZeRO shards).
 
-Model config and tokenizer come from the client state the pretraining loop saves in rank 0's
-model-states file (``config`` = full megagpt config, ``tokenizer`` = spec).
+The model config and tokenizer come from the client state in rank 0's model-states file.
 """
 from __future__ import annotations
 
@@ -65,12 +62,11 @@ def _load(path):
 def read_client_state(tag_dir) -> tuple[dict, Path]:
     """Rank 0's model-states dict (DeepSpeed keeps client_state keys at its top level) and its path."""
     tag_dir = Path(tag_dir)
-    plain = tag_dir / "mp_rank_00_model_states.pt"
-    files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))   # ZeRO-3: zero_pp_rank_0_mp_rank_00_...
-    path = plain if plain.is_file() else (files[0] if files else None)
-    if path is None:
+    # mp_rank_00_model_states.pt, else (ZeRO-3) zero_pp_rank_0_mp_rank_00_...: each sorts first
+    files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
+    if not files:
         raise MegaGPTError(f"{tag_dir}: no mp_rank_00_model_states.pt (incomplete DeepSpeed checkpoint?)")
-    return _load(path), path
+    return _load(files[0]), files[0]
 
 
 def model_config_of(client: dict, where):

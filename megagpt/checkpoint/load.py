@@ -1,13 +1,8 @@
-"""Read any checkpoint megagpt knows as one thing: a model config, full serial-named weights, a
-tokenizer and where it all came from.
-
-    deepspeed      a pretraining --save dir: global_stepN/ tags (any ZeRO stage, TP, PP layout)
-    consolidated   config.json with "format": "megagpt-consolidated" + model.safetensors + tokenizer/
-    hf             an HF transformers dir (GPT2LMHeadModel, OpenAIGPTLMHeadModel, LlamaForCausalLM)
-
-``open_checkpoint`` reads the config (cheap) and reads the weights only when asked, so callers can
-refuse early; ``load_model`` gives the model itself. Generation, conversion, finetuning init and
-offline reshaping all read through here.
+"""Read any checkpoint megagpt knows as one thing: model config, full serial-named weights, tokenizer
+and where they came from. Formats: ``deepspeed`` (a pretraining --save dir of ``global_stepN/`` tags,
+any ZeRO stage and TP/PP layout), ``consolidated`` (``consolidated.py``) and ``hf`` (GPT2LMHeadModel,
+OpenAIGPTLMHeadModel, LlamaForCausalLM). ``open_checkpoint`` reads the weights only when asked, so
+callers can refuse early; ``load_model`` gives the model itself.
 """
 from __future__ import annotations
 

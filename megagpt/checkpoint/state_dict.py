@@ -1,10 +1,9 @@
 """One normalisation for every state dict read from disk (DeepSpeed, consolidated, HF import).
 
-Writers differ in three ways that do not change the weights: a wrapper prefix on every name
-(DeepSpeed's ``module.``, ``torch.compile``'s ``_orig_mod.``, a finetuning wrapper's ``gpt.``),
-a tied embedding kept under one of its two names (DeepSpeed lists a shared parameter once;
-``zero_to_fp32`` re-adds it only sometimes), and the dtype. Anything else — a missing, extra or
-wrongly shaped tensor — means the weights are not for this config, and is named.
+Writers differ in ways that leave the weights alone: a wrapper prefix on every name (``module.``,
+``_orig_mod.``, a finetuning wrapper's ``gpt.``), a tied embedding under one of its two names
+(``zero_to_fp32`` re-adds a shared parameter only sometimes), the dtype. Anything else (a missing,
+extra or wrongly shaped tensor) means the weights are not for this config, and is named.
 """
 from __future__ import annotations
 

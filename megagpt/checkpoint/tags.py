@@ -1,18 +1,12 @@
 """Which tag of a DeepSpeed checkpoint directory to read: the one rule every reader follows.
 
-megagpt's saver (``engine.save``) has every rank write its files into ``global_stepN/``, then
-rank 0 writes the ``complete`` marker and only after it ``latest``. Hence:
-
-* a tag counts once it has the ``complete`` marker, and the checkpoint is the **newest complete
-  tag** (resume, generate, convert, finetune init alike);
-* ``latest`` is only a hint kept for DeepSpeed's own tools (``zero_to_fp32.py``,
-  ``engine.load_checkpoint`` without a tag); a crash between the two writes leaves it one tag
-  behind, so megagpt never reads it for its own checkpoints;
-* an explicit tag without the marker is refused: the run died while writing it.
-
-A directory with no marker at all was written by DeepSpeed alone (``engine.save_checkpoint``,
-e.g. by a user's own script): DeepSpeed writes ``latest`` after its files, so there ``latest``
-(or an explicit tag) is the checkpoint. Without either there is nothing whole to read.
+megagpt's saver (``engine.save``) has every rank write ``global_stepN/``, then rank 0 writes the
+``complete`` marker and only after it ``latest``. So the checkpoint is the newest tag with the
+marker (resume, generate, convert, finetune init alike), and an explicit tag without it is refused
+(the run died writing it). ``latest``, one tag behind after a crash between the two writes, is only
+a hint for DeepSpeed's own tools (``zero_to_fp32.py``, ``load_checkpoint`` without a tag). A
+directory with no marker at all was written by DeepSpeed alone, which writes ``latest`` after its
+files: there ``latest`` (or an explicit tag) is the checkpoint.
 """
 from __future__ import annotations
 

@@ -1,18 +1,11 @@
-"""The tokenizer inside a checkpoint: one layout, so a checkpoint is self-contained.
+"""The tokenizer inside a checkpoint, one layout: ``tokenizer/`` holding ``tokenizer.model``
+(sentencepiece) or ``encoder.json`` + ``vocab.bpe`` (GPT-2 BPE), and ``spec.json``
+(``{"type": "sentencepiece", "file": "tokenizer.model"}`` or ``{"type": "gpt2-bpe", "dir": "."}``).
 
-    tokenizer/
-      tokenizer.model             sentencepiece, or
-      encoder.json + vocab.bpe    GPT-2 BPE
-      spec.json                   {"type": "sentencepiece", "file": "tokenizer.model"}
-                                  or {"type": "gpt2-bpe", "dir": "."}
-
-A consolidated checkpoint holds it at its root; a pretraining (DeepSpeed) checkpoint in every
-tag dir, ``global_stepN/tokenizer/``, written before the tag's ``complete`` marker — so each tag
-stays whole on its own (``keep_last`` pruning, copying one tag elsewhere) and covered by the same
-crash-safety protocol, at the cost of a few hundred KB per tag (a few MB for GPT-2's files).
-
-Checkpoints written before this layout only name the user's file in their client state
-(``{"tokenizer": {"type", "path"}}``); ``recorded_tokenizer`` still reads those.
+A consolidated checkpoint holds it at its root; a DeepSpeed one in every tag, written before the
+``complete`` marker, so each tag stays whole on its own (``keep_last`` pruning, copying one tag)
+for a few hundred KB (GPT-2's: a few MB). Older checkpoints only name the user's file in their
+client state (``{"tokenizer": {"type", "path"}}``); ``recorded_tokenizer`` still reads those.
 """
 from __future__ import annotations
 
