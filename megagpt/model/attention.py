@@ -1,9 +1,8 @@
 """Causal self-attention with a fused QKV projection, GQA, RoPE and an optional KV cache.
 
-``qkv.weight`` has rows ``[q (n_head*D); k (n_kv_head*D); v (n_kv_head*D)]``, heads contiguous
-within each. Under tensor parallelism ``qkv`` is column-parallel by heads (each rank holds
-``[q_r; k_r; v_r]`` of its n_head/tp query and n_kv_head/tp key/value heads) and ``proj`` is
-row-parallel. The score computation itself is ``megagpt_kernels.dispatch.attention``.
+``qkv.weight`` has rows ``[q; k; v]``, heads contiguous within each. Under tensor parallelism
+``qkv`` is column-parallel by heads (each rank holds ``[q_r; k_r; v_r]`` of its n_head/tp query
+and n_kv_head/tp key/value heads) and ``proj`` is row-parallel.
 """
 import contextlib
 
@@ -50,14 +49,12 @@ class CausalSelfAttention(nn.Module):
         sizes = [self.n_head * D, self.n_kv_head * D, self.n_kv_head * D]
         q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in qkv.split(sizes, dim=-1))   # (B, H, T, D)
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         dropout_p = self.attn_dropout if self.training else 0.0
         # heads differ per TP rank, so must their dropout masks: the per-rank generator
-        split_rng = self.tp.rng.fork() if dropout_p and self.tp.size > 1 else contextlib.nullcontext()
-        with split_rng:
+        with self.tp.rng.fork() if dropout_p and self.tp.size > 1 else contextlib.nullcontext():
             y = dispatch.attention(q, k, v, causal=True, dropout_p=dropout_p, scale=None)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * D)
         return self.drop(self.proj(y))

@@ -22,34 +22,31 @@ class Dropout(nn.Module):
     def __init__(self, p: float, tp=SERIAL):
         super().__init__()
         self.p, self.tp = p, tp
-        self.split = tp.size > 1 and tp.sequence_parallel
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        with self.tp.rng.fork() if self.split else contextlib.nullcontext():
+        with self.tp.rng.fork() if self.tp.sequence_parallel else contextlib.nullcontext():
             return F.dropout(x, self.p, True)
 
 
 class Positions(nn.Module):
-    """Learned position table ``weight`` (max_seq_len, n_embd), replicated across TP."""
+    """Learned position table ``weight`` (max_seq_len, n_embd), replicated across TP; None for RoPE."""
 
     def __init__(self, cfg, tp=SERIAL):
         super().__init__()
         self.tp = tp
-        self.weight = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.n_embd))
+        self.weight = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.n_embd)) if cfg.pos_emb == "learned" else None
 
     def forward(self, x, start: int = 0):
-        return add_positions(x, self.weight, self.tp, start)
-
-
-def add_positions(x, weight, tp, start: int = 0):
-    """x (B, T_local, C) + the positions start.. of this rank's (sequence chunk of the) tokens."""
-    n = x.shape[1]
-    if tp.sequence_parallel:
-        start += tp.rank * n
-        weight = copy_to_tp(weight, tp.group)   # each rank's grad covers only its chunk: sum them
-    return x + F.embedding(torch.arange(start, start + n, device=x.device), weight)
+        """x (B, T_local, C) + the positions start.. of this rank's (sequence chunk of the) tokens."""
+        if self.weight is None:
+            return x
+        n, weight = x.shape[1], self.weight
+        if self.tp.sequence_parallel:
+            start += self.tp.rank * n
+            weight = copy_to_tp(weight, self.tp.group)   # each rank's grad covers only its chunk: sum them
+        return x + F.embedding(torch.arange(start, start + n, device=x.device), weight)
 
 
 class Embedding(nn.Module):

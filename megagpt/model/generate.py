@@ -1,9 +1,8 @@
 """Autoregressive sampling from a GPT: greedy, temperature, top-k and top-p (nucleus).
 
-Batched prompts must all have the same length (no left padding). The whole sequence, prompt
-plus new tokens, must fit in ``max_seq_len`` (an error otherwise, so cached and uncached
-generation always see the same context). With ``eos_id``, a row that has produced it keeps
-emitting ``eos_id`` and generation stops early once every row has.
+Batched prompts must all have the same length (no left padding). Prompt plus new tokens must fit
+in ``max_seq_len`` (so cached and uncached generation always see the same context). With ``eos_id``,
+a finished row keeps emitting it, and generation stops once every row has.
 """
 import torch
 

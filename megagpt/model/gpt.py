@@ -109,7 +109,6 @@ class GPT(nn.Module):
         self.tie_weights()
         return self
 
-    # ---- forward ------------------------------------------------------------------------
     def forward_hidden(self, input_ids, kv_cache: KVCache = None):
         """Final hidden states (B, T, n_embd), replicated on every TP rank (for a finetuning head,
         which computes the same on every rank: so the sequence gather's backward keeps the own chunk)."""
@@ -132,10 +131,7 @@ class GPT(nn.Module):
         rope = rope_cos_sin(cfg, start, T, input_ids.device)
         checkpointing = cfg.activation_checkpointing and self.training and kv_cache is None
         for block in self.blocks:
-            if checkpointing:
-                x = tp_checkpoint(tp.rng, block, x, rope)
-            else:
-                x = block(x, rope, kv_cache)
+            x = tp_checkpoint(tp.rng, block, x, rope) if checkpointing else block(x, rope, kv_cache)
         if kv_cache is not None:
             kv_cache.length = start + T
         return self.ln_f(x) if self.ln_f is not None else x
@@ -143,13 +139,12 @@ class GPT(nn.Module):
     def forward(self, input_ids, labels=None, kv_cache: KVCache = None):
         """Logits (B, T, vocab_size), or the mean cross-entropy over labels != -100 if given
         (labels come aligned: labels[t] is the token after input_ids[t])."""
-        cfg, tp = self.cfg, self.tp
         if labels is not None and labels.shape != input_ids.shape:
             raise MegaGPTError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         logits_local = self.lm_head(self._hidden_local(input_ids, kv_cache))   # gathers a split sequence
         if labels is None:
-            return gather_from_tp(logits_local, tp.group, dim=-1)[..., : cfg.vocab_size]
-        return lm_loss(logits_local, labels, cfg, tp)
+            return gather_from_tp(logits_local, self.tp.group, dim=-1)[..., : self.cfg.vocab_size]
+        return lm_loss(logits_local, labels, self.cfg, self.tp)
 
     def lm_loss_from_hidden(self, hidden, labels):
         """LM loss from ``forward_hidden``'s replicated output (a finetuning head's auxiliary L1),
@@ -160,7 +155,6 @@ class GPT(nn.Module):
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layer)
 
-    # ---- weights at any layout ----------------------------------------------------------
     def load_full_state_dict(self, full_sd: dict) -> None:
         """Copy this rank's slices of a full (serial-named) state dict into the model."""
         load_slices(dict(self.named_parameters(remove_duplicate=False)), full_sd, self.cfg, self.tp)
@@ -169,7 +163,6 @@ class GPT(nn.Module):
         """Full serial-named tensors (gathered across TP: a collective at tp>1; every rank gets them)."""
         return gather_slices(self.state_dict(), self.cfg, self.tp)
 
-    # ---- accounting ---------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters of the whole model (tied weights once; full sizes at any TP).
         non_embedding drops token/position tables and lm_head (Kaplan et al.'s N)."""
@@ -185,8 +178,6 @@ class GPT(nn.Module):
         n = self.num_params(non_embedding=True) + cfg.padded_vocab_size * cfg.n_embd
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_length
 
-
-# ---- initialisation: one serial random stream, sliced per rank ------------------------------------
 
 def init_stream(cfg):
     """The initial-weight random stream, as (draw, serial name, std) in order: a layout-free

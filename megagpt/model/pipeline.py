@@ -15,15 +15,13 @@ initial weights, full-state-dict gather/load and name-keyed rules (weight decay)
 """
 import functools
 
-import torch
 import torch.distributed as dist
-from torch import nn
 
 from megagpt.errors import MegaGPTError
 from megagpt.tp.layers import ColumnParallelLinear, VocabParallelEmbedding, column_parallel_linear
 from megagpt.tp.random import checkpoint as tp_checkpoint
 
-from .embedding import Dropout, add_positions, rope_cos_sin
+from .embedding import Dropout, Positions, rope_cos_sin
 from .gpt import Block, gather_slices, init_params, lm_loss, load_slices
 from .norm import Norm
 from .sharding import check_tp, with_tied_names
@@ -41,17 +39,15 @@ def tied_head(module, x):
     return column_parallel_linear(x, module.weight, None, module.group, module.sequence_parallel)
 
 
-class PosStage(nn.Module):
+class PosStage(Positions):
     full_prefix = "embed.pos."
 
     def __init__(self, cfg, tp):
-        super().__init__()
-        self.tp = tp
-        self.weight = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.n_embd)) if cfg.pos_emb == "learned" else None
+        super().__init__(cfg, tp)
         self.drop = Dropout(cfg.embd_dropout, tp)
 
     def forward(self, x):
-        return self.drop(add_positions(x, self.weight, self.tp) if self.weight is not None else x)
+        return self.drop(super().forward(x))
 
 
 class BlockStage(Block):
@@ -87,10 +83,8 @@ def build_pipeline(cfg, par):
     layers = [tok, LayerSpec(PosStage, cfg, tp)] + [LayerSpec(BlockStage, cfg, tp, i) for i in range(cfg.n_layer)]
     if cfg.norm_position == "pre":
         layers.append(LayerSpec(NormStage, cfg, tp))
-    if cfg.tie_embeddings:
-        layers.append(TiedLayerSpec("tok", TokStage, cfg, tp, tied_weight_attr="weight", forward_fn=tied_head))
-    else:
-        layers.append(LayerSpec(HeadStage, cfg, tp))
+    layers.append(TiedLayerSpec("tok", TokStage, cfg, tp, tied_weight_attr="weight", forward_fn=tied_head)
+                  if cfg.tie_embeddings else LayerSpec(HeadStage, cfg, tp))
     if len(layers) < par.pp_size:
         raise MegaGPTError(f"pipeline_parallel={par.pp_size} exceeds the {len(layers)} pipeline layers "
                            f"of a {cfg.n_layer}-layer model")
@@ -135,7 +129,6 @@ def gather_stages(tensors: dict, par) -> dict:
     dist.all_gather_object(parts, {k: v.cpu() for k, v in tensors.items()}, group=par.pp_group)
     full = {}
     for part in parts:
-        for k, v in part.items():
-            full.setdefault(k, v)
+        full.update((k, v) for k, v in part.items() if k not in full)
     return full
 

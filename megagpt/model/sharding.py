@@ -5,8 +5,6 @@
     blocks.i.mlp.fc/.gate .weight/.bias     rows (ffn)            ColumnParallelLinear (SwiGLU: both alike)
     blocks.i.attn.proj.weight, mlp.proj.weight   cols             RowParallelLinear
     everything else (norms, positions, row-parallel biases)       replicated
-
-Used by the model's init and load/gather at any TP, and by offline checkpoint reshaping alike.
 """
 import re
 
@@ -17,6 +15,7 @@ from megagpt.errors import MegaGPTError
 _KINDS = {"qkv": re.compile(r"attn\.qkv\.(weight|bias)$"),
           "rows": re.compile(r"(^embed\.tok\.weight|^lm_head\.weight|mlp\.(fc|gate)\.(weight|bias))$"),
           "cols": re.compile(r"(attn\.proj|mlp\.proj)\.weight$")}
+_DIM = {"rows": 0, "cols": 1}   # the dimension a rows/cols parameter is split along
 
 
 def shard_kind(name: str) -> str:
@@ -41,10 +40,8 @@ def shard(name: str, full: torch.Tensor, tp_rank: int, tp: int, cfg) -> torch.Te
     kind = shard_kind(name)
     if kind == "replicated" or tp == 1:
         return full
-    if kind == "rows":
-        return full.chunk(tp, dim=0)[tp_rank]
-    if kind == "cols":
-        return full.chunk(tp, dim=1)[tp_rank]
+    if kind in _DIM:
+        return full.chunk(tp, dim=_DIM[kind])[tp_rank]
     q, k, v = full.split(_qkv_sizes(cfg), dim=0)
     return torch.cat([t.chunk(tp, dim=0)[tp_rank] for t in (q, k, v)], dim=0)
 
@@ -54,10 +51,8 @@ def merge(name: str, shards: list, cfg) -> torch.Tensor:
     kind, tp = shard_kind(name), len(shards)
     if kind == "replicated" or tp == 1:
         return shards[0]
-    if kind == "rows":
-        return torch.cat(shards, dim=0)
-    if kind == "cols":
-        return torch.cat(shards, dim=1)
+    if kind in _DIM:
+        return torch.cat(shards, dim=_DIM[kind])
     parts = [s.split(_qkv_sizes(cfg, tp), dim=0) for s in shards]
     return torch.cat([torch.cat([p[i] for p in parts], dim=0) for i in range(3)], dim=0)
 
@@ -66,11 +61,9 @@ def pipeline_layer_prefixes(cfg) -> list:
     """Serial-name prefix of each pipeline layer index (``layer_XX-model_YY-model_states.pt``):
     token table, positions (+ embedding dropout), one per block, ln_f (pre-LN), and the head
     (the token table again when tied). See megagpt/model/pipeline.py."""
-    prefixes = ["embed.tok.", "embed.pos."] + [f"blocks.{i}." for i in range(cfg.n_layer)]
-    if cfg.norm_position == "pre":
-        prefixes.append("ln_f.")
-    prefixes.append("embed.tok." if cfg.tie_embeddings else "lm_head.")
-    return prefixes
+    norm = ["ln_f."] if cfg.norm_position == "pre" else []
+    head = "embed.tok." if cfg.tie_embeddings else "lm_head."
+    return ["embed.tok.", "embed.pos.", *(f"blocks.{i}." for i in range(cfg.n_layer)), *norm, head]
 
 
 def with_tied_names(sd: dict, cfg) -> dict:

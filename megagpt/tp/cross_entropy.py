@@ -1,9 +1,8 @@
 """Cross-entropy over vocab-parallel logits without ever gathering the full vocabulary.
 
-Each TP rank holds logits for ids [vocab_start, vocab_start + V_local). Three all-reduces of
-one number per token (max, sum of exp, the target's logit) give the exact log-softmax loss; the
-gradient softmax - onehot is formed locally. Columns of padded ids (>= vocab_size) are masked to
--inf, matching the serial model, which slices logits to vocab_size before its loss.
+Each TP rank holds logits for ids [vocab_start, vocab_start + V_local). Three all-reduces of one
+number per token (max, sum of exp, the target's logit) give the exact loss; the gradient softmax -
+onehot is formed locally. Padded ids (>= vocab_size) are masked to -inf, as the serial model slices them off.
 """
 import torch
 import torch.distributed as dist

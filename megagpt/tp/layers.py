@@ -55,9 +55,8 @@ def _reduce_scatter(x, group, dim):
 
 
 def _mapping(name, forward, backward):
-    """A communication as a named autograd pair: ``forward`` in the forward pass, ``backward`` for
-    the gradient. Identity (no autograd node) when the group has one rank, so tp=1 graphs are
-    exactly the serial model's."""
+    """A communication as a named autograd pair; identity (no autograd node) when the group has
+    one rank, so tp=1 graphs are exactly the serial model's."""
 
     class Mapping(torch.autograd.Function):
         @staticmethod
@@ -127,12 +126,11 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight)
-        if self.sequence_parallel:
-            y = reduce_scatter_seq(y, self.group)
-            # each rank's bias grad covers only its sequence chunk: sum them across TP
-            return y + copy_to_tp(self.bias, self.group) if self.bias is not None else y
-        y = reduce_from_tp(y, self.group)
-        return y + self.bias if self.bias is not None else y
+        y = reduce_scatter_seq(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
+        if self.bias is None:
+            return y
+        # under sequence parallelism each rank's bias grad covers only its chunk: sum them across TP
+        return y + (copy_to_tp(self.bias, self.group) if self.sequence_parallel else self.bias)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -154,6 +152,4 @@ class VocabParallelEmbedding(nn.Module):
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
             local = (ids - self.vocab_start).masked_fill(outside, 0)
             out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        if self.sequence_parallel:
-            return reduce_scatter_seq(out, self.group)
-        return reduce_from_tp(out, self.group)
+        return reduce_scatter_seq(out, self.group) if self.sequence_parallel else reduce_from_tp(out, self.group)
