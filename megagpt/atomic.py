@@ -16,10 +16,6 @@ from pathlib import Path
 
 from megagpt.errors import MegaGPTError
 
-__all__ = ["AtomicFile", "atomic_file", "write_bytes_atomic", "write_text_atomic", "atomic_dir", "publish",
-           "fsync_tree", "temp_sibling", "refuse_existing", "writing"]
-
-
 def temp_sibling(path, kind: str = "tmp") -> Path:
     """``DIR/.NAME.<kind>-PID-RANDOM``: same directory (so the rename is atomic), hidden, unique."""
     path = Path(path)
@@ -97,9 +93,8 @@ def publish(src, dst, force: bool = True) -> None:
 
 
 class AtomicFile:
-    """A binary file written under a temp sibling of ``path``; ``commit()`` publishes it,
-    ``discard()`` removes it. For writers that stream over many calls (``IndexedDatasetWriter``);
-    within one block use the ``atomic_file`` context manager."""
+    """A binary file written under a temp sibling of ``path``; ``commit()`` publishes it, ``discard()``
+    removes it. ``with atomic_file(p) as f: f.write(b"...")``: ``p`` changes only if the block succeeds."""
 
     def __init__(self, path, force: bool = True):
         self.path, self.force = Path(path), force
@@ -126,17 +121,17 @@ class AtomicFile:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
 
+    def __enter__(self):
+        return self.file
 
-@contextlib.contextmanager
-def atomic_file(path, force: bool = True):
-    """``with atomic_file(p) as f: f.write(b"...")``: ``p`` changes only when the block succeeds."""
-    af = AtomicFile(path, force)
-    try:
-        yield af.file
-    except BaseException:
-        af.discard()
-        raise
-    af.commit()
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+atomic_file = AtomicFile
 
 
 def write_bytes_atomic(path, data: bytes, force: bool = True) -> Path:

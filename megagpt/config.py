@@ -1,16 +1,12 @@
 """The run config: one typed tree, built once from a YAML/JSON file plus command-line flags.
 
-Pretraining: ``load_config(path, overrides) -> MegaGPTConfig``, sections ``model`` (a preset and
-ModelConfig fields overriding it), ``data``, ``train``, ``parallel`` and ``debug`` (test hooks only).
-Finetuning: ``load_finetune_config(path or None, overrides) -> FinetuneConfig``, a ``finetune:``
-section, usually all flags. Sections are ``megagpt.schema.Section``s; flags override the file.
-Defaults that depend on another section are filled before it is built (``data.seq_length`` =
-``model.max_seq_len``, ``model.vocab_size`` = the tokenizer's, ``parallel.seed`` = ``train.seed``).
-
-Loading is strict: an unknown key, a wrong type or value is a ``MegaGPTError`` with ``.key``
-(``'train.lr'``) and where the value came from (``.file``/``.line``, or ``.flag``), so a typo
-fails before any process group starts. The layout is checked against the model here; against the
-world size and the DeepSpeed JSON in ``pretrain.main``.
+``load_config(path, overrides) -> MegaGPTConfig`` (pretraining: sections model, data, train,
+parallel, debug) and ``load_finetune_config(path or None, overrides) -> FinetuneConfig`` (a
+``finetune:`` section, usually all flags). Defaults that depend on another section are filled
+before it is built (``data.seq_length`` = ``model.max_seq_len``, ``model.vocab_size`` = the
+tokenizer's, ``parallel.seed`` = ``train.seed``). A mistake is a ``MegaGPTError`` naming the key
+and where its value came from (file and line, or flag), before any process group starts; the
+layout is checked against the model here, against the world size and DeepSpeed JSON in ``pretrain.main``.
 """
 from __future__ import annotations
 
@@ -120,7 +116,7 @@ class DebugConfig(Section):
     kill_at_step: Optional[int] = field(None, cli=False, help="the last rank SIGKILLs itself at this step")
     spike_at_step: Optional[int] = field(None, cli=False, help="this step's loss (first attempt only) is x10: a "
                                                               "loss spike")
-    nan_grad_at_step: Optional[int] = field(None, cli=False, help="rank 1's first parameter gets a NaN gradient at "
+    nan_grad_at_step: Optional[int] = field(None, cli=False, help="rank 1's last parameter gets a NaN gradient at "
                                                                  "this step (the loss stays finite)")
     sample_ids: bool = field(False, cli=False, help="each rank appends the train-sample indices of every step to "
                                                     "samples_rank{R}.jsonl in the save dir")
@@ -213,8 +209,7 @@ class _Origins:
         return MegaGPTError(reason, key=key, file=self.source, line=line)
 
     def build(self, section: str, make, raw):
-        """``make(raw)``; its error (key relative to the section) raised as the tree's (dotted key,
-        file/line or flag)."""
+        """``make(raw)``; its error (key relative to the section) placed in the tree (dotted key, origin)."""
         try:
             return make(raw)
         except MegaGPTError as e:
@@ -283,8 +278,7 @@ class MegaGPTConfig:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<dict>", lines: dict | None = None,
                   overrides: dict | None = None) -> "MegaGPTConfig":
-        """Build from a nested dict; ``overrides`` {(section, key): value} are CLI flags
-        (``megagpt.schema.Overrides`` also knows each one's flag text)."""
+        """Build from a nested dict; ``overrides``: {(section, key): value} of flags (``schema.Overrides``)."""
         overrides = overrides if overrides is not None else {}
         origins = _Origins(source, lines or {}, overrides)
         raw = _sections(raw, cls.SECTIONS, origins, overrides)

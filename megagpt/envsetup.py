@@ -29,8 +29,7 @@ def torch_extensions_dir() -> str:
 
 
 def set_torch_extensions_dir() -> str:
-    """Default ``TORCH_EXTENSIONS_DIR`` to this environment's directory; returns the one in effect.
-    Child processes (DeepSpeed's launcher, its ranks) inherit it."""
+    """Default ``TORCH_EXTENSIONS_DIR`` (inherited by the launcher's ranks); returns the one in effect."""
     return os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
 
 

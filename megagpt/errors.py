@@ -1,10 +1,8 @@
-"""One error type for every user mistake megagpt can name (bad file, line, key or value).
-
-Entry points print its message on one line (exit 2) instead of a traceback; anything else escaping
-is a bug in megagpt. Where the mistake is travels as data, as plain attributes that survive
-pickling: ``key`` (dotted config key ``'train.lr'``, or a section's own field name), ``file`` and
-``line``, or ``flag``; the message is built from them: ``file, line N, key 'a.b': why`` or
-``--seq-length 99, key 'data.seq_length': why``.
+"""One error type for every user mistake megagpt can name (bad file, line, key or value): entry
+points print it on one line (exit 2) instead of a traceback. Where the mistake is travels as plain
+attributes (they survive pickling): ``key`` (``'train.lr'``, or a section's own field name),
+``file`` and ``line``, or ``flag``; the message is built from them:
+``file, line N, key 'a.b': why`` or ``--seq-length 99, key 'data.seq_length': why``.
 """
 import functools
 import os

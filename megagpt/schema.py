@@ -1,14 +1,12 @@
 """Config sections as typed dataclasses, declared, checked and exposed one way.
 
-A section (``ModelConfig``, ``DataConfig``, ``ParallelConfig``, those in ``megagpt/config.py``) is a
-dataclass deriving from ``Section``, its fields declared with ``field(default, help=, flags=,
-choices=, min=)``. On construction every value is checked against its type hint (``int`` refuses
-``True`` and ``"4"``, ``float`` takes ints, ``Optional`` takes ``None``), its choices and lower
-bound, then the section's ``_check()``; a mistake is a ``MegaGPTError`` whose ``key`` is the field
-(the config tree adds the section and the file/line or flag the value came from).
-``FlagSet`` adds one argparse flag per field (``--seq-length`` unless ``flags=`` names others,
-``--x/--no-x`` for booleans, ``nargs='+'`` for lists), its help ending with the YAML key and default.
-``yaml=False`` fields are filled by the program (``ParallelConfig.seed``); ``cli=False`` ones get no flag.
+A section is a dataclass deriving from ``Section``, its fields declared with ``field(default,
+help=, flags=, choices=, min=)``. Construction checks each value against its type hint (``int``
+refuses ``True`` and ``"4"``, ``float`` takes ints), choices and lower bound, then ``_check()``;
+a mistake is a ``MegaGPTError`` whose ``key`` is the field (the config tree adds the section and
+the file/line or flag the value came from). ``FlagSet`` adds one argparse flag per field, its help
+ending with the YAML key and default. ``yaml=False`` fields are filled by the program
+(``ParallelConfig.seed``); ``cli=False`` ones get no flag.
 """
 from __future__ import annotations
 
@@ -105,11 +103,7 @@ def _default_of(f):
 
 
 def _yaml_text(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def flag_help(section: str, f) -> str:
@@ -123,10 +117,9 @@ class Overrides(dict):
     """``{(section, key): value}`` from the command line; ``.flags`` holds each one's flag text
     (``"--seq-length 99"``) and ``.names`` every flag of every field, for error messages."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.flags: dict = {}
-        self.names: dict = {}
+    def __init__(self):
+        super().__init__()
+        self.flags, self.names = {}, {}
 
 
 class FlagSet:

@@ -1,7 +1,5 @@
-"""The CUDA C++ LayerNorm, JIT-built with torch.utils.cpp_extension on first use on a GPU machine.
-
-Why JIT: no compiled artifacts in the repo or wheel; the first call on a CUDA box builds
-``layer_norm_kernels.cu`` + ``layer_norm.cpp`` (cached by torch under TORCH_EXTENSIONS_DIR).
+"""The CUDA C++ LayerNorm, JIT-built by torch.utils.cpp_extension on first use on a GPU machine (no
+compiled artifacts in the repo or wheel; torch caches the build under TORCH_EXTENSIONS_DIR).
 ``load()`` raises ``CudaKernelUnavailable`` with the reason (no CUDA, no nvcc, build error);
 dispatch catches it, warns once, and falls back.
 """
@@ -14,8 +12,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 CU_SOURCE = HERE / "layer_norm_kernels.cu"
 CPP_SOURCE = HERE / "layer_norm.cpp"
-_ext = None
-_error = None
+_ext = _error = None   # the built module, or why it cannot be built
 
 
 class CudaKernelUnavailable(RuntimeError):

@@ -36,15 +36,12 @@ def _same(a, b) -> bool:
 def first_difference(tag_a, tag_b) -> tuple[str | None, int]:
     """(None, tensors compared) when every ``*_states.pt`` file of the two tag directories holds
     the same values; else (a one-line description of the first difference, tensors compared)."""
-    tag_a, tag_b = Path(tag_a), Path(tag_b)
-    files = sorted(p.name for p in tag_a.glob("*_states.pt"))
-    other = sorted(p.name for p in tag_b.glob("*_states.pt"))
+    files, other = (sorted(p.name for p in Path(t).glob("*_states.pt")) for t in (tag_a, tag_b))
     if not files or files != other:
         return f"different checkpoint files: {files} vs {other}", 0
     compared = 0
     for f in files:
-        a = dict(leaves(torch.load(tag_a / f, map_location="cpu", weights_only=False)))
-        b = dict(leaves(torch.load(tag_b / f, map_location="cpu", weights_only=False)))
+        a, b = (dict(leaves(torch.load(Path(t) / f, map_location="cpu", weights_only=False))) for t in (tag_a, tag_b))
         if a.keys() != b.keys():
             return f"{f}: different entries {sorted(set(a) ^ set(b))[:3]}", compared
         for k in a:

@@ -68,7 +68,6 @@ def read_meta(ckpt_dir) -> dict:
 
 
 def load_consolidated(ckpt_dir) -> tuple[dict, dict]:
-    """(state_dict as stored, meta) where meta is config.json (``meta["model"]`` is the ModelConfig
-    dict). Most callers want ``megagpt.checkpoint.load`` instead (checked, normalised names)."""
+    """(state_dict as stored, config.json); most callers want ``load.load_model`` (checked, normalised)."""
     meta = read_meta(ckpt_dir)
     return load_file(str(Path(ckpt_dir) / "model.safetensors")), meta

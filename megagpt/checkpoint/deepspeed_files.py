@@ -2,13 +2,10 @@
 
 * ZeRO 1-3 without TP/PP: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` merges every
   rank's fp32 master partitions (ZeRO-3's module files hold only placeholders).
-* ZeRO-0: the module state in ``mp_rank_00_model_states.pt`` (for bf16/fp16 runs the half-precision
-  copy: the fp32 masters are unnamed flat groups; a warning says so).
-* TP/PP (``mp_rank_01_*``, ``layer_II-model_TT-model_states.pt``): the module files' TP slices are
-  merged (``sharding.merge``) and pipeline layer files named back (``pipeline_layer_prefixes``):
-  exact for fp32 training, the rounded copy under bf16/fp16 (the masters are in the ZeRO shards).
-
-The model config and tokenizer come from the client state in rank 0's model-states file.
+* ZeRO-0: the module state of ``mp_rank_00_model_states.pt`` (bf16/fp16 runs: the half copy; a
+  warning says so, as the fp32 masters are unnamed flat groups).
+* TP/PP: the module files' TP slices merged, pipeline layer files named back: exact for fp32
+  training, the rounded copy under bf16/fp16.
 """
 from __future__ import annotations
 

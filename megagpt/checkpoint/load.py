@@ -19,6 +19,7 @@ from .state_dict import normalize_state_dict
 from .tags import is_deepspeed_checkpoint, resolve_tag, step_of
 from .tokenizer_files import bundled_tokenizer, recorded_tokenizer
 
+
 def detect_format(path) -> str:
     """"deepspeed", "consolidated" or "hf", or MegaGPTError saying what the path is not."""
     from megagpt.export.hf import is_hf_dir
@@ -28,12 +29,9 @@ def detect_format(path) -> str:
         raise MegaGPTError(f"{p}: no such file or directory")
     if not p.is_dir():
         raise MegaGPTError(f"{p}: expected a checkpoint directory")
-    if is_deepspeed_checkpoint(p):
-        return "deepspeed"
-    if is_consolidated(p):
-        return "consolidated"
-    if is_hf_dir(p):
-        return "hf"
+    for fmt, holds in (("deepspeed", is_deepspeed_checkpoint), ("consolidated", is_consolidated), ("hf", is_hf_dir)):
+        if holds(p):
+            return fmt
     raise MegaGPTError(f"{p}: not a DeepSpeed checkpoint (global_stepN/), a consolidated megagpt checkpoint "
                        f"(config.json with format megagpt-consolidated), nor an HF transformers dir "
                        f"(config.json with model_type)")
@@ -123,11 +121,9 @@ class LoadedModel(NamedTuple):
 
 
 def load_model(path, tag: str | None = None, tokenizer: str | None = None, tp=SERIAL) -> LoadedModel:
-    """A checkpoint of any format → (GPT with its weights in eval mode and fp32, tokenizer, meta).
-
-    ``tp`` builds this rank's tensor-parallel slice instead (a TPContext; collective-free).
-    A GPT-2 tokenizer read from an HF dir is loaded from a temporary copy: ``meta["tokenizer_path"]``
-    is then None (its files are the HF dir's ``vocab.json``/``merges.txt``)."""
+    """A checkpoint of any format → (GPT with its weights, eval mode, fp32; tokenizer; meta). ``tp``:
+    this rank's tensor-parallel slice instead (a TPContext; collective-free). A GPT-2 tokenizer from
+    an HF dir is loaded from a temporary copy: ``meta["tokenizer_path"]`` is then None."""
     from megagpt.model import GPT
     from megagpt.tokenizer import load_tokenizer
 

@@ -1,9 +1,7 @@
-"""One normalisation for every state dict read from disk (DeepSpeed, consolidated, HF import).
-
-Writers differ in ways that leave the weights alone: a wrapper prefix on every name (``module.``,
-``_orig_mod.``, a finetuning wrapper's ``gpt.``), a tied embedding under one of its two names
-(``zero_to_fp32`` re-adds a shared parameter only sometimes), the dtype. Anything else (a missing,
-extra or wrongly shaped tensor) means the weights are not for this config, and is named.
+"""One normalisation for every state dict read from disk: wrapper prefixes (``module.``,
+``_orig_mod.``, a finetuning wrapper's ``gpt.``), a tied embedding under only one of its names
+(``zero_to_fp32`` re-adds a shared parameter only sometimes) and the dtype do not matter; a
+missing, extra or wrongly shaped tensor means the weights are not for this config, and is named.
 """
 from __future__ import annotations
 

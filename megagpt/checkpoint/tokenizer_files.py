@@ -35,8 +35,7 @@ def write_tokenizer(tokenizer_path, dest) -> None:
 
 
 def bundled_tokenizer(holder) -> str | None:
-    """Path for ``megagpt.tokenizer.load_tokenizer`` of the ``tokenizer/`` folder in ``holder`` (a
-    consolidated checkpoint or a tag dir), or None when there is none."""
+    """``load_tokenizer``'s path of the ``tokenizer/`` in ``holder`` (a consolidated dir or a tag), or None."""
     tdir = Path(holder) / TOKENIZER_DIR
     if (tdir / "tokenizer.model").is_file():
         return str(tdir / "tokenizer.model")
