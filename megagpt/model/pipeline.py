@@ -100,17 +100,9 @@ def build_pipeline(cfg, par):
 
 
 def stage_parameters(module) -> dict:
-    """{serial name: parameter} of this rank's pipeline stage, each parameter once."""
-    out, seen = {}, set()
-    for m in module.modules():
-        prefix = getattr(m, "full_prefix", None)
-        if prefix is None:
-            continue
-        for name, p in m.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out[prefix + name] = p
-    return out
+    """{serial name: parameter} of this rank's pipeline stage (modules() yields a tied stage once)."""
+    return {m.full_prefix + name: p for m in module.modules() if hasattr(m, "full_prefix")
+            for name, p in m.named_parameters()}
 
 
 def load_pipeline(module, full_sd: dict) -> None:

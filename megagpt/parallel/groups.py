@@ -69,7 +69,6 @@ class ParallelState:
 
     @property
     def tp(self) -> TPContext:
-        """What the model's layers need to know about this rank's tensor-parallel group."""
         return TPContext(self.tp_group if self.tp_size > 1 else None, self.tp_rank, self.tp_size,
                          self.sequence_parallel, self.rng)
 

@@ -10,9 +10,8 @@ Each communication is a named autograd pair (forward / backward):
     gather_from_seq    all-gather        reduce-scatter    before column-parallel
     reduce_scatter_seq reduce-scatter    all-gather        after row-parallel
 
-Split parameters carry ``tensor_model_parallel = True`` (DeepSpeed counts their grad norm on every
-TP rank, replicated ones on TP rank 0 only). Every collective is skipped when the group has one
-rank, so tp=1 layers are plain Linear/Embedding (same numerics and names) with no process group.
+Every collective is skipped when the group has one rank, so tp=1 layers are plain Linear/Embedding
+(same numerics and names) with no process group.
 """
 import torch
 import torch.distributed as dist
@@ -85,7 +84,8 @@ reduce_scatter_seq = _mapping("reduce_scatter_seq", _reduce_scatter, _all_gather
 
 
 def mark_tp(param: nn.Parameter, tp) -> nn.Parameter:
-    """Flag a parameter split across TP ranks (only when it is: at tp=1 nothing is split)."""
+    """Flag a parameter split across TP ranks (only at tp>1): DeepSpeed counts its grad norm on every
+    TP rank, a replicated one's on TP rank 0 only."""
     if tp.size > 1:
         param.tensor_model_parallel = True
     return param
@@ -98,9 +98,8 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features, out_features, bias, tp):
         super().__init__()
         self.group, self.sequence_parallel = tp.group, tp.sequence_parallel
-        out_local = out_features // tp.size
-        self.weight = mark_tp(nn.Parameter(torch.empty(out_local, in_features)), tp)
-        self.bias = mark_tp(nn.Parameter(torch.zeros(out_local)), tp) if bias else None
+        self.weight = mark_tp(nn.Parameter(torch.empty(out_features // tp.size, in_features)), tp)
+        self.bias = mark_tp(nn.Parameter(torch.zeros(out_features // tp.size)), tp) if bias else None
 
     def forward(self, x):
         return column_parallel_linear(x, self.weight, self.bias, self.group, self.sequence_parallel)
@@ -120,8 +119,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features, out_features, bias, tp):
         super().__init__()
         self.group, self.sequence_parallel = tp.group, tp.sequence_parallel
-        in_local = in_features // tp.size
-        self.weight = mark_tp(nn.Parameter(torch.empty(out_features, in_local)), tp)
+        self.weight = mark_tp(nn.Parameter(torch.empty(out_features, in_features // tp.size)), tp)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x):

@@ -4,10 +4,8 @@
   replica's stage, so dropout on *replicated* activations draws the mask the serial model would.
 * Tracker generator (``tracker.fork()``, seed ``seed + 2718 + 100 * pp_rank + tp_rank``): differs
   per TP rank, for dropout on *split* activations (attention heads; sequence-parallel chunks).
-  Initial weights never use it: they come from one serial stream (model/gpt.py ``init_stream``).
-
-Activation checkpointing must replay the tracker as well as the default generator (``checkpoint``).
-The tracker's state is saved per rank with each checkpoint (checkpoint/engine.py ``rng_state``).
+  Initial weights never use it (model/gpt.py ``init_stream``). Activation checkpointing replays it
+  too (``checkpoint``); checkpoints save it per rank (checkpoint/engine.py ``rng_state``).
 """
 import contextlib
 
