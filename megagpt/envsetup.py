@@ -1,12 +1,11 @@
-"""Per-environment cache of JIT-built ops: every entry that may start DeepSpeed calls
-``set_torch_extensions_dir()`` first (the launch CLI before it execs trainers).
+"""Per-environment cache of JIT-built ops: every entry that may start DeepSpeed (the launch CLI before
+it execs trainers) calls ``set_torch_extensions_dir()`` first.
 
-torch caches the C++/CUDA extensions it builds on first use (DeepSpeed's shm comm, CPU Adam, fused
-Adam; ``megagpt_kernels.cuda``) in ``~/.cache/torch_extensions/py311_cpu/``, keyed by the Python
-version only: two environments on one machine rebuild each other's ops (30-90 s each) whenever they
-alternate, and a torch upgrade can load a stale build. This directory is keyed by ``sys.prefix``
-and the torch version; ``scripts/setup_env.sh`` pre-builds into it (it runs this file for the
-name). An explicit ``TORCH_EXTENSIONS_DIR`` wins. Imports nothing heavy: runs before torch loads.
+torch caches the extensions it builds (DeepSpeed's shm comm, CPU/fused Adam, ``megagpt_kernels.cuda``)
+under ``~/.cache/torch_extensions/py311_cpu/``, keyed by the Python version only: two environments on
+one machine rebuild each other's ops (30-90 s each) as they alternate, and a torch upgrade can load a
+stale build. Here the key is ``sys.prefix`` and the torch version; ``scripts/setup_env.sh`` pre-builds
+into it. An explicit ``TORCH_EXTENSIONS_DIR`` wins. Imports nothing heavy: runs before torch loads.
 """
 from __future__ import annotations
 

@@ -19,14 +19,10 @@ class MegaGPTError(Exception):
         super().__init__(self._message())
 
     def _message(self) -> str:
-        where = []
-        if self.flag:
-            where.append(self.flag)
-        elif self.file:
-            where.append(str(self.file) + (f", line {self.line}" if self.line else ""))
-        if self.key and where:   # on its own the reason already names the field
-            where.append(f"key '{self.key}'")
-        return ", ".join(where) + ": " + self.reason if where else self.reason
+        where = self.flag or (f"{self.file}, line {self.line}" if self.file and self.line else self.file)
+        if not where:   # on its own the reason already names the field
+            return self.reason
+        return f"{where}, key '{self.key}': {self.reason}" if self.key else f"{where}: {self.reason}"
 
     def located(self, *, key: str | None = None, file: str | None = None, line: int | None = None,
                 flag: str | None = None) -> "MegaGPTError":

@@ -1,12 +1,10 @@
 """Config sections as typed dataclasses, declared, checked and exposed one way.
 
-A section is a dataclass deriving from ``Section``, its fields declared with ``field(default,
-help=, flags=, choices=, min=)``. Construction checks each value against its type hint (``int``
-refuses ``True`` and ``"4"``, ``float`` takes ints), choices and lower bound, then ``_check()``;
-a mistake is a ``MegaGPTError`` whose ``key`` is the field (the config tree adds the section and
-the file/line or flag the value came from). ``FlagSet`` adds one argparse flag per field, its help
-ending with the YAML key and default. ``yaml=False`` fields are filled by the program
-(``ParallelConfig.seed``); ``cli=False`` ones get no flag.
+A section derives from ``Section``; its fields are declared with ``field(default, help=, flags=,
+choices=, min=)``. Construction checks each value against its type hint (``int`` refuses ``True``
+and ``"4"``, ``float`` takes ints), choices and lower bound, then ``_check()``: a mistake is a
+``MegaGPTError`` keyed by the field. ``FlagSet`` adds one argparse flag per field, its help ending
+with the YAML key and default; ``yaml=False`` fields are filled by the program, ``cli=False`` get no flag.
 """
 from __future__ import annotations
 
@@ -168,11 +166,7 @@ class FlagSet:
 def _flag_text(names, value, argv) -> str:
     """How the user wrote it: the last of ``names`` (or ``--no-...``) in ``argv``, with the value."""
     spelled = list(names) + ["--no-" + n[2:] for n in names]
-    used = names[0]
-    for tok in argv:
-        flag = tok.split("=", 1)[0]
-        if flag in spelled:
-            used = flag
+    used = next((f for f in reversed([tok.split("=", 1)[0] for tok in argv]) if f in spelled), names[0])
     if isinstance(value, bool):
         return used
     return f"{used} {' '.join(map(str, value)) if isinstance(value, list) else value}"

@@ -1,14 +1,9 @@
-"""Every checkpoint megagpt reads or writes, in one place. See docs/export.md and docs/parallelism.md.
-
-  tags.py             which tag of a DeepSpeed dir to read (``complete`` marker; ``latest`` is a hint)
-  engine.py           crash-safe save/resume of a live DeepSpeed engine (pretraining)
-  tokenizer_files.py  the tokenizer layout inside checkpoints (``tokenizer/`` + ``spec.json``)
-  state_dict.py       one normalisation of loaded weights (wrapper prefixes, tied name, shapes)
-  deepspeed_files.py  DeepSpeed files (ZeRO 0-3, TP, PP) → a full serial-named state dict
-  consolidated.py     the consolidated format (model.safetensors + config.json + tokenizer/)
-  load.py             ``open_checkpoint`` / ``load_model``: any of DeepSpeed, consolidated, HF dirs
-  convert.py          DeepSpeed / consolidated / HF → consolidated or HF (tools/convert_checkpoint.py)
-  reshape.py          weights and Adam state of live engines across TP/PP/DP layouts
+"""Every checkpoint megagpt reads or writes (docs/export.md, docs/parallelism.md): ``tags`` (which tag
+to read), ``engine`` (crash-safe save/resume of a live DeepSpeed engine), ``tokenizer_files`` (the
+tokenizer inside checkpoints), ``state_dict`` (one normalisation of loaded weights),
+``deepspeed_files`` (ZeRO 0-3, TP, PP files → one state dict), ``consolidated`` (the unsharded
+format), ``load`` (``load_model`` from DeepSpeed, consolidated or HF dirs), ``convert`` (to
+consolidated or HF) and ``reshape`` (weights and Adam state of live engines across layouts).
 """
 
 

@@ -1,12 +1,10 @@
 """Which tag of a DeepSpeed checkpoint directory to read: the one rule every reader follows.
 
-megagpt's saver (``engine.save``) has every rank write ``global_stepN/``, then rank 0 writes the
-``complete`` marker and only after it ``latest``. So the checkpoint is the newest tag with the
-marker (resume, generate, convert, finetune init alike), and an explicit tag without it is refused
-(the run died writing it). ``latest``, one tag behind after a crash between the two writes, is only
-a hint for DeepSpeed's own tools (``zero_to_fp32.py``, ``load_checkpoint`` without a tag). A
-directory with no marker at all was written by DeepSpeed alone, which writes ``latest`` after its
-files: there ``latest`` (or an explicit tag) is the checkpoint.
+``engine.save`` has every rank write ``global_stepN/``, then rank 0 writes the ``complete`` marker and
+only then ``latest``. So the checkpoint is the newest tag with the marker, and an explicit tag
+without it is refused (the run died writing it); ``latest``, a tag behind after a crash between the
+two writes, is only a hint for DeepSpeed's own tools. A directory with no marker at all was written
+by DeepSpeed alone, which writes ``latest`` after its files: there ``latest`` (or a tag) is the checkpoint.
 """
 from __future__ import annotations
 
