@@ -63,7 +63,7 @@ def _mp_rank_states(tag_dir: Path, mp: int, zero: int) -> tuple[dict, int]:
                 out[k][name] = st[k].view(shapes[name])
         module = model.get("module") or {}
         out["fp32"] = {n: module[n] for n in shapes if n in module}   # PP: module weights come from layer files
-        return out, int(next(iter(osd["state"].values()))["step"])
+        return out, max(int(st["step"]) for st in osd["state"].values())   # FusedAdam counts in one param per group
     files = sorted((int(m.group(1)), f) for f in tag_dir.glob(f"zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt")
                    if (m := _OPTIM_FILE.search(f.name)))
     pieces, step = {}, 0
@@ -117,6 +117,12 @@ def load_elastic(engine, load_dir, tag: str, client: dict) -> None:
     engine.global_samples = int(client.get("global_samples", 0))
     engine.skipped_steps = int(client.get("skipped_steps", 0))
     if engine.lr_scheduler is not None and client.get("lr_scheduler") is not None:
-        engine.lr_scheduler.load_state_dict(client["lr_scheduler"])
-        for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr   # DeepSpeed's load restores it with the optimizer's param groups
+        load_scheduler_state(engine, client["lr_scheduler"])
+
+
+def load_scheduler_state(engine, state: dict) -> None:
+    """The LR scheduler's state, and the learning rate it implies in each optimizer group (which
+    DeepSpeed's own load restores with the optimizer's param groups)."""
+    engine.lr_scheduler.load_state_dict(state)
+    for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr

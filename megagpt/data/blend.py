@@ -119,3 +119,6 @@ class BlendedDataset(torch.utils.data.Dataset):
         if not -self.num_samples <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         return self.datasets[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]
+
+    def source(self, i: int) -> tuple[str, list]:
+        return self.datasets[int(self.dataset_index[i])].source(int(self.dataset_sample_index[i]))

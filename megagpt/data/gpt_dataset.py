@@ -180,6 +180,21 @@ class GPTDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         return {"tokens": self.stream_sample(self.shuffle_idx[i].item())}
 
+    def source(self, i: int) -> tuple[str, list]:
+        """(shard prefix, shard document ids) that sample ``i`` is cut from."""
+        j = int(self.shuffle_idx[i])
+        (p0, _), (p1, _) = self.sample_idx[j:j + 2].tolist()
+        return self.shard.prefix, self.doc_idx[p0:p1 + 1].tolist()
+
+
+def describe_samples(dataset, indices) -> str:
+    """Which shards and documents samples ``indices`` of a GPT or blended dataset come from."""
+    docs = {}
+    for i in indices:
+        prefix, ids = dataset.source(i)
+        docs.setdefault(prefix, set()).update(ids)
+    return "; ".join(f"{p}: documents {', '.join(map(str, sorted(d)))}" for p, d in docs.items())
+
 
 def split_document_ranges(num_docs: int, ratios) -> list[tuple[int, int]]:
     """Contiguous (train, valid, test) document ranges; boundaries are the rounded cumulative

@@ -52,7 +52,8 @@ def check_zero_stage(ds_config: dict, pp_size: int) -> None:
 
 
 def prepare_ds_config(ds_config: dict, par) -> dict:
-    """Check ``ds_config`` against the layout and return a copy with what the layout needs.
+    """Check ``ds_config`` against the layout and return a copy with what the layout needs (and
+    bf16's ``check_grad_overflow``, on unless the JSON says otherwise: see ``loop.UpdateGuard``).
 
     With TP inside a pipeline DeepSpeed by default sends each stage boundary's activation (and
     gradient) as 1/TP slices and all-gathers them on the receiver ("pipe_partitioned",
@@ -61,6 +62,8 @@ def prepare_ds_config(ds_config: dict, par) -> dict:
     """
     check_zero_stage(ds_config, par.pp_size)
     cfg = dict(ds_config)
+    if (cfg.get("bf16") or {}).get("enabled"):   # ZeRO 1/2 skip a non-finite-gradient update under bf16 too
+        cfg["bf16"] = {"check_grad_overflow": True, **cfg["bf16"]}
     if par.pp_size > 1 and par.sequence_parallel:
         pipe = dict(cfg.get("pipeline") or {})
         for key in ("pipe_partitioned", "grad_partitioned"):

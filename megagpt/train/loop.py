@@ -9,28 +9,36 @@ accumulation boundary). With pipeline parallelism DeepSpeed owns the micro-batch
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megagpt.data import DistributedBatchSampler
+from megagpt.checkpoint.elastic import load_scheduler_state
+from megagpt.data import DistributedBatchSampler, describe_samples
 
 
 @dataclass
 class TrainState:
     step: int = 0               # optimizer steps taken (or skipped) so far
-    consumed_samples: int = 0   # global samples drawn so far (skipped steps included)
+    consumed_samples: int = 0   # global sample position (skipped steps and skip_ranges included)
     skipped_steps: int = 0      # steps dropped by nan_policy=skip
+    rollbacks: int = 0          # loss spikes rolled back (spike_policy=rollback)
+    skip_ranges: list = field(default_factory=list)   # [start, end) sample ranges of those spikes
+
+    @classmethod
+    def from_client(cls, client: dict) -> "TrainState":
+        return cls(client["step"], client["consumed_samples"], client.get("skipped_steps", 0),
+                   client.get("rollbacks", 0), [tuple(r) for r in client.get("skip_ranges", [])])
 
 
 class NonFiniteLoss(Exception):
-    """nan_policy=stop hit a NaN/inf loss; the last good step has been saved."""
+    """nan_policy=stop hit a NaN/inf loss or gradient (the last good step has been saved), or loss
+    spikes outnumbered max_rollbacks."""
 
 
 class StopFlag:
@@ -54,41 +62,99 @@ def to_batch(dataset, indices, device):
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def train_step(engine, micro_batches, dp_group, device, inject_nan: bool):
-    """One optimizer step over ``micro_batches``; returns (dp-mean loss, finite?, micro-batches done).
+class UpdateGuard:
+    """Keeps an update with a non-finite gradient out of the weights, on every rank alike.
 
-    The dp-summed loss of each micro-batch is all-reduced *before* backward: if any rank's loss is
-    NaN/inf the sum is too, every rank learns it at once, and none calls backward or step — so no
-    gradient or optimizer state is touched (with gradient accumulation the check runs per
-    micro-batch; a bad micro-batch after good ones is treated as "stop", see ``train`` below)."""
+    A pre-step hook on the torch optimizer: when any rank's gradients hold a NaN/inf (a NaN loss in
+    any micro-batch, or an overflow in backward: the global gradient norm is not finite), every
+    rank drops its gradients, so Adam leaves weights, moments and step counts alone. The check is
+    all-reduced over the world because every rank steps its optimizer together (ZeRO partitions,
+    TP slices, pipeline stages). DeepSpeed's ZeRO 1/2 optimizer checks the norm itself first and
+    skips the step without advancing the LR schedule; ``skipped`` reports either and keeps the
+    schedule on the step count."""
+
+    def __init__(self, engine, device):
+        self.engine, self.device, self.dropped = engine, device, False
+        getattr(engine.optimizer, "optimizer", engine.optimizer).register_step_pre_hook(self._check)
+
+    def _check(self, opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.tensor([float(not all(torch.isfinite(p.grad).all() for p in params))], device=self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            for p in params:
+                p.grad = None
+            self.dropped = True
+
+    def skipped(self, deepspeed_skips_before: int) -> bool:
+        """Whether the step just taken left the weights alone (this hook or DeepSpeed's check)."""
+        by_deepspeed = self.engine.skipped_steps > deepspeed_skips_before
+        if by_deepspeed and self.engine.lr_scheduler is not None:
+            self.engine.lr_scheduler.step()
+        out, self.dropped = self.dropped or by_deepspeed, False
+        return out
+
+
+def train_step(engine, micro_batches, dp_group, poison=None) -> float:
+    """One optimizer step over ``micro_batches``; returns the dp-mean loss (NaN if a micro-batch's
+    was). ``poison`` (tests): a factor for the last micro-batch's loss (NaN, or a spike)."""
     total = 0.0
     world = dist.get_world_size(dp_group)
     for m, (x, y) in enumerate(micro_batches):
         loss = engine(x, labels=y)
-        if inject_nan:
-            loss = loss * float("nan")
+        if poison is not None and m == len(micro_batches) - 1:
+            loss = loss * poison
         s = loss.detach().float().clone()
         dist.all_reduce(s, group=dp_group)
-        mean = s.item() / world
-        if not math.isfinite(mean):
-            return mean, False, m
         engine.backward(loss)
         engine.step()
-        total += mean
-    return total / len(micro_batches), True, len(micro_batches)
+        total += s.item() / world
+    return total / len(micro_batches)
 
 
-def pipeline_step(engine, micro_batches, par, inject_nan: bool):
+def pipeline_step(engine, micro_batches, par, poison=None) -> float:
     """One optimizer step by DeepSpeed's 1F1B schedule; the loss is the DP mean (on every stage).
-
-    The step is taken before the loss is known, so a non-finite loss cannot be kept out of the
-    weights: the caller stops without saving (the last complete checkpoint stays the good one)."""
+    ``poison``: a factor for every micro-batch's loss on the last stage (it flows back through all)."""
     from megagpt.parallel.layout import train_step as pp_train_step
 
-    loss = pp_train_step(engine, iter(micro_batches) if micro_batches is not None else None, par).item()
-    if inject_nan:
-        loss = float("nan")
-    return loss, math.isfinite(loss), 1
+    loss_fn = engine.module.loss_fn
+    if poison is not None:
+        engine.module.loss_fn = lambda *a: loss_fn(*a) * poison
+    try:
+        return pp_train_step(engine, iter(micro_batches) if micro_batches is not None else None, par).item()
+    finally:
+        engine.module.loss_fn = loss_fn
+
+
+def nan_gradient_hook(engine):
+    """Test hook: this rank's last parameter (not a tied one) gets a NaN gradient; the loss stays finite."""
+    return list(engine.module.parameters())[-1].register_hook(lambda g: g * float("nan"))
+
+
+def engine_counters(engine) -> tuple:
+    """What an engine step advances besides the weights: DeepSpeed's step counters and the LR schedule."""
+    sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+    return engine.global_steps, engine.global_samples, engine.skipped_steps, sched
+
+
+def restore_engine_counters(engine, counters) -> None:
+    engine.global_steps, engine.global_samples, engine.skipped_steps, sched = counters
+    if sched is not None:
+        load_scheduler_state(engine, sched)
+
+
+class SpikeDetector:
+    """A loss above ``factor`` x the mean of the previous ``window`` losses (of applied steps)."""
+
+    def __init__(self, window: int, factor: float):
+        self.losses, self.window, self.factor = [], window, factor
+
+    def is_spike(self, loss: float) -> bool:
+        recent = self.losses[-self.window:]
+        if len(recent) == self.window and loss > self.factor * sum(recent) / len(recent):
+            return True
+        self.losses = recent + [loss]
+        return False
 
 
 @torch.no_grad()
@@ -121,7 +187,8 @@ def evaluate(engine, valid_ds, micro_batch_size, eval_iters, par, device) -> flo
     return (total[0] / total[1]).item()
 
 
-def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, device, save_fn):
+def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, device, save_fn,
+          rollback_fn=None):
     """Run from ``state.step`` to ``train.train_iters``; returns the reason it ended.
 
     ``par`` (a megagpt.parallel ParallelState) gives the data-parallel group and selects
@@ -132,9 +199,9 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
     dp_rank, dp_size, dp_group = par.dp_rank, par.dp_size, par.dp_group
     ga, mbs = t.gradient_accumulation_steps, t.micro_batch_size
     gbs = mbs * ga * dp_size
+    guard = UpdateGuard(engine, device)
+    spikes = SpikeDetector(t.spike_window, t.spike_factor) if t.spike_policy == "rollback" else None
     it = None
-    if train_ds is not None:
-        it = iter(DistributedBatchSampler(len(train_ds), state.consumed_samples, mbs, dp_rank, dp_size))
     stop = StopFlag()
     engine.train()
     while state.step < t.train_iters:
@@ -142,33 +209,48 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
             if dbg.kill_at_step == state.step + 1:
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(3600)
+        for start, end in state.skip_ranges:   # samples of an earlier loss spike: jump over them
+            if state.consumed_samples == start:
+                state.consumed_samples, it = end, None
+        if it is None and train_ds is not None:
+            it = iter(DistributedBatchSampler(len(train_ds), state.consumed_samples, mbs, dp_rank, dp_size))
         ids = [next(it) for _ in range(ga)] if it is not None else None
         micro = [to_batch(train_ds, i, device) for i in ids] if ids is not None else None
         if dbg.sample_ids and ids is not None and t.save:
             os.makedirs(t.save, exist_ok=True)
             with open(os.path.join(t.save, f"samples_rank{dist.get_rank()}.jsonl"), "a") as f:
                 f.write(json.dumps({"step": state.step + 1, "ids": [i for m in ids for i in m]}) + "\n")
-        inject = dbg.inject_nan_at_step == state.step + 1
-        if pipe:
-            loss, ok, done = pipeline_step(engine, micro, par, inject)
-            if not ok:
-                raise NonFiniteLoss(f"non-finite loss ({loss}) at step {state.step + 1}: with pipeline "
-                                    f"parallelism the update is already applied, so nothing was saved; resume "
-                                    f"from the last complete checkpoint")
-        else:
-            loss, ok, done = train_step(engine, micro, dp_group, device, inject)
+        step = state.step + 1
+        poison = (float("nan") if dbg.inject_nan_at_step == step else
+                  10.0 if dbg.spike_at_step == step and not state.rollbacks else None)
+        hook = nan_gradient_hook(engine) if dbg.nan_grad_at_step == step and dist.get_rank() == 1 else None
+        counters = engine_counters(engine)
+        loss = pipeline_step(engine, micro, par, poison) if pipe else train_step(engine, micro, dp_group, poison)
+        if hook is not None:
+            hook.remove()
+        ok = not guard.skipped(counters[2])
         if not ok:
-            if t.nan_policy == "stop" or done > 0:
-                save_fn(state)  # the model is still at the last good step
-                raise NonFiniteLoss(
-                    f"non-finite loss ({loss}) at step {state.step + 1} (micro-batch {done}); saved the last good "
-                    f"step {state.step} (nan_policy={t.nan_policy}" +
-                    (", and gradients of earlier micro-batches were already accumulated" if done else "") + ")")
+            if t.nan_policy == "stop":
+                restore_engine_counters(engine, counters)   # the update was dropped: back at the last good step
+                save_fn(state)
+                raise NonFiniteLoss(f"non-finite loss or gradient (loss {loss}) at step {state.step + 1}; saved "
+                                    f"the last good step {state.step} (nan_policy=stop)")
             state.skipped_steps += 1
-            if engine.lr_scheduler is not None:  # keep the schedule aligned with the step count
-                engine.lr_scheduler.step()
-            metrics.print(f"step {state.step + 1}: non-finite loss, step skipped "
-                          f"({state.skipped_steps} skipped so far)")
+            metrics.print(f"step {state.step + 1}: non-finite loss or gradient (loss {loss}), update skipped on "
+                          f"every rank ({state.skipped_steps} skipped so far)")
+        elif spikes is not None and spikes.is_spike(loss):
+            span = (state.consumed_samples, state.consumed_samples + gbs)
+            if state.rollbacks >= t.max_rollbacks:
+                raise NonFiniteLoss(f"loss spike at step {state.step + 1} ({loss:.4f}; the mean of the last "
+                                    f"{t.spike_window} steps x {t.spike_factor} is lower) after {state.rollbacks} "
+                                    f"rollbacks (max_rollbacks={t.max_rollbacks}): stopping")
+            where = describe_samples(train_ds, range(*span)) if train_ds is not None else "another stage's data"
+            state = rollback_fn(state, span)
+            metrics.print(f"step {span[0] // gbs + 1}: loss spike ({loss:.4f}): rolled back to step {state.step} "
+                          f"and skipping its samples {span[0]}..{span[1] - 1} ({where}); rollback "
+                          f"{state.rollbacks} of at most {t.max_rollbacks}")
+            spikes, it = SpikeDetector(t.spike_window, t.spike_factor), None
+            continue
         state.step += 1
         state.consumed_samples += gbs
         metrics.step(state.step, loss, engine.get_lr()[0], engine.get_global_grad_norm() if ok else None,

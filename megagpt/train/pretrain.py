@@ -99,7 +99,8 @@ def run(cfg, ds_config) -> int:
     n_valid = t.eval_iters * t.micro_batch_size * dp_size if t.eval_interval else 0
     train_ds = valid_ds = None
     if par.needs_data:  # middle pipeline stages never read data
-        train_ds, valid_ds, _ = build_gpt_datasets(cfg.data, (t.train_iters * gbs, n_valid, 0),
+        spare = t.max_rollbacks * gbs if t.spike_policy == "rollback" else 0   # samples that replace skipped ones
+        train_ds, valid_ds, _ = build_gpt_datasets(cfg.data, (t.train_iters * gbs + spare, n_valid, 0),
                                                    mcfg.vocab_size)
 
     state = loop.TrainState()
@@ -107,7 +108,7 @@ def run(cfg, ds_config) -> int:
         client = checkpoint.load(engine, t.load, expect_model=cfg.model.to_dict(), par=par,
                                  fallback=t.checkpoint_fallback)
         if client is not None:
-            state = loop.TrainState(client["step"], client["consumed_samples"], client.get("skipped_steps", 0))
+            state = loop.TrainState.from_client(client)
             schedule, note = resume_schedule(engine.lr_scheduler, Schedule.from_saved(client), schedule,
                                              t.override_lr_schedule)
             if note and rank == 0:
@@ -120,14 +121,23 @@ def run(cfg, ds_config) -> int:
 
     def save_fn(st, kill=False):
         # each rank's RNG goes to its own rng_rank{R}.pt; the tokenizer files into the tag itself
-        client = {"step": st.step, "consumed_samples": st.consumed_samples, "skipped_steps": st.skipped_steps,
-                  "config": cfg.to_dict(), "tokenizer": tok.spec(), "lr_schedule": dataclasses.asdict(schedule)}
+        client = {**dataclasses.asdict(st), "config": cfg.to_dict(), "tokenizer": tok.spec(),
+                  "lr_schedule": dataclasses.asdict(schedule)}
         if not t.save:
             return
         if cfg.debug.dump_weights and par.tp_size == 1 and par.pp_size == 1:
             dump_weights(model, os.path.join(t.save, checkpoint.tag_for(st.step) + "_weights_at_save.pt"), rank)
         checkpoint.save(engine, t.save, st.step, client, dp_group, t.keep_last, kill_before_complete=kill,
                         tokenizer=tok.path, tracker=par.rng)
+
+    def rollback_fn(st, span):
+        """Reload the newest complete checkpoint of this run; the spike's samples ``span`` are skipped from now on."""
+        client = checkpoint.load(engine, t.save, expect_model=cfg.model.to_dict(), par=par) if t.save else None
+        if client is None:
+            raise MegaGPTError(f"loss spike at step {st.step + 1} and no complete checkpoint in "
+                               f"{t.save or '(no --save)'} to roll back to (spike_policy=rollback)")
+        back = loop.TrainState.from_client(client)
+        return dataclasses.replace(back, rollbacks=st.rollbacks + 1, skip_ranges=st.skip_ranges + [span])
 
     peak, peak_src = peak_flops()
     tb = t.tensorboard_dir or (os.path.join(t.save, "tensorboard") if t.save else None)
@@ -140,7 +150,7 @@ def run(cfg, ds_config) -> int:
                       f"{engine.zero_optimization_stage()} | global batch {gbs} x {cfg.data.seq_length} tokens | "
                       f"device {device}")
     try:
-        reason = loop.train(cfg, engine, train_ds, valid_ds, state, metrics, par, device, save_fn)
+        reason = loop.train(cfg, engine, train_ds, valid_ds, state, metrics, par, device, save_fn, rollback_fn)
     except loop.NonFiniteLoss as e:
         metrics.close()
         if rank == 0:
