@@ -55,8 +55,7 @@ def _exists_error(path) -> MegaGPTError:
 
 
 def refuse_existing(paths) -> None:
-    """The CLIs never overwrite a user's file without ``--force``: one line naming the first of
-    ``paths`` that exists, checked before any work starts."""
+    """The CLIs never overwrite without ``--force``: one line naming the first of ``paths`` that exists."""
     for p in paths:
         if os.path.lexists(p):
             raise _exists_error(p)

@@ -129,8 +129,7 @@ class FinetuneConfig(OptimConfig):
 
     task: Optional[str] = field(None, help="sst2, rte, mrpc, stsb, copa or storycloze", default_text="required")
     data_root: str = field("../shared/data", help="folder holding glue/, copa/, storycloze/")
-    init: str = field("random", help="'random', a consolidated megagpt checkpoint dir, or a DeepSpeed pretraining "
-                                     "checkpoint dir")
+    init: str = field("random", help="'random', or a checkpoint dir: DeepSpeed pretraining, consolidated or HF")
     preset: str = field("tiny", help="model preset for init 'random'")
     model_overrides: dict = field(default_factory=dict, cli=False, help="ModelConfig overrides for init 'random'")
     tokenizer: Optional[str] = field(None, help="tokenizer path; required for init 'random'",
@@ -167,12 +166,11 @@ class FinetuneConfig(OptimConfig):
         from megagpt.finetune.tasks import TASKS
         if self.task not in TASKS:
             raise MegaGPTError(f"task={self.task!r} must be one of {', '.join(sorted(TASKS))}", key="task")
-        if not 0 <= self.warmup_frac < 1:
-            raise MegaGPTError(f"warmup_frac={self.warmup_frac!r} must be in [0, 1)", key="warmup_frac")
-        if not 0 < self.train_fraction < 1:
-            raise MegaGPTError(f"train_fraction={self.train_fraction!r} must be in (0, 1)", key="train_fraction")
-        if not 0 <= self.clf_dropout < 1:
-            raise MegaGPTError(f"clf_dropout={self.clf_dropout!r} must be in [0, 1)", key="clf_dropout")
+        for name, ok, interval in (("warmup_frac", 0 <= self.warmup_frac < 1, "[0, 1)"),
+                                   ("train_fraction", 0 < self.train_fraction < 1, "(0, 1)"),
+                                   ("clf_dropout", 0 <= self.clf_dropout < 1, "[0, 1)")):
+            if not ok:
+                raise MegaGPTError(f"{name}={getattr(self, name)!r} must be in {interval}", key=name)
         if self.init == "random":
             if not self.tokenizer:
                 raise MegaGPTError("missing: init 'random' needs a tokenizer (a sentencepiece .model or GPT-2 BPE "
@@ -292,7 +290,6 @@ class MegaGPTConfig:
         return cfg
 
     def _check(self) -> None:
-        """Checks across sections."""
         m, d, t = self.model, self.data, self.train
         if not d.tokenizer:
             raise self.error("data.tokenizer", "missing; give the tokenizer the shards were made with")
@@ -313,7 +310,7 @@ class MegaGPTConfig:
 
     def _check_parallel(self) -> None:
         """Layout vs model: the same checks the parallel model builders make, but before launch."""
-        from megagpt.model.sharding import check_tp
+        from megagpt.model.sharding import check_tp, pipeline_layer_prefixes
 
         p, m = self.parallel, self.model
         tp, pp = p.tensor_parallel, p.pipeline_parallel
@@ -327,7 +324,7 @@ class MegaGPTConfig:
             if self.data.seq_length % tp:
                 raise self.error("parallel.sequence_parallel", f"data.seq_length {self.data.seq_length} is not "
                                                                f"divisible by tensor_parallel={tp}")
-        n_pipe = m.n_layer + 3 + (1 if m.norm_position == "pre" else 0)  # embed, pos, blocks, ln_f, head
+        n_pipe = len(pipeline_layer_prefixes(m))
         if pp > n_pipe:
             raise self.error("parallel.pipeline_parallel", f"{pp} stages exceed the {n_pipe} pipeline layers of a "
                                                            f"{m.n_layer}-layer model")

@@ -27,8 +27,7 @@ VERSION = 1
 
 def save_consolidated(out_dir, state_dict: dict, model_config, tokenizer_path=None,
                       run_config: dict | None = None, step: int | None = None, force: bool = False) -> Path:
-    """Write a consolidated checkpoint; ``model_config`` is a ModelConfig or its dict. The weights
-    are checked against it first (names and shapes, see ``normalize_state_dict``)."""
+    """Write a consolidated checkpoint; ``model_config``: a ModelConfig or its dict, checked against the weights."""
     from megagpt.model import ModelConfig
 
     cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(model_config)

@@ -44,8 +44,7 @@ def bundled_tokenizer(holder) -> str | None:
 
 
 def recorded_tokenizer(client_state: dict, where) -> str | None:
-    """The tokenizer path an older pretraining checkpoint's client state names (None if none);
-    MegaGPTError when that file is gone."""
+    """The tokenizer path an older checkpoint's client state names, or None; MegaGPTError if it is gone."""
     path = (client_state.get("tokenizer") or {}).get("path")
     if path and not Path(path).exists():
         raise MegaGPTError(f"{where}: the checkpoint's tokenizer {path} no longer exists (checkpoints written "

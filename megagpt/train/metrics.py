@@ -61,8 +61,7 @@ class Metrics:
         self.flops_per_token, self.tokens_per_step = flops_per_token, tokens_per_step
         self.peak, self.total = peak, total_steps
         self.writer = self.bar = self.jsonl = None
-        self._t = time.perf_counter()
-        self._steps = 0
+        self.reset_timer()
         if rank != 0:
             return
         if tb_dir:

@@ -3,9 +3,8 @@ from megagpt.parallel.layout import named_parameters_serial
 
 
 def _named_parameters(model):
-    """(name, parameter) pairs: the GPT's under its serial names in any layout (TP, pipeline), and
-    for a model wrapping one as ``.gpt`` (a finetuning ``FinetuneModel``) the GPT's the same way,
-    then the wrapper's own (``head.weight``, ...)."""
+    """(name, parameter): the GPT's under its serial names in any layout, and for a model wrapping one
+    as ``.gpt`` (``FinetuneModel``) the GPT's the same way, then the wrapper's own (``head.weight``)."""
     model = getattr(model, "module", model)          # a DeepSpeed engine, or a model
     gpt = getattr(model, "gpt", None)
     if gpt is None:

@@ -36,8 +36,7 @@ class Schedule:
 
     @classmethod
     def from_saved(cls, client: dict) -> "Schedule":
-        """The schedule a checkpoint ran with: its recorded ``lr_schedule``, or (older checkpoints)
-        the one its recorded train section implies."""
+        """The schedule a checkpoint ran with: its ``lr_schedule``, or (older ones) what its train section implies."""
         if "lr_schedule" in client:
             return cls(**client["lr_schedule"])
         t = client["config"]["train"]
@@ -62,15 +61,13 @@ class Schedule:
 
 
 def build_scheduler(optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR whose factor multiplies each group's initial lr (== ``schedule.lr``)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
 
 
 def resume_schedule(scheduler, saved: Schedule, current: Schedule, override: bool) -> tuple:
-    """After a checkpoint restored ``scheduler``: keep the checkpoint's schedule (default), or with
-    ``override`` switch to ``current`` from this step on. Returns (the schedule in force, the line
-    to print when they differ, else None). Silently following a changed ``train_iters`` would jump
-    the LR mid-run (the decay is stretched)."""
+    """After a checkpoint restored ``scheduler``: keep its schedule, or with ``override`` switch to ``current``
+    (silently following a changed ``train_iters`` would jump the LR mid-run: the decay is stretched).
+    Returns (the schedule in force, the line to print when they differ, else None)."""
     diff = saved.differences(current)
     if not diff:
         return current, None
