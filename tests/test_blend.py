@@ -92,3 +92,25 @@ def test_blend_errors(tmp_path):
         BlendedDataset([train, train], [1.0, -1.0], 10, seed=0)
     with pytest.raises(MegaGPTError, match=r"a.*has 10 samples but the blend draws 15"):
         BlendedDataset([train, train], [0.5, 0.5], 30, seed=0)
+
+
+def test_unnormalised_weights_blend_like_their_normalised_form(tmp_path):
+    """Weights like [3, 1] (the form the data_path list allows) draw exactly as [0.75, 0.25]; and a
+    prefix with no documents in a split drops out of that split's blend, the others' weights
+    renormalised (that path once passed raw weights: 'has 32 samples but the blend draws 55')."""
+    rng = np.random.default_rng(2)
+    a = write_shard(tmp_path / "a", [rng.integers(0, 500, 40) for _ in range(200)])
+    b = write_shard(tmp_path / "b", [rng.integers(500, 1000, 40) for _ in range(200)])
+    tiny = write_shard(tmp_path / "tiny", [rng.integers(0, 1000, 40) for _ in range(3)])
+    train, _, _ = build_gpt_datasets(DataConfig([a], split="1,0,0", seq_length=16), (400, 0, 0), vocab_size=1000)
+    other, _, _ = build_gpt_datasets(DataConfig([b], split="1,0,0", seq_length=16), (400, 0, 0), vocab_size=1000)
+    raw = BlendedDataset([train, other], [3, 1], 400, seed=0)
+    norm = BlendedDataset([train, other], [0.75, 0.25], 400, seed=0)
+    np.testing.assert_array_equal(raw.dataset_index, norm.dataset_index)
+    assert np.bincount(raw.dataset_index).tolist() == [300, 100]
+    # 3 documents split 90,10,0 give the tiny prefix none in validation: the blend is a and b alone
+    cfg = DataConfig([3, a, 1, b, 2, tiny], split="90,10,0", seq_length=16)
+    _, valid, _ = build_gpt_datasets(cfg, (300, 100, 0), vocab_size=1000)
+    prefixes = {valid.source(i)[0] for i in range(len(valid))}
+    assert prefixes == {a, b}, prefixes
+    assert abs(np.mean([valid.source(i)[0] == a for i in range(100)]) - 0.75) <= 0.01
