@@ -247,11 +247,6 @@ def resolve_model(section: dict, tokenizer) -> ModelConfig:
     return get_preset(preset, **m) if preset is not None else ModelConfig.from_dict(m)
 
 
-def resolve_data(section: dict, model: ModelConfig) -> dict:
-    """``data:`` with ``seq_length`` defaulting to the model's ``max_seq_len``."""
-    return {**section, "seq_length": model.max_seq_len} if section.get("seq_length") is None else section
-
-
 # ------------------------------------------------------------------------------ the pretraining tree
 @dataclass
 class MegaGPTConfig:
@@ -283,7 +278,9 @@ class MegaGPTConfig:
         train = origins.build("train", TrainConfig.from_dict, raw["train"])
         debug = origins.build("debug", DebugConfig.from_dict, raw["debug"])
         model = origins.build("model", lambda m: resolve_model(m, raw["data"].get("tokenizer")), raw["model"])
-        data = origins.build("data", lambda d: DataConfig.from_dict(resolve_data(d, model)), raw["data"])
+        if raw["data"].get("seq_length") is None:   # defaults to the model's
+            raw["data"]["seq_length"] = model.max_seq_len
+        data = origins.build("data", DataConfig.from_dict, raw["data"])
         parallel = origins.build("parallel", lambda p: ParallelConfig.from_dict(p, seed=train.seed), raw["parallel"])
         cfg = cls(model=model, data=data, train=train, parallel=parallel, debug=debug, source=source, origins=origins)
         cfg._check()

@@ -31,12 +31,6 @@ class MegaGPTError(Exception):
                           flag=flag or self.flag)
 
 
-def reports_errors() -> bool:
-    """Rank 0 of a launched job, or a plain process: every rank finds the same mistake (same config
-    and data), only rank 0 says it (the others still exit 2)."""
-    return os.environ.get("RANK", "0").strip() in ("", "0")
-
-
 def cli_main(fn):
     """Decorate a CLI ``main``: a ``MegaGPTError`` becomes ``error: <msg>`` on stderr (rank 0 only)
     and exit 2; warnings print as one line, ``warning: <msg>``."""
@@ -47,7 +41,8 @@ def cli_main(fn):
         try:
             return fn(*args, **kwargs)
         except MegaGPTError as e:
-            if reports_errors():
+            # every rank of a job finds the same mistake (same config and data): rank 0 (or a plain process) says it
+            if os.environ.get("RANK", "0").strip() in ("", "0"):
                 print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
 
