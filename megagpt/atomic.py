@@ -16,6 +16,7 @@ from pathlib import Path
 
 from megagpt.errors import MegaGPTError
 
+
 def temp_sibling(path, kind: str = "tmp") -> Path:
     """``DIR/.NAME.<kind>-PID-RANDOM``: same directory (so the rename is atomic), hidden, unique."""
     path = Path(path)
@@ -153,11 +154,9 @@ def _remove(p: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(out, force: bool = False):
-    """Yield a hidden temp dir beside ``out``; when the block succeeds its tree is fsynced and it
-    replaces ``out`` (an existing one only with ``force``); on any failure it is removed, ``out`` untouched.
-
-    Replacing a directory takes two renames (the old one aside to ``.NAME.old-PID-RANDOM``, then the
-    new one in): ``out`` is briefly absent, and put back if the second rename fails."""
+    """Yield a hidden temp dir beside ``out``; if the block succeeds its tree is fsynced and replaces ``out``
+    (an existing one only with ``force``: two renames, the old one put back if the second fails), else
+    it is removed."""
     out = Path(out)
     if not force:
         refuse_existing([out])

@@ -1,9 +1,8 @@
 """Triton fused bias + GELU (exact erf or tanh approximation), forward and backward.
 
-Why: in the MLP, ``gelu(x @ W1 + b1)`` in eager mode writes x+b, reads it back for GELU, and saves
-both for backward. Here the bias add and GELU are one pass (only x is kept for backward), and the
-backward computes dx = dy * gelu'(x + b) and the bias gradient in the same pass, via per-row-chunk
-fp32 partial sums reduced in a second stage (no atomics), like the norms' weight gradients.
+Why: eager ``gelu(x @ W1 + b1)`` writes x+b, reads it back for GELU and saves both for backward. Here
+the bias add and GELU are one pass (only x is kept), and the backward computes dx = dy * gelu'(x + b)
+and the bias gradient in one pass (per-row-chunk fp32 partials reduced in a second stage, no atomics).
 """
 import torch
 import triton

@@ -34,8 +34,8 @@ def _same(a, b) -> bool:
 
 
 def first_difference(tag_a, tag_b) -> tuple[str | None, int]:
-    """(None, tensors compared) when every ``*_states.pt`` file of the two tag directories holds
-    the same values; else (a one-line description of the first difference, tensors compared)."""
+    """(None, tensors compared) if every ``*_states.pt`` of the two tag dirs holds the same values, else
+    (the first difference in one line, tensors compared)."""
     files, other = (sorted(p.name for p in Path(t).glob("*_states.pt")) for t in (tag_a, tag_b))
     if not files or files != other:
         return f"different checkpoint files: {files} vs {other}", 0

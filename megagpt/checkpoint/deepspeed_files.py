@@ -26,9 +26,8 @@ _LAYER_FILE = re.compile(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 
 @contextlib.contextmanager
 def deepspeed_output_to_log():
-    """DeepSpeed prints while it reads checkpoints (``zero_to_fp32``'s progress lines and bars, the
-    accelerator notice on first import): route that to this module's log at INFO, so a caller
-    logging at WARNING (``--quiet``) sees none of it. DeepSpeed's own logger keeps its errors."""
+    """What DeepSpeed prints while reading checkpoints (progress bars, its first-import notice) goes to this
+    module's log at INFO, so ``--quiet`` (WARNING) sees none of it; DeepSpeed's logger keeps its errors."""
     buf = io.StringIO()
     ds_logger = logging.getLogger("DeepSpeed")   # created before DeepSpeed's first import configures it
 

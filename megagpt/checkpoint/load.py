@@ -64,9 +64,8 @@ class CheckpointSource:
 
 
 def open_checkpoint(path, tag: str | None = None, tokenizer=None) -> CheckpointSource:
-    """Open a checkpoint of any format. ``tag``: DeepSpeed only (default: ``tags.resolve_tag``'s
-    newest complete tag). ``tokenizer``: a path replacing the checkpoint's own, or False for
-    weights-only readers (no tokenizer looked up, none required)."""
+    """Open a checkpoint of any format. ``tag``: DeepSpeed only (default: ``tags.resolve_tag``'s). ``tokenizer``:
+    a path replacing the checkpoint's own, or False for weights-only readers (none looked up or required)."""
     fmt = detect_format(path)
     if tag is not None and fmt != "deepspeed":
         raise MegaGPTError(f"--tag only applies to DeepSpeed checkpoints; {path} is {fmt}")

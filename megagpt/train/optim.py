@@ -15,10 +15,9 @@ def _named_parameters(model):
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay matmul weights only, not biases, norm gains or embedding tables (lookups:
-    decaying them would shrink rare tokens' rows each step they are not seen), in pretraining and
-    finetuning alike (the head's weight is decayed, its bias not; GPT-1's code also decayed the
-    embeddings). Serial GPT names in every layout, so the groups do not depend on the layout."""
+    """AdamW groups for pretraining and finetuning alike: decay matmul weights (the head's too), not biases,
+    norm gains or embedding tables (lookups: decaying them would shrink rare tokens' rows each step they
+    are not seen; GPT-1's code did). Serial GPT names, so the groups do not depend on the layout."""
     decay, no_decay = [], []
     for name, p in _named_parameters(model):
         if not p.requires_grad:
