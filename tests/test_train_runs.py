@@ -132,6 +132,32 @@ def test_zero2_loss_falls_and_checkpoints_complete(zero2_reference):
     assert list((save / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_logged_throughput_and_mfu_agree_with_the_model_and_the_clock(zero2_reference):
+    """The tensorboard scalars are one consistent account: TFLOP/s per device = tokens/s x the
+    model's training FLOPs per token / 2 ranks, MFU = that / the peak printed at start (<= 100%),
+    and the console line prints the same numbers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megagpt.config import load_config
+    from megagpt.parallel.layout import model_stats
+
+    save, r = zero2_reference
+    cfg = load_config(save.parent / "c.yaml", {("train", "save"): str(save)})
+    _, flops_per_token = model_stats(cfg.model, cfg.data.seq_length)
+    peak = float(r.stdout.split("MFU peak: ")[1].split(" TFLOP/s")[0]) * 1e12
+    acc = EventAccumulator(str(save / "tensorboard"))
+    acc.Reload()
+    series = {k: {e.step: e.value for e in acc.Scalars(f"train/{k}")} for k in ("tokens_per_s", "tflops_per_device",
+                                                                                 "mfu")}
+    assert sorted(series["mfu"]) == [4, 8, 12]
+    for step, tok_s in series["tokens_per_s"].items():
+        flops = series["tflops_per_device"][step] * 1e12
+        assert flops == pytest.approx(tok_s * flops_per_token / 2, rel=1e-5)
+        assert 0 < series["mfu"][step] <= 1 and f"{flops / series['mfu'][step] / 1e12:.2f}" == f"{peak / 1e12:.2f}"
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith(f"step {step:6d}/12"))
+        assert f"{tok_s:,.0f} tok/s" in line and f"MFU {100 * series['mfu'][step]:.1f}%" in line
+
+
 def test_validation_loss_is_the_mean_over_every_data_parallel_rank(zero2_reference):
     """The step-12 validation loss that 2 ranks logged equals one process evaluating the saved
     step-12 weights on the same validation samples — both ranks' halves, not rank 0's alone."""
