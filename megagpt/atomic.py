@@ -33,8 +33,7 @@ def _fsync(path) -> None:
 
 
 def _umask_modes(root) -> None:
-    """Give every entry under ``root`` the mode a plain ``open()``/``mkdir`` would: third-party
-    writers (safetensors, sentencepiece, tempfile) make some 0o600, unreadable for a shared cluster."""
+    """Every entry under ``root`` gets a plain ``open()``/``mkdir`` mode (safetensors, sentencepiece make 0o600)."""
     mask = os.umask(0)
     os.umask(mask)
     for d, dirs, files in os.walk(root):

@@ -124,8 +124,7 @@ class DebugConfig(Section):
 
 @dataclass
 class FinetuneConfig(OptimConfig):
-    """GPT-1 task finetuning (megagpt/finetune). Shared settings have pretraining's names:
-    ``seq_length``, ``lr`` ... ``clip_grad``, ``seed``, ``save``, ``log_interval``, ``deepspeed_config``."""
+    """GPT-1 task finetuning (megagpt/finetune); the settings it shares with pretraining have the same names."""
 
     task: Optional[str] = field(None, help="sst2, rte, mrpc, stsb, copa or storycloze", default_text="required")
     data_root: str = field("../shared/data", help="folder holding glue/, copa/, storycloze/")
@@ -188,8 +187,7 @@ class FinetuneConfig(OptimConfig):
 
 # ------------------------------------------------------------------------------ where values came from
 class _Origins:
-    """Where each dotted key's value came from, to put on an error: the flag that gave it, else the
-    config file and the key's line; a flags-only config names the flag to pass."""
+    """Where each dotted key's value came from, for errors: its flag, else the file and line (flags only: the flag)."""
 
     def __init__(self, source: str | None, lines: dict, overrides: dict):
         self.source, self.lines = source, lines

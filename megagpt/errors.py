@@ -32,8 +32,7 @@ class MegaGPTError(Exception):
 
 
 def cli_main(fn):
-    """Decorate a CLI ``main``: a ``MegaGPTError`` becomes ``error: <msg>`` on stderr (rank 0 only)
-    and exit 2; warnings print as one line, ``warning: <msg>``."""
+    """A CLI ``main`` whose ``MegaGPTError`` is one ``error: <msg>`` line and exit 2; warnings ``warning: <msg>``."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -127,8 +127,8 @@ class FlagSet:
         self.parser = parser
         self._flags: dict = {}   # (section, key) -> its flag names
 
-    def add(self, section: str, cls, title: str | None = None) -> None:
-        group = self.parser.add_argument_group(title or f"{section} section of the config")
+    def add(self, section: str, cls) -> None:
+        group = self.parser.add_argument_group(f"{section} section of the config")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.metadata.get("cli", True):

@@ -14,7 +14,7 @@ _SKIP = ("config", "ds_config", "ds_version")
 
 def leaves(obj, path=""):
     """(path, value) of every tensor and number inside a loaded checkpoint file."""
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, (torch.Tensor, int, float)) and not isinstance(obj, bool):
         yield path, obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
@@ -23,8 +23,6 @@ def leaves(obj, path=""):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from leaves(v, f"{path}[{i}]")
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield path, obj
 
 
 def _same(a, b) -> bool:

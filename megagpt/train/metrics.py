@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import timeit
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -21,13 +22,8 @@ def measure_matmul_flops(n: int = 1024, reps: int = 5) -> float:
     """Best-of-``reps`` fp32 ``torch.mm`` FLOP/s on the CPU (with this process's thread count)."""
     g = torch.Generator().manual_seed(0)   # private: never advance the (just restored) training RNG
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    torch.mm(a, b)   # warm-up
+    return 2 * n**3 / min(timeit.repeat(lambda: torch.mm(a, b), number=1, repeat=reps))
 
 
 def peak_flops() -> tuple[float, str]:
