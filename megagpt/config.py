@@ -191,8 +191,7 @@ class _Origins:
 
     def __init__(self, source: str | None, lines: dict, overrides: dict):
         self.source, self.lines = source, lines
-        self.flags = getattr(overrides, "flags", {})
-        self.names = getattr(overrides, "names", {})
+        self.flags, self.names = getattr(overrides, "flags", {}), getattr(overrides, "names", {})
         self.given = set(overrides)
 
     def error(self, key: str, reason: str) -> MegaGPTError:
@@ -232,7 +231,6 @@ def _sections(raw, names: tuple, origins: _Origins, overrides: dict) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------ resolution steps
 def resolve_model(section: dict, tokenizer) -> ModelConfig:
     """``model:`` (preset + overrides) → ModelConfig; vocab_size from the tokenizer when not given."""
     from megagpt.model.presets import get_preset

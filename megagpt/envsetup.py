@@ -1,11 +1,9 @@
 """Per-environment cache of JIT-built ops: every entry that may start DeepSpeed (the launch CLI before
-it execs trainers) calls ``set_torch_extensions_dir()`` first.
-
-torch caches the extensions it builds (DeepSpeed's shm comm, CPU/fused Adam, ``megagpt_kernels.cuda``)
-under ``~/.cache/torch_extensions/py311_cpu/``, keyed by the Python version only: two environments on
-one machine rebuild each other's ops (30-90 s each) as they alternate, and a torch upgrade can load a
-stale build. Here the key is ``sys.prefix`` and the torch version; ``scripts/setup_env.sh`` pre-builds
-into it. An explicit ``TORCH_EXTENSIONS_DIR`` wins. Imports nothing heavy: runs before torch loads.
+it execs trainers) calls ``set_torch_extensions_dir()`` first. torch's own cache of the extensions it
+builds (``~/.cache/torch_extensions/py311_cpu/``) is keyed by the Python version only: two environments
+on one machine rebuild each other's ops (30-90 s each) as they alternate, and a torch upgrade can load
+a stale build. Here the key is ``sys.prefix`` and the torch version (``scripts/setup_env.sh`` pre-builds
+into it); an explicit ``TORCH_EXTENSIONS_DIR`` wins. Imports nothing heavy: runs before torch loads.
 """
 from __future__ import annotations
 

@@ -11,8 +11,7 @@ import triton.language as tl
 from ._common import acc_dtype, acc_torch_dtype, row_chunks, rows
 from .layer_norm import reduce_partials
 
-# tl.constexpr: compiled (non-interpreted) @triton.jit code refuses plain module globals
-SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)   # constexpr: compiled @triton.jit code refuses plain globals
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 

@@ -1,10 +1,8 @@
-"""The tokenizer inside a checkpoint, one layout: ``tokenizer/`` with ``tokenizer.model``
-(sentencepiece) or ``encoder.json`` + ``vocab.bpe`` (GPT-2 BPE), and ``spec.json``.
-
-A consolidated checkpoint holds it at its root; a DeepSpeed one in every tag, written before the
-``complete`` marker, so each tag stays whole on its own (``keep_last`` pruning, copying one tag) for
-a few hundred KB. Older checkpoints only name the user's file in their client state
-(``{"tokenizer": {"type", "path"}}``); ``recorded_tokenizer`` still reads those.
+"""The tokenizer inside a checkpoint, one layout: ``tokenizer/`` with ``tokenizer.model`` (sentencepiece)
+or ``encoder.json`` + ``vocab.bpe`` (GPT-2 BPE), and ``spec.json``. A consolidated checkpoint holds it at
+its root; a DeepSpeed one in every tag, written before the ``complete`` marker, so each tag stays whole
+on its own (``keep_last`` pruning, copying one tag) for a few hundred KB. Older checkpoints only name the
+user's file in their client state (``{"tokenizer": {"type", "path"}}``); ``recorded_tokenizer`` reads those.
 """
 from __future__ import annotations
 
