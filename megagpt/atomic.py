@@ -1,10 +1,9 @@
 """Publish files and directories so readers only ever see the old version or the complete new one.
 
-Every output megagpt writes is built under a hidden temporary sibling (``.NAME.tmp-PID-RANDOM``),
-fsynced, then renamed into place and the parent directory fsynced: a crash or kill -9 leaves at most
-a dot-prefixed temp entry, an exception not even that. Temp entries get the modes a plain ``open()``
-or ``mkdir`` would (0o666 / 0o777 less the umask): ``tempfile``'s 0o600 / 0o700 would survive the
-rename and leave outputs unreadable for the rest of a shared cluster.
+Every output is built under a hidden temporary sibling (``.NAME.tmp-PID-RANDOM``), fsynced, then renamed
+into place and the parent directory fsynced: a crash or kill -9 leaves at most a dot-prefixed temp entry,
+an exception not even that. Temp entries get the modes a plain ``open()``/``mkdir`` would (0o666 / 0o777
+less the umask): ``tempfile``'s 0o600 / 0o700 would survive the rename, unreadable to a shared cluster.
 """
 from __future__ import annotations
 

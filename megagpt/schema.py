@@ -1,10 +1,9 @@
-"""Config sections as typed dataclasses, declared, checked and exposed one way.
-
-A section derives from ``Section``; its fields are declared with ``field(default, help=, flags=,
-choices=, min=)``. Construction checks each value against its type hint (``int`` refuses ``True``
-and ``"4"``, ``float`` takes ints), choices and lower bound, then ``_check()``: a mistake is a
-``MegaGPTError`` keyed by the field. ``FlagSet`` adds one argparse flag per field, its help ending
-with the YAML key and default; ``yaml=False`` fields are filled by the program, ``cli=False`` get no flag.
+"""Config sections as typed dataclasses, declared, checked and exposed one way: a section derives from
+``Section``, its fields declared with ``field(default, help=, flags=, choices=, min=)``. Construction checks
+each value against its type hint (``int`` refuses ``True`` and ``"4"``, ``float`` takes ints), choices and
+lower bound, then ``_check()``: a mistake is a ``MegaGPTError`` keyed by the field. ``FlagSet`` adds one
+argparse flag per field, its help ending with the YAML key and default; ``yaml=False`` fields are filled
+by the program, ``cli=False`` ones get no flag.
 """
 from __future__ import annotations
 

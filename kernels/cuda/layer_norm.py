@@ -1,7 +1,6 @@
 """The CUDA C++ LayerNorm, JIT-built by torch.utils.cpp_extension on first use on a GPU machine (no
-compiled artifacts in the repo or wheel; torch caches the build under TORCH_EXTENSIONS_DIR).
-``load()`` raises ``CudaKernelUnavailable`` with the reason (no CUDA, no nvcc, build error);
-dispatch catches it, warns once, and falls back.
+compiled artifacts in the repo or wheel; torch caches the build). ``load()`` raises ``CudaKernelUnavailable``
+with the reason (no CUDA, no nvcc, build error); dispatch catches it, warns once, and falls back.
 """
 import os
 import shutil

@@ -1,7 +1,6 @@
-"""Compare two checkpoints tensor by tensor: the check behind "resume is bit-exact"
-(tools/verify_resume.py, tests/test_resume.py). Every tensor and number in every rank's DeepSpeed
-files of a tag — weights, fp32 masters, optimizer moments, step counters — except the recorded run
-config (which names each launch's own flags)."""
+"""Compare two checkpoints tensor by tensor, the check behind "resume is bit-exact" (tools/verify_resume.py):
+every tensor and number in every rank's DeepSpeed files of a tag (weights, fp32 masters, optimizer moments,
+step counters) except the recorded run config, which names each launch's own flags."""
 from __future__ import annotations
 
 import math

@@ -1,8 +1,7 @@
-"""Read any checkpoint megagpt knows as one thing: model config, full serial-named weights, tokenizer
-and where they came from. Formats: ``deepspeed`` (a pretraining --save dir of ``global_stepN/`` tags,
-any ZeRO stage and TP/PP layout), ``consolidated`` (``consolidated.py``) and ``hf`` (GPT2LMHeadModel,
-OpenAIGPTLMHeadModel, LlamaForCausalLM). ``open_checkpoint`` reads the weights only when asked, so
-callers can refuse early; ``load_model`` gives the model itself.
+"""Read any checkpoint megagpt knows as one thing (model config, full serial-named weights, tokenizer,
+provenance): ``deepspeed`` (a pretraining --save dir, any ZeRO stage and TP/PP layout), ``consolidated``
+and ``hf`` (GPT2LMHeadModel, OpenAIGPTLMHeadModel, LlamaForCausalLM). ``open_checkpoint`` reads the
+weights only when asked, so callers can refuse early; ``load_model`` gives the model itself.
 """
 from __future__ import annotations
 

@@ -39,8 +39,7 @@ def complete_tags(ckpt_dir) -> list[tuple[int, str]]:
 
 
 def newest_complete_tag(ckpt_dir) -> str | None:
-    tags = complete_tags(ckpt_dir)
-    return tags[-1][1] if tags else None
+    return next((tag for _, tag in reversed(complete_tags(ckpt_dir))), None)
 
 
 def is_deepspeed_checkpoint(path) -> bool:

@@ -1,8 +1,7 @@
-"""Throughput and utilisation accounting, console line, tensorboard scalars, jsonl log.
-
-MFU = achieved model FLOP/s per device / peak FLOP/s per device, with model FLOPs per token from
-``model.flops_per_token`` (PaLM: 6N + 12·L·H·Q·T). The peak is a datasheet number on known GPUs;
-on CPU there is none worth quoting, so we time fp32 ``torch.mm`` once at start and use that.
+"""Throughput and utilisation accounting, console line, tensorboard scalars, jsonl log. MFU = achieved
+model FLOP/s per device / peak FLOP/s per device, model FLOPs per token from ``model.flops_per_token``
+(PaLM: 6N + 12·L·H·Q·T). The peak is a datasheet number on known GPUs; on CPU there is none worth
+quoting, so fp32 ``torch.mm`` is timed once at start.
 """
 from __future__ import annotations
 
