@@ -1,12 +1,11 @@
 """The run config: one typed tree, built once from a YAML/JSON file plus command-line flags.
 
-``load_config(path, overrides) -> MegaGPTConfig`` (pretraining: sections model, data, train,
-parallel, debug) and ``load_finetune_config(path or None, overrides) -> FinetuneConfig`` (a
-``finetune:`` section, usually all flags). Defaults that depend on another section are filled
-before it is built (``data.seq_length`` = ``model.max_seq_len``, ``model.vocab_size`` = the
-tokenizer's, ``parallel.seed`` = ``train.seed``). A mistake is a ``MegaGPTError`` naming the key
-and where its value came from (file and line, or flag), before any process group starts; the
-layout is checked against the model here, against the world size and DeepSpeed JSON in ``pretrain.main``.
+``load_config(path, overrides) -> MegaGPTConfig`` (pretraining) and ``load_finetune_config(path or None,
+overrides) -> FinetuneConfig`` (its ``finetune:`` section). Defaults that depend on another section are
+filled before it is built (``data.seq_length`` = ``model.max_seq_len``, ``model.vocab_size`` = the
+tokenizer's, ``parallel.seed`` = ``train.seed``). A mistake is a ``MegaGPTError`` naming the key and where
+its value came from (file and line, or flag), before any process group starts. The layout is checked
+against the model here, against the world size and DeepSpeed JSON in ``pretrain.main``.
 """
 from __future__ import annotations
 

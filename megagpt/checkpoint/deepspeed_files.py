@@ -2,10 +2,8 @@
 
 * ZeRO 1-3 without TP/PP: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` merges every
   rank's fp32 master partitions (ZeRO-3's module files hold only placeholders).
-* ZeRO-0: the module state of ``mp_rank_00_model_states.pt`` (bf16/fp16 runs: the half copy; a
-  warning says so, as the fp32 masters are unnamed flat groups).
-* TP/PP: the module files' TP slices merged, pipeline layer files named back: exact for fp32
-  training, the rounded copy under bf16/fp16.
+* ZeRO-0: the module state (bf16/fp16 runs: its half copy, with a warning: the fp32 masters are unnamed).
+* TP/PP: the module files' TP slices merged, pipeline layer files named back (bf16/fp16: the rounded copy).
 """
 from __future__ import annotations
 
