@@ -9,8 +9,8 @@ gathered to serial names; gradient clipping active so cross-TP/PP grad norms are
     needs them off: prepare_ds_config) and learned positions, checkpointed after step 2: the
     DeepSpeed per-layer files consolidated offline and loaded at TP=1 PP=1 reproduce the step-3
     loss of the TP=2 x PP=2 run;
-  * the TP=2 x PP=2 + SP run's weights and Adam state after step 2 (live, gathered), re-split
-    into PP=4: step 3 gives the serial loss and updated weights (optimizer-state reshaping);
+  * the TP=2 x PP=2 + SP run's DeepSpeed checkpoint after step 2 resumed elastically at PP=4
+    (weights and Adam state read offline, re-split): step 3 gives the serial loss and updated weights;
   * PP=4 (DeepSpeed PipelineModule, 1F1B train_batch, ZeRO-1, uniform partitioning) with the
     embedding tied across the first and last stage and activation checkpointing every layer:
     matches serial, and the two middle stages never read the data iterator.
@@ -48,20 +48,19 @@ def _worker(rank, world, tmp):
     _, _, losses4 = train_pipeline(pp4, "tiny-gpt2", steps=2, micro_batch=1, gas=2, ckpt_dir=f"{tmp}/ds4")
     if rank == 0:
         json.dump({"losses": losses4}, open(f"{tmp}/losses4.json", "w"))
-    _resume_tp_pp_run_at_pp4(pp4, f"{tmp}/ds-live", losses)
+    _resume_tp_pp_run_at_pp4(pp4, f"{tmp}/ds", losses)
 
 
-def _resume_tp_pp_run_at_pp4(pp4, live_dir, losses):
-    """Weights + Adam state of the TP=2 x PP=2 + SP run after step 2, re-split into PP=4: step 3
-    gives the serial loss and the serial updated weights."""
-    from megagpt.checkpoint.reshape import load_consolidated_into, load_optimizer_state
+def _resume_tp_pp_run_at_pp4(pp4, ckpt_dir, losses):
+    """The TP=2 x PP=2 + SP run's checkpoint after step 2 (ZeRO-1 partitions of 4 model-parallel
+    ranks), resumed elastically at PP=4: step 3 gives the serial loss and updated weights."""
+    from megagpt.checkpoint.deepspeed_files import read_client_state
+    from megagpt.checkpoint.elastic import load_elastic
     from megagpt.parallel.layout import build_model, full_state_dict, train_step
 
     cfg = tiny_cfg("tiny-modern", pos_emb="learned")
-    model = build_model(cfg, pp4, seed=0)
-    load_consolidated_into(model, live_dir)
-    engine = make_engine(model, pp4, micro_batch=2, gas=2)
-    assert load_optimizer_state(engine, live_dir) == 2
+    engine = make_engine(build_model(cfg, pp4, seed=0), pp4, micro_batch=2, gas=2)
+    load_elastic(engine, ckpt_dir, "global_step2", read_client_state(f"{ckpt_dir}/global_step2")[0])
     batches = make_batches(cfg, 3, 4, seed=3)
     ids, labels = batches[2]
     loss = train_step(engine, iter(list(zip(ids.chunk(2), labels.chunk(2)))), pp4).item()
@@ -73,12 +72,13 @@ def _resume_tp_pp_run_at_pp4(pp4, live_dir, losses):
 def test_tp_dp_pp_layouts_match_serial_and_reshape(tmp_path):
     spawn(_worker, 4, str(tmp_path), tmp_path=tmp_path)
 
-    from megagpt.checkpoint.reshape import consolidate_deepspeed_checkpoint
+    from megagpt.checkpoint import open_checkpoint
 
     losses = json.load(open(tmp_path / "losses.json"))["losses"]
     assert sorted(p.name for p in (tmp_path / "ds" / "global_step2").glob("layer_*"))[:2] == [
         "layer_00-model_00-model_states.pt", "layer_00-model_01-model_states.pt"]
-    full_sd, cfg = consolidate_deepspeed_checkpoint(tmp_path / "ds", tag="global_step2")
+    src = open_checkpoint(tmp_path / "ds", tag="global_step2", tokenizer=False)
+    full_sd, cfg = src.state_dict(), src.cfg
     model = GPT(cfg)
     model.load_state_dict(full_sd)
     ids, labels = make_batches(cfg, 3, 4, seed=3)[2]
@@ -88,7 +88,8 @@ def test_tp_dp_pp_layouts_match_serial_and_reshape(tmp_path):
 
     # PP=4 with the embedding tied across stages 0 and 3: consolidated, the head is the table
     losses4 = json.load(open(tmp_path / "losses4.json"))["losses"]
-    full_sd, cfg = consolidate_deepspeed_checkpoint(tmp_path / "ds4", tag="global_step1")
+    src = open_checkpoint(tmp_path / "ds4", tag="global_step1", tokenizer=False)
+    full_sd, cfg = src.state_dict(), src.cfg
     assert cfg.tie_embeddings and full_sd["lm_head.weight"] is full_sd["embed.tok.weight"]
     model = GPT(cfg)
     model.load_state_dict(full_sd)

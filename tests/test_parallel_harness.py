@@ -160,9 +160,6 @@ def train_pipeline(state, preset, steps, micro_batch, gas, ckpt_dir=None, **over
         if ckpt_dir is not None and step == steps - 1:
             engine.save_checkpoint(ckpt_dir, tag=f"global_step{step}",
                                    client_state={"config": {"model": cfg.to_dict()}})
-            from megagpt.checkpoint.reshape import save_consolidated_with_optimizer
-
-            save_consolidated_with_optimizer(engine, f"{ckpt_dir}-live", cfg, step=step)
     # the reference: each global batch split into gas micro-batches of all DP ranks' samples
     ref_losses, ref_sd = serial_reference(cfg, sd, _per_step_order(batches, gas, state.dp_size), micro_splits=gas)
     # DeepSpeed reports the mean over this rank's micro-batches; average over DP for the global loss

@@ -180,8 +180,9 @@ def _check_activation_checkpointing(state):
 def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1):
     from megagpt.parallel.groups import build_parallel_state
     from megagpt.parallel.topology import ParallelConfig
-    from megagpt.checkpoint.reshape import (load_consolidated_into, load_optimizer_state,
-                                            save_consolidated_with_optimizer)
+    from megagpt.checkpoint.deepspeed_files import read_client_state
+    from megagpt.checkpoint.elastic import load_elastic
+    from megagpt.checkpoint.reshape import load_consolidated_into
     from megagpt.parallel.layout import full_state_dict, train_step
 
     cfg = tiny_cfg(preset)
@@ -196,13 +197,12 @@ def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1
         if ckpt_dir is not None and step == steps - 1:
             engine.save_checkpoint(ckpt_dir, tag=f"global_step{step}",
                                    client_state={"config": {"model": cfg.to_dict()}})
-            save_consolidated_with_optimizer(engine, f"{ckpt_dir}-live", cfg, step=step)
     ref_losses, ref_sd = serial_reference(cfg, sd, batches)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **TOL)
     assert_sd_close(full_state_dict(engine), ref_sd, **WTOL)
-    if resplit_state is not None:   # live consolidation -> re-split into another layout
+    if resplit_state is not None:   # the DeepSpeed checkpoint re-split into another layout
         resumed = GPT(cfg, resplit_state.tp)
-        assert load_consolidated_into(resumed, f"{ckpt_dir}-live")["step"] == steps - 1
+        load_consolidated_into(resumed, ckpt_dir, f"global_step{steps - 1}")
         with torch.no_grad():
             loss = resumed(*batches[-1][:1], labels=batches[-1][1]).item()
         assert abs(loss - losses[-1]) < 2e-5, (loss, losses)
@@ -213,14 +213,12 @@ def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1
         engine2.load_checkpoint(ckpt_dir, tag=f"global_step{steps - 1}")
         assert abs(train_step(engine2, iter([batches[-1]]), state).item() - losses[-1]) < 2e-5
         assert_sd_close(full_state_dict(engine2), ref_sd, **WTOL)
-        # optimizer-state reshaping TP=2 DP=1 -> TP=1 DP=2 (ZeRO-1 over 2): weights *and* Adam
-        # moments/step re-split, so the last step continues the serial trajectory exactly
+        # elastic resume TP=2 DP=1 -> TP=1 DP=2 (ZeRO-1 over 2): weights *and* Adam moments/step
+        # read offline and re-split, so the last step continues the serial trajectory exactly
         dp2 = build_parallel_state(ParallelConfig())
-        serial = GPT(cfg)
-        load_consolidated_into(serial, f"{ckpt_dir}-live")
-        engine3 = make_engine(serial, dp2, micro_batch=2, stage=zero_stage)
-        dist.barrier()
-        assert load_optimizer_state(engine3, f"{ckpt_dir}-live") == steps - 1
+        engine3 = make_engine(GPT(cfg), dp2, micro_batch=2, stage=zero_stage)
+        tag = f"global_step{steps - 1}"
+        load_elastic(engine3, ckpt_dir, tag, read_client_state(f"{ckpt_dir}/{tag}")[0])
         ids, labels = batches[-1]
         mine = (ids.chunk(2)[dp2.dp_rank], labels.chunk(2)[dp2.dp_rank])
         loss = train_step(engine3, iter([mine]), dp2).reshape(1)
@@ -258,10 +256,11 @@ def test_tensor_and_sequence_parallel_match_serial(tmp_path):
 
     # Checkpoint reshaping TP=2 -> TP=1: consolidate the DeepSpeed files offline, resume serially.
     from megagpt.checkpoint.consolidated import load_consolidated, save_consolidated
-    from megagpt.checkpoint.reshape import consolidate_deepspeed_checkpoint
+    from megagpt.checkpoint import open_checkpoint
 
     losses = json.load(open(tmp_path / "losses.json"))["losses"]
-    full_sd, cfg = consolidate_deepspeed_checkpoint(tmp_path / "ds", tag="global_step2")
+    src = open_checkpoint(tmp_path / "ds", tag="global_step2", tokenizer=False)
+    full_sd, cfg = src.state_dict(), src.cfg
     save_consolidated(tmp_path / "consolidated", full_sd, cfg, step=2)
     sd, meta = load_consolidated(tmp_path / "consolidated")
     assert meta["step"] == 2 and meta["model"] == cfg.to_dict()

@@ -5,7 +5,6 @@ A directory (published by ``atomic_dir``: a crash never leaves one that looks fi
   config.json            {"format": "megagpt-consolidated", "version": 1, "model": ModelConfig dict,
                           "megagpt": full run config (optional), "step": int or null}
   tokenizer/             the tokenizer files and ``spec.json`` (layout: ``tokenizer_files``)
-  optimizer.safetensors  optional: Adam state for resuming at another layout (``reshape``)
 """
 from __future__ import annotations
 

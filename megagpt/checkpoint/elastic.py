@@ -4,7 +4,7 @@ DeepSpeed's ``load_checkpoint`` needs the layout that wrote the files (the same 
 partitions, the same TP/PP for the module files). When the layout differs, the tag is instead
 read offline into full serial-named tensors (each parameter's fp32 master and both Adam moments,
 cut out of DeepSpeed's flat partitions by the ``param_slice_mappings`` it saves), re-split into
-the live engine (``reshape.set_optimizer_state``), and the step counters and LR scheduler are set
+the live engine (``set_optimizer_state``), and the step counters and LR scheduler are set
 as DeepSpeed's own load would. The data position (consumed samples) is a global count, so the
 sampler continues at the next unseen sample for any DP x micro-batch split of the same global
 batch (``engine.check_global_batch`` refuses another global batch).
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from megagpt.errors import MegaGPTError
-from megagpt.model.sharding import merge, pipeline_layer_prefixes
+from megagpt.model.sharding import merge, pipeline_layer_prefixes, shard
 
 from .deepspeed_files import _load, model_config_of
 
@@ -105,7 +105,6 @@ def read_training_state(tag_dir, client: dict, weights: dict) -> tuple[dict, int
 def load_elastic(engine, load_dir, tag: str, client: dict) -> None:
     """Set a live engine (ZeRO 0-2, any layout) to the training state of a tag of another layout."""
     from .deepspeed_files import read_weights
-    from .reshape import set_optimizer_state
     from .state_dict import normalize_state_dict
 
     tag_dir = Path(load_dir) / tag
@@ -126,3 +125,73 @@ def load_scheduler_state(engine, state: dict) -> None:
     engine.lr_scheduler.load_state_dict(state)
     for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr
+
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _zero_optimizer(engine):
+    """(stage, the torch optimizer holding Adam's state), refusing what elastic resume cannot fill."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    stage = engine.zero_optimization_stage()
+    if stage >= 3:
+        raise MegaGPTError("elastic resume supports ZeRO stage 0-2, not this run's stage 3: resume on the "
+                           "layout and stage that saved the checkpoint")
+    opt = engine.optimizer
+    base = opt if isinstance(opt, torch.optim.Optimizer) and stage == 0 else getattr(opt, "optimizer", None)
+    adam = (torch.optim.Adam, torch.optim.AdamW, FusedAdam, DeepSpeedCPUAdam)
+    if not isinstance(base, adam) or base.defaults.get("amsgrad"):
+        raise MegaGPTError(f"elastic resume supports Adam/AdamW (no amsgrad), not {type(base).__name__}")
+    return stage, base
+
+
+def _layout(module):
+    """(TPContext, ModelConfig) of a GPT or a pipeline stage module."""
+    par = getattr(module, "parallel_state", None)
+    return (par.tp if par is not None else module.tp), module.cfg
+
+
+@torch.no_grad()
+def set_optimizer_state(engine, full: dict, step: int, where: str) -> None:
+    """Give a live engine (ZeRO 0-2, any layout) Adam's state from full serial-named tensors
+    (``exp_avg.<name>``, ``exp_avg_sq.<name>`` and, when present, the fp32 master ``fp32.<name>``,
+    which also becomes the module weight), as if it had taken ``step`` steps."""
+    from megagpt.parallel.layout import named_parameters_serial
+
+    stage, base = _zero_optimizer(engine)
+    module = engine.module
+    state, _ = _layout(module)
+    named = named_parameters_serial(module)
+    missing = [f"{k}.{n}" for n, _ in named for k in _MOMENTS if f"{k}.{n}" not in full]
+    if missing:
+        raise MegaGPTError(f"{where}: no optimizer state for {missing[:3]} (saved for another model?)")
+    # create Adam's state as its first step would, then overwrite it (FusedAdam counts steps in ints)
+    holders = (engine.optimizer.single_partition_of_fp32_groups if stage > 0
+               else [p for grp in base.param_groups for p in grp["params"]])
+    count = step if not isinstance(base, (torch.optim.Adam, torch.optim.AdamW)) else torch.tensor(float(step))
+    for hp in holders:
+        base.state[hp] = {"step": count, "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
+    for grp in base.param_groups:
+        if "step" in grp:
+            grp["step"] = step
+    if stage > 0:
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    for name, p in named:
+        for key in _MOMENTS + ("fp32",):
+            if f"{key}.{name}" not in full:
+                continue
+            local = shard(name, full[f"{key}.{name}"], state.rank, state.size, module.cfg).to(p.device)
+            if local.shape != p.shape:
+                raise MegaGPTError(f"{where}: {key}.{name} slice {tuple(local.shape)} does not fit {tuple(p.shape)}")
+            if key == "fp32":
+                p.data.copy_(local)
+                if stage > 0:
+                    safe_set_full_fp32_param(p, local.float())
+            elif stage == 0:
+                base.state[p][key].copy_(local)
+            else:
+                safe_set_full_optimizer_state(p, local, key)
