@@ -40,6 +40,7 @@ def assert_continues(straight, moved, n_steps):
     want, got = losses(straight), losses(moved)
     assert sorted(got) == sorted(want) == list(range(1, n_steps + 1)), (sorted(want), sorted(got))
     gaps = {s: abs(got[s] - want[s]) for s in want}
+    print(f"elastic: max |loss gap| {max(gaps.values()):.3g} over {n_steps} steps")   # docs/parallelism.md
     assert max(gaps.values()) < LAYOUT_TOL, gaps
     ids = sample_ids(moved)
     assert ids == sample_ids(straight), "the moved run saw other samples"
