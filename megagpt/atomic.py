@@ -158,9 +158,10 @@ def atomic_dir(out, force: bool = False):
     out = Path(out)
     if not force:
         refuse_existing([out])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out)
-    os.mkdir(tmp, 0o777)  # mode filtered by the umask, as for any new directory
+    with writing(out):   # a read-only parent, or a file where a folder should be: one line
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(out)
+        os.mkdir(tmp, 0o777)  # mode filtered by the umask, as for any new directory
     try:
         yield tmp
         _umask_modes(tmp)

@@ -203,3 +203,14 @@ def test_shard_writer_publishes_through_the_helper(tmp_path, umask022):
             w.add_document([1])
             raise ValueError("stop")
     assert entries(tmp_path) == ["s.bin", "s.idx"]
+
+
+def test_a_directory_that_cannot_be_created_is_one_error_naming_it(tmp_path):
+    """A file where a parent folder should be (or a read-only parent): MegaGPTError naming the
+    output, not the mkdir's FileExistsError traceback (tools/convert_checkpoint.py --output)."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "export"
+    with pytest.raises(MegaGPTError, match=r"afile/export: cannot write: File exists"):
+        with atomic_dir(out):
+            pass
+    assert (tmp_path / "afile").read_text() == "x"

@@ -182,7 +182,7 @@ def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1
     from megagpt.parallel.topology import ParallelConfig
     from megagpt.checkpoint.deepspeed_files import read_client_state
     from megagpt.checkpoint.elastic import load_elastic
-    from megagpt.checkpoint.reshape import load_consolidated_into
+    from megagpt.checkpoint import open_checkpoint
     from megagpt.parallel.layout import full_state_dict, train_step
 
     cfg = tiny_cfg(preset)
@@ -200,9 +200,16 @@ def _train(state, preset, steps, ckpt_dir=None, resplit_state=None, zero_stage=1
     ref_losses, ref_sd = serial_reference(cfg, sd, batches)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **TOL)
     assert_sd_close(full_state_dict(engine), ref_sd, **WTOL)
+    if ckpt_dir is not None:   # the live engine gathered into the consolidated format (rank 0 writes)
+        from megagpt.checkpoint.consolidated import load_consolidated, save_consolidated_from_engine
+
+        out, full = save_consolidated_from_engine(engine, f"{ckpt_dir}-live", cfg, step=steps), full_state_dict(engine)
+        if dist.get_rank() == 0:
+            live, meta = load_consolidated(out)
+            assert meta["step"] == steps and all(torch.equal(v, live[k]) for k, v in full.items())
     if resplit_state is not None:   # the DeepSpeed checkpoint re-split into another layout
         resumed = GPT(cfg, resplit_state.tp)
-        load_consolidated_into(resumed, ckpt_dir, f"global_step{steps - 1}")
+        resumed.load_full_state_dict(open_checkpoint(ckpt_dir, f"global_step{steps - 1}", tokenizer=False).state_dict())
         with torch.no_grad():
             loss = resumed(*batches[-1][:1], labels=batches[-1][1]).item()
         assert abs(loss - losses[-1]) < 2e-5, (loss, losses)

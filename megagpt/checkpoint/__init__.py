@@ -3,7 +3,7 @@ to read), ``engine`` (crash-safe save/resume of a live DeepSpeed engine), ``toke
 tokenizer inside checkpoints), ``state_dict`` (one normalisation of loaded weights),
 ``deepspeed_files`` (ZeRO 0-3, TP, PP files → one state dict), ``consolidated`` (the unsharded
 format), ``load`` (``load_model`` from DeepSpeed, consolidated or HF dirs), ``convert`` (to
-consolidated or HF) and ``reshape`` (weights and Adam state of live engines across layouts).
+consolidated or HF) and ``elastic`` (resume a training state on another layout).
 """
 
 

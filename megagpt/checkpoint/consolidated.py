@@ -69,3 +69,20 @@ def load_consolidated(ckpt_dir) -> tuple[dict, dict]:
     """(state_dict as stored, config.json); most callers want ``load.load_model`` (checked, normalised)."""
     meta = read_meta(ckpt_dir)
     return load_file(str(Path(ckpt_dir) / "model.safetensors")), meta
+
+
+def save_consolidated_from_engine(engine_or_model, out_dir, cfg, tokenizer_path=None, run_config=None,
+                                  step=None, force=False):
+    """Gather a live model/engine of any layout (collective: call on every rank); rank 0 writes and
+    gets the path, the others None."""
+    import torch.distributed as dist
+
+    from megagpt.parallel.layout import full_state_dict
+
+    full = full_state_dict(engine_or_model)
+    out = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out = save_consolidated(out_dir, full, cfg, tokenizer_path, run_config, step, force)
+    if dist.is_initialized():
+        dist.barrier()
+    return out

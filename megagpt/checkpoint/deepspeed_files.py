@@ -109,7 +109,7 @@ def merge_model_parallel(tag_dir, cfg) -> dict:
     mp_files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not mp_files:   # ZeRO-3 names them zero_pp_rank_*_mp_rank_*: module entries are placeholders
         raise MegaGPTError(f"{tag_dir}: tensor-parallel ZeRO-3 checkpoints hold no module weights; consolidate "
-                           "from the live engine (megagpt.checkpoint.reshape.save_consolidated_from_engine)")
+                           "from the live engine (megagpt.checkpoint.consolidated.save_consolidated_from_engine)")
     shards = [_load(f)["module"] for f in mp_files]
     check_tp(cfg, len(shards))
     return {k: merge(k, [s[k] for s in shards], cfg).clone() for k in shards[0]}

@@ -210,24 +210,27 @@ def check_global_batch(where: str, client: dict, engine) -> None:
 
 def choose_tag(load_dir: str, fallback: bool = True) -> str | None:
     """The newest complete tag whose files match its manifest (collective: rank 0 checks, every
-    rank gets its answer). A damaged newer tag is renamed ``<tag>.damaged`` (kept for inspection,
-    never read or overwritten) and the previous one taken; with ``fallback`` off, one error."""
+    rank gets its answer). Damaged newer tags are renamed ``<tag>.damaged`` (kept for inspection,
+    never read or overwritten) when an older whole one exists; with ``fallback`` off, or with no
+    whole tag left (never silently start over), one error."""
     choice = [None, None]   # tag, error
     if dist.get_rank() == 0:
+        damaged = []
         for _, tag in reversed(complete_tags(load_dir)):
             problem = verify_tag(os.path.join(load_dir, tag))
             if problem is None:
                 choice[0] = tag
                 break
-            msg = f"{load_dir}/{tag}: damaged ({problem})"
-            if not fallback:
-                choice[1] = msg + "; not resuming (checkpoint_fallback=false): move it away to resume from the " \
-                                  "previous complete tag"
-                break
+            damaged.append((tag, f"{load_dir}/{tag}: damaged ({problem})"))
+        if damaged and (not fallback or choice[0] is None):
+            why = "checkpoint_fallback=false" if not fallback else "no earlier complete tag to fall back to"
+            choice = [None, f"{damaged[0][1]}; not resuming ({why}): move it away to resume from an earlier "
+                            f"tag, or from scratch"]
+        for tag, msg in damaged if choice[0] else []:
             aside = next(f"{tag}.damaged{n or ''}" for n in range(1000)
                          if not os.path.exists(os.path.join(load_dir, f"{tag}.damaged{n or ''}")))
             os.replace(os.path.join(load_dir, tag), os.path.join(load_dir, aside))
-            print(f"warning: {msg}; renamed it {aside}, trying the previous complete tag", flush=True)
+            print(f"warning: {msg}; renamed it {aside}, resuming from {choice[0]}", flush=True)
     dist.broadcast_object_list(choice, src=0)
     if choice[1]:
         raise MegaGPTError(choice[1])

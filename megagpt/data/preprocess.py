@@ -39,7 +39,8 @@ import numpy as np
 from megagpt.atomic import publish, temp_sibling, write_text_atomic
 from megagpt.data.indexed import IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path, meta_path, shard_meta
 from megagpt.errors import MegaGPTError
-from megagpt.tokenizer import LONE_SURROGATE, expand_inputs, is_json_file, load_tokenizer, open_binary, writing
+from megagpt.atomic import writing
+from megagpt.tokenizer import LONE_SURROGATE, expand_inputs, is_json_file, load_tokenizer, open_binary
 
 CHUNK_BYTES = 1 << 18
 CHUNK_ITEMS = 2048
