@@ -112,7 +112,7 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:200]
 
 
-def save(engine, save_dir: str, step: int, client_state: dict, dp_group=None, keep_last: int = 0,
+def save(engine, save_dir: str, step: int, client_state: dict, keep_last: int = 0,
          kill_before_complete: bool = False, tokenizer: str | None = None, tracker=None) -> str:
     """Save tag ``global_step{step}`` (with the ``tokenizer`` files, when given); returns the tag.
     Collective over the whole world.
@@ -282,9 +282,8 @@ def load(engine, load_dir: str, expect_model: dict | None = None, par=None, fall
         path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:   # truncated/corrupt files, deep in torch
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise MegaGPTError(f"{where}: cannot load this checkpoint ({type(e).__name__}: {first}); it is "
-                           f"damaged — move the tag away to resume from the previous complete one") from None
+        raise MegaGPTError(f"{where}: cannot load this checkpoint ({_first_line(e)}); it is damaged — move the "
+                           f"tag away to resume from the previous complete one") from None
     if path is None:
         raise MegaGPTError(f"{where}: DeepSpeed could not load this checkpoint")
     rng_file = os.path.join(load_dir, tag, f"rng_rank{dist.get_rank()}.pt")

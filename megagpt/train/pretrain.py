@@ -83,7 +83,7 @@ def run(cfg, ds_config) -> int:
     device = distributed.device()
     par = build_parallel_state(cfg.parallel, timeout)
     ds_config = prepare_ds_config(ds_config, par)
-    dp_size, dp_group = par.dp_size, par.dp_group   # not the world
+    dp_size = par.dp_size   # not the world size
     tok = load_tokenizer(cfg.data.tokenizer)
     mcfg = cfg.model
 
@@ -127,7 +127,7 @@ def run(cfg, ds_config) -> int:
             return
         if cfg.debug.dump_weights and par.tp_size == 1 and par.pp_size == 1:
             dump_weights(model, os.path.join(t.save, checkpoint.tag_for(st.step) + "_weights_at_save.pt"), rank)
-        checkpoint.save(engine, t.save, st.step, client, dp_group, t.keep_last, kill_before_complete=kill,
+        checkpoint.save(engine, t.save, st.step, client, t.keep_last, kill_before_complete=kill,
                         tokenizer=tok.path, tracker=par.rng)
 
     def rollback_fn(st, span):
