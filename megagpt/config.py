@@ -83,6 +83,8 @@ class TrainConfig(OptimConfig):
     spike_window: int = field(20, min=2, help="a spike is measured against the mean loss of this many previous steps")
     spike_factor: float = field(1.5, help="a loss above spike_factor x the window's mean loss is a spike")
     max_rollbacks: int = field(3, min=0, help="rollbacks allowed in a run; at the next spike the run stops")
+    peak_tflops: Optional[float] = field(None, help="peak TFLOP/s per device for MFU in the run's dtype",
+                                         default_text="datasheet on known GPUs; measured and cached on CPU")
     progress_bar: bool = field(True, help="tqdm progress bar")
     deepspeed_config: Optional[str] = field(None, flags=("--deepspeed_config", "--deepspeed-config"),
                                             help="DeepSpeed JSON (ds_configs/*.json); \"auto\" values are filled "
@@ -92,6 +94,8 @@ class TrainConfig(OptimConfig):
         super()._check()
         if not 0 <= self.min_lr <= self.lr:
             raise MegaGPTError(f"min_lr={self.min_lr!r} must be in [0, lr={self.lr}]", key="min_lr")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise MegaGPTError(f"peak_tflops={self.peak_tflops!r} must be > 0", key="peak_tflops")
         if self.spike_factor <= 1:
             raise MegaGPTError(f"spike_factor={self.spike_factor!r} must be > 1", key="spike_factor")
 

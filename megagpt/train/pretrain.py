@@ -139,7 +139,11 @@ def run(cfg, ds_config) -> int:
         back = loop.TrainState.from_client(client)
         return dataclasses.replace(back, rollbacks=st.rollbacks + 1, skip_ranges=st.skip_ranges + [span])
 
-    peak, peak_src = peak_flops()
+    dtype = (torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") else
+             torch.float16 if (ds_config.get("fp16") or {}).get("enabled") else torch.float32)
+    torch.distributed.barrier()   # rank 0 times the peak while the other ranks wait, not compute
+    peak, peak_src = peak_flops(dtype, t.peak_tflops) if rank == 0 else (1.0, "")
+    torch.distributed.barrier()
     tb = t.tensorboard_dir or (os.path.join(t.save, "tensorboard") if t.save else None)
     metrics = Metrics(rank, tb, os.path.join(t.save, "train_log.jsonl") if t.save else None,
                       flops_per_token, gbs * cfg.data.seq_length, world, peak, peak_src,
