@@ -304,3 +304,27 @@ def test_mpirun_pretrain_two_ranks(tmp_path, sp_model, shakespeare_prefix):
     tag = ckpt / (ckpt / "latest").read_text().strip()
     assert sorted(p.name for p in tag.glob("zero_pp_rank_*_optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+@pytest.mark.slow
+def test_torchrun_is_the_same_job_as_the_deepspeed_launcher(tmp_path, sp_model, shakespeare_prefix):
+    """`torchrun --nproc-per-node 2 megagpt/train/pretrain.py ...` (env:// rendezvous) logs the
+    deepspeed launcher's losses bit for bit."""
+    import json
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(PRETRAIN_CFG.format(prefix=shakespeare_prefix, tok=sp_model))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    losses = {}
+    for name, launcher in (("torchrun", ["torchrun", "--nproc-per-node", "2", "--master-port", str(free_port())]),
+                           ("deepspeed", ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])):
+        save = tmp_path / name
+        res = subprocess.run(launcher + ["megagpt/train/pretrain.py", "--config", str(cfg), "--deepspeed_config",
+                                         "ds_configs/zero1.json", "--save", str(save)],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+        assert "dp=2" in res.stdout
+        losses[name] = [r["loss"] for r in map(json.loads, (save / "train_log.jsonl").read_text().splitlines())
+                        if "loss" in r]
+    assert len(losses["torchrun"]) == 3 and losses["torchrun"] == losses["deepspeed"], losses
