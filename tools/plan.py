@@ -7,7 +7,6 @@ time / MFU. Formulas and assumptions: docs/planner.md.
 """
 import argparse
 import json
-import sys
 from dataclasses import fields
 
 from megagpt.errors import MegaGPTError, cli_main
@@ -15,8 +14,7 @@ from megagpt.cluster.plan import GIB, Cluster, ModelShape, TrainSetup, describe,
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's layout kept, and ``(default: X)`` after every optional flag whose help
-    does not already say what its default is (a None default needs words, not "None")."""
+    """The docstring's layout, and ``(default: X)`` unless the help already words it (None needs words)."""
 
     def _get_help_string(self, action):
         if action.required or "default" in (action.help or ""):
@@ -101,23 +99,20 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     m = model_shape(a)
     check(a, m)
-    stages = range(4) if a.zero_stage == "all" else [int(a.zero_stage)]
     cluster = Cluster(num_gpus=a.gpus, **{f.name: getattr(a, f.name) for f in fields(Cluster) if f.name != "num_gpus"})
     rows = []
-    for z in stages:
+    for z in range(4) if a.zero_stage == "all" else [int(a.zero_stage)]:
         setup = TrainSetup(global_batch=a.global_batch, micro_batch=a.micro_batch, dtype=a.dtype, zero_stage=z,
                            offload_optimizer=a.offload_optimizer, offload_params=a.offload_params and z == 3,
-                           activation_checkpointing=a.checkpoint_activations,
-                           sequence_parallel=a.sequence_parallel, flash_attention=not a.no_flash,
-                           dropout=a.dropout)
+                           activation_checkpointing=a.checkpoint_activations, sequence_parallel=a.sequence_parallel,
+                           flash_attention=not a.no_flash, dropout=a.dropout)
         rows += [dict(r, zero_stage=z) for r in layouts(m, setup, cluster)]
     rows.sort(key=lambda r: (not r["fits"], r["time"]["step_s"], r["mem_gib"]))
     if not rows:
         raise MegaGPTError(f"no TP x PP x DP layout of {a.gpus} GPUs divides heads={m.heads}, layers={m.layers} "
                            f"and global batch {a.global_batch} (micro batch {a.micro_batch})")
     if a.json:
-        json.dump({**describe(m, setup, cluster), "layouts": rows}, sys.stdout, indent=1)
-        print()
+        print(json.dumps({**describe(m, setup, cluster), "layouts": rows}, indent=1))
         return
     print(f"model: {m.total_params() / 1e6:.1f}M params, {m.layers} layers, hidden {m.hidden}, "
           f"{m.heads} heads, seq {m.seq_length}; {a.gpus} GPUs x {a.gpu_mem_gib:g} GiB; {a.dtype}")

@@ -46,13 +46,11 @@ class ModelShape:
         return self.kv_heads or self.heads
 
     def layer_params(self):
-        h, d = self.hidden, self.hidden // self.heads
-        qkv = h * (self.heads + 2 * self.kv) * d + (self.heads + 2 * self.kv) * d * self.bias
-        proj = h * h + h * self.bias
-        n_in = 2 if self.activation == "swiglu" else 1
-        mlp = n_in * (h * self.ffn + self.ffn * self.bias) + self.ffn * h + h * self.bias
-        norms = 2 * self._norm_params()
-        return qkv + proj + mlp + norms
+        """Each linear has (inputs + bias) x outputs parameters; then two norms."""
+        h, b = self.hidden, self.bias
+        qkv = (self.heads + 2 * self.kv) * (h // self.heads)
+        n_in = 2 if self.activation == "swiglu" else 1   # swiglu: gate and up
+        return (h + b) * (qkv + h + n_in * self.ffn) + (self.ffn + b) * h + 2 * self._norm_params()
 
     def _norm_params(self):
         return self.hidden * (2 if self.norm == "layernorm" and self.bias else 1)
@@ -104,7 +102,7 @@ def memory_breakdown(m: ModelShape, s: TrainSetup, tp=1, pp=1, dp=1):
     """Per-GPU bytes at the step's peak, for the pipeline stage that needs the most."""
     e = BYTES[s.dtype]
     per_stage = m.layers // pp
-    best = None
+    rows = []
     for stage in sorted({0, pp - 1}):
         params = per_stage * m.layer_params()
         if stage == 0:
@@ -130,9 +128,8 @@ def memory_breakdown(m: ModelShape, s: TrainSetup, tp=1, pp=1, dp=1):
         row["zero3_live"] = 2 * e * m.layer_params() / tp if s.zero_stage == 3 else 0
         row.update(activations=acts, working=peak_work, params_count=params, stage=stage)
         row["total"] = row["params"] + row["grads"] + row["optimizer"] + acts + peak_work + row["zero3_live"]
-        if best is None or row["total"] > best["total"]:
-            best = row
-    return best
+        rows.append(row)
+    return max(rows, key=lambda r: r["total"])
 
 
 def _micro_batches(s, dp):
@@ -142,14 +139,9 @@ def _micro_batches(s, dp):
 def _state_bytes(n, s, dp, e):
     """Weights, gradients and optimizer states of n parameters under ZeRO stage z over dp ranks."""
     z = s.zero_stage
-    opt = (12 if e < 4 else 8) * n  # Adam m, v (+ fp32 master weights in mixed precision)
-    w, g = e * n, e * n
-    if z >= 1:
-        opt /= dp
-    if z >= 2:
-        g /= dp
-    if z == 3:
-        w /= dp
+    opt = (12 if e < 4 else 8) * n / (dp if z >= 1 else 1)  # Adam m, v (+ fp32 master weights in mixed precision)
+    g = e * n / (dp if z >= 2 else 1)
+    w = e * n / (dp if z == 3 else 1)
     cpu = 0
     if s.offload_optimizer:
         cpu += opt + (g if z >= 2 else 0)
