@@ -109,9 +109,8 @@ class IndexedDatasetWriter:
         self.num_tokens += int(arr.size)
 
     def add_documents(self, tokens: np.ndarray, sizes) -> None:
-        """Append many one-sequence documents in one write: ``tokens`` is their concatenation in
-        this shard's dtype, ``sizes`` their lengths. The per-document loop of ``add_document`` is
-        what bounds preprocessing's writer process; this is its bulk path."""
+        """Append many one-sequence documents (``tokens`` concatenated in this shard's dtype, ``sizes``
+        their lengths) in one write: preprocessing's bulk path, ``add_document`` per item is too slow."""
         tokens = np.asarray(tokens)
         if tokens.dtype != self.dtype:
             raise MegaGPTError(f"{self.prefix}: add_documents needs {self.dtype} tokens, got {tokens.dtype}")
@@ -144,9 +143,7 @@ class IndexedDatasetWriter:
     def finalize(self) -> None:
         """Write the index, then publish ``.bin`` and ``.idx`` (each fsynced and renamed)."""
         sizes = np.asarray(self._sizes, dtype=np.int32)
-        pointers = np.zeros(len(sizes), dtype=np.int64)
-        if len(sizes) > 1:
-            np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        pointers = (np.cumsum(sizes, dtype=np.int64) - sizes) * self.dtype.itemsize   # exclusive prefix sum
         doc_idx = np.asarray(self._doc_idx, dtype=np.int64)
         idx = AtomicFile(idx_path(self.prefix))
         try:
@@ -170,7 +167,6 @@ class IndexedDatasetWriter:
             self.finalize()
         else:
             self.abort()
-        return False
 
 
 class IndexedDataset:
@@ -205,8 +201,7 @@ class IndexedDataset:
         self.doc_idx = np.frombuffer(m, dtype=np.int64, count=d, offset=HEADER_SIZE + 12 * n)
         # pointers are the byte offsets of the sizes before each sequence: a corrupted entry in
         # either (header intact) would otherwise read wrong tokens silently
-        expect = np.zeros(n, dtype=np.int64)
-        np.cumsum(self.sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=expect[1:])
+        expect = (np.cumsum(self.sizes, dtype=np.int64) - self.sizes) * self.dtype.itemsize
         bad = np.flatnonzero((self.sizes < 0) | (self.pointers != expect))
         if bad.size:
             i = int(bad[0])
@@ -241,9 +236,8 @@ class IndexedDataset:
 
     def check_token_range(self, vocab_size: int, chunk: int = 1 << 24) -> None:
         """Raise naming this shard if any token id is >= vocab_size (or negative)."""
-        toks = self.tokens
-        for s in range(0, len(toks), chunk):
-            part = toks[s: s + chunk]
+        for s in range(0, len(self.tokens), chunk):
+            part = self.tokens[s: s + chunk]
             hi, lo = int(part.max()), int(part.min())
             if hi >= vocab_size or lo < 0:
                 bad = hi if hi >= vocab_size else lo
