@@ -79,11 +79,8 @@ def check_tokens_cached(shard: IndexedDataset, vocab_size: int, cache_dir: Path,
 
 
 class GPTDataset(torch.utils.data.Dataset):
-    """``num_samples`` windows over documents ``doc_range = (lo, hi)`` of one shard.
-
-    ``ds[i] -> {"tokens": int64 array of seq_length + 1}``. ``built_index`` tells whether this
-    process built the index arrays (False: loaded from cache).
-    """
+    """``num_samples`` windows over documents ``doc_range = (lo, hi)`` of one shard: ``ds[i] ->
+    {"tokens": int64 array of seq_length + 1}``. ``built_index``: False when loaded from cache."""
 
     def __init__(self, shard, doc_range, num_samples: int, seq_length: int, seed: int, *,
                  name: str = "train", split=None, cache_dir=None, vocab_size: int | None = None,
@@ -109,10 +106,16 @@ class GPTDataset(torch.utils.data.Dataset):
             lambda: check_tokens_cached(self.shard, vocab_size, self.cache_dir, fingerprint))
         self.paths, self.built_index = index_cache.cached_arrays(
             stem, ("doc_idx", "sample_idx", "shuffle_idx"), self.description, self._build_arrays, check)
-        self._load()
-        self._attach_shard()
+        self._map()
 
-    def _attach_shard(self):
+    def _map(self):
+        """Load the cached index arrays and view the shard's maps: all that pickling leaves out."""
+        arrs = {k: index_cache.load_npy(p) for k, p in self.paths.items()}
+        n = self.num_samples
+        if arrs["shuffle_idx"].shape != (n,) or arrs["sample_idx"].shape != (n + 1, 2):
+            raise MegaGPTError(f"{self.paths['sample_idx']}: cached index does not match its description "
+                               f"(expected {n} samples); delete the cache files and rerun")
+        self.doc_idx, self.sample_idx, self.shuffle_idx = arrs["doc_idx"], arrs["sample_idx"], arrs["shuffle_idx"]
         # plain ndarray views of the shard's maps (np.memmap indexing is slow per scalar)
         self._tokens = self.shard.tokens.view(np.ndarray)
         self._seq_ptr, self._sizes, self._shard_doc_idx = self.shard.pointers, self.shard.sizes, self.shard.doc_idx
@@ -130,8 +133,7 @@ class GPTDataset(torch.utils.data.Dataset):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.shard = IndexedDataset(state["shard_prefix"])
-        self._load()
-        self._attach_shard()
+        self._map()
 
     def _build_arrays(self) -> dict:
         lo, hi = self.doc_range
@@ -144,14 +146,6 @@ class GPTDataset(torch.utils.data.Dataset):
         sample_idx = build_sample_idx(lengths[doc_idx - lo], self.num_samples, self.seq_length)
         shuffle_idx = build_shuffle_idx(self.num_samples, tokens_per_epoch, self.seq_length, self.seed)
         return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
-
-    def _load(self):
-        arrs = {k: index_cache.load_npy(p) for k, p in self.paths.items()}
-        n = self.num_samples
-        if arrs["shuffle_idx"].shape != (n,) or arrs["sample_idx"].shape != (n + 1, 2):
-            raise MegaGPTError(f"{self.paths['sample_idx']}: cached index does not match its description "
-                               f"(expected {n} samples); delete the cache files and rerun")
-        self.doc_idx, self.sample_idx, self.shuffle_idx = arrs["doc_idx"], arrs["sample_idx"], arrs["shuffle_idx"]
 
     def __len__(self) -> int:
         return self.num_samples
@@ -171,9 +165,8 @@ class GPTDataset(torch.utils.data.Dataset):
         docs = self.doc_idx[p0:p1 + 1].tolist()
         if p0 == p1:
             return self._doc_tokens(docs[0])[o0:o1 + 1].astype(np.int64)
-        middle = map(self._doc_tokens, docs[1:-1])
-        return np.concatenate([self._doc_tokens(docs[0])[o0:], *middle, self._doc_tokens(docs[-1])[:o1 + 1]],
-                              dtype=np.int64)
+        return np.concatenate([self._doc_tokens(docs[0])[o0:], *map(self._doc_tokens, docs[1:-1]),
+                               self._doc_tokens(docs[-1])[:o1 + 1]], dtype=np.int64)
 
     def __getitem__(self, i: int) -> dict:
         if not -self.num_samples <= i < self.num_samples:
@@ -207,14 +200,12 @@ def split_document_ranges(num_docs: int, ratios) -> list[tuple[int, int]]:
 
 def build_gpt_datasets(data_config, num_samples, vocab_size: int):
     """(train, valid, test): each a ``GPTDataset`` (one prefix), a ``BlendedDataset`` (several),
-    or None when the split has no documents or 0 samples are requested.
+    or None when the split has no documents or 0 samples are requested. Every prefix is split by
+    documents with the same ratios; a blend draws ``num_samples[k]`` from the k-th split of each
+    prefix in proportion to the weights.
 
     Call it on every rank: with torch.distributed initialised it is a collective (rank 0
-    builds and checks, the others wait and load).
-
-    Every prefix is split by documents with the same ratios; a blend draws ``num_samples[k]``
-    from the k-th split of each prefix in proportion to the weights.
-    """
+    builds and checks, the others wait and load)."""
     from megagpt.data.blend import BlendedDataset, max_draws, normalise_weights
 
     if len(num_samples) != 3 or any(isinstance(n, bool) or int(n) != n or n < 0 for n in num_samples):
