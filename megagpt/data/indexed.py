@@ -192,9 +192,8 @@ class IndexedDataset:
         self.dtype = np.dtype(DTYPE_CODES[code])
         expected = HEADER_SIZE + n * 4 + n * 8 + d * 8
         if idx_len != expected:
-            raise MegaGPTError(
-                f"{ipath}: file is {idx_len} bytes but its header (N={n} sequences, D={d} doc entries) "
-                f"needs {expected}; the index is truncated or corrupt")
+            raise MegaGPTError(f"{ipath}: file is {idx_len} bytes but its header (N={n} sequences, D={d} doc "
+                               f"entries) needs {expected}; the index is truncated or corrupt")
         self._idx_mmap = m = np.memmap(ipath, mode="r", dtype=np.uint8)
         self.sizes = np.frombuffer(m, dtype=np.int32, count=n, offset=HEADER_SIZE)
         self.pointers = np.frombuffer(m, dtype=np.int64, count=n, offset=HEADER_SIZE + 4 * n)
@@ -211,9 +210,8 @@ class IndexedDataset:
         bin_len = os.path.getsize(bpath)
         total = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
         if bin_len != total:
-            raise MegaGPTError(
-                f"{bpath}: file is {bin_len} bytes but {ipath} describes {total} bytes of tokens; "
-                f"the pair does not match (truncated, or from different runs)")
+            raise MegaGPTError(f"{bpath}: file is {bin_len} bytes but {ipath} describes {total} bytes of tokens; "
+                               f"the pair does not match (truncated, or from different runs)")
         if d == 0 or self.doc_idx[0] != 0 or self.doc_idx[-1] != n:
             raise MegaGPTError(f"{ipath}: doc_idx must start at 0 and end at N={n}")
         # all tokens of the shard as one flat memory-mapped array

@@ -46,9 +46,8 @@ def hf_target(cfg, approximate_gelu: bool = False):
     else:
         target, bad = hf_openai_gpt, hf_openai_gpt.refusals(cfg, approximate_gelu)
     if bad:
-        raise MegaGPTError(
-            f"model {cfg.name!r} has no faithful HF transformers equivalent (nearest: {target.ARCHITECTURE}); "
-            f"offending field(s): {'; '.join(bad)}")
+        raise MegaGPTError(f"model {cfg.name!r} has no faithful HF transformers equivalent (nearest: "
+                           f"{target.ARCHITECTURE}); offending field(s): {'; '.join(bad)}")
     return target
 
 
@@ -128,10 +127,8 @@ def _read_hf_weights(d: Path) -> dict:
 
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        sd = {}
-        for f in _progress(sorted(set(read_json(index)["weight_map"].values())), "reading shards"):
-            sd.update(load_file(str(d / f)))
-        return sd
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        return {k: v for f in _progress(shards, "reading shards") for k, v in load_file(str(d / f)).items()}
     if (d / "model.safetensors").is_file():
         return load_file(str(d / "model.safetensors"))
     if (d / "pytorch_model.bin").is_file():
