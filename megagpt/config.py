@@ -83,6 +83,9 @@ class TrainConfig(OptimConfig):
     spike_window: int = field(20, min=2, help="a spike is measured against the mean loss of this many previous steps")
     spike_factor: float = field(1.5, help="a loss above spike_factor x the window's mean loss is a spike")
     max_rollbacks: int = field(3, min=0, help="rollbacks allowed in a run; at the next spike the run stops")
+    loss_chunk_tokens: int = field(0, min=0, help="compute the LM loss this many tokens at a time, recomputing "
+                                                  "each chunk's logits in backward: the full-vocabulary logits never "
+                                                  "exist at once (0 = all at once)")
     peak_tflops: Optional[float] = field(None, help="peak TFLOP/s per device for MFU in the run's dtype",
                                          default_text="datasheet on known GPUs; measured and cached on CPU")
     progress_bar: bool = field(True, help="tqdm progress bar")
@@ -320,6 +323,9 @@ class MegaGPTConfig:
             if self.data.seq_length % tp:
                 raise self.error("parallel.sequence_parallel", f"data.seq_length {self.data.seq_length} is not "
                                                                f"divisible by tensor_parallel={tp}")
+        if self.train.loss_chunk_tokens and pp > 1:
+            raise self.error("train.loss_chunk_tokens", "applies to the GPT's own loss, not a pipeline's last stage: "
+                                                        "set it to 0 with pipeline_parallel > 1")
         n_pipe = len(pipeline_layer_prefixes(m))
         if pp > n_pipe:
             raise self.error("parallel.pipeline_parallel", f"{pp} stages exceed the {n_pipe} pipeline layers of a "

@@ -58,16 +58,22 @@ def _check_cross_entropy(state):
 
 
 def _check_forward_backward(state):
-    for preset in ("tiny", "tiny-gpt2", "tiny-modern"):
+    """TP = serial in loss, logits and every gradient; also with the loss computed 7 tokens at a
+    time (train.loss_chunk_tokens: chunked vocab-parallel cross-entropy, logits recomputed)."""
+    for preset, chunk in (("tiny", 0), ("tiny-gpt2", 0), ("tiny-modern", 0), ("tiny-gpt2", 7), ("tiny-modern", 7)):
         cfg = tiny_cfg(preset)
         sd = reference_sd(cfg)
         ids, labels = make_batches(cfg, 1, 2, seed=1)[0]
+        if chunk:   # ignored positions too: the chunks' sums must be divided by the valid count
+            labels = labels.clone()
+            labels[0, :3] = -100
         ser = GPT(cfg)
         ser.load_state_dict(sd)
         ref_loss = ser(ids, labels=labels)
         ref_loss.backward()
         tp = GPT(cfg, state.tp)
         tp.load_full_state_dict(sd)
+        tp.loss_chunk_tokens = chunk
         loss = tp(ids, labels=labels)
         loss.backward()
         torch.testing.assert_close(loss, ref_loss, **TOL)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megagpt.errors import MegaGPTError
 from megagpt.tp import SERIAL
@@ -54,6 +55,24 @@ def lm_loss(logits_local, labels, cfg, tp=SERIAL):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
     vocab_start = tp.rank * (cfg.padded_vocab_size // tp.size)
     return vocab_parallel_cross_entropy(logits_local, labels, tp.group, vocab_start, cfg.vocab_size)
+
+
+def chunked_lm_loss(hidden, head_weight, labels, cfg, tp, chunk_tokens: int):
+    """``lm_loss`` of replicated ``hidden`` (B, T, C), ``chunk_tokens`` tokens at a time: each chunk's
+    logits are recomputed in backward (activation checkpointing), so the full-vocabulary fp32 logits
+    of the batch never exist at once. Equal to the one-shot loss up to the order of the final sum."""
+    h, y = hidden.flatten(0, 1), labels.flatten()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_tokens):
+        total = total + checkpoint(
+            _chunk_loss_sum, h[start:start + chunk_tokens], head_weight, y[start:start + chunk_tokens], cfg, tp,
+            use_reentrant=False)
+    return total / (y != -100).sum().clamp(min=1)
+
+
+def _chunk_loss_sum(h, weight, y, cfg, tp):
+    logits_local = column_parallel_linear(h, weight, None, tp.group)
+    return lm_loss(logits_local[None], y[None], cfg, tp) * (y != -100).sum()
 
 
 class Block(nn.Module):
@@ -84,6 +103,7 @@ class GPT(nn.Module):
         cfg.validate()
         check_tp(cfg, tp.size)
         self.cfg, self.tp = cfg, tp
+        self.loss_chunk_tokens = 0   # > 0: the training loss by ``chunked_lm_loss`` (train.loss_chunk_tokens)
         self.embed = Embedding(cfg, tp)
         self.blocks = nn.ModuleList(Block(cfg, i, tp) for i in range(cfg.n_layer))
         self.ln_f = Norm(cfg, tp) if cfg.norm_position == "pre" else None
@@ -141,6 +161,9 @@ class GPT(nn.Module):
         (labels come aligned: labels[t] is the token after input_ids[t])."""
         if labels is not None and labels.shape != input_ids.shape:
             raise MegaGPTError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if labels is not None and self.loss_chunk_tokens:
+            return chunked_lm_loss(self.forward_hidden(input_ids, kv_cache), self.lm_head.weight, labels, self.cfg,
+                                   self.tp, self.loss_chunk_tokens)
         logits_local = self.lm_head(self._hidden_local(input_ids, kv_cache))   # gathers a split sequence
         if labels is None:
             return gather_from_tp(logits_local, self.tp.group, dim=-1)[..., : self.cfg.vocab_size]

@@ -88,6 +88,7 @@ def run(cfg, ds_config) -> int:
     mcfg = cfg.model
 
     model = build_model(mcfg, par, t.seed)   # the same initial weights at every layout
+    model.loss_chunk_tokens = t.loss_chunk_tokens   # (pipelines: refused by the config check)
     n_params, flops_per_token = model_stats(mcfg, cfg.data.seq_length)
     schedule = Schedule.pretraining(t)
     engine, _, _, _ = deepspeed.initialize(
