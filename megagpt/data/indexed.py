@@ -204,9 +204,8 @@ class IndexedDataset:
         bad = np.flatnonzero((self.sizes < 0) | (self.pointers != expect))
         if bad.size:
             i = int(bad[0])
-            raise MegaGPTError(f"{ipath}: sequence {i} has size {int(self.sizes[i])} and byte pointer "
-                               f"{int(self.pointers[i])}, inconsistent with the sizes before it; the index is "
-                               f"corrupt")
+            raise MegaGPTError(f"{ipath}: sequence {i} has size {self.sizes[i]} and byte pointer {self.pointers[i]}, "
+                               f"inconsistent with the sizes before it; the index is corrupt")
         bin_len = os.path.getsize(bpath)
         total = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
         if bin_len != total:
