@@ -133,8 +133,7 @@ def main():
                   f"{l['peak_rss_mb']:.0f} / {l['RssAnon']:.0f} / {l['RssFile']:.0f}",
                   f"{args.samples / l['read_s']:,.0f}") for m, n_tok, b, l in rows])
 
-    m, n_tok = rows[-1][0], rows[-1][1]
-    rates = throughput(os.path.join(work, f"corpus_{m}M"), n_tok, args.samples, args.repeats)
+    rates = throughput(prefix, n_tok, args.samples, args.repeats)   # the last (largest) corpus
     print(f"\nload average after the runs {os.getloadavg()[0]:.1f}")
     print(f"\nrandom access, seq {SEQ}, {n_tok / 1e6:.0f}M-token corpus, {args.samples} samples, "
           f"median of {args.repeats} (warm page cache)")
