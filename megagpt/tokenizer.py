@@ -30,6 +30,7 @@ from megagpt.errors import MegaGPTError
 PAD, UNK, BOS, EOS, DELIM, CLS = "<pad>", "<unk>", "<s>", "</s>", "<delim>", "<cls>"
 SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "delim": 4, "cls": 5}
 GPT2_EOT = "<|endoftext|>"
+GPT2_FILES = ("encoder.json", "vocab.bpe")
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 SKIP_IN_FOLDERS = (".bin", ".idx")
@@ -202,8 +203,7 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """sha256 of the files that define the ids (the .model, or encoder.json + vocab.bpe): two
         tokenizers of the same vocabulary size still differ here, so a shard can say which made it."""
-        files = [self.path] if self.type == "sentencepiece" else \
-            [os.path.join(self.path, "encoder.json"), os.path.join(self.path, "vocab.bpe")]
+        files = [self.path] if self.type == "sentencepiece" else [os.path.join(self.path, f) for f in GPT2_FILES]
         return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()
 
     def encode(self, text: str) -> list[int]:
@@ -264,9 +264,8 @@ class GPT2BPETokenizer(Tokenizer):
         from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
         self.path = str(path)
-        vocab, merges = os.path.join(self.path, "encoder.json"), os.path.join(self.path, "vocab.bpe")
         try:
-            bpe = models.BPE.from_file(vocab, merges)
+            bpe = models.BPE.from_file(*(os.path.join(self.path, f) for f in GPT2_FILES))
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
             raise MegaGPTError(f"{self.path}: cannot load GPT-2 BPE from encoder.json + vocab.bpe ({e})") from None
         tok = HFTokenizer(bpe)
@@ -296,7 +295,7 @@ def load_tokenizer(path) -> Tokenizer:
     """A sentencepiece ``.model`` file, or a folder holding GPT-2's ``encoder.json`` + ``vocab.bpe``."""
     path = str(path)
     if os.path.isdir(path):
-        missing = [f for f in ("encoder.json", "vocab.bpe") if not os.path.isfile(os.path.join(path, f))]
+        missing = [f for f in GPT2_FILES if not os.path.isfile(os.path.join(path, f))]
         if missing:
             raise MegaGPTError(f"{path}: tokenizer folder lacks {' and '.join(missing)} "
                                f"(expected GPT-2 encoder.json + vocab.bpe, or pass a sentencepiece .model)")

@@ -27,14 +27,11 @@ def _split_top_level(nodelist):
     """Split ``a[1-2],b3`` on commas outside brackets (commas inside brackets separate ranges)."""
     depth = 0
     for ch in nodelist:
-        if ch == "[":
-            depth += 1
-            if depth > 1:
-                raise MegaGPTError(f"node list {nodelist!r}: nested '[' is not a valid Slurm node list")
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise MegaGPTError(f"node list {nodelist!r}: ']' without a matching '['")
+        depth += (ch == "[") - (ch == "]")
+        if depth > 1:
+            raise MegaGPTError(f"node list {nodelist!r}: nested '[' is not a valid Slurm node list")
+        if depth < 0:
+            raise MegaGPTError(f"node list {nodelist!r}: ']' without a matching '['")
     if depth != 0:
         raise MegaGPTError(f"node list {nodelist!r}: '[' without a matching ']'")
     return re.split(r",(?![^\[]*\])", nodelist)  # brackets are balanced and flat: inside iff ']' comes next
@@ -102,7 +99,7 @@ def write_hostfile(path, hosts, slots):
 
 def _env_int(env, key, default=None):
     val = env.get(key)
-    if val is None or val == "":
+    if not val:
         if default is None:
             raise MegaGPTError(f"environment variable {key} is not set (run inside a Slurm job)")
         return default
@@ -213,11 +210,10 @@ def discover_dist_env(environ=None, default_port=DEFAULT_MASTER_PORT, master_add
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return {}
-    for rank_k, size_k, lrank_k, lsize_k in _MPI_VARS:
-        if rank_k in env and size_k in env:
-            break
-    else:
+    found = [names for names in _MPI_VARS if names[0] in env and names[1] in env]
+    if not found:
         return {}
+    rank_k, size_k, lrank_k, lsize_k = found[0]
     rank, size = _env_int(env, rank_k), _env_int(env, size_k)
     if lrank_k not in env:
         raise MegaGPTError(f"MPI launch: {rank_k} is set but {lrank_k} is not; cannot pick a local device")

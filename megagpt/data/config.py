@@ -86,14 +86,9 @@ class DataConfig(Section):
         return [p for _, p in pairs], [w / total for w, _ in pairs]
 
     @staticmethod
-    def _parse_split(split):
-        parts = split.replace("/", ",").split(",") if isinstance(split, str) else list(split)
-        try:
-            vals = [float(x) for x in parts]
-        except (TypeError, ValueError):
-            vals = None
-        if (vals is None or len(vals) != 3 or any(not math.isfinite(v) or v < 0 for v in vals)
-                or sum(vals) <= 0):
+    def _parse_split(split: str):  # a str: the field's type is checked before _check
+        vals = [_as_weight(x) for x in split.replace("/", ",").split(",")]
+        if len(vals) != 3 or any(v is None or not math.isfinite(v) or v < 0 for v in vals) or sum(vals) <= 0:
             raise MegaGPTError(f"split={split!r} must be 3 non-negative numbers with a positive "
                                f"sum, train,valid,test (e.g. \"969,30,1\")", key="split")
         total = sum(vals)

@@ -36,10 +36,9 @@ from itertools import chain, groupby
 
 import numpy as np
 
-from megagpt.atomic import publish, temp_sibling, write_text_atomic
+from megagpt.atomic import publish, temp_sibling, write_text_atomic, writing
 from megagpt.data.indexed import IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path, meta_path, shard_meta
 from megagpt.errors import MegaGPTError
-from megagpt.atomic import writing
 from megagpt.tokenizer import LONE_SURROGATE, expand_inputs, is_json_file, load_tokenizer, open_binary
 
 CHUNK_BYTES = 1 << 18
@@ -380,8 +379,7 @@ def _map_ordered(fn, chunks, workers, init):
             if len(inflight) >= 2 * workers + 2:
                 c0, f = inflight.popleft()
                 yield c0, f.result()
-        while inflight:
-            c0, f = inflight.popleft()
+        for c0, f in inflight:
             yield c0, f.result()
     except BrokenProcessPool:
         raise MegaGPTError(f"a preprocessing worker died (out of memory? try fewer --workers than {workers})") from None
