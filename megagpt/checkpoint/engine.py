@@ -274,7 +274,8 @@ def load(engine, load_dir: str, expect_model: dict | None = None, par=None, fall
     if was != now:
         if dist.get_rank() == 0:
             print(f"elastic resume of {where}: saved at " + ", ".join(f"{k}={was[k]}" for k in was)
-                  + "; now " + ", ".join(f"{k}={now[k]}" for k in now), flush=True)
+                  + "; now " + ", ".join(f"{k}={now[k]}" for k in now) + " (weights, Adam state, LR schedule and "
+                  "data position carried; dropout streams restart per rank from the seed)", flush=True)
         load_elastic(engine, load_dir, tag, saved)
         resync_cpu_adam(engine)
         return {**saved, "_tag": tag}
