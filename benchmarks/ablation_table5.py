@@ -159,15 +159,13 @@ def main():
         state = {"pretrain": pre, "args": vars(args), "results": results}
         write_text_atomic(out / "results.json", json.dumps(state, indent=2))  # an interrupted run keeps it
     log(f"total {time.time() - t_start:.0f}s")
-    print()
-    print(f"pretrain: {pre['params']:,} params, {args.pretrain_steps} steps, val loss {pre['val_loss']:.3f}, "
+    print(f"\npretrain: {pre['params']:,} params, {args.pretrain_steps} steps, val loss {pre['val_loss']:.3f}, "
           f"{pre['seconds']:.0f}s")
     table(results, args.tasks)
     # majority-class baseline on the same dev sets, for reading the table
     from megagpt.finetune.tasks import get_task
     for t in args.tasks:
-        _, ev = get_task(t).load(DATA)
-        ev = ev[:args.eval_limit]
+        ev = get_task(t).load(DATA)[1][:args.eval_limit]
         maj = max(sum(e.label == c for e in ev) for c in (0, 1)) / len(ev)
         print(f"{t}: majority-class dev accuracy {100 * maj:.1f} ({len(ev)} examples)")
 

@@ -27,7 +27,6 @@ from .tasks import encode, get_task
 from .transforms import SpecialIds, pad_batch
 
 
-# ----------------------------------------------------------------------------- setup
 def init_distributed():
     """gloo process group: from the launcher's env, or a 1-rank group for a plain process."""
     import deepspeed
@@ -75,7 +74,6 @@ def collate(items, pad_id, cls_id, regression):
     return ids, cls_pos, lm_labels, labels
 
 
-# ----------------------------------------------------------------------------- run
 def finetune(cfg: FinetuneConfig, log=None) -> dict:
     """Train and evaluate; returns {"history": [per-epoch metrics], "best": {...}, "best_dir": ...}."""
     cfg.validate()   # before the slow deepspeed import: config mistakes fail fast
@@ -110,8 +108,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     train_ex, eval_ex = train_ex[:cfg.train_limit], eval_ex[:cfg.eval_limit]
     if not train_ex or not eval_ex:
         raise MegaGPTError(f"task {task.name}: empty train ({len(train_ex)}) or eval ({len(eval_ex)}) set")
-    train_data = encode_examples(task, train_ex, tok, seq_length)
-    eval_data = encode_examples(task, eval_ex, tok, seq_length)
+    train_data, eval_data = (encode_examples(task, ex, tok, seq_length) for ex in (train_ex, eval_ex))
     say(f"task {task.name} ({task.kind}): {len(train_data)} train / {len(eval_data)} eval examples, "
         f"seq_length {seq_length}, dp={world} tp={par.tp_size}, init {cfg.init}, lm_coef {cfg.lm_coef}")
 
