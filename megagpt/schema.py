@@ -62,7 +62,6 @@ class Section:
         self.validate()
 
     def validate(self) -> None:
-        """Every field against its declaration, then the section's cross-field ``_check``."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             check_value(f.name, getattr(self, f.name), hints[f.name], f.metadata)
@@ -145,7 +144,6 @@ class FlagSet:
             self._flags[(section, f.name)] = names
 
     def parse(self, argv: list[str] | None = None) -> tuple[argparse.Namespace, Overrides]:
-        """(args, overrides) of ``argv`` (default ``sys.argv[1:]``)."""
         argv = sys.argv[1:] if argv is None else list(argv)
         args = self.parser.parse_args(argv)
         return args, self.overrides(args, argv)

@@ -71,7 +71,6 @@ def is_json_file(path: str) -> bool:
 
 
 def open_binary(path: str):
-    """Open for reading bytes (transparently gunzipping ``.gz``); errors name the file."""
     try:
         return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
     except OSError as e:

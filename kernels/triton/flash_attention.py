@@ -85,33 +85,39 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, lo, hi, offs_m, offs_
 
 
 @triton.jit
-def _fwd(Q, K, V, O, LSE, qk_scale,
-         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-         H, TQ, TK, GROUP,
-         CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+def _q_block(pid_m, bh, H, GROUP, TQ, TK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Batch, q head, kv head, rows and causal shift of query block ``pid_m``; keys in [0, full_hi) are
+    visible to every row (no mask), those in [full_hi, hi) need the causal / key-tail mask."""
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                mask=offs_m[:, None] < TQ, other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
     shift = TK - TQ  # bottom-right aligned causal mask: query i is at key position shift + i
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    acc = tl.zeros([BLOCK_M, D], dtype=ACC)
     if CAUSAL:  # keys < shift + first row + 1 are visible to every row of this block
         full_hi = (shift + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
         hi = tl.minimum(TK, shift + (pid_m + 1) * BLOCK_M)
     else:
         full_hi = TK // BLOCK_N * BLOCK_N
         hi = TK
+    return b, h, h // GROUP, offs_m, shift, full_hi, hi
+
+
+@triton.jit
+def _fwd(Q, K, V, O, LSE, qk_scale,
+         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+         H, TQ, TK, GROUP,
+         CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    bh = tl.program_id(1)
+    b, h, hk, offs_m, shift, full_hi, hi = _q_block(tl.program_id(0), bh, H, GROUP, TQ, TK, CAUSAL, BLOCK_M, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                mask=offs_m[:, None] < TQ, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, D], dtype=ACC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, 0, full_hi, offs_m, offs_n,
                                offs_d, shift, TK, qk_scale, False, CAUSAL, ACC, PREC, UPCAST, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, full_hi, hi, offs_m, offs_n,
@@ -238,12 +244,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
             H, TQ, TK, GROUP,
             CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, hk, offs_m, shift, full_hi, hi = _q_block(tl.program_id(0), bh, H, GROUP, TQ, TK, CAUSAL, BLOCK_M, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     rmask = offs_m < TQ
@@ -254,13 +256,6 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
-    shift = TK - TQ
-    if CAUSAL:
-        full_hi = (shift + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(TK, shift + (pid_m + 1) * BLOCK_M)
-    else:
-        full_hi = TK // BLOCK_N * BLOCK_N
-        hi = TK
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, 0, full_hi, offs_m, offs_n, offs_d,
                    shift, TK, qk_scale, False, CAUSAL, ACC, PREC, UPCAST, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, full_hi, hi, offs_m, offs_n, offs_d,

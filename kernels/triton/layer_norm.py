@@ -89,9 +89,7 @@ def _sum_rows(PART, OUT, G, N, ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N
 def reduce_partials(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     g, n = part.shape
     out = torch.empty(n, dtype=out_dtype, device=part.device)
-    block_n = 64
-    _sum_rows[(triton.cdiv(n, block_n),)](part, out, g, n, ACC=acc_dtype(part.dtype),
-                                          BLOCK_G=16, BLOCK_N=block_n)
+    _sum_rows[(triton.cdiv(n, 64),)](part, out, g, n, ACC=acc_dtype(part.dtype), BLOCK_G=16, BLOCK_N=64)
     return out
 
 

@@ -83,7 +83,6 @@ def expand_nodelist(nodelist):
 # --- hostfiles ------------------------------------------------------------------------------
 
 def format_hostfile(hosts, slots):
-    """DeepSpeed hostfile text: one ``HOST slots=N`` line per host."""
     if slots < 1:
         raise MegaGPTError(f"slots per node must be >= 1, got {slots}")
     return "".join(f"{h} slots={slots}\n" for h in hosts)

@@ -181,7 +181,6 @@ def _parse(raw, start, is_json, keys):
 
 
 def _split_items(chunk):
-    """jsonl blocks → (line number, line) for each non-blank line; txt items as they are."""
     if not chunk.is_json:
         yield from chunk.items
         return

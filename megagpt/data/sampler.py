@@ -43,8 +43,7 @@ class DistributedBatchSampler:
                 f"micro-batch of {global_mb} (micro_batch_size={micro_batch_size} x dp_size={dp_size})")
         self.total_samples, self.consumed_samples = total_samples, consumed_samples
         self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
-        self.drop_last = drop_last
-        self.global_micro_batch = global_mb
+        self.drop_last, self.global_micro_batch = drop_last, global_mb
 
     def __iter__(self):
         mbs, g = self.micro_batch_size, self.global_micro_batch
