@@ -21,12 +21,9 @@ CLASS_VERSION = 1
 
 
 def blending_indices(weights, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset_index, dataset_sample_index): sample k comes from
-    ``datasets[dataset_index[k]][dataset_sample_index[k]]``.
-
+    """(dataset_index, dataset_sample_index): sample k is ``datasets[dataset_index[k]][dataset_sample_index[k]]``.
     A plain loop (about 1 s per million samples for a few datasets) because each choice depends
-    on all earlier ones; ``BlendedDataset`` caches the result on disk.
-    """
+    on all earlier ones; ``BlendedDataset`` caches the result on disk."""
     w = [float(x) for x in weights]
     counts = [0] * len(w)
     ds_index = np.empty(num_samples, dtype=np.int32)

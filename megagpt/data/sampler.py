@@ -16,9 +16,8 @@ def _check_int(name, value, minimum):
 
 
 class DistributedBatchSampler:
-    """Yields lists of sample indices: this rank's slice of each global micro-batch, starting
-    right after ``consumed_samples``. With ``drop_last=False`` a final partial global batch is
-    split the same way (a rank whose slice would be empty yields nothing for it)."""
+    """Yields this rank's slice (a list of sample indices) of each global micro-batch after ``consumed_samples``;
+    with ``drop_last=False`` a final partial one is split alike (an empty slice yields nothing)."""
 
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, drop_last: bool = True):
