@@ -3,8 +3,9 @@
 DeepSpeed owns the optimizer, ZeRO, precision, gradient accumulation and clipping: per micro-batch
 we call ``engine(...)``, ``engine.backward`` and ``engine.step`` (the engine updates on the
 accumulation boundary). With pipeline parallelism DeepSpeed owns the micro-batch schedule too
-(``engine.train_batch`` / ``eval_batch`` via ``megagpt.parallel.layout.train_step``). We own what DeepSpeed does not know: the sample position
-(``consumed_samples``), the bad-loss policy, SIGTERM and when to evaluate or save.
+(``engine.train_batch`` / ``eval_batch`` via ``megagpt.parallel.layout.train_step``). We own what
+DeepSpeed does not know: the sample position (``consumed_samples``) and its prefetch, the
+bad-step and loss-spike policies, SIGTERM and when to evaluate or save.
 """
 from __future__ import annotations
 
@@ -93,6 +94,50 @@ class UpdateGuard:
             self.engine.lr_scheduler.step()
         out, self.dropped = self.dropped or by_deepspeed, False
         return out
+
+
+class Prefetcher:
+    """This rank's next step of micro-batches — (sample ids, [(input_ids, labels)]) — read by a
+    background thread while the current step computes; ``next()`` returns it and how long the
+    step waited for it. A new position (resume, rollback, skipped samples) gets a new Prefetcher."""
+
+    def __init__(self, dataset, sampler, ga: int, device):
+        import queue
+        import threading
+
+        self.queue = queue.Queue(maxsize=1)
+        self.stopped = threading.Event()
+
+        def work():
+            it = iter(sampler)
+            while not self.stopped.is_set():
+                try:
+                    ids = [next(it) for _ in range(ga)]
+                    item = (ids, [to_batch(dataset, i, device) for i in ids])
+                except BaseException as e:   # handed to the training thread, raised there
+                    item = e
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if isinstance(item, BaseException):
+                    return
+
+        self.thread = threading.Thread(target=work, daemon=True, name="megagpt-prefetch")
+        self.thread.start()
+
+    def next(self):
+        t0 = time.perf_counter()
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item, time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 def train_step(engine, micro_batches, dp_group, poison=None) -> float:
@@ -204,68 +249,73 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
     it = None
     stop = StopFlag()
     engine.train()
-    while state.step < t.train_iters:
-        if state.step + 1 in (dbg.hang_at_step, dbg.kill_at_step) and dist.get_rank() == dist.get_world_size() - 1:
-            if dbg.kill_at_step == state.step + 1:
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(3600)
-        for start, end in state.skip_ranges:   # samples of an earlier loss spike: jump over them
-            if state.consumed_samples == start:
-                state.consumed_samples, it = end, None
-        if it is None and train_ds is not None:
-            it = iter(DistributedBatchSampler(len(train_ds), state.consumed_samples, mbs, dp_rank, dp_size))
-        ids = [next(it) for _ in range(ga)] if it is not None else None
-        micro = [to_batch(train_ds, i, device) for i in ids] if ids is not None else None
-        if dbg.sample_ids and ids is not None and t.save:
-            os.makedirs(t.save, exist_ok=True)
-            with open(os.path.join(t.save, f"samples_rank{dist.get_rank()}.jsonl"), "a") as f:
-                f.write(json.dumps({"step": state.step + 1, "ids": [i for m in ids for i in m]}) + "\n")
-        step = state.step + 1
-        poison = (float("nan") if dbg.inject_nan_at_step == step else
-                  10.0 if dbg.spike_at_step == step and not state.rollbacks else None)
-        hook = nan_gradient_hook(engine) if dbg.nan_grad_at_step == step and dist.get_rank() == 1 else None
-        counters = engine_counters(engine)
-        loss = pipeline_step(engine, micro, par, poison) if pipe else train_step(engine, micro, dp_group, poison)
-        if hook is not None:
-            hook.remove()
-        ok = not guard.skipped(counters[2])
-        if not ok:
-            if t.nan_policy == "stop":
-                restore_engine_counters(engine, counters)   # the update was dropped: back at the last good step
-                save_fn(state)
-                raise NonFiniteLoss(f"non-finite loss or gradient (loss {loss}) at step {state.step + 1}; saved "
-                                    f"the last good step {state.step} (nan_policy=stop)")
-            state.skipped_steps += 1
-            metrics.print(f"step {state.step + 1}: non-finite loss or gradient (loss {loss}), update skipped on "
-                          f"every rank ({state.skipped_steps} skipped so far)")
-        elif spikes is not None and spikes.is_spike(loss):
-            span = (state.consumed_samples, state.consumed_samples + gbs)
-            if state.rollbacks >= t.max_rollbacks:
-                raise NonFiniteLoss(f"loss spike at step {state.step + 1} ({loss:.4f}; the mean of the last "
-                                    f"{t.spike_window} steps x {t.spike_factor} is lower) after {state.rollbacks} "
-                                    f"rollbacks (max_rollbacks={t.max_rollbacks}): stopping")
-            where = describe_samples(train_ds, range(*span)) if train_ds is not None else "another stage's data"
-            state = rollback_fn(state, span)
-            metrics.print(f"step {span[0] // gbs + 1}: loss spike ({loss:.4f}): rolled back to step {state.step} "
-                          f"and skipping its samples {span[0]}..{span[1] - 1} ({where}); rollback "
-                          f"{state.rollbacks} of at most {t.max_rollbacks}")
-            spikes, it = SpikeDetector(t.spike_window, t.spike_factor), None
-            continue
-        state.step += 1
-        state.consumed_samples += gbs
-        metrics.step(state.step, loss, engine.get_lr()[0], engine.get_global_grad_norm() if ok else None,
-                     state.skipped_steps, log=state.step % t.log_interval == 0)
-        last = state.step == t.train_iters
-        if t.eval_interval and (valid_ds is not None or pipe) and (state.step % t.eval_interval == 0 or last):
-            metrics.eval(state.step, evaluate(engine, valid_ds, mbs, t.eval_iters, par, device))
-            metrics.reset_timer()
-        preempted = stop.any_rank(dist.group.WORLD, device)  # every DP group (TP, PP ranks) stops alike
-        exiting = bool(t.exit_interval) and state.step % t.exit_interval == 0 and not last
-        if t.save and (last or preempted or exiting or (t.save_interval and state.step % t.save_interval == 0)):
-            save_fn(state, kill=dbg.sigkill_in_save_at_step == state.step)
-            metrics.reset_timer()
-        if preempted or exiting:
-            why = "SIGTERM" if preempted else f"exit_interval={t.exit_interval}"
-            metrics.print(f"{why}: stopped after step {state.step}" + (", checkpoint saved" if t.save else ""))
-            return "preempted" if preempted else "exit_interval"
+    try:
+        while state.step < t.train_iters:
+            if state.step + 1 in (dbg.hang_at_step, dbg.kill_at_step) and dist.get_rank() == dist.get_world_size() - 1:
+                if dbg.kill_at_step == state.step + 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(3600)
+            for start, end in state.skip_ranges:   # samples of an earlier loss spike: jump over them
+                if state.consumed_samples == start:
+                    state.consumed_samples = end
+                    it = it.close() if it is not None else None
+            if it is None and train_ds is not None:
+                sampler = DistributedBatchSampler(len(train_ds), state.consumed_samples, mbs, dp_rank, dp_size)
+                it = Prefetcher(train_ds, sampler, ga, device)
+            (ids, micro), waited = it.next() if it is not None else ((None, None), 0.0)
+            if dbg.sample_ids and ids is not None and t.save:
+                os.makedirs(t.save, exist_ok=True)
+                with open(os.path.join(t.save, f"samples_rank{dist.get_rank()}.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": state.step + 1, "ids": [i for m in ids for i in m]}) + "\n")
+            step = state.step + 1
+            poison = (float("nan") if dbg.inject_nan_at_step == step else
+                      10.0 if dbg.spike_at_step == step and not state.rollbacks else None)
+            hook = nan_gradient_hook(engine) if dbg.nan_grad_at_step == step and dist.get_rank() == 1 else None
+            counters = engine_counters(engine)
+            loss = pipeline_step(engine, micro, par, poison) if pipe else train_step(engine, micro, dp_group, poison)
+            if hook is not None:
+                hook.remove()
+            ok = not guard.skipped(counters[2])
+            if not ok:
+                if t.nan_policy == "stop":
+                    restore_engine_counters(engine, counters)   # the update was dropped: back at the last good step
+                    save_fn(state)
+                    raise NonFiniteLoss(f"non-finite loss or gradient (loss {loss}) at step {state.step + 1}; saved "
+                                        f"the last good step {state.step} (nan_policy=stop)")
+                state.skipped_steps += 1
+                metrics.print(f"step {state.step + 1}: non-finite loss or gradient (loss {loss}), update skipped on "
+                              f"every rank ({state.skipped_steps} skipped so far)")
+            elif spikes is not None and spikes.is_spike(loss):
+                span = (state.consumed_samples, state.consumed_samples + gbs)
+                if state.rollbacks >= t.max_rollbacks:
+                    raise NonFiniteLoss(f"loss spike at step {state.step + 1} ({loss:.4f}; the mean of the last "
+                                        f"{t.spike_window} steps x {t.spike_factor} is lower) after {state.rollbacks} "
+                                        f"rollbacks (max_rollbacks={t.max_rollbacks}): stopping")
+                where = describe_samples(train_ds, range(*span)) if train_ds is not None else "another stage's data"
+                state = rollback_fn(state, span)
+                metrics.print(f"step {span[0] // gbs + 1}: loss spike ({loss:.4f}): rolled back to step {state.step} "
+                              f"and skipping its samples {span[0]}..{span[1] - 1} ({where}); rollback "
+                              f"{state.rollbacks} of at most {t.max_rollbacks}")
+                spikes, it = SpikeDetector(t.spike_window, t.spike_factor), it.close() if it is not None else None
+                continue
+            state.step += 1
+            state.consumed_samples += gbs
+            metrics.step(state.step, loss, engine.get_lr()[0], engine.get_global_grad_norm() if ok else None,
+                         state.skipped_steps, log=state.step % t.log_interval == 0, data_wait=waited)
+            last = state.step == t.train_iters
+            if t.eval_interval and (valid_ds is not None or pipe) and (state.step % t.eval_interval == 0 or last):
+                metrics.eval(state.step, evaluate(engine, valid_ds, mbs, t.eval_iters, par, device))
+                metrics.reset_timer()
+            preempted = stop.any_rank(dist.group.WORLD, device)  # every DP group (TP, PP ranks) stops alike
+            exiting = bool(t.exit_interval) and state.step % t.exit_interval == 0 and not last
+            if t.save and (last or preempted or exiting or (t.save_interval and state.step % t.save_interval == 0)):
+                save_fn(state, kill=dbg.sigkill_in_save_at_step == state.step)
+                metrics.reset_timer()
+            if preempted or exiting:
+                why = "SIGTERM" if preempted else f"exit_interval={t.exit_interval}"
+                metrics.print(f"{why}: stopped after step {state.step}" + (", checkpoint saved" if t.save else ""))
+                return "preempted" if preempted else "exit_interval"
+    finally:   # the prefetch thread
+        if it is not None:
+            it.close()
     return "done"

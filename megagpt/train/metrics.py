@@ -117,9 +117,12 @@ class Metrics:
         else:
             print(msg, flush=True)
 
-    def step(self, step: int, loss: float, lr: float, grad_norm, skipped: int, log: bool) -> None:
-        """Called every step on every rank (cheap); logs on rank 0 every ``log_interval``."""
+    def step(self, step: int, loss: float, lr: float, grad_norm, skipped: int, log: bool,
+             data_wait: float = 0.0) -> None:
+        """Called every step on every rank (cheap); logs on rank 0 every ``log_interval``.
+        ``data_wait``: seconds this step waited for its batch (the prefetch was not ready)."""
         self._steps += 1
+        self._wait += data_wait
         if self.rank != 0:
             return
         if self.jsonl:
@@ -129,8 +132,8 @@ class Metrics:
             self.bar.update(1)
         if not log:
             return
-        dt = (time.perf_counter() - self._t) / self._steps
-        self._t, self._steps = time.perf_counter(), 0
+        dt, wait_ms = (time.perf_counter() - self._t) / self._steps, 1e3 * self._wait / self._steps
+        self._t, self._steps, self._wait = time.perf_counter(), 0, 0.0
         tok_s = self.tokens_per_step / dt
         flops_dev = self.flops_per_token * tok_s / self.world
         gn = float(grad_norm) if grad_norm is not None else None  # ZeRO-0 fp32 does not expose it
@@ -140,13 +143,15 @@ class Metrics:
                        f"{self.peak / 1e12:.3f}: raising the peak to it")
             self.peak = flops_dev
         scalars = {"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tflops_per_device": flops_dev / 1e12,
-                   "mfu": flops_dev / self.peak, "memory_gib": memory_gib(), "skipped_steps": skipped}
+                   "mfu": flops_dev / self.peak, "memory_gib": memory_gib(), "skipped_steps": skipped,
+                   "data_wait_ms": wait_ms}
         if gn is not None:
             scalars["grad_norm"] = gn
         self.print(f"step {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
                    f"{'n/a' if gn is None else format(gn, '.3f')} | "
                    f"{tok_s:,.0f} tok/s | {flops_dev / 1e12:.3f} TFLOP/s/dev | MFU {100 * scalars['mfu']:.1f}% | "
-                   f"mem {scalars['memory_gib']:.2f} GiB | skipped {skipped} | ETA {eta / 60:.1f} min")
+                   f"data wait {wait_ms:.1f} ms | mem {scalars['memory_gib']:.2f} GiB | skipped {skipped} | "
+                   f"ETA {eta / 60:.1f} min")
         if self.writer:
             for k, v in scalars.items():
                 self.writer.add_scalar(f"train/{k}", v, step)
@@ -164,7 +169,7 @@ class Metrics:
 
     def reset_timer(self) -> None:
         """Exclude eval/checkpoint time from the next throughput figure."""
-        self._t, self._steps = time.perf_counter(), 0
+        self._t, self._steps, self._wait = time.perf_counter(), 0, 0.0
 
     def close(self) -> None:
         for sink in (self.bar, self.writer, self.jsonl):
