@@ -41,7 +41,8 @@ def build_parser():
     t.add_argument("--zero-stage", default="1", help="0, 1, 2, 3 or 'all' to compare them")
     t.add_argument("--offload-optimizer", action="store_true", help="optimizer states in CPU memory (ZeRO offload)")
     t.add_argument("--offload-params", action="store_true", help="ZeRO-3 parameter offload")
-    t.add_argument("--checkpoint-activations", action="store_true", help="keep only layer inputs; recompute in backward")
+    t.add_argument("--checkpoint-activations", action="store_true",
+                   help="keep only layer inputs; recompute in backward")
     t.add_argument("--sequence-parallel", action="store_true", help="split norm/dropout activations across TP ranks")
     t.add_argument("--no-flash", action="store_true", help="attention stores the s x s scores")
     t.add_argument("--dropout", action="store_true", help="count dropout masks")

@@ -2,8 +2,9 @@
 
 Pure arithmetic on a ``ModelShape`` (from a ``ModelConfig`` or explicit sizes), a ``TrainSetup``
 and a ``Cluster``; every formula and assumption is written out in ``docs/planner.md``. Memory is
-per GPU, at the peak of a training step (the start of backward, with the optimizer states of
-earlier steps and persistent gradient buffers allocated).
+per GPU, at the peak of a training step: the start of backward (with the optimizer states of
+earlier steps and persistent gradient buffers allocated), or the optimizer step when its transient
+fp32 gradient partition outweighs the activations.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from megagpt.errors import MegaGPTError
 
 GIB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+SUB_GROUP_SIZE = 10**9  # DeepSpeed zero_optimization.sub_group_size default: ZeRO-3 steps this many at a time
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ class ModelShape:
     def embedding_params(self):
         pos = (self.max_seq_len or self.seq_length) * self.hidden if self.pos_emb == "learned" else 0
         return self.vocab * self.hidden + pos
+
+    def largest_tensor_params(self):
+        """The V x h token embedding (or untied output matrix): DeepSpeed's "largest layer" for ZeRO-3."""
+        return self.vocab * self.hidden
 
     def head_params(self):
         """Final norm + output projection (a separate matrix unless tied)."""
@@ -124,10 +130,14 @@ def memory_breakdown(m: ModelShape, s: TrainSetup, tp=1, pp=1, dp=1):
         # the logits' tensors are freed before the first layer's backward: the larger one counts
         peak_work = max(logits, layer_bwd)
         row = _state_bytes(params, s, dp, e)
-        # ZeRO-3 gathers whole layers on use: the current one and the prefetched next one
-        row["zero3_live"] = 2 * e * m.layer_params() / tp if s.zero_stage == 3 else 0
+        # ZeRO-3 gathers what it uses at 16 bits: the current layer and the prefetched next one, or the
+        # V x h matrix with its full gradient before the reduce-scatter (DeepSpeed's 4 x largest layer)
+        biggest = max(m.layer_params(), m.largest_tensor_params())
+        row["zero3_live"] = 2 * e * biggest / tp if s.zero_stage == 3 else 0
         row.update(activations=acts, working=peak_work, params_count=params, stage=stage)
-        row["total"] = row["params"] + row["grads"] + row["optimizer"] + acts + peak_work + row["zero3_live"]
+        states = row["params"] + row["grads"] + row["optimizer"]
+        row["step_total"] = states + row["grads32"]  # optimizer step: activations freed, fp32 grads made
+        row["total"] = max(states + acts + peak_work + row["zero3_live"], row["step_total"])
         rows.append(row)
     return max(rows, key=lambda r: r["total"])
 
@@ -137,19 +147,29 @@ def _micro_batches(s, dp):
 
 
 def _state_bytes(n, s, dp, e):
-    """Weights, gradients and optimizer states of n parameters under ZeRO stage z over dp ranks."""
+    """Weights, gradients and optimizer states of n parameters under ZeRO stage z over dp ranks,
+    as DeepSpeed's ZeRO optimizers hold them (runtime/zero/stage_1_and_2.py, stage3.py).
+
+    grads32: in mixed precision the optimizer step casts the 16-bit gradient partition to an fp32
+    copy for Adam (stage 1/2 the whole partition, stage 3 one sub-group at a time) and frees it after
+    the step. With --offload-optimizer that copy, the optimizer states and (ZeRO-2/3) the gradient
+    partition itself live in CPU memory: reduced gradients go straight to the CPU buffer."""
     z = s.zero_stage
-    opt = (12 if e < 4 else 8) * n / (dp if z >= 1 else 1)  # Adam m, v (+ fp32 master weights in mixed precision)
+    part = n / (dp if z >= 1 else 1)  # the optimizer's partition
+    opt = (12 if e < 4 else 8) * part  # Adam m, v (+ fp32 master weights in mixed precision)
     g = e * n / (dp if z >= 2 else 1)
     w = e * n / (dp if z == 3 else 1)
+    g32 = 4 * (min(part, SUB_GROUP_SIZE) if z == 3 else part) if e < 4 else 0
     cpu = 0
     if s.offload_optimizer:
-        cpu += opt + (g if z >= 2 else 0)
-        opt = 0
+        cpu += opt + 4 * part
+        opt = g32 = 0
+        if z >= 2:
+            g = 0
     if s.offload_params and z == 3:
         cpu += w
         w = 0
-    return {"params": w, "grads": g, "optimizer": opt, "cpu_offload": cpu}
+    return {"params": w, "grads": g, "optimizer": opt, "grads32": g32, "cpu_offload": cpu}
 
 
 def activation_bytes_per_layer(m: ModelShape, s: TrainSetup, tp=1):
