@@ -1,6 +1,6 @@
 """Elastic resume through the real pretraining entry: a run saved on one layout continues on
-another — DP 2 -> 1 -> 4 with other micro-batch/accumulation splits of the same global batch,
-TP 2 -> 1, PP 2 -> 1 — carrying weights, Adam state, LR schedule and data position.
+another — DP 2 -> 1 -> 4 with other micro-batch/accumulation splits of the same global batch
+(ZeRO-2), DP 2 -> 1 under ZeRO-0, TP 2 -> 1, PP 2 -> 1 — carrying weights, Adam state, LR schedule and data position.
 
 Proved by: every step's training-sample ids (``debug.sample_ids``) are exactly the unmoved run's
 (so no sample is repeated or skipped), and every loss after the move equals the unmoved run's
@@ -63,15 +63,18 @@ def test_data_parallel_2_to_1_to_4_with_other_micro_batches(tmp_path, legacy_dat
     assert_continues(tmp_path / "straight", save, 12)
 
 
-@pytest.mark.parametrize("parallel", [{"tensor_parallel": 2, "sequence_parallel": True}, {"pipeline_parallel": 2}],
-                         ids=["tp2_sp", "pp2"])
-def test_model_parallel_2_to_serial(tmp_path, legacy_data, parallel):  # noqa: F811
+@pytest.mark.parametrize("ds, parallel, batch", [
+    ("zero1.json", {"tensor_parallel": 2, "sequence_parallel": True}, []),
+    ("zero1.json", {"pipeline_parallel": 2}, []),
+    ("zero0.json", {}, ["--gradient-accumulation-steps", "2"]),   # ZeRO-0: Adam state in the model-states file
+], ids=["tp2_sp", "pp2", "zero0_dp2"])
+def test_model_or_data_parallel_2_to_serial(tmp_path, legacy_data, ds, parallel, batch):  # noqa: F811
     cfg = config(tmp_path / "c.yaml", legacy_data, train_iters=10, parallel=parallel)
-    ok(launch(cfg, "zero1.json", tmp_path / "straight"))
+    ok(launch(cfg, ds, tmp_path / "straight"))
     save = tmp_path / "moved"
-    ok(launch(cfg, "zero1.json", save, "--exit-interval", "4"))
-    r = ok(launch(cfg, "zero1.json", save, "--load", str(save), "--tensor-model-parallel-size", "1",
-                  "--pipeline-model-parallel-size", "1", "--no-sequence-parallel", ranks=1))
+    ok(launch(cfg, ds, save, "--exit-interval", "4"))
+    r = ok(launch(cfg, ds, save, "--load", str(save), "--tensor-model-parallel-size", "1",
+                  "--pipeline-model-parallel-size", "1", "--no-sequence-parallel", *batch, ranks=1))
     assert "elastic resume" in r.stdout and "at step 4" in r.stdout, r.stdout[-2000:]
     assert_continues(tmp_path / "straight", save, 10)
 

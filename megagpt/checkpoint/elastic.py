@@ -46,24 +46,35 @@ def _serial_name(name: str, prefixes: list) -> str:
     return prefixes[int(idx)] + rest
 
 
-def _mp_rank_states(tag_dir: Path, mp: int, zero: int) -> tuple[dict, int]:
-    """({key: {local name: tensor}}, step) of model-parallel rank ``mp`` (all its DP partitions)."""
+def optimizer_param_names(engine) -> list | None:
+    """ZeRO-0 only: [[serial name, ...] per optimizer group] in the optimizer's order — what its
+    state_dict numbers 0, 1, ... (DeepSpeed records no names for ZeRO-0). Saved in the client state."""
+    if engine.zero_optimization_stage() != 0:
+        return None
+    from megagpt.parallel.layout import named_parameters_serial
+
+    name = {id(p): n for n, p in named_parameters_serial(engine.module)}
+    groups = [[name.get(id(p)) for p in g["params"]] for g in engine.optimizer.param_groups]
+    return None if any(None in g for g in groups) else groups   # (a mixed-precision wrapper's own params)
+
+
+def _mp_rank_states(tag_dir: Path, mp: int, zero: int) -> tuple[dict, int, bool]:
+    """({key: {name: tensor}}, step, whether the names are already serial) of model-parallel rank
+    ``mp`` (all its DP partitions)."""
     model = _load(tag_dir / f"mp_rank_{mp:02d}_model_states.pt")
-    shapes = {n: s for group in model["param_shapes"] for n, s in group.items()}
-    if zero == 0:   # a torch-style optimizer state_dict; params numbered in param_shapes' order
-        osd = model.get("optimizer") or {}
-        if "state" not in osd or "param_groups" not in osd:
-            raise MegaGPTError(f"{tag_dir}: ZeRO-0 optimizer state of an unsupported kind (bf16/fp16?); "
-                               "elastic resume of ZeRO-0 supports fp32 runs")
+    if zero == 0:   # a torch-style optimizer state_dict, numbered in the order optimizer_param_names recorded
+        osd, names = model.get("optimizer") or {}, model.get("optimizer_param_names")
+        if "state" not in osd or "param_groups" not in osd or names is None:
+            raise MegaGPTError(f"{tag_dir}: a ZeRO-0 checkpoint without megagpt's optimizer_param_names (older) or "
+                               "not fp32: it resumes only on the layout that saved it")
         ids = [i for g in osd["param_groups"] for i in g["params"]]
         out = {k: {} for k in KEYS}
-        for i, name in zip(ids, [n for group in model["param_shapes"] for n in group]):
-            st = osd["state"].get(i, {})
+        for i, name in zip(ids, [n for group in names for n in group]):
             for k in KEYS[1:]:
-                out[k][name] = st[k].view(shapes[name])
-        module = model.get("module") or {}
-        out["fp32"] = {n: module[n] for n in shapes if n in module}   # PP: module weights come from layer files
-        return out, max(int(st["step"]) for st in osd["state"].values())   # FusedAdam counts in one param per group
+                out[k][name] = osd["state"][i][k]
+        out["fp32"] = dict(model.get("module") or {})   # PP: module weights come from layer files
+        return out, max(int(st["step"]) for st in osd["state"].values()), True   # FusedAdam: one param per group
+    shapes = {n: s for group in model["param_shapes"] for n, s in group.items()}
     files = sorted((int(m.group(1)), f) for f in tag_dir.glob(f"zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt")
                    if (m := _OPTIM_FILE.search(f.name)))
     pieces, step = {}, 0
@@ -76,7 +87,8 @@ def _mp_rank_states(tag_dir: Path, mp: int, zero: int) -> tuple[dict, int]:
             for name, frag in mapping.items():
                 for k, t in flat.items():
                     pieces.setdefault(k, {}).setdefault(name, []).append(t.detach().narrow(0, frag.start, frag.numel))
-    return {k: {n: torch.cat(p).view(shapes[n]) for n, p in by_name.items()} for k, by_name in pieces.items()}, step
+    return {k: {n: torch.cat(p).view(shapes[n]) for n, p in by_name.items()} for k, by_name in pieces.items()}, \
+        step, False
 
 
 def read_training_state(tag_dir, client: dict, weights: dict) -> tuple[dict, int]:
@@ -91,10 +103,10 @@ def read_training_state(tag_dir, client: dict, weights: dict) -> tuple[dict, int
     prefixes = pipeline_layer_prefixes(cfg)
     slices, step = {}, 0   # (key, serial name) -> {tp rank: local tensor}
     for mp in range(lay["tp"] * lay["pp"]):
-        states, step = _mp_rank_states(tag_dir, mp, lay["zero"])
+        states, step, serial_names = _mp_rank_states(tag_dir, mp, lay["zero"])
         for k, named in states.items():
             for name, t in named.items():
-                serial = _serial_name(name, prefixes) if lay["pp"] > 1 else name
+                serial = _serial_name(name, prefixes) if lay["pp"] > 1 and not serial_names else name
                 slices.setdefault((k, serial), {}).setdefault(mp % lay["tp"], t)   # tied table: first stage's
     full = {f"{k}.{n}": merge(n, [s[r] for r in sorted(s)], cfg) for (k, n), s in slices.items()}
     for n, w in weights.items():

@@ -69,6 +69,7 @@ def run(cfg, ds_config) -> int:
     from megagpt.data import build_gpt_datasets
     from megagpt.tokenizer import load_tokenizer
     from megagpt.checkpoint import engine as checkpoint
+    from megagpt.checkpoint.elastic import optimizer_param_names
     from megagpt.train import distributed, loop
     from megagpt.train.metrics import Metrics, peak_flops
     from megagpt.train.optim import param_groups
@@ -123,7 +124,7 @@ def run(cfg, ds_config) -> int:
     def save_fn(st, kill=False):
         # each rank's RNG goes to its own rng_rank{R}.pt; the tokenizer files into the tag itself
         client = {**dataclasses.asdict(st), "config": cfg.to_dict(), "tokenizer": tok.spec(),
-                  "lr_schedule": dataclasses.asdict(schedule)}
+                  "lr_schedule": dataclasses.asdict(schedule), "optimizer_param_names": optimizer_param_names(engine)}
         if not t.save:
             return
         if cfg.debug.dump_weights and par.tp_size == 1 and par.pp_size == 1:
