@@ -110,7 +110,7 @@ class TrainConfig(OptimConfig):
 
 @dataclass
 class DebugConfig(Section):
-    """Test-only hooks (tests/test_train_*.py); they deliberately break a run. No flags."""
+    """Test-only fault injection (megagpt/train/faults.py): each field deliberately breaks a run. No flags."""
 
     inject_nan_at_step: Optional[int] = field(None, cli=False, help="the loss of this step's last micro-batch "
                                                                     "becomes NaN on every rank")

@@ -9,8 +9,6 @@ bad-step and loss-spike policies, SIGTERM and when to evaluate or save.
 """
 from __future__ import annotations
 
-import json
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -21,6 +19,8 @@ import torch.distributed as dist
 
 from megagpt.checkpoint.elastic import load_scheduler_state
 from megagpt.data import DistributedBatchSampler, describe_samples
+
+from .faults import FaultInjector
 
 
 @dataclass
@@ -171,11 +171,6 @@ def pipeline_step(engine, micro_batches, par, poison=None) -> float:
         engine.module.loss_fn = loss_fn
 
 
-def nan_gradient_hook(engine):
-    """Test hook: this rank's last parameter (not a tied one) gets a NaN gradient; the loss stays finite."""
-    return list(engine.module.parameters())[-1].register_hook(lambda g: g * float("nan"))
-
-
 def engine_counters(engine) -> tuple:
     """What an engine step advances besides the weights: DeepSpeed's step counters and the LR schedule."""
     sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
@@ -244,17 +239,13 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
     dp_rank, dp_size, dp_group = par.dp_rank, par.dp_size, par.dp_group
     ga, mbs = t.gradient_accumulation_steps, t.micro_batch_size
     gbs = mbs * ga * dp_size
-    guard = UpdateGuard(engine, device)
+    guard, faults = UpdateGuard(engine, device), FaultInjector(dbg, t.save, engine)
     spikes = SpikeDetector(t.spike_window, t.spike_factor) if t.spike_policy == "rollback" else None
     it = None
     stop = StopFlag()
     engine.train()
     try:
         while state.step < t.train_iters:
-            if state.step + 1 in (dbg.hang_at_step, dbg.kill_at_step) and dist.get_rank() == dist.get_world_size() - 1:
-                if dbg.kill_at_step == state.step + 1:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                time.sleep(3600)
             for start, end in state.skip_ranges:   # samples of an earlier loss spike: jump over them
                 if state.consumed_samples == start:
                     state.consumed_samples = end
@@ -263,18 +254,10 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
                 sampler = DistributedBatchSampler(len(train_ds), state.consumed_samples, mbs, dp_rank, dp_size)
                 it = Prefetcher(train_ds, sampler, ga, device)
             (ids, micro), waited = it.next() if it is not None else ((None, None), 0.0)
-            if dbg.sample_ids and ids is not None and t.save:
-                os.makedirs(t.save, exist_ok=True)
-                with open(os.path.join(t.save, f"samples_rank{dist.get_rank()}.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": state.step + 1, "ids": [i for m in ids for i in m]}) + "\n")
-            step = state.step + 1
-            poison = (float("nan") if dbg.inject_nan_at_step == step else
-                      10.0 if dbg.spike_at_step == step and not state.rollbacks else None)
-            hook = nan_gradient_hook(engine) if dbg.nan_grad_at_step == step and dist.get_rank() == 1 else None
+            poison = faults.before_step(state.step + 1, state.rollbacks, ids)
             counters = engine_counters(engine)
             loss = pipeline_step(engine, micro, par, poison) if pipe else train_step(engine, micro, dp_group, poison)
-            if hook is not None:
-                hook.remove()
+            faults.after_step()
             ok = not guard.skipped(counters[2])
             if not ok:
                 if t.nan_policy == "stop":
