@@ -46,3 +46,8 @@ def cli_main(fn):
             sys.exit(2)
 
     return wrapper
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` — a deep library error, quoted inside one line of ours."""
+    return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:limit]

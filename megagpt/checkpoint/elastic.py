@@ -91,10 +91,11 @@ def _mp_rank_states(tag_dir: Path, mp: int, zero: int) -> tuple[dict, int, bool]
         step, False
 
 
-def read_training_state(tag_dir, client: dict, weights: dict) -> tuple[dict, int]:
+def read_training_state(tag_dir, client: dict, weights) -> tuple[dict, int]:
     """({"fp32.<serial name>", "exp_avg.<...>", "exp_avg_sq.<...>": full tensor}, Adam step) of a
-    tag of any layout. ``weights``: the tag's full serial-named module weights, used for the fp32
-    masters a ZeRO-0 pipeline keeps only in its layer files."""
+    tag of any layout. ``weights()``: the tag's full serial-named module weights, read only for
+    ZeRO-0, whose fp32 masters a pipeline keeps only in its layer files (ZeRO 1/2 partitions hold
+    every master)."""
     tag_dir = Path(tag_dir)
     lay, cfg = saved_layout(client), model_config_of(client, tag_dir)
     if lay["zero"] >= 3:
@@ -109,7 +110,7 @@ def read_training_state(tag_dir, client: dict, weights: dict) -> tuple[dict, int
                 serial = _serial_name(name, prefixes) if lay["pp"] > 1 and not serial_names else name
                 slices.setdefault((k, serial), {}).setdefault(mp % lay["tp"], t)   # tied table: first stage's
     full = {f"{k}.{n}": merge(n, [s[r] for r in sorted(s)], cfg) for (k, n), s in slices.items()}
-    for n, w in weights.items():
+    for n, w in (weights() if lay["zero"] == 0 else {}).items():
         full.setdefault(f"fp32.{n}", w)
     return full, step
 
@@ -121,8 +122,8 @@ def load_elastic(engine, load_dir, tag: str, client: dict) -> None:
 
     tag_dir = Path(load_dir) / tag
     cfg = model_config_of(client, tag_dir)
-    weights = normalize_state_dict(read_weights(load_dir, tag, client, cfg), cfg, str(tag_dir))
-    state, step = read_training_state(tag_dir, client, weights)
+    state, step = read_training_state(
+        tag_dir, client, lambda: normalize_state_dict(read_weights(load_dir, tag, client, cfg), cfg, str(tag_dir)))
     set_optimizer_state(engine, state, step, where=str(tag_dir))
     engine.global_steps = int(client.get("global_steps", step))
     engine.global_samples = int(client.get("global_samples", 0))

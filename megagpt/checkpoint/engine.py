@@ -27,7 +27,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from megagpt.atomic import atomic_dir, fsync_tree, write_bytes_atomic
-from megagpt.errors import MegaGPTError
+from megagpt.errors import MegaGPTError, first_line
 
 from .tags import COMPLETE, LATEST, complete_tags, newest_complete_tag, step_tags, tag_for
 from .tokenizer_files import TOKENIZER_DIR, write_tokenizer
@@ -108,10 +108,6 @@ def verify_tag(tag_dir: str) -> str | None:
     return None
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:200]
-
-
 def save(engine, save_dir: str, step: int, client_state: dict, keep_last: int = 0,
          kill_before_complete: bool = False, tokenizer: str | None = None, tracker=None) -> str:
     """Save tag ``global_step{step}`` (with the ``tokenizer`` files, when given); returns the tag.
@@ -133,14 +129,14 @@ def save(engine, save_dir: str, step: int, client_state: dict, keep_last: int = 
     try:
         engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     except (OSError, RuntimeError) as e:
-        failure = f"rank {rank}: {_first_line(e)}"
+        failure = f"rank {rank}: {first_line(e)}"
         dist.barrier()   # the one the other ranks wait in at the end of save_checkpoint
     if failure is None:
         try:
             torch.save(rng_state(tracker), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
             fsync_tree(tag_dir)
         except (OSError, RuntimeError) as e:
-            failure = f"rank {rank}: {_first_line(e)}"
+            failure = f"rank {rank}: {first_line(e)}"
     _raise_if_failed(failure, tag_dir, save_dir)
     if kill_before_complete and rank == 0:  # test hook: die with every shard written, no marker
         os.kill(os.getpid(), 9)
@@ -153,13 +149,13 @@ def save(engine, save_dir: str, step: int, client_state: dict, keep_last: int = 
             write_manifest(tag_dir)
             write_bytes_atomic(os.path.join(tag_dir, COMPLETE), b"ok\n")   # the tag is whole from here on;
         except (OSError, MegaGPTError) as e:
-            failure = f"rank 0: {e if isinstance(e, MegaGPTError) else _first_line(e)}"
+            failure = f"rank 0: {e if isinstance(e, MegaGPTError) else first_line(e)}"
     _raise_if_failed(failure, tag_dir, save_dir)
     if rank == 0:
         try:   # only then the hint for DeepSpeed, and pruning
             write_bytes_atomic(os.path.join(save_dir, LATEST), tag.encode())
         except OSError as e:
-            print(f"warning: {save_dir}/{LATEST} not updated ({_first_line(e)}); {tag} is complete", flush=True)
+            print(f"warning: {save_dir}/{LATEST} not updated ({first_line(e)}); {tag} is complete", flush=True)
         if keep_last:
             for _, old in complete_tags(save_dir)[:-keep_last]:
                 shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
@@ -283,7 +279,7 @@ def load(engine, load_dir: str, expect_model: dict | None = None, par=None, fall
         path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:   # truncated/corrupt files, deep in torch
-        raise MegaGPTError(f"{where}: cannot load this checkpoint ({_first_line(e)}); it is damaged — move the "
+        raise MegaGPTError(f"{where}: cannot load this checkpoint ({first_line(e)}); it is damaged — move the "
                            f"tag away to resume from the previous complete one") from None
     if path is None:
         raise MegaGPTError(f"{where}: DeepSpeed could not load this checkpoint")

@@ -24,7 +24,7 @@ import sys
 if __package__ in (None, ""):  # run as a file by the deepspeed launcher
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megagpt.errors import MegaGPTError, cli_main  # noqa: E402
+from megagpt.errors import MegaGPTError, cli_main, first_line  # noqa: E402
 from megagpt.envsetup import set_torch_extensions_dir  # noqa: E402
 
 set_torch_extensions_dir()   # before deepspeed loads: this environment's JIT-built ops cache
@@ -167,11 +167,10 @@ def run(cfg, ds_config) -> int:
             raise
         stopped, store_gone = distributed.stopped_ranks()
         if rank == min(set(range(world)) - set(stopped), default=rank):
-            first = (str(e).strip().splitlines() or [""])[0][:160]
             who = ", ".join(f"rank {r}" for r in stopped) or "no rank"
             store = "; the rendezvous store in rank 0 is gone" if store_gone else ""
             print(f"error: {who} stopped responding (died or hangs{store}) at step {state.step + 1}; rank {rank} "
-                  f"stops too ({first}; distributed_timeout_minutes={t.distributed_timeout_minutes})",
+                  f"stops too ({first_line(e, 160)}; distributed_timeout_minutes={t.distributed_timeout_minutes})",
                   file=sys.stderr, flush=True)
         os._exit(1)   # no clean-up that could wait on the lost rank
     metrics.close()
