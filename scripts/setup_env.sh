@@ -6,9 +6,27 @@
 # keep their CUDA build), otherwise the CPU wheel torch==2.13.0 is installed. DeepSpeed ships only
 # an sdist whose setup.py imports torch, so everything else is built with --no-build-isolation
 # against that torch (an isolated build env would download torch again).
+#
+# --cluster (opt-in, needs root and Debian's apt): also installs the system programs the cluster
+# tests start for real: Slurm (slurmctld, slurmd), munge, sshd + pdsh (deepspeed --hostfile over
+# ssh between network namespaces) and Open MPI. Without it those tests skip with a one-line reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+
+if [[ "${1:-}" == "--cluster" ]]; then
+  CLUSTER_PKGS=(slurm-wlm munge openssh-server openssh-client pdsh openmpi-bin iproute2 procps)
+  if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null; then
+    echo "[setup] --cluster: skipped (needs root and apt-get); the cluster tests will skip"
+  elif command -v slurmctld >/dev/null && command -v sshd >/dev/null && command -v pdsh >/dev/null \
+       && [[ -x /usr/bin/mpirun ]] && command -v munged >/dev/null; then
+    echo "[setup] --cluster: system packages already installed"
+  else
+    echo "[setup] --cluster: apt-get install ${CLUSTER_PKGS[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${CLUSTER_PKGS[@]}" >/dev/null
+  fi
+fi
 
 if "$PY" -c "import torch" 2>/dev/null; then
   echo "[setup] using installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
