@@ -71,6 +71,12 @@ class TrainConfig(OptimConfig):
                                               "train_iters, which sizes the sample stream and LR schedule)")
     tensorboard_dir: Optional[str] = field(None, help="tensorboard event directory",
                                            default_text="<save>/tensorboard when save is set")
+    wandb_project: Optional[str] = field(None, help="also log the tensorboard scalars to this Weights & Biases "
+                                                    "project (rank 0; WANDB_MODE=offline works without a network)")
+    wandb_run_name: Optional[str] = field(None, help="the W&B run's display name", default_text="W&B's own")
+    init_from: Optional[str] = field(None, help="start from these weights (HF transformers dir, consolidated or "
+                                                "DeepSpeed checkpoint) with a fresh optimizer at step 0; a complete "
+                                                "checkpoint in --load takes precedence (resume)")
     override_lr_schedule: bool = field(False, help="on resume, use this run's LR schedule settings even where they "
                                                    "differ from the checkpoint's (default: keep the checkpoint's "
                                                    "schedule and say which settings differ)")
