@@ -1,4 +1,5 @@
-"""Blending: greedy interleaving equals megatron-core's, tracks the weights, real blended datasets."""
+"""Blending: greedy interleaving equals megatron-core's (fixed and random weights, C kernel and
+Python loop), tracks the weights, real blended datasets."""
 import glob
 import importlib.util
 import os
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from megagpt.data import BlendedDataset, DataConfig, build_gpt_datasets
-from megagpt.data.blend import blending_indices
+from megagpt.data import blend
+from megagpt.data.blend import blending_indices, blending_indices_python, normalise_weights
 from megagpt.data.indexed import IndexedDatasetWriter
 from megagpt.errors import MegaGPTError
 
@@ -38,6 +40,68 @@ def test_equals_megatron_core(weights):
     ref_index, ref_sample = np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.int64)
     megatron_helpers().build_blending_indices(ref_index, ref_sample, np.array(weights), len(weights), n, False)
     index, sample = blending_indices(weights, n)
+    np.testing.assert_array_equal(index, ref_index)
+    np.testing.assert_array_equal(sample, ref_sample)
+
+
+def megatron_indices(weights, n):
+    ref_index, ref_sample = np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.int64)
+    megatron_helpers().build_blending_indices(ref_index, ref_sample, np.asarray(weights, dtype=np.float64),
+                                              len(weights), n, False)
+    return ref_index, ref_sample
+
+
+def random_weights(rng):
+    """Weights nobody picked: 2-10 datasets, plain random, with exact ties, with tiny members
+    (down to 1e-7), or small integer ratios (many exactly tied errors); normalised the way
+    ``BlendedDataset`` does it (half the time) or raw."""
+    nd = int(rng.integers(2, 11))
+    kind = rng.integers(4)
+    if kind == 0:
+        w = rng.random(nd) + 1e-3
+    elif kind == 1:  # ties: values drawn from a short list
+        w = rng.choice(rng.random(max(1, nd // 2)) + 1e-3, nd)
+    elif kind == 2:  # tiny members beside ordinary ones
+        w = rng.random(nd) + 1e-3
+        w[rng.random(nd) < 0.4] = 10.0 ** rng.uniform(-7, -3)
+    else:
+        w = rng.integers(1, 5, nd).astype(np.float64)
+    return np.asarray(normalise_weights(w) if rng.random() < 0.5 else w / w.sum(), dtype=np.float64)
+
+
+def test_random_weights_equal_megatron_core():
+    """300 random weight vectors, n up to 300k, plus three at 3M samples: every index equal."""
+    rng = np.random.default_rng(12345)
+    cases = [(random_weights(rng), int(rng.integers(1, 300_000))) for _ in range(300)]
+    cases += [(random_weights(rng), 3_000_000) for _ in range(3)]
+    for w, n in cases:
+        ref_index, ref_sample = megatron_indices(w, n)
+        index, sample = blending_indices(w, n)
+        assert index.dtype == np.int32 and sample.dtype == np.int64 and index.shape == (n,)
+        if not (np.array_equal(index, ref_index) and np.array_equal(sample, ref_sample)):
+            k = int(np.argmax((index != ref_index) | (sample != ref_sample)))
+            pytest.fail(f"weights {w.tolist()!r}, n={n}: first difference at sample {k}: "
+                        f"ours ({index[k]}, {sample[k]}), megatron ({ref_index[k]}, {ref_sample[k]})")
+
+
+def test_python_loop_equals_kernel():
+    """The fallback and the C kernel agree (the Python loop is the statement of the rule)."""
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        w, n = random_weights(rng), int(rng.integers(1, 5000))
+        for got, want in zip(blending_indices_python(w, n), blending_indices(w, n)):
+            np.testing.assert_array_equal(got, want)
+    assert [a.tolist() for a in blending_indices([0.5, 0.5], 0)] == [[], []]
+
+
+def test_no_compiler_falls_back_to_python(tmp_path, monkeypatch):
+    """Without a C compiler the blend still builds (same result) and says once why it is slow."""
+    monkeypatch.setattr(blend, "_kernel", None)
+    monkeypatch.setenv("MEGAGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(UserWarning, match="could not build the C blend kernel.*Python loop"):
+        index, sample = blending_indices([0.2, 0.5, 0.3], 3000)
+    ref_index, ref_sample = megatron_indices([0.2, 0.5, 0.3], 3000)
     np.testing.assert_array_equal(index, ref_index)
     np.testing.assert_array_equal(sample, ref_sample)
 

@@ -8,7 +8,15 @@ per dataset, which a random draw cannot promise. The result equals megatron-core
 """
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +28,87 @@ from megagpt.errors import MegaGPTError
 CLASS_VERSION = 1
 
 
+_KERNEL_SRC = r"""
+#include <stdint.h>
+/* The greedy rule of blending_indices, step for step: float64, no FMA (compiled with
+   -ffp-contract=off), strict '>' so the lowest index wins ties. */
+void megagpt_blend(const double *w, int32_t nd, int64_t n, int32_t *idx, int64_t *sample,
+                   int64_t *counts) {
+    for (int64_t k = 0; k < n; ++k) {
+        double scale = k > 0 ? (double)k : 1.0;
+        int32_t best = 0;
+        double best_err = w[0] * scale - (double)counts[0];
+        for (int32_t d = 1; d < nd; ++d) {
+            double err = w[d] * scale - (double)counts[d];
+            if (err > best_err) { best = d; best_err = err; }
+        }
+        idx[k] = best;
+        sample[k] = counts[best]++;
+    }
+}
+"""
+_CFLAGS = ["-O2", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
+_kernel = None  # the loaded C function, False once building it failed
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MEGAGPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "megagpt")
+    return Path(root)
+
+
+def _load_kernel():
+    """The C loop as a ctypes function, compiled on first use with the system C compiler (the one
+    DeepSpeed's CPU ops need anyway) into a cache keyed by source and flags; None if no compiler.
+    Written under a temporary name and renamed, so ranks compiling at once never load half a file."""
+    global _kernel
+    if _kernel is not None:
+        return _kernel or None
+    try:
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise OSError("no C compiler (cc/gcc) on PATH")
+        key = hashlib.sha256((_KERNEL_SRC + " ".join(_CFLAGS) + cc + platform.machine()).encode()).hexdigest()[:16]
+        so = _cache_dir() / f"blend_{key}.so"
+        if not so.exists():
+            so.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+                src, out = Path(tmp) / "blend.c", Path(tmp) / "blend.so"
+                src.write_text(_KERNEL_SRC)
+                subprocess.run([cc, *_CFLAGS, str(src), "-o", str(out)], check=True, capture_output=True, timeout=120)
+                os.replace(out, so)
+        fn = ctypes.CDLL(str(so)).megagpt_blend
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p]
+        _kernel = fn
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = e.stderr.decode(errors="replace").strip() if getattr(e, "stderr", None) else str(e)
+        warnings.warn(f"blend: could not build the C blend kernel ({detail.splitlines()[0] if detail else e}); "
+                      f"using the Python loop (about 1 s per million samples)")
+        _kernel = False
+    return _kernel or None
+
+
 def blending_indices(weights, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """(dataset_index, dataset_sample_index): sample k is ``datasets[dataset_index[k]][dataset_sample_index[k]]``.
-    A plain loop (about 1 s per million samples for a few datasets) because each choice depends
-    on all earlier ones; ``BlendedDataset`` caches the result on disk."""
+    Each choice depends on all earlier ones, so this is a sequential loop: in C (about 1 s per
+    100M samples for 3 datasets), compiled on first use; the Python loop if that is impossible."""
+    w = np.ascontiguousarray(weights, dtype=np.float64).reshape(-1)
+    n = int(num_samples)
+    kernel = _load_kernel() if n > 0 and len(w) > 0 else None
+    if kernel is None:
+        return blending_indices_python(w.tolist(), n)
+    ds_index = np.empty(n, dtype=np.int32)
+    ds_sample = np.empty(n, dtype=np.int64)
+    counts = np.zeros(len(w), dtype=np.int64)
+    kernel(w.ctypes.data, len(w), n, ds_index.ctypes.data, ds_sample.ctypes.data, counts.ctypes.data)
+    return ds_index, ds_sample
+
+
+def blending_indices_python(weights, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same greedy loop in Python (about 1 s per million samples): the fallback, and the
+    readable statement of the rule the C kernel implements."""
     w = [float(x) for x in weights]
     counts = [0] * len(w)
     ds_index = np.empty(num_samples, dtype=np.int32)
