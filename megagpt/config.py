@@ -95,6 +95,14 @@ class TrainConfig(OptimConfig):
     peak_tflops: Optional[float] = field(None, help="peak TFLOP/s per device for MFU in the run's dtype",
                                          default_text="datasheet on known GPUs; measured and cached on CPU")
     progress_bar: bool = field(True, help="tqdm progress bar")
+    eval_harness_tasks: list = field(default_factory=list, help="lm-evaluation-harness tasks of megagpt/eval/tasks "
+                                     "(copa_local, lambada_local, ...) run on the gathered model by rank 0",
+                                     default_text="[]")
+    eval_harness_interval: int = field(0, min=0, help="run eval_harness_tasks every N steps and at the end, 0 = never")
+    eval_harness_limit: Optional[int] = field(100, min=1, help="documents per task per harness evaluation",
+                                              default_text="100; null = all")
+    eval_harness_data_dir: Optional[str] = field(None, help="folder of the harness tasks' files",
+                                                 default_text="$MEGAGPT_EVAL_DATA, else ../shared/data")
     deepspeed_config: Optional[str] = field(None, flags=("--deepspeed_config", "--deepspeed-config"),
                                             help="DeepSpeed JSON (ds_configs/*.json); \"auto\" values are filled "
                                                  "from this section")
@@ -107,6 +115,12 @@ class TrainConfig(OptimConfig):
             raise MegaGPTError(f"peak_tflops={self.peak_tflops!r} must be > 0", key="peak_tflops")
         if self.spike_factor <= 1:
             raise MegaGPTError(f"spike_factor={self.spike_factor!r} must be > 1", key="spike_factor")
+        known = sorted(f[:-5] for f in os.listdir(os.path.join(os.path.dirname(__file__), "eval", "tasks"))
+                       if f.endswith(".yaml"))   # the task files themselves: config does not import megagpt.eval
+        unknown = [t for t in self.eval_harness_tasks if t not in known]
+        if unknown:
+            raise MegaGPTError(f"eval_harness_tasks: unknown task(s) {unknown}; available: {', '.join(known)}",
+                               key="eval_harness_tasks")
 
     def batch_sizes(self) -> dict:
         """The batch keyword arguments of ``megagpt.train.distributed.build_ds_config``."""

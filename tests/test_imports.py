@@ -191,7 +191,7 @@ def test_checker_finds_a_planted_cycle_and_layering_violation(tmp_path):
 # own layer or below. megagpt_kernels imports nothing from megagpt (checked above).
 LAYERS = [("errors",), ("schema",), ("atomic", "envsetup"), ("tokenizer",), ("data",), ("megagpt_kernels",),
           ("tp",), ("model",), ("parallel",), ("export",), ("checkpoint",), ("cluster",), ("config",),
-          ("train", "finetune")]
+          ("train", "finetune", "eval")]
 # the one sanctioned upward edge: the finetune config validates the task name against the registry
 ALLOWED_UP = {("megagpt.config", "megagpt.finetune.tasks")}
 

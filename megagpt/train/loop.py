@@ -241,6 +241,10 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
     gbs = mbs * ga * dp_size
     guard, faults = UpdateGuard(engine, device), FaultInjector(dbg, t.save, engine)
     spikes = SpikeDetector(t.spike_window, t.spike_factor) if t.spike_policy == "rollback" else None
+    harness = None
+    if t.eval_harness_interval and t.eval_harness_tasks:   # lm-eval tasks on the gathered model (docs/evaluation.md)
+        from megagpt.eval.periodic import PeriodicEval
+        harness = PeriodicEval(cfg, device)
     it = None
     stop = StopFlag()
     engine.train()
@@ -288,6 +292,9 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
             last = state.step == t.train_iters
             if t.eval_interval and (valid_ds is not None or pipe) and (state.step % t.eval_interval == 0 or last):
                 metrics.eval(state.step, evaluate(engine, valid_ds, mbs, t.eval_iters, par, device))
+                metrics.reset_timer()
+            if harness is not None and harness.due(state.step, last):
+                harness.run(engine, state.step, metrics)
                 metrics.reset_timer()
             preempted = stop.any_rank(dist.group.WORLD, device)  # every DP group (TP, PP ranks) stops alike
             exiting = bool(t.exit_interval) and state.step % t.exit_interval == 0 and not last
