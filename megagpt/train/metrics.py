@@ -21,6 +21,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from megagpt.atomic import write_bytes_atomic
+from megagpt.errors import MegaGPTError, first_line
 
 # dense peaks without sparsity, FLOP/s: bf16/fp16 tensor cores, and fp32 (no TF32)
 _GPU_PEAKS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12),
@@ -84,22 +85,62 @@ def memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def check_wandb_installed() -> None:
+    """``train.wandb_project`` needs the ``wandb`` package: say so before any process group starts."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise MegaGPTError("wandb is not installed (pip install wandb), or remove the key", key="wandb_project")
+
+
+class WandbSink:
+    """The tensorboard scalars, mirrored to one Weights & Biases run (rank 0). With a save directory the
+    run id is kept in ``<save>/wandb_run_id`` so a resumed training run continues the same W&B run."""
+
+    def __init__(self, project: str, name: str | None, save_dir: str | None, config: dict | None):
+        import wandb
+
+        self.wandb = wandb
+        run_id, id_file = None, os.path.join(save_dir, "wandb_run_id") if save_dir else None
+        if id_file and os.path.exists(id_file):
+            run_id = Path(id_file).read_text().strip() or None
+        try:
+            self.run = wandb.init(project=project, name=name, id=run_id, resume="allow" if run_id else None,
+                                  config=config, dir=os.environ.get("WANDB_DIR") or save_dir or None)
+        except Exception as e:   # no login, no network in online mode, ...: one line, not wandb's traceback
+            raise MegaGPTError(f"wandb.init failed ({first_line(e)}); log in (wandb login) or set "
+                               f"WANDB_MODE=offline", key="train.wandb_project") from None
+        if id_file and run_id is None:
+            os.makedirs(save_dir, exist_ok=True)
+            write_bytes_atomic(Path(id_file), self.run.id.encode())
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(dict(scalars), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class Metrics:
-    """Rank-0 sink: console line (via tqdm.write), tensorboard scalars and a jsonl log."""
+    """Rank-0 sinks: console line (via tqdm.write), tensorboard scalars, optionally the same scalars in
+    Weights & Biases, and a jsonl log (every step's loss and lr; at log steps every scalar)."""
 
     def __init__(self, rank: int, tb_dir: str | None, jsonl_path: str | None, flops_per_token: int,
                  tokens_per_step: int, world: int, peak: float, peak_src: str, total_steps: int, start_step: int,
-                 progress_bar: bool):
+                 progress_bar: bool, wandb: dict | None = None):
+        """``wandb``: None, or WandbSink's keyword arguments (project, name, save_dir, config)."""
         self.rank, self.world = rank, world
         self.flops_per_token, self.tokens_per_step = flops_per_token, tokens_per_step
         self.peak, self.total = peak, total_steps
-        self.writer = self.bar = self.jsonl = None
+        self.writer = self.bar = self.jsonl = self.wandb = None
         self.reset_timer()
         if rank != 0:
             return
         if tb_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(tb_dir)
+        if wandb:
+            self.wandb = WandbSink(**wandb)
         if jsonl_path:
             os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
             self.jsonl = open(jsonl_path, "a")
@@ -125,12 +166,10 @@ class Metrics:
         self._wait += data_wait
         if self.rank != 0:
             return
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
-            self.jsonl.flush()
         if self.bar is not None:
             self.bar.update(1)
         if not log:
+            self._jsonl({"step": step, "loss": loss, "lr": lr})
             return
         dt, wait_ms = (time.perf_counter() - self._t) / self._steps, 1e3 * self._wait / self._steps
         self._t, self._steps, self._wait = time.perf_counter(), 0, 0.0
@@ -152,26 +191,44 @@ class Metrics:
                    f"{tok_s:,.0f} tok/s | {flops_dev / 1e12:.3f} TFLOP/s/dev | MFU {100 * scalars['mfu']:.1f}% | "
                    f"data wait {wait_ms:.1f} ms | mem {scalars['memory_gib']:.2f} GiB | skipped {skipped} | "
                    f"ETA {eta / 60:.1f} min")
-        if self.writer:
-            for k, v in scalars.items():
-                self.writer.add_scalar(f"train/{k}", v, step)
+        self._jsonl({"step": step, **scalars})
+        self._scalars(step, {f"train/{k}": v for k, v in scalars.items()})
 
     def eval(self, step: int, loss: float) -> None:
         import math
         ppl = math.exp(min(loss, 50.0))
         self.print(f"step {step:>6} | validation loss {loss:.4f} | perplexity {ppl:.2f}")
+        self._jsonl({"step": step, "val_loss": loss, "val_ppl": ppl})
+        self._scalars(step, {"valid/loss": loss, "valid/perplexity": ppl})
+
+    def log_scalars(self, step: int, scalars: dict) -> None:
+        """Named scalars (e.g. ``{"eval/copa/acc": 0.61}``) into the jsonl log (under their own names),
+        tensorboard and W&B at ``step``; rank 0 only, a no-op elsewhere. tools/report.py plots them."""
+        if self.rank != 0:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self._jsonl({"step": step, **scalars})
+        self._scalars(step, scalars)
+
+    def _jsonl(self, record: dict) -> None:
         if self.rank == 0 and self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, "val_loss": loss, "val_ppl": ppl}) + "\n")
+            self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
+
+    def _scalars(self, step: int, scalars: dict) -> None:
+        """The same tagged scalars to every scalar sink (tensorboard, W&B)."""
         if self.writer:
-            self.writer.add_scalar("valid/loss", loss, step)
-            self.writer.add_scalar("valid/perplexity", ppl, step)
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(scalars, step)
 
     def reset_timer(self) -> None:
         """Exclude eval/checkpoint time from the next throughput figure."""
         self._t, self._steps, self._wait = time.perf_counter(), 0, 0.0
 
     def close(self) -> None:
-        for sink in (self.bar, self.writer, self.jsonl):
+        for sink in (self.bar, self.writer, self.jsonl, self.wandb):
             if sink is not None:
                 sink.close()
+        self.bar = self.writer = self.jsonl = self.wandb = None   # closing twice (error paths) is harmless

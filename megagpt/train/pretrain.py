@@ -62,7 +62,77 @@ def dump_weights(model, path, rank) -> None:
             torch.save({k: v.detach().float().clone() for k, v in model.state_dict().items()}, path)
 
 
-def run(cfg, ds_config) -> int:
+# the ModelConfig fields that change what a model computes without changing any tensor's shape
+_ARCH_FIELDS = ("vocab_size", "n_head", "num_kv_heads", "norm", "norm_position", "norm_eps", "pos_emb", "rope_theta",
+                "activation", "bias", "tie_embeddings")
+
+
+def architecture_mismatch(theirs, ours) -> str | None:
+    """The first difference between two ModelConfigs that makes weights of one wrong for the other: a
+    tensor (name and shapes, in the model's parameter order), else a field; None when they fit."""
+    from megagpt.model.gpt import full_shapes
+
+    a, b = full_shapes(theirs), full_shapes(ours)
+    for name, shape in b.items():
+        if name not in a:
+            return f"tensor {name} {shape}: the checkpoint has no such tensor"
+        if a[name] != shape:
+            return f"tensor {name}: checkpoint {a[name]} != config {shape}"
+    extra = [n for n in a if n not in b]
+    if extra:
+        return f"tensor {extra[0]} {a[extra[0]]}: in the checkpoint, not in the config's model"
+    for f in _ARCH_FIELDS:
+        if f == "rope_theta" and ours.pos_emb != "rope":
+            continue
+        if getattr(theirs, f) != getattr(ours, f):
+            return f"model.{f}: checkpoint {getattr(theirs, f)!r} != config {getattr(ours, f)!r}"
+    return None
+
+
+def has_checkpoint(load_dir) -> bool:
+    """Whether ``load_dir`` holds a checkpoint a resume would read (the one tag rule: ``tags.resolve_tag``)."""
+    from megagpt.checkpoint.tags import resolve_tag
+
+    try:
+        resolve_tag(load_dir)
+        return True
+    except MegaGPTError:
+        return False
+
+
+def check_init_from(cfg):
+    """``train.init_from``, opened without reading its weights and checked against the config's model
+    (before any process group starts). Returns the CheckpointSource, or None when a checkpoint in
+    ``train.load`` will be resumed instead: the run's own state always wins, so relaunching the same
+    command after a preemption resumes rather than starting over from the released weights."""
+    from megagpt.checkpoint.load import open_checkpoint
+
+    t = cfg.train
+    if t.load and has_checkpoint(t.load):
+        return None
+    if t.save and os.path.realpath(t.save) == os.path.realpath(t.init_from) and has_checkpoint(t.save):
+        raise cfg.error("train.init_from", f"{t.init_from} is this run's own --save directory: resume it with "
+                                           f"--load {t.save} instead")
+    try:
+        src = open_checkpoint(t.init_from, tokenizer=False)
+    except MegaGPTError as e:
+        raise cfg.error("train.init_from", e.reason) from None
+    bad = architecture_mismatch(src.cfg, cfg.model)
+    if bad:
+        raise cfg.error("train.init_from", f"{src.where} ({src.format}) does not fit the config's model "
+                                           f"{cfg.model.name!r}: {bad}")
+    return src
+
+
+def init_weights(model, src) -> None:
+    """Copy a checked CheckpointSource's full weights into this rank's model (any TP/PP layout: each rank
+    keeps its own slices), before DeepSpeed wraps it."""
+    from megagpt.parallel.layout import load_full_state_dict
+
+    load_full_state_dict(model, src.state_dict())
+
+
+def run(cfg, ds_config, init_src=None) -> int:
     import deepspeed
     import torch
 
@@ -90,6 +160,14 @@ def run(cfg, ds_config) -> int:
 
     model = build_model(mcfg, par, t.seed)   # the same initial weights at every layout
     model.loss_chunk_tokens = t.loss_chunk_tokens   # (pipelines: refused by the config check)
+    if init_src is not None:   # fresh optimizer, step 0, data position 0: only the weights come from it
+        init_weights(model, init_src)
+        if rank == 0:
+            print(f"initialised the weights from {init_src.where} ({init_src.format}"
+                  f"{'' if init_src.step is None else f', step {init_src.step}'}): step 0, fresh optimizer",
+                  flush=True)
+    elif t.init_from and rank == 0:
+        print(f"{t.load} holds a checkpoint: resuming it (train.init_from {t.init_from} is not read)", flush=True)
     n_params, flops_per_token = model_stats(mcfg, cfg.data.seq_length)
     schedule = Schedule.pretraining(t)
     engine, _, _, _ = deepspeed.initialize(
@@ -149,7 +227,9 @@ def run(cfg, ds_config) -> int:
     tb = t.tensorboard_dir or (os.path.join(t.save, "tensorboard") if t.save else None)
     metrics = Metrics(rank, tb, os.path.join(t.save, "train_log.jsonl") if t.save else None,
                       flops_per_token, gbs * cfg.data.seq_length, world, peak, peak_src,
-                      t.train_iters, state.step, t.progress_bar)
+                      t.train_iters, state.step, t.progress_bar,
+                      wandb=dict(project=t.wandb_project, name=t.wandb_run_name, save_dir=t.save,
+                                 config=cfg.to_dict()) if t.wandb_project else None)
     if rank == 0:
         metrics.print(f"model {mcfg.name}: {n_params:,} params | dp={dp_size} tp={par.tp_size} pp={par.pp_size}"
                       f"{' +sp' if par.sequence_parallel else ''} | zero stage "
@@ -189,6 +269,13 @@ def main(argv=None) -> int:
     from megagpt.train.distributed import build_ds_config, dp_world_from_env
 
     cfg = load_config(a.config, overrides)
+    if cfg.train.wandb_project:
+        from megagpt.train.metrics import check_wandb_installed
+        try:
+            check_wandb_installed()
+        except MegaGPTError as e:
+            raise cfg.error("train.wandb_project", e.reason) from None
+    init_src = check_init_from(cfg) if cfg.train.init_from else None
     try:
         dp = cfg.parallel.data_parallel_size(dp_world_from_env())
     except MegaGPTError as e:
@@ -199,7 +286,7 @@ def main(argv=None) -> int:
     except MegaGPTError as e:   # a train key (file, line or flag), or the DeepSpeed JSON itself
         raise (e if e.file else cfg.error(f"train.{e.key}", e.reason) if e.key else
                e.located(file=cfg.train.deepspeed_config)) from None
-    return run(cfg, ds_config)
+    return run(cfg, ds_config, init_src)
 
 
 if __name__ == "__main__":
