@@ -142,7 +142,7 @@ def bias_gelu(x, bias, approximate: str = "none"):
     return _call("bias_gelu", x.is_cuda, (x, bias, approximate))
 
 
-def _attention_why_not(q, k, v, causal, dropout_p):
+def _attention_why_not(q, k, v, causal, dropout_p, doc_ids=None):
     if dropout_p > 0.0:  # checked without importing triton
         return f"dropout_p={dropout_p} > 0: the fused kernel is dropout-free"
     if backend_name() == "reference" or (not q.is_cuda and not interpreting()):
@@ -151,9 +151,12 @@ def _attention_why_not(q, k, v, causal, dropout_p):
         from .triton.flash_attention import unsupported_reason
     except Exception:
         return None  # _load reports the broken import
-    return unsupported_reason(q, k, v, causal, dropout_p)
+    return unsupported_reason(q, k, v, causal, dropout_p, doc_ids)
 
 
-def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None):
-    why_not = _attention_why_not(q, k, v, causal, dropout_p)
-    return _call("attention", q.is_cuda, (q, k, v, causal, dropout_p, scale), why_not)
+def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None, doc_ids=None):
+    """``doc_ids`` (B, Tk) int: document masking of packed samples (a query sees only keys of its
+    own document); None (the default) is plain attention and passes no mask to any backend."""
+    why_not = _attention_why_not(q, k, v, causal, dropout_p, doc_ids)
+    args = (q, k, v, causal, dropout_p, scale) if doc_ids is None else (q, k, v, causal, dropout_p, scale, doc_ids)
+    return _call("attention", q.is_cuda, args, why_not)

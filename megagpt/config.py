@@ -343,6 +343,11 @@ class MegaGPTConfig:
             if self.data.seq_length % tp:
                 raise self.error("parallel.sequence_parallel", f"data.seq_length {self.data.seq_length} is not "
                                                                f"divisible by tensor_parallel={tp}")
+        packed = [k for k in ("reset_attention_mask", "reset_position_ids") if getattr(self.data, k)]
+        if packed and pp > 1:   # the document ids / positions are not carried through pipeline stages
+            raise self.error(f"data.{packed[0]}", f"needs pipeline_parallel=1 (got {pp}): a pipeline's stages receive "
+                                                  f"no document ids or positions (data.eod_mask_loss works with "
+                                                  f"pipelines)")
         if self.train.loss_chunk_tokens and pp > 1:
             raise self.error("train.loss_chunk_tokens", "applies to the GPT's own loss, not a pipeline's last stage: "
                                                         "set it to 0 with pipeline_parallel > 1")

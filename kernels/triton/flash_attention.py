@@ -12,6 +12,11 @@ Causal masking is bottom-right aligned like ``reference.attention``: query i sit
 Tk - Tq + i (the KV-cache case); Tq > Tk with causal=True is not supported here (dispatch routes
 it to the reference). Head dims 16/32/64/128; any Tq/Tk (masked tails); fp16/bf16/fp32 (fp32
 uses IEEE dots, not TF32, to stay an exact fp32 op) and fp64 (for gradcheck). No dropout.
+
+Document mask (packed samples, ``doc_ids`` (B, Tk) int, causal only): a query also needs the key's
+document id to equal its own. Every key block then takes the masked path (DOC is a constexpr, so the
+plain causal kernels are compiled exactly as before), and the online softmax subtracts 0 instead of
+a running max of -inf: a row may see no key at all in its first blocks (an earlier document).
 """
 import math
 
@@ -25,8 +30,13 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 
 
-def unsupported_reason(q, k, v, causal: bool, dropout_p: float):
+def unsupported_reason(q, k, v, causal: bool, dropout_p: float, doc_ids=None):
     """None if this kernel handles the call, else a short reason (dispatch logs it)."""
+    if doc_ids is not None:
+        if not causal:
+            return "a document mask without causal masking"
+        if doc_ids.dim() != 2 or tuple(doc_ids.shape) != (q.shape[0], k.shape[2]) or doc_ids.is_floating_point():
+            return f"doc_ids of shape {tuple(doc_ids.shape)}, not integer (B, Tk)"
     if dropout_p > 0.0:
         return f"dropout_p={dropout_p} > 0 (kernel is dropout-free)"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -57,8 +67,8 @@ def _dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, lo, hi, offs_m, offs_n, offs_d, shift, TK,
-               qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+               qk_scale, doc_base, doc_q, MASK: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
+               ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online-softmax update over key blocks [lo, hi). MASK=False: blocks known to be fully visible
     (no causal cut, no key tail), so the compare/select work is skipped."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -74,10 +84,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, lo, hi, offs_m, offs_
             valid = cols[None, :] < TK
             if CAUSAL:
                 valid = valid & (cols[None, :] <= shift + offs_m[:, None])
+            if DOC:
+                doc_k = tl.load(doc_base + cols, mask=cols < TK, other=-1)
+                valid = valid & (doc_q[:, None] == doc_k[None, :])
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if DOC:   # a row that has seen no key yet: subtract 0, not -inf (exp2(-inf - -inf) is NaN)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, ACC, PREC, UPCAST)
         m_i = m_new
@@ -85,9 +102,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, lo, hi, offs_m, offs_
 
 
 @triton.jit
-def _q_block(pid_m, bh, H, GROUP, TQ, TK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _q_block(pid_m, bh, H, GROUP, TQ, TK, CAUSAL: tl.constexpr, DOC: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr):
     """Batch, q head, kv head, rows and causal shift of query block ``pid_m``; keys in [0, full_hi) are
-    visible to every row (no mask), those in [full_hi, hi) need the causal / key-tail mask."""
+    visible to every row (no mask), those in [full_hi, hi) need the causal / key-tail / document mask."""
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,17 +116,20 @@ def _q_block(pid_m, bh, H, GROUP, TQ, TK, CAUSAL: tl.constexpr, BLOCK_M: tl.cons
     else:
         full_hi = TK // BLOCK_N * BLOCK_N
         hi = TK
+    if DOC:
+        full_hi = 0
     return b, h, h // GROUP, offs_m, shift, full_hi, hi
 
 
 @triton.jit
-def _fwd(Q, K, V, O, LSE, qk_scale,
-         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+def _fwd(Q, K, V, O, LSE, DOCS, qk_scale,
+         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdocb,
          H, TQ, TK, GROUP,
-         CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+         CAUSAL: tl.constexpr, DOC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
     bh = tl.program_id(1)
-    b, h, hk, offs_m, shift, full_hi, hi = _q_block(tl.program_id(0), bh, H, GROUP, TQ, TK, CAUSAL, BLOCK_M, BLOCK_N)
+    b, h, hk, offs_m, shift, full_hi, hi = _q_block(tl.program_id(0), bh, H, GROUP, TQ, TK, CAUSAL, DOC,
+                                                    BLOCK_M, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
@@ -118,12 +139,20 @@ def _fwd(Q, K, V, O, LSE, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, D], dtype=ACC)
+    doc_base = DOCS + b * sdocb
+    doc_q = offs_m
+    if DOC:
+        doc_q = tl.load(doc_base + shift + offs_m, mask=offs_m < TQ, other=-2)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, 0, full_hi, offs_m, offs_n,
-                               offs_d, shift, TK, qk_scale, False, CAUSAL, ACC, PREC, UPCAST, BLOCK_N)
+                               offs_d, shift, TK, qk_scale, doc_base, doc_q, False, CAUSAL, DOC, ACC, PREC, UPCAST,
+                               BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, full_hi, hi, offs_m, offs_n,
-                               offs_d, shift, TK, qk_scale, True, CAUSAL, ACC, PREC, UPCAST, BLOCK_N)
-    acc = acc / l_i[:, None]
+                               offs_d, shift, TK, qk_scale, doc_base, doc_q, True, CAUSAL, DOC, ACC, PREC, UPCAST,
+                               BLOCK_N)
     row_ok = offs_m < TQ
+    if DOC:   # padded tail rows match no document (l = 0); every real row sees at least itself
+        l_i = tl.where(row_ok, l_i, 1.0)
+    acc = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * TQ + offs_m, m_i + tl.log2(l_i), mask=row_ok)
@@ -148,8 +177,8 @@ def _bwd_delta(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, TQ,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, sqt, sdt, lo, hi, offs_n, offs_m,
-                offs_d, shift, TQ, qk_scale, MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
+                offs_d, shift, TQ, qk_scale, doc_base, doc_k, MASK: tl.constexpr, DOC: tl.constexpr,
+                ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate dK/dV of one key block over query blocks [lo, hi). Tails need no score mask:
     padded query rows have q = dO = lse = delta = 0 and padded keys are never stored, so both add
     exactly zero; MASK=True applies the causal cut (diagonal blocks only)."""
@@ -162,7 +191,11 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, sqt, sdt, l
         delta = tl.load(DELTA + row_base + rows, mask=rmask, other=0.0)
         pt = tl.exp2(_dot(k, qt, ACC, PREC, UPCAST) * qk_scale - lse[None, :])  # P^T: (BLOCK_N, BLOCK_M)
         if MASK:
-            pt = tl.where(offs_n[:, None] <= shift + rows[None, :], pt, 0.0)
+            seen = offs_n[:, None] <= shift + rows[None, :]
+            if DOC:
+                doc_q = tl.load(doc_base + shift + rows, mask=rmask, other=-2)
+                seen = seen & (doc_k[:, None] == doc_q[None, :])
+            pt = tl.where(seen, pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, ACC, PREC, UPCAST)
         dpt = _dot(v, tl.trans(do), ACC, PREC, UPCAST)
         dst = pt * (dpt - delta[None, :])
@@ -171,11 +204,11 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, sqt, sdt, l
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOCS, qk_scale, sm_scale,
               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-              sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+              sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sdocb,
               H, HKV, TQ, TK, GROUP,
-              CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              CAUSAL: tl.constexpr, DOC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
     """One program per (K/V block, kv head): loops over every q head of its group and every q block."""
     pid_n = tl.program_id(0)
@@ -198,15 +231,22 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
     else:
         lo = 0
         full_lo = 0
+    doc_base = DOCS + b * sdocb
+    doc_k = offs_n
+    if DOC:   # every query block takes the masked path (the kernel is causal-only with a document mask)
+        full_lo = TQ
+        doc_k = tl.load(doc_base + offs_n, mask=offs_n < TK, other=-1)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         row_base = (b * H + h) * TQ
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, sqt, sdt, lo, full_lo,
-                             offs_n, offs_m, offs_d, shift, TQ, qk_scale, True, ACC, PREC, UPCAST, BLOCK_M)
+                             offs_n, offs_m, offs_d, shift, TQ, qk_scale, doc_base, doc_k, True, DOC, ACC, PREC,
+                             UPCAST, BLOCK_M)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, sqt, sdt, full_lo, TQ,
-                             offs_n, offs_m, offs_d, shift, TQ, qk_scale, False, ACC, PREC, UPCAST, BLOCK_M)
+                             offs_n, offs_m, offs_d, shift, TQ, qk_scale, doc_base, doc_k, False, DOC, ACC, PREC,
+                             UPCAST, BLOCK_M)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kmask)
@@ -216,8 +256,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, lo, hi, offs_m, offs_n, offs_d, shift, TK,
-              qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-              UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+              qk_scale, doc_base, doc_q, MASK: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
+              ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi). MASK=True (diagonal and key-tail
     blocks only) zeroes P where the causal cut or the key tail hides it: a padded key's score 0 minus
     a very negative LSE could overflow exp2, so tails are masked rather than relied on to be zero."""
@@ -231,6 +271,9 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, lo, hi, offs_m, o
             valid = cmask
             if CAUSAL:
                 valid = valid & (cols[None, :] <= shift + offs_m[:, None])
+            if DOC:
+                doc_k = tl.load(doc_base + cols, mask=cols < TK, other=-1)
+                valid = valid & (doc_q[:, None] == doc_k[None, :])
             p = tl.where(valid, p, 0.0)
         dp = _dot(do, vt, ACC, PREC, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -239,13 +282,14 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, lo, hi, offs_m, o
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
-            sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sdqb, sdqh, sdqt,
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS, qk_scale, sm_scale,
+            sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sdqb, sdqh, sdqt, sdocb,
             H, TQ, TK, GROUP,
-            CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+            CAUSAL: tl.constexpr, DOC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
     bh = tl.program_id(1)
-    b, h, hk, offs_m, shift, full_hi, hi = _q_block(tl.program_id(0), bh, H, GROUP, TQ, TK, CAUSAL, BLOCK_M, BLOCK_N)
+    b, h, hk, offs_m, shift, full_hi, hi = _q_block(tl.program_id(0), bh, H, GROUP, TQ, TK, CAUSAL, DOC,
+                                                    BLOCK_M, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     rmask = offs_m < TQ
@@ -256,10 +300,14 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
+    doc_base = DOCS + b * sdocb
+    doc_q = offs_m
+    if DOC:
+        doc_q = tl.load(doc_base + shift + offs_m, mask=rmask, other=-2)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, 0, full_hi, offs_m, offs_n, offs_d,
-                   shift, TK, qk_scale, False, CAUSAL, ACC, PREC, UPCAST, BLOCK_N)
+                   shift, TK, qk_scale, doc_base, doc_q, False, CAUSAL, DOC, ACC, PREC, UPCAST, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, full_hi, hi, offs_m, offs_n, offs_d,
-                   shift, TK, qk_scale, True, CAUSAL, ACC, PREC, UPCAST, BLOCK_N)
+                   shift, TK, qk_scale, doc_base, doc_q, True, CAUSAL, DOC, ACC, PREC, UPCAST, BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
@@ -288,8 +336,9 @@ def _prec(dtype):
 
 class FlashAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
+    def forward(ctx, q, k, v, causal, scale, doc_ids=None):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        docs = doc_ids.to(torch.int32).contiguous() if doc_ids is not None else None
         bsz, h, tq, d = q.shape
         hkv, tk = k.shape[1], k.shape[2]
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
@@ -297,17 +346,19 @@ class FlashAttentionFn(torch.autograd.Function):
         lse = torch.empty((bsz, h, tq), dtype=acc_torch_dtype(q.dtype), device=q.device)
         bm, bn, warps, stages = _cfg(q, "fwd")
         grid = (triton.cdiv(tq, bm), bsz * h)
-        _fwd[grid](q, k, v, o, lse, sm_scale * LOG2E,
-                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                   h, tq, tk, h // hkv, CAUSAL=causal, ACC=acc_dtype(q.dtype), PREC=_prec(q.dtype),
-                   UPCAST=_upcast(q.dtype), BLOCK_M=bm, BLOCK_N=bn, D=d, num_warps=warps, num_stages=stages)
-        ctx.save_for_backward(q, k, v, o, lse)
+        _fwd[grid](q, k, v, o, lse, _docs_arg(docs, lse), sm_scale * LOG2E,
+                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], _docs_stride(docs),
+                   h, tq, tk, h // hkv, CAUSAL=causal, DOC=docs is not None, ACC=acc_dtype(q.dtype),
+                   PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype), BLOCK_M=bm, BLOCK_N=bn, D=d, num_warps=warps,
+                   num_stages=stages)
+        ctx.save_for_backward(q, k, v, o, lse, *([docs] if docs is not None else []))
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, *docs = ctx.saved_tensors
+        docs = docs[0] if docs else None
         do = _unit_last(do)
         bsz, h, tq, d = q.shape
         hkv, tk = k.shape[1], k.shape[2]
@@ -318,22 +369,31 @@ class FlashAttentionFn(torch.autograd.Function):
         dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         bm, bn, warps, stages = _cfg(q, "bwd")
         qk_scale = ctx.sm_scale * LOG2E
-        common = dict(CAUSAL=ctx.causal, ACC=acc, PREC=prec, UPCAST=_upcast(q.dtype), BLOCK_M=bm, BLOCK_N=bn, D=d,
+        common = dict(CAUSAL=ctx.causal, DOC=docs is not None, ACC=acc, PREC=prec, UPCAST=_upcast(q.dtype), BLOCK_M=bm, BLOCK_N=bn, D=d,
                       num_warps=warps, num_stages=stages)
         _bwd_dkdv[(triton.cdiv(tk, bn), bsz * hkv)](
-            q, k, v, do, lse, delta, dk, dv, qk_scale, ctx.sm_scale,
+            q, k, v, do, lse, delta, dk, dv, _docs_arg(docs, lse), qk_scale, ctx.sm_scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-            *dk.stride()[:3], *dv.stride()[:3], h, hkv, tq, tk, h // hkv, **common)
+            *dk.stride()[:3], *dv.stride()[:3], _docs_stride(docs), h, hkv, tq, tk, h // hkv, **common)
         _bwd_dq[(triton.cdiv(tq, bm), bsz * h)](
-            q, k, v, do, lse, delta, dq, qk_scale, ctx.sm_scale,
+            q, k, v, do, lse, delta, dq, _docs_arg(docs, lse), qk_scale, ctx.sm_scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-            h, tq, tk, h // hkv, **common)
-        return dq, dk, dv, None, None
+            _docs_stride(docs), h, tq, tk, h // hkv, **common)
+        return dq, dk, dv, None, None, None
 
 
-def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None):
+def _docs_arg(docs, placeholder):
+    """The DOCS pointer: the document ids, or any tensor when DOC=False (never read then)."""
+    return docs if docs is not None else placeholder
+
+
+def _docs_stride(docs) -> int:
+    return docs.stride(0) if docs is not None else 0
+
+
+def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None, doc_ids=None):
     """Same signature as ``reference.attention``; raises ValueError for calls it cannot serve."""
-    why = unsupported_reason(q, k, v, causal, dropout_p)
+    why = unsupported_reason(q, k, v, causal, dropout_p, doc_ids)
     if why:
         raise ValueError(f"triton flash attention: {why}")
-    return FlashAttentionFn.apply(q, k, v, causal, scale)
+    return FlashAttentionFn.apply(q, k, v, causal, scale, doc_ids)

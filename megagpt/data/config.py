@@ -41,6 +41,11 @@ class DataConfig(Section):
     seq_length: Optional[int] = field(None, min=1, help="tokens per sample", default_text="model.max_seq_len")
     seed: int = field(1234, flags=("--data-seed",), help="seed of the document shuffle and blend")
     cache_dir: Optional[str] = field(None, help="where the index arrays are cached (null = beside each shard)")
+    # document masking of packed samples (Megatron's names; gpt_dataset.PackingOptions, docs/architecture.md)
+    reset_attention_mask: bool = field(False, help="a token never attends across an end-of-document token "
+                                                   "within a packed sample (block-diagonal causal attention)")
+    reset_position_ids: bool = field(False, help="positions restart at 0 after each end-of-document token")
+    eod_mask_loss: bool = field(False, help="the loss ignores targets that are the end-of-document token")
 
     def __post_init__(self):
         if isinstance(self.data_path, (str, os.PathLike)):

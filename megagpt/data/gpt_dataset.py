@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -28,6 +30,82 @@ from megagpt.errors import MegaGPTError
 
 CLASS_VERSION = 1
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackingOptions:
+    """Megatron's document masking of packed samples (the ``data:`` keys of the same names).
+
+    A sample window crosses document boundaries (see above); these options make each document in
+    it behave as if trained alone. A document ends with its EOD token (the EOD belongs to the
+    document it ends): ``reset_attention_mask`` lets no token attend to an earlier document,
+    ``reset_position_ids`` restarts positions at 0 after each EOD, ``eod_mask_loss`` drops the
+    targets that are the EOD token from the loss (so the model is not taught to end documents)."""
+
+    eod_id: int
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
+    eod_mask_loss: bool = False
+
+    @classmethod
+    def from_config(cls, data_config, eod_id: Optional[int] = None) -> Optional["PackingOptions"]:
+        """The options of ``data_config``, or None when all three are off (batches stay plain tensors).
+        ``eod_id`` defaults to the EOD id of ``data_config.tokenizer``."""
+        flags = {k: bool(getattr(data_config, k, False))
+                 for k in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")}
+        if not any(flags.values()):
+            return None
+        on = next(k for k, v in flags.items() if v)
+        if eod_id is None:
+            if not data_config.tokenizer:
+                raise MegaGPTError(f"{on} needs the tokenizer's end-of-document id: set data.tokenizer", key=on)
+            from megagpt.tokenizer import load_tokenizer
+            eod_id = load_tokenizer(data_config.tokenizer).eod_id
+            if eod_id is None:
+                raise MegaGPTError(f"{on}: tokenizer {data_config.tokenizer} has no end-of-document token", key=on)
+        return cls(int(eod_id), **flags)
+
+
+class PackedInputs(NamedTuple):
+    """A batch's model inputs under document masking (``split_batch``); the GPT accepts it where it
+    takes ``input_ids``. ``position_ids``/``doc_ids`` (B, T) int64, None where their option is off."""
+
+    input_ids: torch.Tensor
+    position_ids: Optional[torch.Tensor]
+    doc_ids: Optional[torch.Tensor]
+
+
+def document_ids(input_ids: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """Per-token document index within each row, 0 at the start: an EOD token belongs to the document
+    it ends, the token after it starts the next (one exclusive cumulative sum, no Python loop)."""
+    eod = (input_ids == eod_id).long()
+    return eod.cumsum(dim=1) - eod
+
+
+def reset_positions(input_ids: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """Positions that restart at 0 after each EOD token: t minus the start of t's document, the
+    start being a running maximum over the indices that begin a document."""
+    B, T = input_ids.shape
+    idx = torch.arange(T, device=input_ids.device).expand(B, T)
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 1:] = input_ids[:, :-1] == eod_id
+    return idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values
+
+
+def split_batch(tokens: torch.Tensor, packing: Optional[PackingOptions] = None):
+    """(inputs, labels) of a (B, seq_length + 1) token batch: inputs ``tokens[:, :-1]``, labels
+    ``tokens[:, 1:]``. With ``packing`` the inputs are a ``PackedInputs`` (when positions or the
+    attention mask are reset) and EOD labels become -100 (``eod_mask_loss``); without it this is
+    exactly the plain split every run has always used."""
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    if packing is None:
+        return x, y
+    if packing.eod_mask_loss:
+        y = y.masked_fill(y == packing.eod_id, -100)
+    if packing.reset_attention_mask or packing.reset_position_ids:
+        x = PackedInputs(x, reset_positions(x, packing.eod_id) if packing.reset_position_ids else None,
+                         document_ids(x, packing.eod_id) if packing.reset_attention_mask else None)
+    return x, y
 
 
 def document_lengths(shard: IndexedDataset, lo: int, hi: int) -> np.ndarray:
@@ -80,7 +158,10 @@ def check_tokens_cached(shard: IndexedDataset, vocab_size: int, cache_dir: Path,
 
 class GPTDataset(torch.utils.data.Dataset):
     """``num_samples`` windows over documents ``doc_range = (lo, hi)`` of one shard: ``ds[i] ->
-    {"tokens": int64 array of seq_length + 1}``. ``built_index``: False when loaded from cache."""
+    {"tokens": int64 array of seq_length + 1}``. ``built_index``: False when loaded from cache.
+    ``packing``: how batches of it are split (``split_batch``), set by ``build_gpt_datasets``."""
+
+    packing: Optional[PackingOptions] = None
 
     def __init__(self, shard, doc_range, num_samples: int, seq_length: int, seed: int, *,
                  name: str = "train", split=None, cache_dir=None, vocab_size: int | None = None,
@@ -237,4 +318,8 @@ def build_gpt_datasets(data_config, num_samples, vocab_size: int):
                             cache_dir=cfg.cache_dir, vocab_size=vocab_size, fingerprint=fp)
                  for (s, r, _, fp), w in zip(members, weights)]   # one member: max_draws(1.0, n) == n
         out.append(parts[0] if len(parts) == 1 else BlendedDataset(parts, weights, n, cfg.seed))
+    packing = PackingOptions.from_config(cfg)
+    for ds in out:   # the batch builder reads it (train.loop.to_batch -> split_batch)
+        if ds is not None:
+            ds.packing = packing
     return tuple(out)

@@ -1,4 +1,5 @@
-"""Causal self-attention with a fused QKV projection, GQA, RoPE and an optional KV cache.
+"""Causal self-attention with a fused QKV projection, GQA, RoPE, an optional KV cache and an
+optional document mask (packed samples: block-diagonal causal, ``data.reset_attention_mask``).
 
 ``qkv.weight`` has rows ``[q; k; v]``, heads contiguous within each. Under tensor parallelism
 ``qkv`` is column-parallel by heads (each rank holds ``[q_r; k_r; v_r]`` of its n_head/tp query
@@ -42,7 +43,9 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.drop = Dropout(cfg.resid_dropout, tp)
 
-    def forward(self, x, rope=None, kv_cache=None):
+    def forward(self, x, rope=None, kv_cache=None, doc_ids=None):
+        """``doc_ids`` (B, T) (reset_attention_mask): a query sees only earlier keys of its own document;
+        None: plain causal attention, no mask built."""
         qkv = self.qkv(x)                                       # (B, T, local heads * D): full T under SP
         B, T, _ = qkv.shape
         D = self.head_dim
@@ -55,6 +58,9 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.attn_dropout if self.training else 0.0
         # heads differ per TP rank, so must their dropout masks: the per-rank generator
         with self.tp.rng.fork() if dropout_p and self.tp.size > 1 else contextlib.nullcontext():
-            y = dispatch.attention(q, k, v, causal=True, dropout_p=dropout_p, scale=None)
+            if doc_ids is None:
+                y = dispatch.attention(q, k, v, causal=True, dropout_p=dropout_p, scale=None)
+            else:
+                y = dispatch.attention(q, k, v, causal=True, dropout_p=dropout_p, scale=None, doc_ids=doc_ids)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * D)
         return self.drop(self.proj(y))

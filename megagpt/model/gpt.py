@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megagpt.data.gpt_dataset import PackedInputs
 from megagpt.errors import MegaGPTError
 from megagpt.tp import SERIAL
 from megagpt.tp.cross_entropy import vocab_parallel_cross_entropy
@@ -84,12 +85,12 @@ class Block(nn.Module):
         self.ln2 = Norm(cfg, tp)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, x, rope=None, kv_cache=None):
+    def forward(self, x, rope=None, kv_cache=None, doc_ids=None):
         if self.pre_norm:
-            x = x + self.attn(self.ln1(x), rope, kv_cache)
+            x = x + self.attn(self.ln1(x), rope, kv_cache, doc_ids)
             x = x + self.mlp(self.ln2(x))
         else:
-            x = self.ln1(x + self.attn(x, rope, kv_cache))
+            x = self.ln1(x + self.attn(x, rope, kv_cache, doc_ids))
             x = self.ln2(x + self.mlp(x))
         return x
 
@@ -129,17 +130,24 @@ class GPT(nn.Module):
         self.tie_weights()
         return self
 
-    def forward_hidden(self, input_ids, kv_cache: KVCache = None):
+    def forward_hidden(self, input_ids, kv_cache: KVCache = None, position_ids=None, doc_ids=None):
         """Final hidden states (B, T, n_embd), replicated on every TP rank (for a finetuning head,
         which computes the same on every rank: so the sequence gather's backward keeps the own chunk)."""
-        h = self._hidden_local(input_ids, kv_cache)
+        h = self._hidden_local(input_ids, kv_cache, position_ids, doc_ids)
         return gather_from_tp(h, self.tp.group, dim=1) if self.tp.sequence_parallel else h
 
-    def _hidden_local(self, input_ids, kv_cache=None):
-        """Final hidden states of this rank's sequence chunk (all of it without sequence parallelism)."""
+    def _hidden_local(self, input_ids, kv_cache=None, position_ids=None, doc_ids=None):
+        """Final hidden states of this rank's sequence chunk (all of it without sequence parallelism).
+        ``position_ids``/``doc_ids`` (B, T), whole sequence on every TP rank: a packed batch's reset
+        positions and document ids (data.reset_position_ids / reset_attention_mask)."""
         cfg, tp = self.cfg, self.tp
         start = kv_cache.length if kv_cache is not None else 0
         T = input_ids.shape[1]
+        for name, ids in (("position_ids", position_ids), ("doc_ids", doc_ids)):
+            if ids is not None and (kv_cache is not None or tuple(ids.shape) != tuple(input_ids.shape)):
+                raise MegaGPTError(f"{name} of shape {tuple(ids.shape)} must match input_ids "
+                                   f"{tuple(input_ids.shape)}" + (" and cannot be used with a KV cache"
+                                                                  if kv_cache is not None else ""))
         if start + T > cfg.max_seq_len:
             raise MegaGPTError(
                 f"sequence of {start + T} tokens (cached {start} + new {T}) exceeds max_seq_len={cfg.max_seq_len}")
@@ -147,24 +155,31 @@ class GPT(nn.Module):
             raise MegaGPTError(f"sequence_parallel: {T} new tokens{' with a KV cache' if kv_cache else ''} cannot "
                                f"be split over tensor_parallel={tp.size}; build the model without sequence "
                                f"parallelism for generation")
-        x = self.embed(input_ids, start)
-        rope = rope_cos_sin(cfg, start, T, input_ids.device)
+        x = self.embed(input_ids, start, position_ids)
+        rope = rope_cos_sin(cfg, start, T, input_ids.device, position_ids)
         checkpointing = cfg.activation_checkpointing and self.training and kv_cache is None
         for block in self.blocks:
-            x = tp_checkpoint(tp.rng, block, x, rope) if checkpointing else block(x, rope, kv_cache)
+            if checkpointing:
+                x = tp_checkpoint(tp.rng, block, x, rope, None, doc_ids)
+            else:
+                x = block(x, rope, kv_cache, doc_ids)
         if kv_cache is not None:
             kv_cache.length = start + T
         return self.ln_f(x) if self.ln_f is not None else x
 
-    def forward(self, input_ids, labels=None, kv_cache: KVCache = None):
+    def forward(self, input_ids, labels=None, kv_cache: KVCache = None, position_ids=None, doc_ids=None):
         """Logits (B, T, vocab_size), or the mean cross-entropy over labels != -100 if given
-        (labels come aligned: labels[t] is the token after input_ids[t])."""
+        (labels come aligned: labels[t] is the token after input_ids[t]). ``input_ids`` may be a packed
+        batch's ``PackedInputs`` (input_ids, position_ids, doc_ids), as the training loop passes it."""
+        if isinstance(input_ids, PackedInputs):
+            input_ids, position_ids, doc_ids = input_ids
         if labels is not None and labels.shape != input_ids.shape:
             raise MegaGPTError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if labels is not None and self.loss_chunk_tokens:
-            return chunked_lm_loss(self.forward_hidden(input_ids, kv_cache), self.lm_head.weight, labels, self.cfg,
-                                   self.tp, self.loss_chunk_tokens)
-        logits_local = self.lm_head(self._hidden_local(input_ids, kv_cache))   # gathers a split sequence
+            return chunked_lm_loss(self.forward_hidden(input_ids, kv_cache, position_ids, doc_ids),
+                                   self.lm_head.weight, labels, self.cfg, self.tp, self.loss_chunk_tokens)
+        hidden = self._hidden_local(input_ids, kv_cache, position_ids, doc_ids)
+        logits_local = self.lm_head(hidden)   # gathers a split sequence
         if labels is None:
             return gather_from_tp(logits_local, self.tp.group, dim=-1)[..., : self.cfg.vocab_size]
         return lm_loss(logits_local, labels, self.cfg, self.tp)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megagpt.checkpoint.elastic import load_scheduler_state
 from megagpt.data import DistributedBatchSampler, describe_samples
+from megagpt.data.gpt_dataset import split_batch
 
 from .faults import FaultInjector
 
@@ -60,7 +61,7 @@ class StopFlag:
 
 def to_batch(dataset, indices, device):
     tokens = torch.from_numpy(np.stack([dataset[i]["tokens"] for i in indices]).astype(np.int64)).to(device)
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    return split_batch(tokens, getattr(dataset, "packing", None))   # plain (x, y) unless document masking
 
 
 class UpdateGuard:
