@@ -87,10 +87,11 @@ def memory_gib() -> float:
 
 def check_wandb_installed() -> None:
     """``train.wandb_project`` needs the ``wandb`` package: say so before any process group starts."""
-    import importlib.util
-
-    if importlib.util.find_spec("wandb") is None:
-        raise MegaGPTError("wandb is not installed (pip install wandb), or remove the key", key="wandb_project")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise MegaGPTError("wandb is not installed (pip install wandb), or remove the key", key="wandb_project") \
+            from None
 
 
 class WandbSink:
