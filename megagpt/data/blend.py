@@ -30,10 +30,44 @@ CLASS_VERSION = 1
 
 _KERNEL_SRC = r"""
 #include <stdint.h>
-/* The greedy rule of blending_indices, step for step: float64, no FMA (compiled with
-   -ffp-contract=off), strict '>' so the lowest index wins ties. */
+/* The greedy rule of blending_indices, step for step: float64, no FMA (-ffp-contract=off), strict
+   '>' so the lowest index wins ties. Counts are kept as doubles (exact below 2^53), which is the
+   (double)count the rule subtracts. For 2..8 datasets a fixed-size copy that the compiler keeps in
+   registers and selects without branches (~5x faster at 3 datasets than the plain loop below). */
+#define BLEND_FIXED(ND)                                                                        \
+static void blend_##ND(const double *wp, int64_t n, int32_t *idx, int64_t *sample) {           \
+    double w[ND], c[ND];                                                                       \
+    for (int d = 0; d < ND; ++d) { w[d] = wp[d]; c[d] = 0.0; }                                 \
+    for (int64_t k = 0; k < n; ++k) {                                                          \
+        double scale = k > 0 ? (double)k : 1.0;                                                \
+        int b = 0;                                                                             \
+        double best = w[0] * scale - c[0];                                                     \
+        for (int d = 1; d < ND; ++d) {                                                         \
+            double e = w[d] * scale - c[d];                                                    \
+            int gt = e > best;                                                                 \
+            b = gt ? d : b;                                                                    \
+            best = gt ? e : best;                                                              \
+        }                                                                                      \
+        double cb = c[0];                                                                      \
+        for (int d = 1; d < ND; ++d) cb = d == b ? c[d] : cb;                                  \
+        idx[k] = b;                                                                            \
+        sample[k] = (int64_t)cb;                                                               \
+        for (int d = 0; d < ND; ++d) c[d] += (double)(d == b);                                 \
+    }                                                                                          \
+}
+BLEND_FIXED(2) BLEND_FIXED(3) BLEND_FIXED(4) BLEND_FIXED(5) BLEND_FIXED(6) BLEND_FIXED(7) BLEND_FIXED(8)
+
 void megagpt_blend(const double *w, int32_t nd, int64_t n, int32_t *idx, int64_t *sample,
                    int64_t *counts) {
+    switch (nd) {
+    case 2: blend_2(w, n, idx, sample); return;
+    case 3: blend_3(w, n, idx, sample); return;
+    case 4: blend_4(w, n, idx, sample); return;
+    case 5: blend_5(w, n, idx, sample); return;
+    case 6: blend_6(w, n, idx, sample); return;
+    case 7: blend_7(w, n, idx, sample); return;
+    case 8: blend_8(w, n, idx, sample); return;
+    }
     for (int64_t k = 0; k < n; ++k) {
         double scale = k > 0 ? (double)k : 1.0;
         int32_t best = 0;
@@ -47,7 +81,7 @@ void megagpt_blend(const double *w, int32_t nd, int64_t n, int32_t *idx, int64_t
     }
 }
 """
-_CFLAGS = ["-O2", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
+_CFLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
 _kernel = None  # the loaded C function, False once building it failed
 
 
@@ -92,7 +126,7 @@ def _load_kernel():
 
 def blending_indices(weights, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """(dataset_index, dataset_sample_index): sample k is ``datasets[dataset_index[k]][dataset_sample_index[k]]``.
-    Each choice depends on all earlier ones, so this is a sequential loop: in C (about 1 s per
+    Each choice depends on all earlier ones, so this is a sequential loop: in C (about 0.3-1 s per
     100M samples for 3 datasets), compiled on first use; the Python loop if that is impossible."""
     w = np.ascontiguousarray(weights, dtype=np.float64).reshape(-1)
     n = int(num_samples)
