@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Which TP x PP x DP layouts fit a model on a cluster, with per-GPU memory and estimated step
-time / MFU. Formulas and assumptions: docs/planner.md.
+time / MFU / achieved TFLOP/s per GPU. Formulas, constants and the check of the time model against
+Megatron-LM's published A100 runs: docs/planner.md.
 
     python tools/plan.py --preset gpt2-xl --seq-length 1024 --global-batch 512 --micro-batch 4 \\
-        --gpus 16 --gpus-per-node 8 --gpu-mem-gib 80 --dtype bf16 --zero-stage 1
+        --gpus 16 --gpus-per-node 8 --gpu a100 --dtype bf16 --zero-stage 1
 """
 import argparse
 import json
 from dataclasses import fields
 
 from megagpt.errors import MegaGPTError, cli_main
-from megagpt.cluster.plan import GIB, Cluster, ModelShape, TrainSetup, describe, layouts
+from megagpt.cluster.plan import GIB, GPU_PRESETS, Cluster, ModelShape, TrainSetup, describe, layouts
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -49,12 +50,15 @@ def build_parser():
     c = p.add_argument_group("cluster")
     c.add_argument("--gpus", type=int, required=True, help="total GPUs")
     c.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; TP stays inside a node")
-    c.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU in GiB")
+    c.add_argument("--gpu", choices=sorted(GPU_PRESETS), default="h100",
+                   help="GPU type: the starting values of the six flags below (docs/planner.md)")
     c.add_argument("--reserve-gib", type=float, default=2.0, help="per GPU, not for the model")
-    c.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU, for --dtype")
-    c.add_argument("--efficiency", type=float, default=0.5, help="achieved fraction of peak")
-    c.add_argument("--intra-node-gbps", type=float, default=450.0, help="GB/s per GPU per direction")
-    c.add_argument("--inter-node-gbps", type=float, default=50.0, help="GB/s per GPU per direction")
+    hw = {"gpu_mem_gib": "memory per GPU in GiB", "peak_tflops": "dense 16-bit peak TFLOP/s per GPU",
+          "efficiency": "achieved fraction of peak for the matmuls", "intra_node_gbps": "NVLink GB/s per GPU per direction",
+          "inter_node_gbps": "network GB/s per GPU per direction", "hbm_gbps": "GPU memory GB/s"}
+    for name, what in hw.items():
+        presets = ", ".join(f"{g} {v[name]:g}" for g, v in sorted(GPU_PRESETS.items()))
+        c.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"{what} (default: the --gpu preset's: {presets})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--top", type=int, default=20, help="rows in the table (0 = all)")
     return p
@@ -84,6 +88,11 @@ def check(a, m):
         raise MegaGPTError(f"--hidden {m.hidden} must divide by --heads {m.heads}, and heads by kv heads {m.kv}")
     if a.zero_stage not in ("0", "1", "2", "3", "all"):
         raise MegaGPTError(f"--zero-stage must be 0, 1, 2, 3 or all, got {a.zero_stage!r}")
+    for name in ("gpu_mem_gib", "peak_tflops", "efficiency", "intra_node_gbps", "inter_node_gbps", "hbm_gbps"):
+        v = getattr(a, name)
+        if v is not None and not (v > 0 and (name != "efficiency" or v <= 1)):
+            limit = "in (0, 1]" if name == "efficiency" else "> 0"
+            raise MegaGPTError(f"--{name.replace('_', '-')} must be {limit}, got {v:g}")
     if a.offload_params and a.zero_stage not in ("3", "all"):
         raise MegaGPTError("--offload-params needs --zero-stage 3")
 
@@ -92,7 +101,8 @@ def row_text(stage, r):
     gib = " ".join(f"{r['memory'][k] / GIB:>7.2f}" for k in ("params", "grads", "optimizer", "activations", "working"))
     t = r["time"]
     return (f"{stage:>4} {r['tp']:>3} {r['pp']:>3} {r['dp']:>4} {r['micro_batches']:>4} {gib} {r['mem_gib']:>7.2f} "
-            f"{'yes' if r['fits'] else 'NO':>4} {t['step_s']:>8.3f} {100 * t['mfu']:>5.1f} {t['tokens_per_s']:>10.0f}")
+            f"{'yes' if r['fits'] else 'NO':>4} {t['step_s']:>8.3f} {100 * t['mfu']:>5.1f} {t['hw_tflops_per_gpu']:>7.1f} "
+            f"{t['tokens_per_s']:>10.0f}")
 
 
 @cli_main
@@ -100,7 +110,8 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     m = model_shape(a)
     check(a, m)
-    cluster = Cluster(num_gpus=a.gpus, **{f.name: getattr(a, f.name) for f in fields(Cluster) if f.name != "num_gpus"})
+    given = {f.name: getattr(a, f.name) for f in fields(Cluster) if getattr(a, f.name, None) is not None}
+    cluster = Cluster(**{**GPU_PRESETS[a.gpu], **given, "num_gpus": a.gpus})
     rows = []
     for z in range(4) if a.zero_stage == "all" else [int(a.zero_stage)]:
         setup = TrainSetup(global_batch=a.global_batch, micro_batch=a.micro_batch, dtype=a.dtype, zero_stage=z,
@@ -116,12 +127,13 @@ def main(argv=None):
         print(json.dumps({**describe(m, setup, cluster), "layouts": rows}, indent=1))
         return
     print(f"model: {m.total_params() / 1e6:.1f}M params, {m.layers} layers, hidden {m.hidden}, "
-          f"{m.heads} heads, seq {m.seq_length}; {a.gpus} GPUs x {a.gpu_mem_gib:g} GiB; {a.dtype}")
-    print("zero  tp  pp   dp   mb  params   grads     opt    acts    work   total fits   step_s   mfu   tokens/s")
+          f"{m.heads} heads, seq {m.seq_length}; {a.gpus} {a.gpu.upper()} x {cluster.gpu_mem_gib:g} GiB; {a.dtype}")
+    print("zero  tp  pp   dp   mb  params   grads     opt    acts    work   total fits   step_s   mfu  TFLOP/s   tokens/s")
     for r in rows[: a.top or None]:
         print(row_text(r["zero_stage"], r))
     fits = sum(r["fits"] for r in rows)
-    print(f"{fits} of {len(rows)} layouts fit (memory in GiB per GPU; mb = micro-batches per step)")
+    print(f"{fits} of {len(rows)} layouts fit (memory in GiB per GPU; mb = micro-batches per step; TFLOP/s = "
+          f"achieved per GPU, recomputation included)")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class TrainSetup:
     sequence_parallel: bool = False
     flash_attention: bool = True      # no s^2 score tensors stored
     dropout: bool = False             # 1-byte masks stored per dropout
+    p2p_scatter_gather: bool = False  # Megatron: each TP rank sends 1/tp of a stage's activation (own NIC)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,19 @@ class Cluster:
     intra_node_gbps: float = 450.0    # GB/s per GPU per direction (NVLink)
     inter_node_gbps: float = 50.0     # GB/s per GPU per direction (one 400 Gb/s NIC per GPU)
     reserve_gib: float = 2.0          # CUDA context, allocator fragmentation, comm buffers
+    hbm_gbps: float = 3350.0          # GB/s GPU memory bandwidth, for the memory-bound (non-matmul) kernels
+
+
+# Per-GPU constants by GPU type (docs/planner.md, "Step time"): dense 16-bit peak, NVLink and
+# InfiniBand GB/s per GPU per direction, HBM GB/s. The A100 "efficiency" is the one calibrated
+# constant, fitted to Narayanan et al. 2021, Table 1 (MEGATRON_WEAK_SCALING below).
+A100_EFFICIENCY = 0.645
+GPU_PRESETS = {
+    "h100": dict(gpu_mem_gib=80.0, peak_tflops=989.0, efficiency=0.5, intra_node_gbps=450.0, inter_node_gbps=50.0,
+                 hbm_gbps=3350.0),
+    "a100": dict(gpu_mem_gib=80.0, peak_tflops=312.0, efficiency=A100_EFFICIENCY, intra_node_gbps=300.0,
+                 inter_node_gbps=25.0, hbm_gbps=2039.0),
+}
 
 
 def memory_breakdown(m: ModelShape, s: TrainSetup, tp=1, pp=1, dp=1):
@@ -210,13 +224,19 @@ def _ring(nbytes, n, gbps, factor):
 
 
 def step_time(m: ModelShape, s: TrainSetup, c: Cluster, tp=1, pp=1, dp=1):
-    """Seconds per optimizer step: roofline compute + exposed communication + pipeline bubble."""
+    """Seconds per optimizer step: matmuls at ``efficiency`` x peak + memory-bound kernels at HBM
+    bandwidth + TP all-reduces, times (1 + bubble), + the DP gradient all-reduce after the last
+    micro-batch (Megatron and DeepSpeed do not overlap it with a pipelined backward)."""
     e = BYTES[s.dtype]
     mb = _micro_batches(s, dp)
     tokens = s.global_batch * m.seq_length
     model_flops = m.flops_per_token() * tokens
-    hw_flops = model_flops * (4 / 3 if s.activation_checkpointing else 1)  # + one recomputed forward
+    hw_flops = model_flops + _recompute_flops_per_token(m) * tokens * s.activation_checkpointing
     compute = hw_flops / (c.num_gpus * c.peak_tflops * 1e12 * c.efficiency)
+    # norms, bias + GeLU, dropout, residual adds, softmax: each stored activation byte is written and
+    # read once per forward (2x), backward moves twice a forward (4x), a recomputed forward again 2x
+    passes = 6 + (2 if s.activation_checkpointing else 0)
+    memory = passes * activation_bytes_per_layer(m, s, tp) * (m.layers // pp) * mb / (c.hbm_gbps * 1e9)
     # TP: 2 all-reduces (or all-gather + reduce-scatter with SP) of b*s*h per layer forward, 2 backward
     tp_bw = c.intra_node_gbps if tp <= c.gpus_per_node else c.inter_node_gbps
     n_tp = (6 if s.activation_checkpointing else 4) * (m.layers // pp) * mb
@@ -228,13 +248,67 @@ def step_time(m: ModelShape, s: TrainSetup, c: Cluster, tp=1, pp=1, dp=1):
     dp_comm = volume * _ring(stage_params * e, dp, dp_bw, 1)
     # PP: bubble (p-1)/m of the pipelined work, plus the activation sends between stages
     pp_bw = c.intra_node_gbps if tp * dp * pp <= c.gpus_per_node else c.inter_node_gbps
-    p2p = 0.0 if pp == 1 else 2 * mb * s.micro_batch * m.seq_length * m.hidden * e / (pp_bw * 1e9)
-    pipelined = compute + tp_comm + p2p
+    send = s.micro_batch * m.seq_length * m.hidden * e / (tp if s.p2p_scatter_gather else 1)
+    p2p = 0.0 if pp == 1 else 2 * mb * send / (pp_bw * 1e9)
+    pipelined = compute + memory + tp_comm + p2p
     bubble = pipelined * (pp - 1) / mb
     total = pipelined + bubble + dp_comm
-    return {"compute_s": compute, "tp_comm_s": tp_comm, "dp_comm_s": dp_comm, "pp_p2p_s": p2p,
-            "bubble_s": bubble, "step_s": total, "tokens_per_s": tokens / total,
+    return {"compute_s": compute, "memory_s": memory, "tp_comm_s": tp_comm, "dp_comm_s": dp_comm,
+            "pp_p2p_s": p2p, "bubble_s": bubble, "step_s": total, "tokens_per_s": tokens / total,
+            "hw_tflops_per_gpu": hw_flops / (total * c.num_gpus) / 1e12,
             "mfu": model_flops / (total * c.num_gpus * c.peak_tflops * 1e12)}
+
+
+def _recompute_flops_per_token(m: ModelShape):
+    """Activation checkpointing reruns every layer's forward (1/3 of its fwd + bwd FLOPs), not the
+    output projection."""
+    output = 6 * (m._norm_params() * m.final_norm + m.vocab * m.hidden)
+    return (m.flops_per_token() - output) / 3
+
+
+# Narayanan et al., "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM"
+# (SC'21), Table 1: GPT weak scaling on Selene (DGX A100-80GB, 8 GPUs per node), seq 2048, vocab
+# 51200, fp16, activation recomputation. (params in billions, heads, hidden, layers, TP, PP, GPUs,
+# global batch, achieved TFLOP/s per GPU, % of peak.) Micro-batch 1 is our assumption (Table 1
+# does not list it).
+MEGATRON_WEAK_SCALING = (
+    (1.7, 24, 2304, 24, 1, 1, 32, 512, 137, 44),
+    (3.6, 32, 3072, 30, 2, 1, 64, 512, 138, 44),
+    (7.5, 32, 4096, 36, 4, 1, 128, 512, 142, 46),
+    (18.4, 48, 6144, 40, 8, 1, 256, 1024, 135, 43),
+    (39.1, 64, 8192, 48, 8, 2, 512, 1536, 138, 44),
+    (76.1, 80, 10240, 60, 8, 4, 1024, 1792, 140, 45),
+    (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148, 47),
+    (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155, 50),
+    (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163, 52),
+    (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163, 52),
+)
+
+
+def megatron_flops(batch, seq, layers, hidden, vocab):
+    """FLOPs per iteration as Narayanan et al. count them (their eq. 3, recomputation included):
+    96 B s l h^2 (1 + s/(6h) + V/(16 l h))."""
+    return 96 * batch * seq * layers * hidden**2 * (1 + seq / (6 * hidden) + vocab / (16 * layers * hidden))
+
+
+def megatron_weak_scaling(cluster_overrides=None):
+    """Each Table 1 row with the planner's predicted achieved TFLOP/s per GPU (their FLOP count over
+    our step time) on the ``a100`` preset: Megatron's layout, fp16, full recomputation, scores
+    materialised (no flash attention in 2021), dropout, scatter/gather pipeline sends."""
+    rows = []
+    for params_b, heads, hidden, layers, tp, pp, gpus, batch, tflops, pct in MEGATRON_WEAK_SCALING:
+        m = ModelShape(layers=layers, hidden=hidden, heads=heads, vocab=51200, ffn=4 * hidden, seq_length=2048)
+        s = TrainSetup(global_batch=batch, micro_batch=1, dtype="fp16", zero_stage=0, activation_checkpointing=True,
+                       flash_attention=False, dropout=True, p2p_scatter_gather=True)
+        c = Cluster(num_gpus=gpus, **{**GPU_PRESETS["a100"], **(cluster_overrides or {})})
+        t = step_time(m, s, c, tp, pp, gpus // (tp * pp))
+        predicted = megatron_flops(batch, 2048, layers, hidden, 51200) / (t["step_s"] * gpus) / 1e12
+        rows.append({"params_b": params_b, "model_params_b": m.total_params() / 1e9, "heads": heads,
+                     "hidden": hidden, "layers": layers, "tp": tp, "pp": pp, "dp": gpus // (tp * pp), "gpus": gpus,
+                     "batch": batch, "published_tflops": tflops, "published_pct": pct,
+                     "predicted_tflops": predicted, "predicted_pct": 100 * predicted / c.peak_tflops,
+                     "error": predicted / tflops - 1, "time": t})
+    return rows
 
 
 def layouts(m: ModelShape, s: TrainSetup, c: Cluster):
