@@ -126,6 +126,26 @@ def test_packed_documents_equal_each_document_alone(pos_emb, seed):
         assert (plain - alone).abs().max() > 1e-3
 
 
+def test_rope_angles_follow_the_reset_positions():
+    """RoPE is relative, so with the attention mask on, reset positions change nothing (above):
+    checked here on their own. The angles are the plain table's rows at the reset positions, and
+    reset positions alone (no mask) leave the first document's logits and change the later ones'."""
+    from megagpt.model.embedding import rope_cos_sin
+
+    model = model_for("rope")
+    tokens, spans = random_pack(21)
+    x, _ = split_batch(tokens, PackingOptions(EOD, reset_position_ids=True))
+    cos, sin = rope_cos_sin(model.cfg, 0, T, "cpu", x.position_ids)
+    table_cos, table_sin = rope_cos_sin(model.cfg, 0, T, "cpu")
+    assert torch.equal(cos[:, 0], table_cos[x.position_ids]) and torch.equal(sin[:, 0], table_sin[x.position_ids])
+    with torch.no_grad():
+        reset, plain = model(x), model(x.input_ids)
+    for b, row_spans in enumerate(spans):
+        (a0, e0), (a1, e1) = row_spans[0], row_spans[1]
+        torch.testing.assert_close(reset[b, a0:e0], plain[b, a0:e0], atol=1e-5, rtol=0)
+        assert (reset[b, a1:e1] - plain[b, a1:e1]).abs().max() > 1e-4
+
+
 def test_eod_mask_loss_gives_eod_targets_no_gradient():
     model = model_for("learned")
     tokens, _ = random_pack(5)

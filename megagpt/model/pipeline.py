@@ -10,6 +10,9 @@ Layer list (the indices of DeepSpeed's ``layer_XX-model_YY-model_states.pt``, na
     last     the token table again as the output weight (tied; DeepSpeed all-reduces its gradient
              between first and last stage), or HeadStage (untied). The loss is ``lm_loss``.
 
+Document masking (``data.reset_attention_mask``/``reset_position_ids``) is refused with pipelines at
+config load: stages pass only the hidden states, not a batch's document ids or positions.
+
 Each stage module carries ``full_prefix``, the serial-name prefix of its parameters, so the GPT's
 initial weights, full-state-dict gather/load and name-keyed rules (weight decay) apply unchanged.
 """
