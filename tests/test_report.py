@@ -13,7 +13,7 @@ from html.parser import HTMLParser
 import pytest
 
 from test_train_runs import REPO
-from test_wandb import tiny_run
+from test_wandb import shared_run
 
 _spec = importlib.util.spec_from_file_location("report_tool", REPO / "tools" / "report.py")
 report = importlib.util.module_from_spec(_spec)
@@ -52,10 +52,8 @@ def jsonl(save):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, shakespeare_prefix, sp_model):
-    d = tmp_path_factory.mktemp("report")
-    save, r = tiny_run(d, shakespeare_prefix, sp_model)
-    print(f"report run: {r.seconds:.1f} s")
-    return save
+    """tests/test_wandb.py's tiny run (6 steps, NaN skipped at 3, validation at 3 and 6), launched once."""
+    return shared_run(tmp_path_factory, shakespeare_prefix, sp_model)[0]
 
 
 def last(series: dict):

@@ -72,16 +72,26 @@ def history(records) -> dict:
     return out
 
 
+_SHARED = {}
+
+
+def shared_run(tmp_path_factory, prefix, tok):
+    """The one tiny run (W&B offline on, tensorboard, jsonl) this module and tests/test_report.py both
+    read: launched once per pytest process (launches are the expensive part of these tests)."""
+    if "run" not in _SHARED:
+        d = tmp_path_factory.mktemp("wandb")
+        save, r = tiny_run(d, prefix, tok, train={"wandb_project": "megagpt-test", "wandb_run_name": "tiny-offline"},
+                           env={"WANDB_MODE": "offline", "WANDB_DIR": str(d), "WANDB_SILENT": "true"})
+        print(f"tiny run with W&B: {r.seconds:.1f} s")
+        runs = list((d / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(runs) == 1, list(d.rglob("*"))
+        _SHARED["run"] = save, runs[0], r
+    return _SHARED["run"]
+
+
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory, shakespeare_prefix, sp_model):
-    d = tmp_path_factory.mktemp("wandb")
-    save, r = tiny_run(d, shakespeare_prefix, sp_model, train={"wandb_project": "megagpt-test",
-                                                               "wandb_run_name": "tiny-offline"},
-                       env={"WANDB_MODE": "offline", "WANDB_DIR": str(d), "WANDB_SILENT": "true"})
-    print(f"wandb run: {r.seconds:.1f} s")
-    runs = list((d / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1, list(d.rglob("*"))
-    return save, runs[0], r
+    return shared_run(tmp_path_factory, shakespeare_prefix, sp_model)
 
 
 @pytest.mark.slow
