@@ -128,23 +128,45 @@ def test_cli_json_and_errors():
     bad = subprocess.run(cmd[:2] + ["--layers", "4", "--global-batch", "8", "--gpus", "2"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "error: give --preset or all of" in bad.stderr
-    # --gpu a100 sets the A100 constants; an explicit flag still wins
-    a100 = json.loads(subprocess.run(cmd[:-3] + ["--gpu", "a100", "--gpu-mem-gib", "40", "--json"],
-                                     capture_output=True, text=True, check=True).stdout)
-    assert a100["cluster"]["peak_tflops"] == 312 and a100["cluster"]["gpu_mem_gib"] == 40
-    assert a100["layouts"][0]["time"]["hw_tflops_per_gpu"] < 312 < out["layouts"][0]["time"]["hw_tflops_per_gpu"]
-    bad = subprocess.run(cmd + ["--efficiency", "1.5"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: --efficiency must be in (0, 1], got 1.5"
 
 
-def test_cli_help_shows_every_default():
-    """Every optional flag's help states its default (argparse's, or in words for a None one)."""
+def load_cli():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("plan_cli", REPO / "tools" / "plan.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    parser = cli.build_parser()
+    return cli
+
+
+def test_cli_gpu_presets(capsys, monkeypatch):
+    """--gpu a100 sets the A100 constants (an explicit flag still wins) and the table shows the
+    achieved TFLOP/s; a bad constant is one error line. In-process: a subprocess costs seconds."""
+    import warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # cli_main replaces it
+    cli = load_cli()
+    args = ["--preset", "gpt2-small", "--seq-length", "1024", "--global-batch", "64", "--micro-batch", "4",
+            "--gpus", "8"]
+    runs = {}
+    for gpu in ("h100", "a100"):
+        cli.main(args + ["--gpu", gpu, "--gpu-mem-gib", "40", "--json"])
+        runs[gpu] = json.loads(capsys.readouterr().out)
+    assert runs["a100"]["cluster"]["peak_tflops"] == 312 and runs["a100"]["cluster"]["hbm_gbps"] == 2039
+    assert runs["a100"]["cluster"]["gpu_mem_gib"] == 40 and runs["h100"]["cluster"]["peak_tflops"] == 989
+    t100, t80 = runs["a100"]["layouts"][0]["time"], runs["h100"]["layouts"][0]["time"]
+    assert t100["hw_tflops_per_gpu"] < 312 < t80["hw_tflops_per_gpu"] and t100["step_s"] > t80["step_s"]
+    cli.main(args + ["--gpu", "a100", "--top", "1"])
+    table = capsys.readouterr().out.splitlines()
+    assert "TFLOP/s" in table[1] and f"{t100['hw_tflops_per_gpu']:.1f}" in table[2].split()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args + ["--efficiency", "1.5"])
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: --efficiency must be in (0, 1], got 1.5\n"
+
+
+def test_cli_help_shows_every_default():
+    """Every optional flag's help states its default (argparse's, or in words for a None one)."""
+    parser = load_cli().build_parser()
     fmt = parser._get_formatter()
     shown = {a.option_strings[0]: fmt._get_help_string(a) % {"default": a.default}
              for a in parser._actions if a.option_strings and not a.required and a.dest != "help"}
