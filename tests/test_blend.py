@@ -97,7 +97,7 @@ def test_python_loop_equals_kernel():
 def test_no_compiler_falls_back_to_python(tmp_path, monkeypatch):
     """Without a C compiler the blend still builds (same result) and says once why it is slow."""
     monkeypatch.setattr(blend, "_kernel", None)
-    monkeypatch.setenv("MEGAGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MEGAGPT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.warns(UserWarning, match="could not build the C blend kernel.*Python loop"):
         index, sample = blending_indices([0.2, 0.5, 0.3], 3000)

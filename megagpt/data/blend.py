@@ -4,7 +4,9 @@ Megatron's greedy "largest error first" rule: before drawing sample k, every dat
 ``weight * max(k, 1) - drawn_so_far`` and the dataset furthest behind (lowest index on ties) gives
 the next sample. Any prefix of the stream then matches the weights to within about one sample
 per dataset, which a random draw cannot promise. The result equals megatron-core's
-``build_blending_indices`` bit for bit (the tests check this), so blends are comparable.
+``build_blending_indices`` bit for bit (the tests check this), so blends are comparable. The loop
+runs in a small C kernel compiled on first use (100M samples in about a second) so that rank 0
+does not keep the others waiting; without a C compiler it runs in Python, ~100x slower.
 """
 from __future__ import annotations
 
@@ -86,7 +88,9 @@ _kernel = None  # the loaded C function, False once building it failed
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("MEGAGPT_CACHE_DIR") or os.path.join(
+    """Where compiled kernels live: $MEGAGPT_CACHE (as for train.metrics' peak-FLOPs cache), else
+    $XDG_CACHE_HOME/megagpt or ~/.cache/megagpt."""
+    root = os.environ.get("MEGAGPT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "megagpt")
     return Path(root)
 
