@@ -150,6 +150,7 @@ def init_distributed(timeout=None):
     kw = {"timeout": timeout} if timeout is not None else {}
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False, **kw)
     release_deepspeed_shm_name()
+    _register_node()
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -181,25 +182,89 @@ def device():
     return acc.device_name() if acc.device_name() == "cpu" else f"{acc.device_name()}:{acc.current_device()}"
 
 
-def stopped_ranks(grace_s: float = 3.0) -> tuple[list, bool]:
+def node_label() -> str:
+    """This rank's node as an operator finds it: host name and the address it reaches the master
+    from (hosts may share a name, e.g. containers or network namespaces on one machine)."""
+    host = socket.gethostname()
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "29500")
+    try:   # a UDP connect only picks the route: no packet is sent
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, int(port), type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.connect(sockaddr)
+            return f"{host} ({s.getsockname()[0]})"
+    except (OSError, TypeError, ValueError):
+        return host
+
+
+def _multi_node() -> bool:
+    local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")   # deepspeed / torchrun, mpirun
+    return local is not None and int(local) != dist.get_world_size()
+
+
+def _register_node() -> None:
+    """Each rank of a multi-node job leaves its ``node_label`` in the rendezvous store, so that if it
+    dies the survivors can say where (``stopped_ranks``)."""
+    if _multi_node():
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        _get_default_store().set(f"megagpt/node/{dist.get_rank()}", node_label())
+
+
+class LostRank(int):
+    """A rank number that prints with its node: ``f"rank {r}"`` gives ``rank 3 on node gpu7
+    (10.0.0.7)``. It is still the int for sets, ``min`` and comparisons."""
+
+    def __new__(cls, rank: int, node: str | None = None):
+        self = super().__new__(cls, rank)
+        self.node = node
+        return self
+
+    def __format__(self, spec):
+        return f"{int(self)} on node {self.node}" if self.node else format(int(self), spec)
+
+    __str__ = __repr__ = lambda self: format(self)
+
+
+def stopped_ranks(grace_s: float = 3.0, lower_wait_s: float | None = None) -> tuple[list, bool]:
     """After a failed collective: (the ranks that did not report back, whether rank 0's store is gone).
 
     Each survivor marks itself alive in the rendezvous store, waits ``grace_s`` for the others
     (their collectives fail at about the same time) and reads who did: a rank that died or hangs
-    never marks. The store lives in rank 0's process, so if it is unreachable rank 0 stopped."""
+    never marks. The store lives in rank 0's process, so if it is unreachable rank 0 stopped.
+
+    Across nodes a failure can reach a survivor late: rank 3 dies, its TP peer 2 fails at once and
+    waits here, still holding the connection that 2's DP peer 0 is blocked on; 0 fails only when 2
+    exits, a grace time later. So a rank that every lower rank has left silent (it would be the one
+    to report) waits up to ``lower_wait_s`` more (default 4 x ``grace_s``) for a lower rank to mark;
+    the others return at once, and their exit unblocks the late ones.
+    In a multi-node job each rank comes back as a ``LostRank`` naming its node (single node: no
+    node, the message stays as it was)."""
     import datetime
     import time
 
     from torch.distributed.distributed_c10d import _get_default_store
 
+    multi = _multi_node()
     try:
         store = _get_default_store()
+        rank, world = dist.get_rank(), dist.get_world_size()
         store.set_timeout(datetime.timedelta(seconds=10))
-        store.set(f"megagpt/alive/{dist.get_rank()}", "1")
+        store.set(f"megagpt/alive/{rank}", "1")
         time.sleep(grace_s)
-        return [r for r in range(dist.get_world_size()) if not store.check([f"megagpt/alive/{r}"])], False
+
+        def alive(r):
+            return store.check([f"megagpt/alive/{r}"])
+
+        end = time.monotonic() + (4 * grace_s if lower_wait_s is None else lower_wait_s)
+        while rank > 0 and time.monotonic() < end and not any(alive(r) for r in range(rank)):
+            time.sleep(0.1)
+        lost = [r for r in range(world) if not alive(r)]
+        if not multi:
+            return lost, False
+        return [LostRank(r, store.get(f"megagpt/node/{r}").decode() if store.check([f"megagpt/node/{r}"])
+                         else None) for r in lost], False
     except Exception:
-        return [0], True
+        return [LostRank(0, os.environ.get("MASTER_ADDR") if multi else None)], True
 
 
 def is_comm_failure(e: BaseException) -> bool:
