@@ -302,8 +302,9 @@ if not INTERPRETED and importlib.util.find_spec("triton") is not None:
 # ------------------------------------------------------------------------------ a real run
 @pytest.mark.slow
 def test_tp2_sequence_parallel_run_trains_with_packing(data, tmp_path):
-    """2 ranks, TP=2 + sequence parallelism, all three options: the loss falls, and step 1's logged
-    loss is the serial model's packed loss on the same batch (so the options reached the model)."""
+    """2 ranks, TP=2 + sequence parallelism, all three options: the loss falls, validation runs on
+    packed batches too, and step 1's logged loss is the serial model's packed loss on the same
+    batch (so the options reached the model, and each TP rank added its own chunk's positions)."""
     import yaml
 
     from test_train_runs import launch, losses, make_config, ok
@@ -312,14 +313,14 @@ def test_tp2_sequence_parallel_run_trains_with_packing(data, tmp_path):
     from megagpt.train.loop import to_batch
 
     path = tmp_path / "c.yaml"
-    make_config(path, *data, train={"train_iters": 10, "log_interval": 1, "eval_interval": 0, "save_interval": 0,
-                                    "lr_warmup_iters": 2})
+    make_config(path, *data, train={"train_iters": 10, "log_interval": 1, "eval_interval": 10, "eval_iters": 1,
+                                    "save_interval": 0, "lr_warmup_iters": 2})
     raw = yaml.safe_load(path.read_text())
     raw["data"].update(reset_attention_mask=True, reset_position_ids=True, eod_mask_loss=True)
     raw["parallel"] = {"tensor_parallel": 2, "sequence_parallel": True}
     path.write_text(yaml.safe_dump(raw))
     r = ok(launch(str(path), "zero1.json", tmp_path / "ckpt"))
-    assert "dp=1 tp=2 pp=1 +sp" in r.stdout, r.stdout[-2000:]
+    assert "dp=1 tp=2 pp=1 +sp" in r.stdout and "validation loss" in r.stdout, r.stdout[-2000:]
     ls = losses(tmp_path / "ckpt")
     assert sorted(ls) == list(range(1, 11)) and all(math.isfinite(v) for v in ls.values()), ls
     assert sum(ls[s] for s in (8, 9, 10)) / 3 < ls[1] - 0.3, ls
