@@ -56,10 +56,17 @@ def setup(tmp_path_factory, shakespeare_prefix, sp_model):
     return d, cfg_path, mcfg, hf
 
 
-def test_weights_give_transformers_logits(setup):
+@pytest.mark.parametrize("fmt", ["hf", "consolidated"])
+def test_weights_give_transformers_logits(setup, fmt):
+    """Straight from the HF dir, and from the consolidated megagpt checkpoint ``convert`` makes of it."""
     d, cfg_path, mcfg, hf = setup
-    cfg = load_config(cfg_path, {("train", "init_from"): str(d / "hf")})
+    path = d / "hf"
+    if fmt == "consolidated":
+        from megagpt.checkpoint.convert import convert
+        path = convert(d / "hf", d / "consolidated", to="consolidated", force=True)
+    cfg = load_config(cfg_path, {("train", "init_from"): str(path)})
     src = pretrain.check_init_from(cfg)
+    assert src.format == fmt
     model = GPT(cfg.model).eval()
     pretrain.init_weights(model, src)
     ids = torch.randint(0, mcfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))

@@ -5,6 +5,9 @@
     python -m megagpt.train.pretrain --config ... --deepspeed_config ...     # 1 process, for debugging
     mpirun -np N python megagpt/train/pretrain.py ...                         # ranks from OMPI_*/PMI_*
 
+Continued pretraining: --init-from DIR (HF transformers, consolidated or DeepSpeed checkpoint) takes only the
+weights, at step 0; a checkpoint in --load wins over it (docs/observability.md).
+
 Model parallelism: the config's ``parallel:`` section or --tensor-model-parallel-size,
 --pipeline-model-parallel-size, --sequence-parallel (docs/parallelism.md).
 
