@@ -251,10 +251,13 @@ def _grads(fn, q, k, v, do):
     return [o.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,seed", [(2, 2, 2, 40, 40, 16, 0), (1, 4, 2, 70, 70, 16, 1),
-                                                    (2, 2, 1, 33, 33, 32, 2), (1, 2, 2, 9, 45, 16, 3)])
-def test_kernel_triton_matches_reference_with_document_mask(b, hq, hkv, tq, tk, d, seed):
-    """Forward and backward with random document ids; the last case is the KV-cache (Tq < Tk) mask."""
+@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,eod_p,seed", [
+    (2, 2, 2, 40, 40, 16, 0.12, 0), (1, 4, 2, 70, 70, 16, 0.12, 1), (2, 2, 1, 33, 33, 32, 0.12, 2),
+    (1, 2, 2, 9, 45, 16, 0.12, 3),      # the KV-cache (Tq < Tk) bottom-right mask
+    (2, 2, 2, 130, 130, 16, 0.02, 4),   # documents longer than a 32-wide tile: whole blocks skipped
+    (1, 2, 2, 50, 50, 16, None, 5)])    # ids repeated out of order (not one run per document)
+def test_kernel_triton_matches_reference_with_document_mask(b, hq, hkv, tq, tk, d, eod_p, seed):
+    """Forward and backward with random document ids, fp32 (32-wide tiles)."""
     if not INTERPRETED:
         pytest.skip("triton imported without TRITON_INTERPRET=1: covered by the subprocess test")
     from megagpt_kernels.triton import flash_attention as fa
@@ -262,15 +265,34 @@ def test_kernel_triton_matches_reference_with_document_mask(b, hq, hkv, tq, tk, 
     g = torch.Generator().manual_seed(seed)
     q, do = (torch.randn(b, hq, tq, d, generator=g) for _ in range(2))
     k, v = (torch.randn(b, hkv, tk, d, generator=g) for _ in range(2))
-    eod = torch.rand(b, tk, generator=g) < 0.12
-    doc = eod.long().cumsum(1) - eod.long()
-    assert (doc[:, -1] > 0).all()   # several documents per row
+    if eod_p is None:
+        doc = torch.randint(0, 3, (b, tk), generator=g)
+    else:
+        eod = torch.rand(b, tk, generator=g) < eod_p
+        doc = eod.long().cumsum(1) - eod.long()
+        assert (doc[:, -1] > 0).all()   # several documents per row
     out = _grads(lambda q, k, v: fa.attention(q, k, v, True, 0.0, None, doc), q, k, v, do)
     ref = _grads(lambda q, k, v: reference.attention(q, k, v, True, 0.0, None, doc), q, k, v, do)
     for name, a, r in zip(("o", "dq", "dk", "dv"), out, ref):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     plain = fa.attention(q, k, v, True, 0.0, None)
     assert (plain - out[0]).abs().max() > 1e-3   # the mask changed the result
+
+
+def test_kernel_doc_table_bounds_each_document():
+    """The per-key (id, first index, last index) table the kernel skips blocks by, against a loop."""
+    if not INTERPRETED:
+        pytest.skip("triton imported without TRITON_INTERPRET=1: covered by the subprocess test")
+    from megagpt_kernels.triton.flash_attention import _doc_table
+
+    g = torch.Generator().manual_seed(9)
+    for doc in (torch.randint(0, 4, (3, 30), generator=g), document_ids(random_pack(9)[0], EOD)):
+        table = _doc_table(doc)
+        for b in range(doc.shape[0]):
+            row = doc[b].tolist()
+            assert table[b, 0].tolist() == row
+            assert table[b, 1].tolist() == [row.index(x) for x in row]
+            assert table[b, 2].tolist() == [len(row) - 1 - row[::-1].index(x) for x in row]
 
 
 def test_kernel_dispatch_sends_the_mask_to_triton(monkeypatch):

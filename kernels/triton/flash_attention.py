@@ -14,9 +14,11 @@ it to the reference). Head dims 16/32/64/128; any Tq/Tk (masked tails); fp16/bf1
 uses IEEE dots, not TF32, to stay an exact fp32 op) and fp64 (for gradcheck). No dropout.
 
 Document mask (packed samples, ``doc_ids`` (B, Tk) int, causal only): a query also needs the key's
-document id to equal its own. Every key block then takes the masked path (DOC is a constexpr, so the
-plain causal kernels are compiled exactly as before), and the online softmax subtracts 0 instead of
-a running max of -inf: a row may see no key at all in its first blocks (an earlier document).
+document id to equal its own. The wrapper adds, per key, the first and last index holding its id
+(``_doc_table``), so a query block starts at its earliest document's first key and a key block stops
+at its latest document's last query: the work follows the documents' lengths, not T. Visited blocks
+all take the masked path (DOC is a constexpr, so the plain kernels compile exactly as before), and
+the online softmax subtracts 0 instead of a running max of -inf (a row may see no key in a block).
 """
 import math
 
@@ -122,6 +124,14 @@ def _q_block(pid_m, bh, H, GROUP, TQ, TK, CAUSAL: tl.constexpr, DOC: tl.constexp
 
 
 @triton.jit
+def _doc_first_block(doc_base, shift, offs_m, TQ, TK, BLOCK_N: tl.constexpr):
+    """First key block any row of this query block can see: the earliest first index of the rows'
+    documents (row 1 of the (3, Tk) table), rounded down to a block."""
+    first = tl.load(doc_base + TK + shift + offs_m, mask=offs_m < TQ, other=TK)
+    return tl.min(first, axis=0) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
 def _fwd(Q, K, V, O, LSE, DOCS, qk_scale,
          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdocb,
          H, TQ, TK, GROUP,
@@ -141,12 +151,14 @@ def _fwd(Q, K, V, O, LSE, DOCS, qk_scale,
     acc = tl.zeros([BLOCK_M, D], dtype=ACC)
     doc_base = DOCS + b * sdocb
     doc_q = offs_m
+    mask_lo = full_hi
     if DOC:
         doc_q = tl.load(doc_base + shift + offs_m, mask=offs_m < TQ, other=-2)
+        mask_lo = _doc_first_block(doc_base, shift, offs_m, TQ, TK, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, 0, full_hi, offs_m, offs_n,
                                offs_d, shift, TK, qk_scale, doc_base, doc_q, False, CAUSAL, DOC, ACC, PREC, UPCAST,
                                BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, full_hi, hi, offs_m, offs_n,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, mask_lo, hi, offs_m, offs_n,
                                offs_d, shift, TK, qk_scale, doc_base, doc_q, True, CAUSAL, DOC, ACC, PREC, UPCAST,
                                BLOCK_N)
     row_ok = offs_m < TQ
@@ -233,15 +245,18 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOCS, qk_scale, sm_scale,
         full_lo = 0
     doc_base = DOCS + b * sdocb
     doc_k = offs_n
-    if DOC:   # every query block takes the masked path (the kernel is causal-only with a document mask)
-        full_lo = TQ
+    mask_hi = full_lo
+    if DOC:   # masked path only (causal-only with a document mask), up to the last query of the block's documents
         doc_k = tl.load(doc_base + offs_n, mask=offs_n < TK, other=-1)
+        last = tl.load(doc_base + 2 * TK + offs_n, mask=offs_n < TK, other=-1)
+        mask_hi = tl.minimum(tl.max(last, axis=0) - shift + 1, TQ)
+        full_lo = TQ
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         row_base = (b * H + h) * TQ
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, sqt, sdt, lo, full_lo,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, sqt, sdt, lo, mask_hi,
                              offs_n, offs_m, offs_d, shift, TQ, qk_scale, doc_base, doc_k, True, DOC, ACC, PREC,
                              UPCAST, BLOCK_M)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, sqt, sdt, full_lo, TQ,
@@ -302,11 +317,13 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS, qk_scale, sm_scale,
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
     doc_base = DOCS + b * sdocb
     doc_q = offs_m
+    mask_lo = full_hi
     if DOC:
         doc_q = tl.load(doc_base + shift + offs_m, mask=rmask, other=-2)
+        mask_lo = _doc_first_block(doc_base, shift, offs_m, TQ, TK, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, 0, full_hi, offs_m, offs_n, offs_d,
                    shift, TK, qk_scale, doc_base, doc_q, False, CAUSAL, DOC, ACC, PREC, UPCAST, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, full_hi, hi, offs_m, offs_n, offs_d,
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, mask_lo, hi, offs_m, offs_n, offs_d,
                    shift, TK, qk_scale, doc_base, doc_q, True, CAUSAL, DOC, ACC, PREC, UPCAST, BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
@@ -338,7 +355,7 @@ class FlashAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, doc_ids=None):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        docs = doc_ids.to(torch.int32).contiguous() if doc_ids is not None else None
+        docs = _doc_table(doc_ids) if doc_ids is not None else None
         bsz, h, tq, d = q.shape
         hkv, tk = k.shape[1], k.shape[2]
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
@@ -380,6 +397,23 @@ class FlashAttentionFn(torch.autograd.Function):
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             _docs_stride(docs), h, tq, tk, h // hkv, **common)
         return dq, dk, dv, None, None, None
+
+
+def _doc_table(doc_ids):
+    """(B, 3, Tk) int32: each key's document id, and the first and last index in its row holding that
+    id (any ids, repeated or not: a stable sort groups equal ids; no host sync)."""
+    B, T = doc_ids.shape
+    ids, pos = doc_ids.long(), torch.arange(T, device=doc_ids.device).expand(B, T)
+    srt, perm = ids.sort(dim=1, stable=True)
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    ends = torch.ones_like(new)
+    ends[:, :-1] = new[:, 1:]
+    start = torch.cummax(torch.where(new, pos, 0), dim=1).values       # sorted slot of the group's first
+    end = T - 1 - torch.cummax(torch.where(ends.flip(1), pos, 0), dim=1).values.flip(1)   # ... and last
+    first = torch.empty_like(ids).scatter_(1, perm, perm.gather(1, start))
+    last = torch.empty_like(ids).scatter_(1, perm, perm.gather(1, end))
+    return torch.stack([ids, first, last], dim=1).to(torch.int32).contiguous()
 
 
 def _docs_arg(docs, placeholder):
