@@ -20,7 +20,6 @@ import html
 import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
