@@ -222,6 +222,10 @@ def test_options_reach_the_datasets_with_the_tokenizer_eod(data, tmp_path):
     assert train.packing == PackingOptions(load_tokenizer(tok).eod_id, True, False, True)
     off = DataConfig(data_path=[prefix], tokenizer=tok, seq_length=T, cache_dir=str(tmp_path))
     assert build_gpt_datasets(off, (8, 0, 0), 1000)[0].packing is None
+    blend = DataConfig(data_path=[0.5, prefix, 0.5, prefix], tokenizer=tok, seq_length=T, cache_dir=str(tmp_path),
+                       reset_position_ids=True)
+    blended, _, _ = build_gpt_datasets(blend, (8, 0, 0), 1000)
+    assert type(blended).__name__ == "BlendedDataset" and blended.packing.reset_position_ids
     no_tok = DataConfig(data_path=[prefix], seq_length=T, reset_position_ids=True)
     with pytest.raises(MegaGPTError, match="reset_position_ids needs the tokenizer's end-of-document id") as e:
         PackingOptions.from_config(no_tok)
