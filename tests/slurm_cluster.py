@@ -30,19 +30,19 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun")
 
 
+def _which(name):
+    """Daemons live in /usr/sbin, which a non-login PATH may lack."""
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
 def missing_reason():
     """Why this machine cannot run the cluster (one line), or None."""
     if os.geteuid() != 0:
         return "the Slurm test cluster needs root (slurmd runs jobs as the submitting user and spawns slurmstepd)"
-    missing = [b for b in DAEMONS + CLIENTS + ("mungekey",) if not shutil.which(b, path=os.environ.get("PATH", "")
-                                                                                 + ":/usr/sbin:/sbin")]
+    missing = [b for b in DAEMONS + CLIENTS + ("mungekey",) if not _which(b)]
     if missing:
         return f"Slurm/munge binaries not found: {', '.join(missing)} (install with scripts/setup_env.sh --cluster)"
     return None
-
-
-def _which(name):
-    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 
 
 def _free_ports(n):

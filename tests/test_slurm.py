@@ -16,15 +16,23 @@ from pathlib import Path
 
 import pytest
 
+import slurm_cluster
 from slurm_cluster import SlurmCluster, missing_reason
 from test_train_runs import make_config
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 # ~0.05-0.1 s a step here: 60 steps leave the signal a window of seconds after the first checkpoint
 ITERS, SAVE_EVERY = 60, 10
 TRAIN = {"train_iters": ITERS, "log_interval": 20, "eval_interval": 0, "save_interval": SAVE_EVERY}
+
+
+def test_skip_reasons(monkeypatch):
+    """Without root or without the binaries the cluster tests skip with one line saying which."""
+    monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 1000)
+    assert "needs root" in missing_reason()
+    monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 0)
+    monkeypatch.setenv("PATH", "/nonexistent")   # the daemons in /usr/sbin are still found
+    assert missing_reason().startswith("Slurm/munge binaries not found: sbatch, squeue, scontrol")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +109,7 @@ def reference(cluster, tiny_config, tmp_path_factory):
     return d / "ckpt", info, out
 
 
+@pytest.mark.slow
 def test_deepspeed_template_runs_to_completion(reference):
     ckpt, info, out = reference
     ls = losses(ckpt)
@@ -121,6 +130,7 @@ def complete(ckpt, step):
     return (ckpt / f"global_step{step}" / "complete").exists()
 
 
+@pytest.mark.slow
 def test_requeue_and_time_limit_signal_resume_bit_exact(cluster, tiny_config, reference, tmp_path):
     """pretrain_srun.sbatch (2 srun tasks = 2 ranks), interrupted twice in one job:
     1. `scontrol requeue JOB` (an admin, or preemption with PreemptMode=REQUEUE): Slurm SIGTERMs
@@ -147,9 +157,10 @@ def test_requeue_and_time_limit_signal_resume_bit_exact(cluster, tiny_config, re
     info, text = finish(cluster, d, job)
 
     assert info["Restarts"] == "2", text[-3000:]
-    first_, second = saved_on_sigterm(text)
-    assert first_ == first and second_ckpt <= second < ITERS, text[-3000:]
-    for step in (first, second):
+    saved = saved_on_sigterm(text)
+    assert len(saved) == 2, f"trainers saved on SIGTERM at steps {saved}, expected 2 saves\n{text[-3000:]}"
+    assert saved[0] == first and second_ckpt <= saved[1] < ITERS, text[-3000:]
+    for step in saved:
         assert f"resumed from {ckpt}/global_step{step} at step {step}" in text, text[-3000:]
     # 1: Slurm ended the job and signalled the tasks itself; 2: the trap did, then requeued
     assert f"job {job} is " in text and "asking trainers to checkpoint and stop" in text, text[-3000:]
