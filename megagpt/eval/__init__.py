@@ -62,7 +62,7 @@ def preserved_rng():
     import torch
 
     state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         try:
             yield
         finally:
