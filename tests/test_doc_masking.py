@@ -259,11 +259,11 @@ F32, BF16 = torch.float32, torch.bfloat16
 
 
 @pytest.mark.parametrize("b,hq,hkv,tq,tk,d,eod_p,seed,dtype", [
-    (2, 2, 2, 40, 40, 16, 0.12, 0, F32), (1, 4, 2, 70, 70, 16, 0.12, 1, F32), (2, 2, 1, 33, 33, 32, 0.12, 2, F32),
+    (1, 4, 2, 70, 70, 16, 0.12, 1, F32), (2, 2, 1, 33, 33, 32, 0.12, 2, F32),
     (1, 2, 2, 9, 45, 16, 0.12, 3, F32),      # the KV-cache (Tq < Tk) bottom-right mask
-    (2, 2, 2, 130, 130, 16, 0.02, 4, F32),   # documents longer than a 32-wide tile: whole blocks skipped
+    (1, 2, 2, 100, 100, 16, 0.03, 4, F32),   # documents longer than a 32-wide tile: whole blocks skipped
     (1, 2, 2, 50, 50, 16, None, 5, F32),     # ids repeated out of order (not one run per document)
-    (1, 2, 1, 150, 150, 16, 0.02, 6, BF16)])   # 64-wide bf16 tiles
+    (1, 2, 1, 130, 130, 16, 0.03, 6, BF16)])   # 64-wide bf16 tiles
 def test_kernel_triton_matches_reference_with_document_mask(b, hq, hkv, tq, tk, d, eod_p, seed, dtype):
     """Forward and backward with random document ids (fp32: 32-wide tiles)."""
     if not INTERPRETED:
