@@ -386,8 +386,8 @@ class FlashAttentionFn(torch.autograd.Function):
         dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
         bm, bn, warps, stages = _cfg(q, "bwd")
         qk_scale = ctx.sm_scale * LOG2E
-        common = dict(CAUSAL=ctx.causal, DOC=docs is not None, ACC=acc, PREC=prec, UPCAST=_upcast(q.dtype), BLOCK_M=bm, BLOCK_N=bn, D=d,
-                      num_warps=warps, num_stages=stages)
+        common = dict(CAUSAL=ctx.causal, DOC=docs is not None, ACC=acc, PREC=prec, UPCAST=_upcast(q.dtype),
+                      BLOCK_M=bm, BLOCK_N=bn, D=d, num_warps=warps, num_stages=stages)
         _bwd_dkdv[(triton.cdiv(tk, bn), bsz * hkv)](
             q, k, v, do, lse, delta, dk, dv, _docs_arg(docs, lse), qk_scale, ctx.sm_scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
