@@ -58,9 +58,6 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.attn_dropout if self.training else 0.0
         # heads differ per TP rank, so must their dropout masks: the per-rank generator
         with self.tp.rng.fork() if dropout_p and self.tp.size > 1 else contextlib.nullcontext():
-            if doc_ids is None:
-                y = dispatch.attention(q, k, v, causal=True, dropout_p=dropout_p, scale=None)
-            else:
-                y = dispatch.attention(q, k, v, causal=True, dropout_p=dropout_p, scale=None, doc_ids=doc_ids)
+            y = dispatch.attention(q, k, v, causal=True, dropout_p=dropout_p, scale=None, doc_ids=doc_ids)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * D)
         return self.drop(self.proj(y))

@@ -144,10 +144,10 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         T = input_ids.shape[1]
         for name, ids in (("position_ids", position_ids), ("doc_ids", doc_ids)):
-            if ids is not None and (kv_cache is not None or tuple(ids.shape) != tuple(input_ids.shape)):
-                raise MegaGPTError(f"{name} of shape {tuple(ids.shape)} must match input_ids "
-                                   f"{tuple(input_ids.shape)}" + (" and cannot be used with a KV cache"
-                                                                  if kv_cache is not None else ""))
+            if ids is not None and kv_cache is not None:
+                raise MegaGPTError(f"{name} (packed-sample training) cannot be used with a KV cache")
+            if ids is not None and tuple(ids.shape) != tuple(input_ids.shape):
+                raise MegaGPTError(f"{name} of shape {tuple(ids.shape)} must match input_ids {tuple(input_ids.shape)}")
         if start + T > cfg.max_seq_len:
             raise MegaGPTError(
                 f"sequence of {start + T} tokens (cached {start} + new {T}) exceeds max_seq_len={cfg.max_seq_len}")
