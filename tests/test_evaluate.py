@@ -20,12 +20,11 @@ transformers = pytest.importorskip("transformers")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from megagpt.checkpoint.consolidated import save_consolidated  # noqa: E402
 from megagpt.checkpoint.convert import convert  # noqa: E402
 from megagpt.errors import MegaGPTError  # noqa: E402
 from megagpt.eval import check_tasks, evaluate, scores, task_names  # noqa: E402
 from megagpt.eval.harness import MegaGPTLM  # noqa: E402
-from megagpt.model import GPT, get_preset  # noqa: E402
+from megagpt.eval.parity import per_request, random_checkpoint  # noqa: E402
 
 LEGACY = REPO / "tests" / "fixtures" / "legacy_v0"
 TOKENIZER = str(LEGACY / "tokenizer.model")          # sentencepiece, vocab 400, shipped in the repo
@@ -42,17 +41,10 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, shared_data):
-    """A random Llama-style megagpt model (noise on every tensor; untied head), consolidated and exported to HF."""
+    """A random Llama-style megagpt model (noise on every tensor; byte pieces never the argmax),
+    consolidated and exported to HF."""
     d = tmp_path_factory.mktemp("evalmodel")
-    torch.manual_seed(0)
-    model = GPT(get_preset("tiny-modern", vocab_size=400)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        # byte pieces (<0x00>..<0xFF>, ids 6..261) never win: greedy text is then valid UTF-8, which both
-        # tokenizers decode alike (an invalid byte run decodes differently in sentencepiece and in HF)
-        model.lm_head.weight[6:262] = 0
-    cons = save_consolidated(d / "cons", model.state_dict(), model.cfg.to_dict(), tokenizer_path=TOKENIZER)
+    cons = random_checkpoint("tiny-modern", d / "cons", TOKENIZER)
     return cons, convert(cons, d / "hf", "hf")
 
 
@@ -66,12 +58,6 @@ def both(exported):
                   prefix_token_id=ours.prefix_token_id)
     assert theirs.max_length == ours.max_length == 64
     return ours, theirs
-
-
-def per_request(results):
-    """{(task, doc_id, request index): (log-likelihood, is_greedy)} from log_samples output."""
-    return {(task, s["doc_id"], i): tuple(r[0]) for task, samples in results["samples"].items()
-            for s in samples for i, r in enumerate(s["resps"])}
 
 
 def test_every_task_matches_lm_evals_hf_backend(both, shared_data):
