@@ -2,9 +2,9 @@
 
 Every rank gathers the full serial weights (``parallel.layout.full_state_dict``: a collective at
 any TP/PP layout and ZeRO-3), so every layout is evaluated as one serial model (the weights the
-engine computes with: a bf16 run's bf16 copy); rank 0 alone builds a serial fp32 copy on its device and runs the tasks while the others wait in one
-all-reduce that also carries whether rank 0 failed (so an evaluation error stops every rank with
-a message instead of hanging them). That wait counts against ``train.distributed_timeout_minutes``:
+engine computes with: a bf16 run's bf16 copy). Rank 0 alone builds a serial fp32 copy on its
+device and runs the tasks while the others wait in one all-reduce that also carries whether rank 0
+failed (so an evaluation error stops every rank with a message instead of hanging them). That wait counts against ``train.distributed_timeout_minutes``:
 keep ``eval_harness_limit`` small. lm-eval seeds the global RNGs; they are restored afterwards,
 so a run with harness evaluation trains exactly like one without.
 Scalars: ``eval/<task>/<metric>`` to tensorboard and to ``train_log.jsonl`` (one line per evaluation).
