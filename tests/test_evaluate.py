@@ -126,6 +126,8 @@ def test_bad_task_names_and_model_args_are_one_line_errors(exported, shared_data
         check_tasks(["copa_local", "hellaswag"])
     with pytest.raises(MegaGPTError, match="nope: no such file or directory"):
         MegaGPTLM(checkpoint="nope")
+    with pytest.raises(MegaGPTError, match="device='gpu': not a torch device"):
+        MegaGPTLM(checkpoint=str(exported[0]), device="gpu")
     lm = MegaGPTLM(checkpoint=str(exported[0]))
     with pytest.raises(MegaGPTError, match="decodes greedily"):
         lm.generate_until([Instance("generate_until", {}, ("a", {"do_sample": True}), 0)])

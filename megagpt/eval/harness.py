@@ -54,7 +54,12 @@ class MegaGPTLM(TemplateLM):
             raise MegaGPTError(f"batch_size={batch_size!r}: expected a whole number (no 'auto')") from None
         if self._batch_size < 1:
             raise MegaGPTError(f"batch_size={batch_size}: must be >= 1")
-        self._device = torch.device(device or "cpu")
+        try:
+            self._device = torch.device(device or "cpu")
+        except RuntimeError:
+            raise MegaGPTError(f"device={device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise MegaGPTError(f"device={device!r}: this torch has no usable CUDA device; use cpu")
         self.model = model.to(self._device, dtypes[dtype]).eval()
         self.tok = tok
         self._max_gen_toks = int(max_gen_toks)
