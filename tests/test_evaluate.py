@@ -163,7 +163,7 @@ def test_harness_leaves_the_global_rngs_alone(exported, shared_data):
     assert all(a != b for a, b in zip(run(preserve=False), fresh))   # what it guards against
 
 
-def test_lambada_builder(tmp_path, shakespeare_txt):
+def test_lambada_builder(tmp_path, shakespeare_txt, exported, shared_data):
     from megagpt.eval.lambada import lambada_docs, read_lambada, write_lambada
 
     docs = lambada_docs("A:\nsome words here and, " + "x " * 30 + "the end.\n\nB:\nglued to-day\n\n" + "w " * 30 + "9",
@@ -174,6 +174,10 @@ def test_lambada_builder(tmp_path, shakespeare_txt):
     assert len(back) == n > 100 and back == lambada_docs(shakespeare_txt.read_text())
     text = shakespeare_txt.read_text()
     assert all(d["target"][1:].isalpha() and d["context"] + d["target"] in text for d in back)
+    few = write_lambada(shakespeare_txt, tmp_path / "few.jsonl", tail_fraction=0.01)
+    res = evaluate(MegaGPTLM(checkpoint=str(exported[0])), ["lambada_local"], data_dir=shared_data,
+                   lambada_text=tmp_path / "few.jsonl")     # --lambada-text reaches the task
+    assert 0 < few < n and res["n-samples"]["lambada_local"]["original"] == few
     (tmp_path / "bad.jsonl").write_text('{"context": "a"}\n')
     with pytest.raises(MegaGPTError, match=r"bad.jsonl:1: expected a JSON object"):
         read_lambada(tmp_path / "bad.jsonl")
