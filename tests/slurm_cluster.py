@@ -18,6 +18,7 @@ then kills by pid every process whose environment carries this cluster's ``SLURM
 steps, slurmstepd) and the three daemons; it runs from the fixture's ``finally``.
 """
 import os
+import random
 import re
 import shutil
 import signal
@@ -56,6 +57,27 @@ def _free_ports(n):
     finally:
         for s in socks:
             s.close()
+
+
+def _first_job_id(n_jobs=8):
+    """A first job id whose jobs' template master ports (20000 + id % 10000,
+    megagpt.cluster.launch.slurm_master_port) are free here now: ids 1, 2, ... would always
+    rendezvous on 20001, 20002, ... whatever else uses them."""
+    for _ in range(50):
+        first = random.randrange(1, 10000 - n_jobs)
+        try:
+            socks = []
+            for i in range(n_jobs):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", 20000 + first + i))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    return 1
 
 
 def _node_hardware():
@@ -127,6 +149,7 @@ class SlurmCluster:
             "SelectTypeParameters=CR_CPU",
             "ReturnToService=2",
             "JobRequeue=1",
+            f"FirstJobId={_first_job_id()}",
             f"KillWait={self.kill_wait}",
             "MinJobAge=600",
             f"NodeName={self.node} NodeAddr=127.0.0.1 NodeHostname={self.node} CPUs={hw['CPUs']} "
