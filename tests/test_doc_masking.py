@@ -86,7 +86,7 @@ def test_document_ids_and_positions_follow_the_eod_tokens(seed):
             pos += 1
             if tokens[b, t] == EOD:   # the EOD ends its document: the next token starts the next one
                 doc, pos = doc + 1, 0
-    assert torch.equal(y == -100, tokens[:, 1:] == EOD) and torch.equal(y[y != -100], tokens[:, 1:][y != -100])
+    assert torch.equal(y == -100, tokens[:, :-1] == EOD) and torch.equal(y[y != -100], tokens[:, 1:][y != -100])
     # each option alone sets only its own part
     only_pos = split_batch(tokens, PackingOptions(EOD, reset_position_ids=True))
     assert only_pos[0].doc_ids is None and torch.equal(only_pos[0].position_ids, x.position_ids)
@@ -117,10 +117,10 @@ def test_packed_documents_equal_each_document_alone(pos_emb, seed):
             for a, e in row_spans:
                 alone[b, a:e] = model(x.input_ids[b:b + 1, a:e])[0]
         torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
-        # the loss: the same targets scored by the per-document logits, EOD targets left out
+        # the loss: the same targets scored by the per-document logits, positions at EOD inputs left out
         loss = model(x, labels=y)
         expect = F.cross_entropy(alone.flatten(0, 1), y.flatten(), ignore_index=-100)
-        assert abs(loss.item() - expect.item()) < 1e-5 and (y == -100).sum() == (tokens[:, 1:] == EOD).sum() > 0
+        assert abs(loss.item() - expect.item()) < 1e-5 and (y == -100).sum() == (tokens[:, :-1] == EOD).sum() > 0
         # and without the options the same pack does see across documents
         plain = model(tokens[:, :-1])
         assert (plain - alone).abs().max() > 1e-3
@@ -146,16 +146,19 @@ def test_rope_angles_follow_the_reset_positions():
         assert (reset[b, a1:e1] - plain[b, a1:e1]).abs().max() > 1e-4
 
 
-def test_eod_mask_loss_gives_eod_targets_no_gradient():
+def test_eod_mask_loss_gives_eod_inputs_no_gradient():
+    """Megatron's rule: the position whose input is EOD (it would predict the next document's first
+    token) gets no gradient; the position predicting the EOD keeps its loss."""
     model = model_for("learned")
     tokens, _ = random_pack(5)
     x, y = split_batch(tokens, PackingOptions(EOD, eod_mask_loss=True))
     logits = model(x).detach().requires_grad_()
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
     loss.backward()
-    eod_targets = tokens[:, 1:] == EOD
-    assert eod_targets.any() and (logits.grad[eod_targets] == 0).all()
-    assert (logits.grad[~eod_targets].abs().sum(-1) > 0).all()
+    eod_inputs = tokens[:, :-1] == EOD
+    assert eod_inputs.any() and (logits.grad[eod_inputs] == 0).all()
+    assert (logits.grad[~eod_inputs].abs().sum(-1) > 0).all()
+    assert (logits.grad[tokens[:, 1:] == EOD].abs().sum(-1) > 0).all()   # predicting EOD is trained
     assert abs(model(x, labels=y).item() - loss.item()) < 1e-6
 
 

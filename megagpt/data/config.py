@@ -45,7 +45,7 @@ class DataConfig(Section):
     reset_attention_mask: bool = field(False, help="a token never attends across an end-of-document token "
                                                    "within a packed sample (block-diagonal causal attention)")
     reset_position_ids: bool = field(False, help="positions restart at 0 after each end-of-document token")
-    eod_mask_loss: bool = field(False, help="the loss ignores targets that are the end-of-document token")
+    eod_mask_loss: bool = field(False, help="no loss at positions whose input is the end-of-document token (Megatron-LM's rule)")
 
     def __post_init__(self):
         if isinstance(self.data_path, (str, os.PathLike)):

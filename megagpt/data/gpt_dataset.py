@@ -40,7 +40,8 @@ class PackingOptions:
     it behave as if trained alone. A document ends with its EOD token (the EOD belongs to the
     document it ends): ``reset_attention_mask`` lets no token attend to an earlier document,
     ``reset_position_ids`` restarts positions at 0 after each EOD, ``eod_mask_loss`` drops the
-    targets that are the EOD token from the loss (so the model is not taught to end documents)."""
+    positions whose input is EOD from the loss (Megatron-LM's rule: what follows an EOD is the next
+    document, unpredictable from the one that ended)."""
 
     eod_id: int
     reset_attention_mask: bool = False
@@ -95,13 +96,14 @@ def reset_positions(input_ids: torch.Tensor, eod_id: int) -> torch.Tensor:
 def split_batch(tokens: torch.Tensor, packing: Optional[PackingOptions] = None):
     """(inputs, labels) of a (B, seq_length + 1) token batch: inputs ``tokens[:, :-1]``, labels
     ``tokens[:, 1:]``. With ``packing`` the inputs are a ``PackedInputs`` (when positions or the
-    attention mask are reset) and EOD labels become -100 (``eod_mask_loss``); without it this is
+    attention mask are reset) and the labels at EOD inputs become -100 (``eod_mask_loss``: predicting
+    the next document's first token from the end of the previous one is noise); without it this is
     exactly the plain split every run has always used."""
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     if packing is None:
         return x, y
     if packing.eod_mask_loss:
-        y = y.masked_fill(y == packing.eod_id, -100)
+        y = y.masked_fill(x == packing.eod_id, -100)   # Megatron's rule: no loss where the input is EOD
     if packing.reset_attention_mask or packing.reset_position_ids:
         x = PackedInputs(x, reset_positions(x, packing.eod_id) if packing.reset_position_ids else None,
                          document_ids(x, packing.eod_id) if packing.reset_attention_mask else None)
