@@ -87,6 +87,13 @@ class Cluster:
         return _run(self.nodes[0].exec("ssh", "-F", self.ssh_config, node.name, *cmd), check=False,
                     timeout=timeout)
 
+    def kill_strays(self):
+        """SIGKILL what runs in the namespaces besides their sshd (after a launch that timed out)."""
+        for n in self.nodes:
+            for pid in n.strays():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
     def hostfile(self, path, slots: int, names=None) -> str:
         Path(path).write_text("".join(f"{h} slots={slots}\n" for h in (names or [n.name for n in self.nodes])))
         return str(path)
@@ -161,7 +168,7 @@ def two_node_cluster(tmp: Path):
     net = _pick_subnet()
     nodes = [Node(f"mg-n{i}-{suffix}", f"{net}{i}") for i in (1, 2)]
     veths = [f"mgv{suffix}{c}" for c in "ab"]
-    made_ns, made_privsep = [], False
+    made_ns = []
     try:
         for n in nodes:
             _run(["ip", "netns", "add", n.name])
@@ -201,9 +208,9 @@ def two_node_cluster(tmp: Path):
         wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {ssh_config} "$@"\n')
         wrapper.chmod(0o755)
 
-        if not os.path.isdir("/run/sshd"):   # sshd's privilege-separation dir (systemd makes it at boot)
-            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-            made_privsep = True
+        # sshd's privilege-separation dir, which the openssh-server unit makes at boot; left in place
+        # afterwards: another session's sshd may be using it (removing it broke theirs)
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         for n in nodes:
             cfg = _write_sshd_config(n, tmp, authorized)
             log = open(tmp / f"sshd_{n.name}.log", "w")
@@ -236,6 +243,3 @@ def two_node_cluster(tmp: Path):
         for v in veths:   # gone with its namespace, unless setup failed before moving it
             if _run(["ip", "link", "show", v], check=False).returncode == 0:
                 _run(["ip", "link", "del", v], check=False)
-        if made_privsep:
-            with contextlib.suppress(OSError):
-                os.rmdir("/run/sshd")

@@ -39,6 +39,7 @@ def config(path, data, debug=None, **train):
            "parallel": {"tensor_parallel": 2},
            "train": {"micro_batch_size": 2, "train_iters": STEPS, "lr": 3e-3, "min_lr": 3e-4, "lr_warmup_iters": 2,
                      "log_interval": 1, "eval_interval": 0, "save_interval": 0, "progress_bar": False,
+                     "peak_tflops": 1.0,   # no peak-FLOP/s timing at start: MFU is not what these runs check
                      "deepspeed_config": DS_CONFIG, **train},
            "debug": debug or {}}
     Path(path).write_text(yaml.safe_dump(cfg))
@@ -138,9 +139,11 @@ class Watched:
                 self.samples.append((time.monotonic() - self.t0, trainers_per_node(cluster)))
                 time.sleep(0.25)
         finally:
-            for p in procs:
-                if p.poll() is None:
+            if any(p.poll() is None for p in procs):   # timed out (or interrupted): nothing may outlive the test
+                for p in procs:
                     p.kill()
+                cluster.kill_strays()
+            for p in procs:
                 p.wait()
         self.elapsed = time.monotonic() - self.t0
         self.returncodes = [p.returncode for p in procs]
@@ -155,9 +158,9 @@ class Watched:
         return "\n".join(o[-4000:] for o in self.out)
 
 
-def launch_from_node1(cluster, d, *launcher_args, script_args=(), env=None, timeout=240):
+def launch_from_node1(cluster, d, *launcher_args, port, script_args=(), env=None, timeout=240):
     n1 = cluster.nodes[0]
-    cmd = n1.exec("deepspeed", "--hostfile", "hostfile", "--master_addr", n1.addr, "--master_port", "29500",
+    cmd = n1.exec("deepspeed", "--hostfile", "hostfile", "--master_addr", n1.addr, "--master_port", port,
                   *launcher_args, PRETRAIN, *script_args)
     return Watched(cluster, [cmd], d, env or cluster.env, timeout)
 
@@ -185,7 +188,7 @@ def assert_nothing_left(cluster, marker=None, wait_s=15):
 def test_pdsh_over_ssh_matches_one_node(cluster, reference, data, tmp_path):
     d = job_dir(cluster, tmp_path)
     cfg = config(d / "c.yaml", data)
-    w = launch_from_node1(cluster, d, script_args=("--config", cfg, "--save", str(d / "save")))
+    w = launch_from_node1(cluster, d, port=29500, script_args=("--config", cfg, "--save", str(d / "save")))
     assert_ran_on_both_nodes(w)
     assert_same_losses(losses(d / "save"), reference)
     assert_nothing_left(cluster)
@@ -212,7 +215,7 @@ def test_openmpi_over_ssh_matches_one_node(cluster, reference, data, tmp_path):
     env = dict(cluster.env, PATH=f"{cluster.bin}:{mpi_bin(tmp_path)}:{cluster.env['PATH']}")
     w = launch_from_node1(cluster, d, "--launcher", "openmpi", "--launcher_args",
                           "--allow-run-as-root --mca plm_rsh_agent ssh --mca oob_tcp_if_include eth0",
-                          script_args=("--config", cfg, "--save", str(d / "save")), env=env)
+                          port=29501, script_args=("--config", cfg, "--save", str(d / "save")), env=env)
     assert_ran_on_both_nodes(w)
     assert_same_losses(losses(d / "save"), reference)
     assert_nothing_left(cluster)
@@ -244,7 +247,8 @@ def test_a_rank_killed_on_node2_ends_the_job_naming_node_and_rank(cluster, data,
     marker = f"kill-{uuid.uuid4().hex}.yaml"   # in every trainer's command line
     d = job_dir(cluster, tmp_path)
     cfg = config(d / marker, data, {"kill_at_step": KILL_STEP}, distributed_timeout_minutes=0.25)
-    w = launch_from_node1(cluster, d, script_args=("--config", cfg, "--save", str(d / "save")), timeout=180)
+    w = launch_from_node1(cluster, d, port=29503, script_args=("--config", cfg, "--save", str(d / "save")),
+                          timeout=180)
     assert w.peak == [2, 2], (w.peak, w.tail())
     full = next(i for i, (_, c) in enumerate(w.samples) if c[1] == 2)
     killed_at = next(t for t, c in w.samples[full:] if c[1] < 2)   # first sample without rank 3
@@ -254,6 +258,35 @@ def test_a_rank_killed_on_node2_ends_the_job_naming_node_and_rank(cluster, data,
     n2 = cluster.nodes[1]
     errors = [ln for ln in w.out[0].splitlines() if "error:" in ln]
     assert len(errors) == 1 and f"rank 3 on node {socket.gethostname()} ({n2.addr}) stopped responding" \
-        in errors[0] and f"at step {KILL_STEP}" in errors[0], w.tail()
+        in errors[0] and f"at step {KILL_STEP}" in errors[0], (errors, w.tail())
     assert "Traceback" not in w.out[0], w.tail()
     assert_nothing_left(cluster, marker)
+
+
+def test_the_cluster_is_gone_after_a_failure_inside_it(tmp_path):
+    """The fixture's clean-up runs on failure too: processes in both namespaces are killed (sshd and
+    a stray started in node 2), the namespaces and the veth pair are deleted."""
+    why = skip_reason()
+    if why:
+        pytest.skip(why)
+    seen = {}
+    try:
+        with pytest.raises(RuntimeError, match="planted"):
+            with two_node_cluster(tmp_path / "c") as c:
+                n2 = c.nodes[1]
+                seen.update(names=[n.name for n in c.nodes], sshd=[n.sshd.pid for n in c.nodes], addr=n2.addr,
+                            stray=subprocess.Popen(n2.exec("sleep", "600")))
+                assert c.ssh(n2, "hostname").returncode == 0
+                raise RuntimeError("planted failure")
+        assert seen["stray"].wait(timeout=10) is not None
+    finally:   # if the clean-up under test failed, do not leave its stray behind
+        if "stray" in seen and seen["stray"].poll() is None:
+            seen["stray"].kill()
+            seen["stray"].wait()
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(name in netns for name in seen["names"]), netns
+    assert not any(Path(f"/proc/{pid}").exists() and "sshd" in Path(f"/proc/{pid}/cmdline").read_text()
+                   for pid in seen["sshd"])
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    addrs = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    assert "mgv" + seen["names"][0].rsplit("-", 1)[1] not in links and seen["addr"] not in addrs
