@@ -124,3 +124,23 @@ def test_without_wandb_installed_one_line(tmp_path, capsys, monkeypatch, shakesp
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1, err
     assert "train.wandb_project" in err[0] and "wandb is not installed" in err[0] and "c.yaml" in err[0], err
+
+
+def test_scalars_written_through_the_writer_reach_wandb(tmp_path, monkeypatch):
+    """Code that writes ``metrics.writer.add_scalar`` (megagpt/eval/periodic.py's harness scores) and
+    ``Metrics.log_scalars`` reach W&B as they reach tensorboard; the save dir keeps the run id."""
+    from megagpt.train.metrics import Metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)   # default: the save directory
+    m = Metrics(0, str(tmp_path / "tb"), None, 1, 1, 1, 1.0, "test", 10, 0, False,
+                wandb={"project": "p", "name": None, "save_dir": str(tmp_path / "save"), "config": {"a": 1}})
+    m.writer.add_scalar("eval/copa/acc", 0.75, 4)
+    m.log_scalars(5, {"eval/rte/acc": 0.5})
+    m.close()
+    run_file, = (tmp_path / "save" / "wandb").glob("offline-run-*/run-*.wandb")
+    h = history(read_wandb_records(run_file))
+    assert h.get("eval/copa/acc") == {4: 0.75} and h.get("eval/rte/acc") == {5: 0.5}, h
+    assert run_file.name == f"run-{(tmp_path / 'save' / 'wandb_run_id').read_text()}.wandb"
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

@@ -119,7 +119,39 @@ class WandbSink:
         self.run.log(dict(scalars), step=step)
 
     def close(self) -> None:
+        """Finish the run and stop W&B's service process: only then is an offline run file complete."""
         self.run.finish()
+        self.wandb.teardown()
+
+
+class ScalarSinks:
+    """``Metrics.writer``: tensorboard's ``add_scalar`` mirrored to W&B, so a scalar any code writes through
+    the writer (e.g. megagpt/eval/periodic.py's harness scores) reaches both; anything else a
+    SummaryWriter has (flush, histograms) goes to tensorboard alone."""
+
+    def __init__(self, tb=None, wandb: WandbSink | None = None):
+        self.tb, self.wandb = tb, wandb
+
+    def add_scalar(self, tag: str, value, step: int) -> None:
+        self.add_scalars({tag: value}, step)
+
+    def add_scalars(self, scalars: dict, step: int) -> None:
+        """Several tagged scalars at one step (one W&B history row)."""
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: float(v) for k, v in scalars.items()}, step)
+
+    def __getattr__(self, name):
+        if self.tb is None:
+            raise AttributeError(f"{name}: no tensorboard writer in this run (train.tensorboard_dir / save unset)")
+        return getattr(self.tb, name)
+
+    def close(self) -> None:
+        for sink in (self.tb, self.wandb):
+            if sink is not None:
+                sink.close()
 
 
 class Metrics:
@@ -133,15 +165,16 @@ class Metrics:
         self.rank, self.world = rank, world
         self.flops_per_token, self.tokens_per_step = flops_per_token, tokens_per_step
         self.peak, self.total = peak, total_steps
-        self.writer = self.bar = self.jsonl = self.wandb = None
+        self.writer = self.bar = self.jsonl = None
         self.reset_timer()
         if rank != 0:
             return
+        tb = None
         if tb_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(tb_dir)
-        if wandb:
-            self.wandb = WandbSink(**wandb)
+            tb = SummaryWriter(tb_dir)
+        if tb is not None or wandb:
+            self.writer = ScalarSinks(tb, WandbSink(**wandb) if wandb else None)
         if jsonl_path:
             os.makedirs(os.path.dirname(jsonl_path) or ".", exist_ok=True)
             self.jsonl = open(jsonl_path, "a")
@@ -217,19 +250,16 @@ class Metrics:
             self.jsonl.flush()
 
     def _scalars(self, step: int, scalars: dict) -> None:
-        """The same tagged scalars to every scalar sink (tensorboard, W&B)."""
+        """The same tagged scalars to every scalar sink (``writer``: tensorboard and/or W&B)."""
         if self.writer:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, step)
-        if self.wandb:
-            self.wandb.log(scalars, step)
+            self.writer.add_scalars(scalars, step)
 
     def reset_timer(self) -> None:
         """Exclude eval/checkpoint time from the next throughput figure."""
         self._t, self._steps, self._wait = time.perf_counter(), 0, 0.0
 
     def close(self) -> None:
-        for sink in (self.bar, self.writer, self.jsonl, self.wandb):
+        for sink in (self.bar, self.writer, self.jsonl):
             if sink is not None:
                 sink.close()
-        self.bar = self.writer = self.jsonl = self.wandb = None   # closing twice (error paths) is harmless
+        self.bar = self.writer = self.jsonl = None   # closing twice (error paths) is harmless
