@@ -146,6 +146,8 @@ class DebugConfig(Section):
                                                                  "this step (the loss stays finite)")
     sample_ids: bool = field(False, cli=False, help="each rank appends the train-sample indices of every step to "
                                                     "samples_rank{R}.jsonl in the save dir")
+    step_delay_s: float = field(0.0, min=0.0, cli=False, help="every step sleeps this long first: a slow run, so "
+                                                             "a test's signal lands mid-run on any machine")
 
 
 @dataclass

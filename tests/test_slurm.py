@@ -21,8 +21,9 @@ from slurm_cluster import SlurmCluster, missing_reason
 from test_train_runs import make_config
 
 REPO = Path(__file__).resolve().parents[1]
-# ~0.05-0.1 s a step here: 60 steps leave the signal a window of seconds after the first checkpoint
-ITERS, SAVE_EVERY = 60, 10
+# 60 steps; the interrupted job sleeps STEP_DELAY_S before each step (debug.step_delay_s), so
+# its signals land mid-run however fast the machine is: >= 5 s between a checkpoint and the end
+ITERS, SAVE_EVERY, STEP_DELAY_S = 60, 10, 0.1
 TRAIN = {"train_iters": ITERS, "log_interval": 20, "eval_interval": 0, "save_interval": SAVE_EVERY}
 
 
@@ -51,6 +52,13 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory, shakespeare_prefix, sp_model):
     return make_config(tmp_path_factory.mktemp("cfg") / "tiny.yaml", shakespeare_prefix, sp_model, train=TRAIN)
+
+
+@pytest.fixture(scope="module")
+def slow_config(tmp_path_factory, shakespeare_prefix, sp_model):
+    """The same run, each step delayed (the delay changes no number)."""
+    return make_config(tmp_path_factory.mktemp("cfg") / "slow.yaml", shakespeare_prefix, sp_model, train=TRAIN,
+                       debug={"step_delay_s": STEP_DELAY_S})
 
 
 def job_env(cfg, ckpt, **extra):
@@ -131,7 +139,7 @@ def complete(ckpt, step):
 
 
 @pytest.mark.slow
-def test_requeue_and_time_limit_signal_resume_bit_exact(cluster, tiny_config, reference, tmp_path):
+def test_requeue_and_time_limit_signal_resume_bit_exact(cluster, slow_config, reference, tmp_path):
     """pretrain_srun.sbatch (2 srun tasks = 2 ranks), interrupted twice in one job:
     1. `scontrol requeue JOB` (an admin, or preemption with PreemptMode=REQUEUE): Slurm SIGTERMs
        every process of the job; the trainers save and exit, Slurm requeues the job;
@@ -142,7 +150,7 @@ def test_requeue_and_time_limit_signal_resume_bit_exact(cluster, tiny_config, re
     bit-equal to the uninterrupted reference run of the other template."""
     d = tmp_path / "job"
     ckpt = d / "ckpt"
-    job = submit(cluster, "pretrain_srun.sbatch", d, tiny_config, SRUN_ARGS)
+    job = submit(cluster, "pretrain_srun.sbatch", d, slow_config, SRUN_ARGS)
     out = lambda: job_output(d, job) if (d / f"job-{job}.out").exists() else ""  # noqa: E731
 
     wait_for(lambda: complete(ckpt, SAVE_EVERY), 150, "no first checkpoint")

@@ -21,6 +21,8 @@ class FaultInjector:
         """Called as step ``step`` starts with this rank's sample ``ids``; returns the factor for the
         step's loss (NaN, or x10 for a spike on the first attempt), or None."""
         d = self.debug
+        if d.step_delay_s:
+            time.sleep(d.step_delay_s)
         if step in (d.hang_at_step, d.kill_at_step) and self.rank == self.world - 1:   # a lost rank
             if d.kill_at_step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
