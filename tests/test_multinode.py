@@ -82,7 +82,7 @@ def reference(tmp_path_factory, data):
     r = subprocess.run(["deepspeed", "--num_gpus", "4", "--master_port", str(_free_port()), PRETRAIN,
                         "--config", cfg, "--save", str(d / "save")],
                        cwd=d, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, output(r)
+    assert r.returncode == 0 and "dp=2 tp=2" in r.stdout, output(r)
     return losses(d / "save")
 
 
