@@ -95,6 +95,9 @@ class TrainConfig(OptimConfig):
     peak_tflops: Optional[float] = field(None, help="peak TFLOP/s per device for MFU in the run's dtype",
                                          default_text="datasheet on known GPUs; measured and cached on CPU")
     progress_bar: bool = field(True, help="tqdm progress bar")
+    compile: bool = field(False, help="run each transformer block under torch.compile (fuses its elementwise "
+                                      "chains; the first step's compile time is logged as compile_s, outside "
+                                      "throughput); tensor_parallel=pipeline_parallel=1 only")
     eval_harness_tasks: list = field(default_factory=list, help="lm-evaluation-harness tasks of megagpt/eval/tasks "
                                      "(copa_local, lambada_local, ...) run on the gathered model by rank 0",
                                      default_text="[]")
@@ -353,6 +356,9 @@ class MegaGPTConfig:
         if self.train.loss_chunk_tokens and pp > 1:
             raise self.error("train.loss_chunk_tokens", "applies to the GPT's own loss, not a pipeline's last stage: "
                                                         "set it to 0 with pipeline_parallel > 1")
+        if self.train.compile and (tp > 1 or pp > 1):   # collectives inside the blocks: not traced or tested
+            raise self.error("train.compile", f"needs tensor_parallel=pipeline_parallel=1 (got {tp} and {pp}); "
+                                              f"it works with any ZeRO stage and activation checkpointing")
         n_pipe = len(pipeline_layer_prefixes(m))
         if pp > n_pipe:
             raise self.error("parallel.pipeline_parallel", f"{pp} stages exceed the {n_pipe} pipeline layers of a "

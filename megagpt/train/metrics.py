@@ -158,6 +158,8 @@ class Metrics:
     """Rank-0 sinks: console line (via tqdm.write), tensorboard scalars, optionally the same scalars in
     Weights & Biases, and a jsonl log (every step's loss and lr; at log steps every scalar)."""
 
+    first_step_compiles = False   # train.compile: the next step's time is compile_s, kept out of throughput
+
     def __init__(self, rank: int, tb_dir: str | None, jsonl_path: str | None, flops_per_token: int,
                  tokens_per_step: int, world: int, peak: float, peak_src: str, total_steps: int, start_step: int,
                  progress_bar: bool, wandb: dict | None = None):
@@ -198,6 +200,9 @@ class Metrics:
         ``data_wait``: seconds this step waited for its batch (the prefetch was not ready)."""
         self._steps += 1
         self._wait += data_wait
+        if self.first_step_compiles:
+            self._compile_step(step, loss, lr)
+            return
         if self.rank != 0:
             return
         if self.bar is not None:
@@ -227,6 +232,22 @@ class Metrics:
                    f"ETA {eta / 60:.1f} min")
         self._jsonl({"step": step, **scalars})
         self._scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+
+    def _compile_step(self, step: int, loss: float, lr: float) -> None:
+        """The first step of a compiled run (it traces and compiles the blocks): its whole time is
+        logged as ``compile_s`` and the throughput timer restarts after it, so tok/s and MFU count
+        only compiled steps."""
+        compile_s = time.perf_counter() - self._t
+        self.first_step_compiles = False
+        self.reset_timer()
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+        self.print(f"step {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | compile {compile_s:.1f} s "
+                   f"(torch.compile's first step: not in throughput or MFU)")
+        self._jsonl({"step": step, "loss": loss, "lr": lr, "compile_s": compile_s})
+        self._scalars(step, {"train/compile_s": compile_s})
 
     def eval(self, step: int, loss: float) -> None:
         import math

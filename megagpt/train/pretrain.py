@@ -144,6 +144,7 @@ def run(cfg, ds_config, init_src=None) -> int:
     from megagpt.checkpoint import engine as checkpoint
     from megagpt.checkpoint.elastic import optimizer_param_names
     from megagpt.train import distributed, loop
+    from megagpt.train.compile import compile_blocks
     from megagpt.train.metrics import Metrics, peak_flops
     from megagpt.train.optim import param_groups
     from megagpt.train.schedule import Schedule, build_scheduler, resume_schedule
@@ -171,6 +172,7 @@ def run(cfg, ds_config, init_src=None) -> int:
                   flush=True)
     elif t.init_from and rank == 0:
         print(f"{t.load} holds a checkpoint: resuming it (train.init_from {t.init_from} is not read)", flush=True)
+    n_compiled = compile_blocks(model, t.compile)   # train.compile (megagpt/train/compile.py)
     n_params, flops_per_token = model_stats(mcfg, cfg.data.seq_length)
     schedule = Schedule.pretraining(t)
     engine, _, _, _ = deepspeed.initialize(
@@ -233,6 +235,7 @@ def run(cfg, ds_config, init_src=None) -> int:
                       t.train_iters, state.step, t.progress_bar,
                       wandb=dict(project=t.wandb_project, name=t.wandb_run_name, save_dir=t.save,
                                  config=cfg.to_dict()) if t.wandb_project else None)
+    metrics.first_step_compiles = n_compiled > 0
     if rank == 0:
         metrics.print(f"model {mcfg.name}: {n_params:,} params | dp={dp_size} tp={par.tp_size} pp={par.pp_size}"
                       f"{' +sp' if par.sequence_parallel else ''} | zero stage "
