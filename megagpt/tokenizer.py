@@ -284,7 +284,7 @@ class GPT2BPETokenizer(Tokenizer):
         self.pad_id, self.delim_id, self.cls_id = ids[PAD], ids[DELIM], ids[CLS]
         self.unk_id = None  # byte-level: every string is representable
         # the BPE of one pre-split word: byte map (no regex) + merges; encode_batch caches its results
-        self._bpe = HFTokenizer(models.BPE.from_file(*(os.path.join(self.path, f) for f in GPT2_FILES)))
+        self._bpe = HFTokenizer(bpe)  # the same model object: loaded once
         self._bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         self._word_ids: dict[str, list[int]] = {}
         global _GPT2_SPLIT

@@ -135,11 +135,11 @@ _CFG = None
 _SCAN = json.JSONDecoder().scan_once
 
 
-def _init_worker(tokenizer_path, json_keys, append_eod, in_pool=False):
+def _init_worker(tokenizer_path, json_keys, append_eod, in_pool=False, tok=None):
     global _TOK, _CFG
     if in_pool:  # parallelism comes from the worker processes; HF tokenizers' own threads would oversubscribe
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _TOK = load_tokenizer(tokenizer_path)
+    _TOK = tok if tok is not None else load_tokenizer(tokenizer_path)  # workers=1: the caller's, not a 2nd load
     _CFG = (tuple(json_keys), append_eod, dtype_for_vocab(_TOK.vocab_size))
 
 
@@ -313,7 +313,7 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
     summary, t0 = Summary(), time.perf_counter()
     bar = _progress_bar(files, progress, log_interval)
     chunks = read_chunks(files, split_paragraphs, chunk_bytes=chunk_bytes)
-    results = _map_ordered(encode_chunk, chunks, workers, (tok.path, json_keys, append_eod))
+    results = _map_ordered(encode_chunk, chunks, workers, (tok.path, json_keys, append_eod), tok)
     productive = set()  # input files that gave at least one document
     try:
         for chunk, enc in results:
@@ -361,11 +361,11 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
     return summary
 
 
-def _map_ordered(fn, chunks, workers, init):
+def _map_ordered(fn, chunks, workers, init, tok=None):
     """Yield (chunk, fn(chunk)) in input order, from worker processes if workers > 1 (an executor,
     not a Pool: a worker killed e.g. by the OOM killer fails the run instead of hanging it)."""
     if workers == 1:
-        _init_worker(*init)
+        _init_worker(*init, tok=tok)
         for c in chunks:
             yield c, fn(c)
         return
