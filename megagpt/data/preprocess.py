@@ -32,7 +32,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from itertools import chain, groupby
+from itertools import groupby
 
 import numpy as np
 
@@ -207,12 +207,7 @@ def encode_chunk(chunk: Chunk) -> Encoded:
                 empty += 1
     tokens, sizes = {}, {}
     for k, texts in per_key.items():
-        ids = _TOK.encode_batch(texts) if texts else []
-        if append_eod:
-            for x in ids:
-                x.append(_TOK.eod_id)
-        sizes[k] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        tokens[k] = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(sizes[k].sum()))
+        tokens[k], sizes[k] = _TOK.encode_flat(texts, _TOK.eod_id if append_eod else None, dtype)
     return Encoded(chunk.path, tokens, sizes, empty, errors)
 
 
