@@ -84,17 +84,18 @@ def raw_encode(model, chunks, workers):
 def ours(src, out, model, workers, old_path=False):
     """preprocess end to end; ``old_path``: with GPT-2 BPE's previous encode (HF per document)."""
     from megagpt.data.preprocess import preprocess
-    from megagpt.tokenizer import GPT2BPETokenizer
+    from megagpt.tokenizer import GPT2BPETokenizer, Tokenizer
 
-    fast = GPT2BPETokenizer.encode_batch
-    if old_path:  # forked workers inherit the class attribute
+    fast = GPT2BPETokenizer.encode_batch, GPT2BPETokenizer.encode_flat
+    if old_path:  # forked workers inherit the class attributes
         GPT2BPETokenizer.encode_batch = GPT2BPETokenizer.encode_batch_hf
+        GPT2BPETokenizer.encode_flat = Tokenizer.encode_flat
     try:
         c0, t0 = cpu_seconds(), time.perf_counter()
         s = preprocess([src], out, model, workers=workers, progress=False)
         return s.tokens, time.perf_counter() - t0, cpu_seconds() - c0
     finally:
-        GPT2BPETokenizer.encode_batch = fast
+        GPT2BPETokenizer.encode_batch, GPT2BPETokenizer.encode_flat = fast
 
 
 def main():

@@ -10,7 +10,7 @@ import regex
 
 from megagpt.data.indexed import IndexedDatasetWriter
 from megagpt.data.preprocess import preprocess
-from megagpt.tokenizer import GPT2BPETokenizer, _unverified, load_tokenizer
+from megagpt.tokenizer import GPT2BPETokenizer, Tokenizer, _unverified, load_tokenizer
 
 from test_preprocess import paragraphs, write_jsonl
 
@@ -69,6 +69,12 @@ def same_bytes(a, b):
     return all(Path(a + ext).read_bytes() == Path(b + ext).read_bytes() for ext in (".bin", ".idx"))
 
 
+def old_path(monkeypatch):
+    """GPT-2 BPE back to the previous path: HF ``encode_batch`` per document, flattened generically."""
+    monkeypatch.setattr(GPT2BPETokenizer, "encode_batch", GPT2BPETokenizer.encode_batch_hf)
+    monkeypatch.setattr(GPT2BPETokenizer, "encode_flat", Tokenizer.encode_flat)
+
+
 @pytest.fixture(scope="module")
 def gpt2(shared_data):
     return str(shared_data / "tokenizers" / "gpt2")
@@ -93,7 +99,7 @@ def test_shards_identical_to_hf_path_and_pure_python_gpt2(tmp_path, gpt2, shakes
     reference_shard(str(tmp_path / "slow"), docs, slow_encode, 50256)
     assert same_bytes(str(tmp_path / "new_text_document"), str(tmp_path / "slow"))
     # the previous path, HF tokenizers end to end per document, through the whole preprocess
-    monkeypatch.setattr(GPT2BPETokenizer, "encode_batch", GPT2BPETokenizer.encode_batch_hf)
+    old_path(monkeypatch)
     preprocess([src], str(tmp_path / "old"), gpt2, progress=False)
     assert same_bytes(str(tmp_path / "new_text_document"), str(tmp_path / "old_text_document"))
 
@@ -116,7 +122,7 @@ def test_characters_beyond_unicodedata_take_hf_path(tmp_path, gpt2, monkeypatch)
     assert not any(_unverified(list(tok._word_ids)))  # their words never went through `regex`
     src = write_jsonl(tmp_path / "new.jsonl", [{"text": d} for d in docs])
     preprocess([src], str(tmp_path / "new"), gpt2, progress=False)
-    monkeypatch.setattr(GPT2BPETokenizer, "encode_batch", GPT2BPETokenizer.encode_batch_hf)
+    old_path(monkeypatch)
     preprocess([src], str(tmp_path / "old"), gpt2, progress=False)
     assert same_bytes(str(tmp_path / "new_text_document"), str(tmp_path / "old_text_document"))
 
