@@ -4,7 +4,12 @@ clip 1.0, fp32). Measured in one process, interleaved in rounds after warm-up; m
 rounds. Achieved model FLOP/s (PaLM 6N + 12LHQT) is also shown as a fraction of fp32 torch.mm
 FLOP/s measured in the same run.
 
+``--compile`` adds megagpt with ``train.compile`` (each block under torch.compile) next to the same
+engine eager, under ZeRO-0 and ZeRO-3; the first (compiling) step of each is timed apart and
+reported as compile time, never averaged into the step times.
+
     python benchmarks/train_throughput.py [--layers 4 --width 256 --seq 256 --batch 8 --rounds 7 --steps 4]
+                                          [--compile]
 """
 import argparse
 import json
@@ -18,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from _bench import bench, print_table  # noqa: E402
+from megagpt.train.compile import compile_blocks  # noqa: E402
 from megagpt.train.optim import param_groups  # noqa: E402
 
 
@@ -26,12 +32,14 @@ def matmul_flops(m, k, n, reps=10):
     return 2 * m * k * n / bench({"mm": lambda: torch.mm(a, b)}, reps)["mm"]
 
 
-def make_megagpt(a):
+def make_megagpt(a, compiled=False):
     from megagpt.model import GPT, get_preset
     cfg = get_preset("tiny-gpt2", vocab_size=a.vocab, n_layer=a.layers, n_embd=a.width, n_head=a.width // 64,
                      max_seq_len=a.seq, pad_vocab_multiple=128)
     torch.manual_seed(0)
-    return GPT(cfg)
+    model = GPT(cfg)
+    compile_blocks(model, compiled)
+    return model
 
 
 def make_hf(a):
@@ -86,6 +94,8 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="timed steps per contender per round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", help="write the results here too")
+    p.add_argument("--compile", action="store_true", help="add train.compile contenders (ZeRO-0 and ZeRO-3, eager "
+                                                          "and compiled) and report their compile time")
     a = p.parse_args()
 
     from megagpt.train.distributed import init_distributed
@@ -97,6 +107,10 @@ def main():
                         "HF GPT2LMHeadModel bare loop")
     contenders = {z0: Engine(make_megagpt(a), 0, a.batch), z1: Engine(make_megagpt(a), 1, a.batch),
                   bare: Bare(make_megagpt(a)), hf: Bare(make_hf(a), hf=True)}
+    z3, c0, c3 = "megagpt + DeepSpeed ZeRO-3", "megagpt + DeepSpeed ZeRO-0, compiled", "megagpt + DeepSpeed ZeRO-3, compiled"
+    if a.compile:
+        contenders.update({z3: Engine(make_megagpt(a), 3, a.batch), c0: Engine(make_megagpt(a, True), 0, a.batch),
+                           c3: Engine(make_megagpt(a, True), 3, a.batch)})
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g) for _ in range(4)]
     xs = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in batches]
@@ -108,7 +122,9 @@ def main():
             c.step(x, y)
         return (time.perf_counter() - t0) / n
 
-    for c in contenders.values():
+    first = {}   # the first step of each contender, timed apart: for the compiled ones, compilation
+    for name, c in contenders.items():
+        first[name] = run(c, 1)
         run(c, a.warmup)
     times = {k: [] for k in contenders}
     mm = []
@@ -130,10 +146,17 @@ def main():
           f"vocab {a.vocab}; {ref.num_params():,} params; {flops_per_step / 1e9:.2f} GFLOP/step (PaLM)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"fp32 torch.mm 1024^3: {peak / 1e9:.1f} GFLOP/s (median of {a.rounds})")
-    print_table(["contender", "median ms/step", "tokens/s", "GFLOP/s", "% of mm", "best ms/step", "best % of mm"],
+    print_table(["contender", "median ms/step", "tokens/s", "GFLOP/s", "% of mm", "best ms/step", "best % of mm",
+                 "speed vs ZeRO-0 eager"],
                 [(k, f"{1e3 * t:.1f}", f"{tok / t:,.0f}", f"{flops_per_step / t / 1e9:.1f}",
                   f"{100 * flops_per_step / t / peak:.1f}%", f"{1e3 * best[k]:.1f}",
-                  f"{100 * flops_per_step / best[k] / max(mm):.1f}%") for k, t in med.items()])
+                  f"{100 * flops_per_step / best[k] / max(mm):.1f}%", f"{ratio(z0, k):.2f}x") for k, t in med.items()])
+    if a.compile:
+        print_table(["contender", "first step s", "median step s", "compile s (first - median)",
+                     "compiled vs eager, same stage (median per-round ratio)"],
+                    [(k, f"{first[k]:.2f}", f"{med[k]:.3f}", f"{first[k] - med[k]:.2f}",
+                      f"{ratio(e, k):.3f}x" + (" faster" if ratio(e, k) > 1 else " (slower)"))
+                     for k, e in ((c0, z0), (c3, z3))], title="train.compile")
     print(f"megagpt+DeepSpeed ZeRO-0 vs HF: {ratio(hf, z0):.2f}x faster (target >= 1.3x); "
           f"megagpt bare vs HF: {ratio(hf, bare):.2f}x")
     print(f"engine overhead vs bare loop (median per-round ratio): ZeRO-0 {100 * (ratio(z0, bare) - 1):+.1f}%, "
@@ -142,6 +165,7 @@ def main():
           f"{100 * flops_per_step / best[z0] / max(mm):.1f}% (target >= 60%)")
     if a.json:
         json.dump({"ms_per_step": {k: 1e3 * v for k, v in med.items()}, "mm_flops": peak,
+                   "first_step_s": first,
                    "flops_per_step": flops_per_step, "rounds": times}, open(a.json, "w"), indent=1)
 
 

@@ -22,8 +22,10 @@ from megagpt.model import GPT, get_preset
 from megagpt.train.compile import compile_blocks, compiled_modules
 from megagpt.train.metrics import Metrics
 
-# inductor's fp32 kernels sum in another order than eager ATen: ~1e-6 per step, grown over 10 Adam steps
-TOL = dict(atol=2e-5, rtol=1e-5)
+# inductor's fp32 kernels sum in another order than eager ATen: measured <= 1e-6 on the losses and 3e-6 on
+# the logits after 10 steps; the same blocks under bf16 autocast (a precision bug) differ by 6e-5 / 3e-3
+TOL = dict(atol=5e-6, rtol=0)
+LOGIT_TOL = dict(atol=3e-5, rtol=0)
 STEPS, SEQ, BATCH = 10, 32, 2
 
 
@@ -60,15 +62,15 @@ def test_first_compiled_step_is_compile_s_and_not_in_throughput(tmp_path):
     m = Metrics(0, None, str(log), flops_per_token=1000, tokens_per_step=100, world=1, peak=1e15, peak_src="test",
                 total_steps=3, start_step=0, progress_bar=False)
     m.first_step_compiles = True
-    time.sleep(0.5)                                   # "compiling"
+    time.sleep(0.6)                                   # "compiling"
     m.step(1, 5.0, 1e-3, None, 0, log=True)
     time.sleep(0.05)
     m.step(2, 4.0, 1e-3, None, 0, log=True)
     m.close()
     rows = [json.loads(ln) for ln in log.read_text().splitlines()]
-    assert rows[0]["step"] == 1 and rows[0]["compile_s"] >= 0.5 and rows[0]["loss"] == 5.0
+    assert rows[0]["step"] == 1 and rows[0]["compile_s"] >= 0.6 and rows[0]["loss"] == 5.0
     assert "tokens_per_s" not in rows[0] and "compile_s" not in rows[1]
-    assert rows[1]["tokens_per_s"] > 100 / 0.4       # step 2 alone (~0.05 s), not the compile step's 0.5 s
+    assert rows[1]["tokens_per_s"] > 100 / 0.2       # step 2 alone (~0.05 s); with step 1 in: < 100 / 0.3
 
 
 # ------------------------------------------------------------------ real engines and runs, one forked rank
@@ -94,7 +96,11 @@ def _engine_losses(stage, checkpointing, compiled):
         engine.backward(loss)
         engine.step()
         out.append(loss.item())
-    return out, counters["frames"]["ok"] - frames, len(compiled_modules(engine.module)), engine.zero_optimization_stage()
+    engine.eval()
+    with torch.no_grad():   # the trained weights, seen through their logits (ZeRO-3 gathers them for this)
+        logits = engine(t[:, :-1])
+    return (out, logits, counters["frames"]["ok"] - frames, len(compiled_modules(engine.module)),
+            engine.zero_optimization_stage())
 
 
 def _pretrain(out_dir, cfg_path, compiled):
@@ -125,13 +131,14 @@ def test_compiled_matches_eager_under_zero_0_to_3_and_in_pretraining(tmp_path, s
     spawn(_worker, 1, str(tmp_path), cfg_path, tmp_path=tmp_path)
     res = torch.load(tmp_path / "res.pt")
     compiled_frames = 0
-    for stage, (ckpt, (eager, eager_frames, n0, s0), (comp, frames, n1, s1)) in res["engines"].items():
+    for stage, (ckpt, (eager, le, eager_frames, n0, s0), (comp, lc, frames, n1, s1)) in res["engines"].items():
         assert s0 == s1 == stage
         assert eager_frames == 0 and n0 == 0, f"ZeRO-{stage}: compile off, yet dynamo compiled {eager_frames} frames"
         assert n1 == 2, f"ZeRO-{stage}: {n1} compiled blocks under the engine, not the tiny model's 2"
         compiled_frames += frames   # (a later engine may reuse an earlier one's compiled graph: no new frame)
         torch.testing.assert_close(torch.tensor(comp), torch.tensor(eager), **TOL,
                                    msg=lambda m: f"ZeRO-{stage} checkpointing={ckpt}: {m}")
+        torch.testing.assert_close(lc, le, **LOGIT_TOL, msg=lambda m: f"ZeRO-{stage} checkpointing={ckpt}, logits: {m}")
         assert len(set(eager)) == STEPS   # the weights move: the comparison is over 10 different steps
     assert compiled_frames > 0, "compile on, yet dynamo compiled nothing"
     eager, comp = res["runs"][False], res["runs"][True]
