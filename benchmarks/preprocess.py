@@ -155,7 +155,7 @@ def main():
     head = ["workers", "preprocess tok/s (MB/s)", f"{raw_name} tok/s", "ratio (wall)", "preprocess CPU s",
             "raw CPU s", "ratio (CPU)"]
     if gpt2:
-        head += ["old preprocess tok/s", "old CPU s", "new/old (wall)", "new/old (CPU)", "tok per CPU s per worker"]
+        head += ["old preprocess tok/s", "old CPU s", "new/old (wall)", "new/old (CPU)", "preprocess tok per CPU s"]
 
     def row(w):
         r = [str(w), f"{tokens[w] / med[(w, 'ours')]:,.0f} ({mb / med[(w, 'ours')]:.2f})",

@@ -21,6 +21,7 @@ naming ``file:line`` or, with ``skip_bad_lines``, is skipped (all keys of that l
 """
 from __future__ import annotations
 
+import gc
 import glob
 import json
 import multiprocessing as mp
@@ -139,6 +140,9 @@ def _init_worker(tokenizer_path, json_keys, append_eod, in_pool=False, tok=None)
     global _TOK, _CFG
     if in_pool:  # parallelism comes from the worker processes; HF tokenizers' own threads would oversubscribe
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # the heap inherited by fork (torch & co, ~1e6 objects) leaves the cyclic GC's scans: full
+        # collections no longer re-traverse it nor dirty its pages (~20% of a worker's encode CPU)
+        gc.freeze()
     _TOK = tok if tok is not None else load_tokenizer(tokenizer_path)  # workers=1: the caller's, not a 2nd load
     _CFG = (tuple(json_keys), append_eod, dtype_for_vocab(_TOK.vocab_size))
 
