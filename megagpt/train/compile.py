@@ -8,6 +8,11 @@ compiled block in backward. ``nn.Module.compile`` compiles in place, so paramete
 them checkpoints, ZeRO partitioning and the HF exporter) are unchanged, and DeepSpeed's ZeRO-3
 gather/release hooks run as they do eagerly. The first step pays the compilation: ``Metrics``
 reports it as ``compile_s`` and leaves it out of throughput and MFU.
+
+Under ZeRO-3 those hooks sit on every submodule and are ``torch.compiler.disable``d, so each block
+splits into small graphs (and dynamo logs that a DeepSpeed hook hit its recompile limit: that hook
+stays eager): correct, but little is fused, and on CPU it measured slower (docs/benchmarks.md).
+Opt-in, default off: on this CPU the gain under ZeRO-0 was within the noise of a shared machine.
 """
 from __future__ import annotations
 
