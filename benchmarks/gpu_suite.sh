@@ -281,7 +281,7 @@ def validate_pretrain(expect, argv):
     from megagpt.train import pretrain
     seen = {}
 
-    def summary(cfg, ds):
+    def summary(cfg, ds, init_src=None):
         zero = ds.get("zero_optimization") or {}
         dtype = "bf16" if (ds.get("bf16") or {}).get("enabled") else "fp16" if (ds.get("fp16") or {}).get(
             "enabled") else "fp32"
