@@ -23,8 +23,10 @@ if [[ "${1:-}" == "--cluster" ]]; then
     echo "[setup] --cluster: system packages already installed"
   else
     echo "[setup] --cluster: apt-get install ${CLUSTER_PKGS[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${CLUSTER_PKGS[@]}" >/dev/null
+    # a failed install must not stop the Python setup: the cluster tests then skip, saying what is missing
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${CLUSTER_PKGS[@]}" >/dev/null; }; then
+      echo "[setup] --cluster: apt-get failed; the Slurm / two-node tests will skip"
+    fi
   fi
 fi
 
