@@ -39,3 +39,30 @@ def normalize_state_dict(sd: dict, cfg, where) -> dict:
         raise MegaGPTError(f"{where}: weights do not match the model config (missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]})")
     return {k: sd[k] for k in shapes}
+
+
+# the ModelConfig fields that change what a model computes without changing any tensor's shape
+_ARCH_FIELDS = ("vocab_size", "n_head", "num_kv_heads", "norm", "norm_position", "norm_eps", "pos_emb", "rope_theta",
+                "activation", "bias", "tie_embeddings")
+
+
+def architecture_mismatch(theirs, ours) -> str | None:
+    """The first difference between two ModelConfigs that makes weights of one wrong for the other: a
+    tensor (name and shapes, in the model's parameter order), else a field; None when they fit."""
+    from megagpt.model.gpt import full_shapes
+
+    a, b = full_shapes(theirs), full_shapes(ours)
+    for name, shape in b.items():
+        if name not in a:
+            return f"tensor {name} {shape}: the checkpoint has no such tensor"
+        if a[name] != shape:
+            return f"tensor {name}: checkpoint {a[name]} != config {shape}"
+    extra = [n for n in a if n not in b]
+    if extra:
+        return f"tensor {extra[0]} {a[extra[0]]}: in the checkpoint, not in the config's model"
+    for f in _ARCH_FIELDS:
+        if f == "rope_theta" and ours.pos_emb != "rope":
+            continue
+        if getattr(theirs, f) != getattr(ours, f):
+            return f"model.{f}: checkpoint {getattr(theirs, f)!r} != config {getattr(ours, f)!r}"
+    return None

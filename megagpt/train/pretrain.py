@@ -65,33 +65,6 @@ def dump_weights(model, path, rank) -> None:
             torch.save({k: v.detach().float().clone() for k, v in model.state_dict().items()}, path)
 
 
-# the ModelConfig fields that change what a model computes without changing any tensor's shape
-_ARCH_FIELDS = ("vocab_size", "n_head", "num_kv_heads", "norm", "norm_position", "norm_eps", "pos_emb", "rope_theta",
-                "activation", "bias", "tie_embeddings")
-
-
-def architecture_mismatch(theirs, ours) -> str | None:
-    """The first difference between two ModelConfigs that makes weights of one wrong for the other: a
-    tensor (name and shapes, in the model's parameter order), else a field; None when they fit."""
-    from megagpt.model.gpt import full_shapes
-
-    a, b = full_shapes(theirs), full_shapes(ours)
-    for name, shape in b.items():
-        if name not in a:
-            return f"tensor {name} {shape}: the checkpoint has no such tensor"
-        if a[name] != shape:
-            return f"tensor {name}: checkpoint {a[name]} != config {shape}"
-    extra = [n for n in a if n not in b]
-    if extra:
-        return f"tensor {extra[0]} {a[extra[0]]}: in the checkpoint, not in the config's model"
-    for f in _ARCH_FIELDS:
-        if f == "rope_theta" and ours.pos_emb != "rope":
-            continue
-        if getattr(theirs, f) != getattr(ours, f):
-            return f"model.{f}: checkpoint {getattr(theirs, f)!r} != config {getattr(ours, f)!r}"
-    return None
-
-
 def has_checkpoint(load_dir) -> bool:
     """Whether ``load_dir`` holds a checkpoint a resume would read (the one tag rule: ``tags.resolve_tag``)."""
     from megagpt.checkpoint.tags import resolve_tag
@@ -109,6 +82,7 @@ def check_init_from(cfg):
     ``train.load`` will be resumed instead: the run's own state always wins, so relaunching the same
     command after a preemption resumes rather than starting over from the released weights."""
     from megagpt.checkpoint.load import open_checkpoint
+    from megagpt.checkpoint.state_dict import architecture_mismatch
 
     t = cfg.train
     if t.load and has_checkpoint(t.load):
