@@ -162,6 +162,9 @@ class FinetuneConfig(OptimConfig):
     init: str = field("random", help="'random', or a checkpoint dir: DeepSpeed pretraining, consolidated or HF")
     preset: str = field("tiny", help="model preset for init 'random'")
     model_overrides: dict = field(default_factory=dict, cli=False, help="ModelConfig overrides for init 'random'")
+    transfer_layers: Optional[int] = field(None, min=0, help="keep the embeddings and the first N blocks of "
+                                           "--init; later blocks (and a final norm) start from random init, as "
+                                           "in GPT-1's Figure 2 (left)", default_text="all")
     tokenizer: Optional[str] = field(None, help="tokenizer path; required for init 'random'",
                                      default_text="the checkpoint's")
     seq_length: Optional[int] = field(None, min=1, help="tokens per input sequence (longer inputs are "
@@ -210,6 +213,9 @@ class FinetuneConfig(OptimConfig):
                 get_preset(self.preset, **{str(k): v for k, v in self.model_overrides.items()})
             except MegaGPTError as e:
                 raise MegaGPTError(e.reason, key="preset" if e.key == "preset" else "model_overrides") from None
+        if self.init == "random" and self.transfer_layers is not None:
+            raise MegaGPTError("transfer_layers needs a pretrained --init (with init 'random' nothing is "
+                               "transferred)", key="transfer_layers")
         if self.init != "random" and not os.path.isdir(self.init):
             raise MegaGPTError(f"{self.init}: no such checkpoint directory (or pass 'random')", key="init")
         if not os.path.isdir(self.data_root):

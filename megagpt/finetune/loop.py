@@ -56,8 +56,28 @@ def build_model(cfg: FinetuneConfig, task, tp):
         tok_path = meta["tokenizer_path"]
         if not tok_path:   # best/ bundles the tokenizer's files
             raise MegaGPTError(f"{cfg.init}: checkpoint names no tokenizer; pass --tokenizer")
+        if cfg.transfer_layers is not None:
+            reinit_after(gpt, cfg.transfer_layers, tp)
     model = FinetuneModel(gpt, task.kind, task.num_outputs, task.regression, cfg.clf_dropout, cfg.lm_coef)
     return model, tok, tok_path
+
+
+@torch.no_grad()
+def reinit_after(gpt, n_transfer: int, tp) -> None:
+    """Keep the embeddings and blocks ``0..n_transfer-1`` of a loaded ``gpt``; every other parameter
+    (later blocks, a final norm, an untied head) takes the value a freshly initialised model of the
+    same config has under the current seed."""
+    from megagpt.model import GPT
+
+    n_layer = gpt.cfg.n_layer
+    if n_transfer > n_layer:
+        raise MegaGPTError(f"transfer_layers={n_transfer} exceeds the checkpoint's {n_layer} layers",
+                           key="transfer_layers")
+    fresh = dict(GPT(gpt.cfg, tp).named_parameters())
+    kept = ("embed.",) + tuple(f"blocks.{i}." for i in range(n_transfer))
+    for name, p in gpt.named_parameters():
+        if not name.startswith(kept):
+            p.copy_(fresh[name])
 
 
 def encode_examples(task, examples, tok, seq_length):
