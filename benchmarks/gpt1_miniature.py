@@ -50,21 +50,39 @@ def log(msg):
 
 
 class Results:
-    """``results.json``: every finished run, rewritten atomically after each (a rerun skips them)."""
+    """``results.json``: every finished run, rewritten atomically after each (a rerun skips them).
+    Worker processes (``--jobs``) share it: each write re-reads the file under a lock first."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+        self.data = self._read()
+
+    def _read(self):
+        return json.loads(self.path.read_text()) if self.path.is_file() else {"runs": []}
 
     def find(self, **key):
         return next((r for r in self.data["runs"] if all(r.get(k) == v for k, v in key.items())), None)
 
     def add(self, row: dict):
-        self.data["runs"].append(row)
-        self.save()
+        with self._lock():
+            self.data["runs"] = self._read()["runs"] + [row]
+            write_text_atomic(self.path, json.dumps(self.data, indent=1))
 
     def save(self):
-        write_text_atomic(self.path, json.dumps(self.data, indent=1))
+        with self._lock():
+            self.data["runs"] = self._read()["runs"]
+            write_text_atomic(self.path, json.dumps(self.data, indent=1))
+
+    def _lock(self):
+        import contextlib
+        import fcntl
+
+        @contextlib.contextmanager
+        def held():
+            with open(f"{self.path}.lock", "w") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                yield
+        return held()
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -133,7 +151,7 @@ def pretrain_stage(out: Path, tok: str, sources: dict, a) -> Path:
                      "eval_iters": 4, "save_interval": a.save_interval, "progress_bar": False,
                      "tensorboard_dir": str(save / "tensorboard")}}
     cfg_path = out / "pretrain.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
+    write_text_atomic(cfg_path, yaml.safe_dump(cfg))
     from megagpt.checkpoint.tags import complete_tags
     if save.is_dir() and any(s == a.steps for s, _ in complete_tags(save)):
         return save
@@ -200,17 +218,40 @@ def finetune_run(res: Results, key: dict, a, tok: str, save: Path, **extra):
     log(json.dumps(row))
 
 
-def table5_stage(res, a, tok, save):
-    for seed, task, (init, lm) in itertools.product(a.seeds, a.tasks, a.arms):   # seed-major: stays balanced
-        finetune_run(res, {"kind": "table5", "task": task, "init": init, "lm_coef": lm, "seed": seed}, a, tok, save)
+def finetune_plan(a) -> list[tuple[dict, dict]]:
+    """Every finetuning run of the study as (key, extra FinetuneConfig fields), in a fixed order:
+    Table 5 seed-major (an interrupted study stays balanced), then Figure 2 left."""
+    plan = []
+    if "table5" not in a.skip:
+        plan += [({"kind": "table5", "task": task, "init": init, "lm_coef": lm, "seed": seed}, {})
+                 for seed, task, (init, lm) in itertools.product(a.seeds, a.tasks, a.arms)]
+    if "layers" not in a.skip:   # k = n_layer is the Table 5 run with the same seed and λ
+        plan += [({"kind": "layers", "task": task, "init": "pretrained", "lm_coef": 0.5, "seed": seed, "layers": k},
+                  {"transfer_layers": k})
+                 for seed, task, k in itertools.product(a.layer_seeds, a.layer_tasks, range(a.n_layer))]
+    return plan
 
 
-def layers_stage(res, a, tok, save):
-    for seed, task, k in itertools.product(a.layer_seeds, a.layer_tasks, range(a.n_layer + 1)):
-        if k == a.n_layer:   # all layers: the Table 5 run with the same seed and λ
-            continue
-        finetune_run(res, {"kind": "layers", "task": task, "init": "pretrained", "lm_coef": 0.5, "seed": seed,
-                           "layers": k}, a, tok, save, transfer_layers=k)
+def finetune_stage(res, a, tok, save):
+    """Run the plan here, or (``--jobs N``) in N worker processes of this script, each taking every
+    N-th run with ``OMP_NUM_THREADS`` split between them (small models use two single-thread
+    processes better than one two-thread one)."""
+    plan = finetune_plan(a)
+    if a.worker is not None:
+        k, n = a.worker
+        plan = plan[k::n]
+    elif a.jobs > 1:
+        threads = max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)) // a.jobs)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        procs = [subprocess.Popen([sys.executable, *sys.argv, "--worker", f"{k}/{a.jobs}"], env=env)
+                 for k in range(a.jobs)]
+        failed = [k for k, p in enumerate(procs) if p.wait()]
+        if failed:
+            raise MegaGPTError(f"finetuning worker(s) {failed} failed; rerun to resume (finished runs are kept)")
+        res.data = res._read()
+        return
+    for key, extra in plan:
+        finetune_run(res, key, a, tok, save, **extra)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -358,6 +399,8 @@ def main():
     arg("--ft-epochs", type=int, default=3)
     arg("--layer-tasks", nargs="+", default=["sst2", "rte"], choices=sorted(TASK_METRIC))
     arg("--layer-seeds", nargs="+", type=int, default=[0])
+    arg("--jobs", type=int, default=1, help="finetuning runs in this many processes at once (default: %(default)s)")
+    arg("--worker", default=None, help=argparse.SUPPRESS)   # K/N: a --jobs worker's share
     arg("--skip", nargs="*", default=[], choices=("zeroshot", "table5", "layers"), help="stages to leave out")
     a = p.parse_args()
     if a.quick:
@@ -373,6 +416,8 @@ def main():
         assert all(i in ("pretrained", "random") for i, _ in a.arms)
     except (ValueError, AssertionError):
         raise MegaGPTError(f"--arms {' '.join(a.arms)}: expected INIT:λ items, INIT pretrained or random") from None
+    if a.worker is not None:
+        a.worker = tuple(int(x) for x in a.worker.split("/"))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -380,14 +425,15 @@ def main():
     tok, sources = shards_stage(out, files, a)
     save = pretrain_stage(out, tok, sources, a)
     res = Results(out / "results.json")
-    res.data["settings"] = {k: v for k, v in vars(a).items()}
-    res.save()
+    if a.worker is None:
+        res.data["settings"] = {k: v for k, v in vars(a).items() if k != "worker"}
+        res.save()
+    if a.worker is not None:
+        finetune_stage(res, a, tok, save)
+        return
     if "zeroshot" not in a.skip:
         zero_shot_stage(res, save, tok, a)
-    if "table5" not in a.skip:
-        table5_stage(res, a, tok, save)
-    if "layers" not in a.skip:
-        layers_stage(res, a, tok, save)
+    finetune_stage(res, a, tok, save)
     print(report(res, out, a, sources, started))
 
 

@@ -221,8 +221,8 @@ def test_corpus_download_failure_is_one_line(tmp_path):
 def test_study_quick_runs_every_stage_and_resumes(tmp_path, shared_data):
     out = tmp_path / "study"
     cmd = [sys.executable, str(REPO / "benchmarks/gpt1_miniature.py"), "--quick", "--out", str(out),
-           "--data-root", str(shared_data)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+           "--data-root", str(shared_data), "--jobs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}   # --jobs 2: two single-thread finetuning workers
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())["runs"]
