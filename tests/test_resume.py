@@ -8,6 +8,8 @@ What it guards (each planted and seen failing): DeepSpeed's CPU Adam kernel keep
 powers outside the checkpoint (``checkpoint.engine.resync_cpu_adam``), the per-TP-rank dropout
 stream not saved, and the MFU peak measurement drawing from the restored global generator.
 """
+import shutil
+
 import pytest
 
 from megagpt.checkpoint.compare import first_difference
@@ -45,18 +47,29 @@ def test_resume_is_bit_exact(tmp_path, legacy_data, name):  # noqa: F811
     assert diff is None and compared > 10, diff
 
 
-def test_resume_with_a_longer_run_keeps_the_lr_schedule_unless_told(tmp_path, legacy_data):  # noqa: F811
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, legacy_data):  # noqa: F811
+    """(config, save dir) of a straight 6-step ZeRO-1 run, its one tag global_step6. Launched once: the
+    LR-schedule test reads its log, the damaged-checkpoint test damages a copy of its tag."""
+    d = tmp_path_factory.mktemp("six_steps")
+    cfg = legacy.config(d / "c.yaml", *legacy_data, train_iters=6, save_interval=0, keep_last=0)
+    ok(launch(cfg, "zero1.json", d / "straight"))
+    return cfg, d / "straight"
+
+
+def test_resume_with_a_longer_run_keeps_the_lr_schedule_unless_told(tmp_path, six_steps):
     """Resuming a 6-step run with --train-iters 8 says which schedule settings differ and keeps the
     checkpoint's schedule (steps 4-6 get exactly the 6-step run's LRs, then min_lr), also across a
     second resume; --override-lr-schedule switches to the new decay instead."""
     from megagpt.train.schedule import Schedule
 
-    cfg = legacy.config(tmp_path / "c.yaml", *legacy_data, train_iters=6, save_interval=0, keep_last=0)
-    ok(launch(cfg, "zero1.json", tmp_path / "straight"))
-    want = {s: r for s, r in lrs(tmp_path / "straight").items()}
+    cfg, straight = six_steps
+    want = {s: r for s, r in lrs(straight).items()}
+    # the first leg (stop at step 3) is the same run for both: launched once, each continues a copy
+    ok(launch(cfg, "zero1.json", tmp_path / "first", "--exit-interval", "3"))
     for name, extra in (("kept", []), ("override", ["--override-lr-schedule"])):
         save = tmp_path / name
-        ok(launch(cfg, "zero1.json", save, "--exit-interval", "3"))
+        shutil.copytree(tmp_path / "first", save)
         r = ok(launch(cfg, "zero1.json", save, "--load", str(save), "--train-iters", "7", "--exit-interval", "5",
                       *extra))
         assert "LR schedule differs from the checkpoint's (decay_iters 6 -> 7)" in r.stdout, r.stdout[-2000:]
@@ -81,18 +94,19 @@ def lrs(save):
             if "lr" in j}
 
 
-def test_a_damaged_checkpoint_is_one_line_not_a_traceback(tmp_path, legacy_data):  # noqa: F811
-    cfg = legacy.config(tmp_path / "c.yaml", *legacy_data, train_iters=4, save_interval=0)
-    ok(launch(cfg, "zero1.json", tmp_path / "ckpt"))
-    f = tmp_path / "ckpt" / "global_step4" / "mp_rank_00_model_states.pt"
+def test_a_damaged_checkpoint_is_one_line_not_a_traceback(tmp_path, six_steps):
+    cfg, straight = six_steps
+    save = tmp_path / "ckpt"
+    shutil.copytree(straight, save)
+    f = save / "global_step6" / "mp_rank_00_model_states.pt"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])          # truncated on disk
     # caught by the manifest; the only tag: refused, never a silent restart from step 0
     # (then without the manifest, as a tag saved before manifests: DeepSpeed's load fails, one line too)
     for expect in ("damaged (mp_rank_00_model_states.pt has", "mp_rank_00_model_states.pt: cannot read"):
-        r = launch(cfg, "zero1.json", tmp_path / "ckpt", "--load", str(tmp_path / "ckpt"), "--train-iters", "6")
+        r = launch(cfg, "zero1.json", save, "--load", str(save), "--train-iters", "8")
         assert r.returncode != 0
         errors = [line for line in r.stdout.splitlines() + r.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "global_step4" in errors[0] and expect in errors[0], r.stderr[-2000:]
+        assert len(errors) == 1 and "global_step6" in errors[0] and expect in errors[0], r.stderr[-2000:]
         assert "Traceback" not in r.stdout + r.stderr and "resumed from" not in r.stdout
-        assert (tmp_path / "ckpt" / "global_step4").is_dir()
-        (tmp_path / "ckpt" / "global_step4" / "manifest.json").unlink(missing_ok=True)
+        assert (save / "global_step6").is_dir()
+        (save / "global_step6" / "manifest.json").unlink(missing_ok=True)
