@@ -9,6 +9,7 @@ weight, LR-scheduler state or data position moves the losses by far more than th
 not setting ``exp_avg`` gives a gap of 0.11).
 """
 import json
+import shutil
 
 import pytest
 import yaml
@@ -48,13 +49,23 @@ def assert_continues(straight, moved, n_steps):
     assert len(every) == len(set(every)), "a sample was repeated"
 
 
-def test_data_parallel_2_to_1_to_4_with_other_micro_batches(tmp_path, legacy_data):  # noqa: F811
+@pytest.fixture(scope="module")
+def dp2_at_step_4(tmp_path_factory, legacy_data):  # noqa: F811
+    """(config, save dir): 2 ranks x micro 2 x accumulation 2 (global batch 8, ZeRO-2), stopped at step 4.
+    Launched once; each test continues or loads its own copy."""
+    d = tmp_path_factory.mktemp("dp2_at_step_4")
+    cfg = config(d / "c.yaml", legacy_data, train_iters=12, micro_batch_size=2, gradient_accumulation_steps=2)
+    ok(launch(cfg, "zero2.json", d / "ckpt", "--exit-interval", "4"))
+    return cfg, d / "ckpt"
+
+
+def test_data_parallel_2_to_1_to_4_with_other_micro_batches(tmp_path, dp2_at_step_4):
     """Global batch 8 throughout: 2 ranks x micro 2 x accumulation 2, then 1 rank x 2 x 4, then
     4 ranks x 1 x 2 (ZeRO-2: the optimizer partitions are re-cut at each move)."""
-    cfg = config(tmp_path / "c.yaml", legacy_data, train_iters=12, micro_batch_size=2, gradient_accumulation_steps=2)
+    cfg, first_leg = dp2_at_step_4
     ok(launch(cfg, "zero2.json", tmp_path / "straight"))
     save = tmp_path / "moved"
-    ok(launch(cfg, "zero2.json", save, "--exit-interval", "4"))
+    shutil.copytree(first_leg, save)
     r = ok(launch(cfg, "zero2.json", save, "--load", str(save), "--gradient-accumulation-steps", "4",
                   "--exit-interval", "8", ranks=1))
     assert "elastic resume" in r.stdout and "dp=2" in r.stdout and "dp=1" in r.stdout, r.stdout[-2000:]
@@ -79,13 +90,14 @@ def test_model_or_data_parallel_2_to_serial(tmp_path, legacy_data, ds, parallel,
     assert_continues(tmp_path / "straight", save, 10)
 
 
-def test_another_global_batch_is_refused_in_one_line(tmp_path, legacy_data):  # noqa: F811
-    cfg = config(tmp_path / "c.yaml", legacy_data, train_iters=4)
+def test_another_global_batch_is_refused_in_one_line(tmp_path, dp2_at_step_4):
+    """Saved with global batch 8 (2 ranks x micro 2 x accumulation 2); 1 rank with the same config has 4."""
+    cfg, first_leg = dp2_at_step_4
     save = tmp_path / "ckpt"
-    ok(launch(cfg, "zero1.json", save, "--exit-interval", "2"))
-    r = launch(cfg, "zero1.json", save, "--load", str(save), ranks=1)
+    shutil.copytree(first_leg, save)
+    r = launch(cfg, "zero2.json", save, "--load", str(save), ranks=1)
     assert r.returncode != 0
     errors = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "global batch of 8" in errors[0] and "--gradient-accumulation-steps 2" in errors[0], \
+    assert len(errors) == 1 and "global batch of 8" in errors[0] and "--gradient-accumulation-steps 4" in errors[0], \
         r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stdout + r.stderr
