@@ -1,5 +1,5 @@
-"""The one place the model asks for layer_norm / rms_norm / attention (and, optionally,
-cross_entropy over the vocab and a fused bias + GELU).
+"""The one place the model asks for layer_norm / rms_norm / attention / cross_entropy (its tp=1
+LM loss) / bias_gelu (its GELU MLP, only where ``fused`` says a fused kernel would run).
 
 Backend choice: env ``MEGAGPT_KERNELS`` (a process-wide switch, so every rank of a launch agrees;
 read on every call, so setting ``os.environ`` switches a running process too):
@@ -87,6 +87,13 @@ def _resolve(op: str, on_cuda: bool, why_not=None):
     if impl is None and backend != "reference":
         backend, reason = "reference", f"{backend} unavailable: {_broken[(backend, op)]}"
     return backend, reason, impl or getattr(reference, op)
+
+
+def fused(op: str, on_cuda: bool) -> bool:
+    """Whether ``op`` would run a fused kernel for CUDA (``on_cuda``) or CPU tensors. The model
+    splits a computation for a fused op (a bias-free matmul before ``bias_gelu``) only then, so
+    reference runs keep their exact arithmetic."""
+    return _resolve(op, on_cuda)[0] != "reference"
 
 
 def _pick(op: str, on_cuda: bool, why_not=None):

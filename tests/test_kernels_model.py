@@ -1,7 +1,8 @@
 """A tiny GPT trained a few steps through the Triton kernels (CPU interpreter) matches the reference.
 
 Covers the kernels as the model really calls them: strided q/k/v views from the fused QKV
-projection, post-LN LayerNorm (``tiny``) and RMSNorm + GQA + RoPE (``tiny-modern``), a sequence
+projection, post-LN LayerNorm and bias + GELU (``tiny``) and RMSNorm + GQA + RoPE (``tiny-modern``),
+the cross-entropy over the (padded-vocab slice of the) logits, a sequence
 length that is not a block multiple, and gradients flowing through every op into AdamW updates.
 Interpreter switching: same inline-or-subprocess scheme as test_kernels_norms.py.
 """
@@ -27,6 +28,7 @@ def _train(preset: str, backend: str, monkeypatch, steps: int = 2):
     from megagpt.model import GPT, get_preset
 
     monkeypatch.setenv("MEGAGPT_KERNELS", backend)
+    dispatch.reset()
     torch.manual_seed(0)
     model = GPT(get_preset(preset))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -43,6 +45,9 @@ def _train(preset: str, backend: str, monkeypatch, steps: int = 2):
         used = {k: v for k, v in dispatch.describe("cpu").items() if k in ("layer_norm", "rms_norm", "attention")}
         assert used == {"layer_norm": "triton", "rms_norm": "triton", "attention": "triton"}
         assert dispatch.fallbacks() == {}
+        ran = {op for op, b, _ in dispatch._logged if b == "triton"}   # what the model really called
+        want = {"attention", "cross_entropy"} | ({"layer_norm", "bias_gelu"} if preset == "tiny" else {"rms_norm"})
+        assert ran == want
     return losses, model
 
 

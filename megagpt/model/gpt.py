@@ -51,9 +51,8 @@ log = logging.getLogger("megagpt.model")
 
 def lm_loss(logits_local, labels, cfg, tp=SERIAL):
     """Mean token cross-entropy over labels != -100 of this rank's vocab slice of the logits."""
-    if tp.size == 1:
-        logits = logits_local[..., : cfg.vocab_size]
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    if tp.size == 1:   # fused (Triton) on CUDA; the reference is F.cross_entropy in fp32
+        return dispatch.cross_entropy(logits_local[..., : cfg.vocab_size], labels, -100)
     vocab_start = tp.rank * (cfg.padded_vocab_size // tp.size)
     return vocab_parallel_cross_entropy(logits_local, labels, tp.group, vocab_start, cfg.vocab_size)
 
