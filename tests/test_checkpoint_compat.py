@@ -2,8 +2,11 @@
 MANIFEST.json: serial ZeRO-2, TP=2 + sequence parallel ZeRO-1, PP=2 ZeRO-1, 2 ranks each, tag
 global_step12) read by today's code reproduce what the old code computed from them.
 
-Logits are compared with ``torch.equal``: the same fp32 weights through the same fp32 operations
-give the same bits (the redesign kept the serial forward's op order). The fixtures' client state
+Logits are compared to 2e-6 (about 10 fp32 ulps at their scale), not bit for bit: the same fp32
+weights through the same fp32 operations give the same bits only on the same CPU kernels, and the
+fixtures were made on an AMD EPYC (AVX-512) while an Intel Xeon with AMX takes other matmul paths
+(differences there are ~1e-7). A changed op order, weight mapping or norm would move them by far
+more; the greedy continuations must still match exactly. The fixtures' client state
 names a tokenizer path on the machine that made them, so tests pass the fixture's tokenizer.model;
 fixtures are copied to a temp dir first (never written in place)."""
 import os
@@ -50,7 +53,7 @@ def test_load_model_reproduces_the_old_logits_and_greedy_text(name, legacy, expe
     assert meta["run_config"]["model"]["name"] == "tiny" and tok.vocab_size == 400
     with torch.no_grad():
         logits = model(expected["ids"])
-    assert torch.equal(logits, expected["logits"][name])
+    torch.testing.assert_close(logits, expected["logits"][name], atol=2e-6, rtol=0)
     ids = expected["ids"][0].tolist()
     assert generate(model, ids, 10, temperature=0.0).tolist() == expected["greedy"][name]
 
@@ -116,4 +119,4 @@ def test_convert_quiet_is_quiet_and_the_log_names_real_paths(legacy, expected, t
     model, tok2, meta = load_model(tmp_path / "c")   # the tokenizer now travels with the weights
     assert meta["step"] == 12 and tok2.vocab_size == 400
     with torch.no_grad():
-        assert torch.equal(model(expected["ids"]), expected["logits"]["serial"])
+        torch.testing.assert_close(model(expected["ids"]), expected["logits"]["serial"], atol=2e-6, rtol=0)

@@ -1,14 +1,18 @@
 """Layouts and history, through the real pretraining entry (the `deepspeed` launcher, gloo ranks):
 
-  * tp=pp=1 pretraining is bit-identical to the code before the one-model redesign: the losses
-    that commit 098005b logged (tests/fixtures/legacy_v0/expected.pt; dropout off — see below);
+  * tp=pp=1 pretraining is bit-identical to the code before the one-model redesign: commit
+    098005b (the commit that wrote tests/fixtures/legacy_v0), taken from git history and run on
+    this machine with the same config (dropout off — see below);
   * the same seed trains the same model at any layout: each layout starts from its own
     initialisation (no shared weights) and logs the serial run's losses within fp32
     reduction-order tolerance — DP=2, TP=2, TP=2 + sequence parallel, PP=2, and another
     micro-batch x accumulation split of the same global batch.
 """
 import importlib.util
+import json
 import math
+import subprocess
+import tarfile
 
 import pytest
 import torch
@@ -41,13 +45,34 @@ def legacy_data(tmp_path_factory, shakespeare_txt):
 # entry measured the MFU peak with 2 x 1024^2 normals drawn from the training generator, after a
 # resume had restored it (so resumes were not exact); the peak now uses a private generator, which
 # shifts every later dropout mask. tests/test_resume.py covers dropout-on runs.
+def old_checkout(dest):
+    """The fixture's commit (MANIFEST.json) extracted from git history into ``dest``; None without history."""
+    commit = json.loads((LEGACY / "MANIFEST.json").read_text())["made_by_commit"]
+    r = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "-o", str(dest) + ".tar", commit],
+                       capture_output=True, text=True)
+    if r.returncode:
+        return None
+    with tarfile.open(str(dest) + ".tar") as t:
+        t.extractall(dest, filter="data")
+    return dest
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["serial"])
-def test_serial_losses_are_bit_identical_to_the_pre_redesign_code(tmp_path, legacy_data, name):
+def test_serial_losses_are_bit_identical_to_the_pre_redesign_code(tmp_path, legacy_data):
+    """Bit for bit against the old code run here, not against the recorded losses: fp32 matmuls
+    give different last bits on different CPU models (the fixture's machine and an Intel Xeon with
+    AMX differ by ~1e-7 after 12 steps), so only the same machine can hold two codes to the same bits.
+    The recorded losses still bound both runs, to CPU-kernel noise."""
     cfg = legacy.config(tmp_path / "c.yaml", *legacy_data)
     got = legacy.launch(cfg, "zero2.json", tmp_path / "ckpt", OLD=REPO)
-    want = torch.load(LEGACY / "expected.pt")["losses"][name]
+    recorded = torch.load(LEGACY / "expected.pt")["losses"]["serial"]
     assert sorted(got) == list(range(1, 13))
+    assert all(abs(got[s] - recorded[s]) < 1e-5 for s in got), {s: (got[s], recorded[s]) for s in got}
+    old = old_checkout(tmp_path / "old")
+    if old is None:   # a clone without history: the recorded losses, which hold on their machine only
+        assert got == recorded, {s: (got[s], recorded[s]) for s in got if got[s] != recorded[s]}
+        return
+    want = legacy.launch(cfg, "zero2.json", tmp_path / "old_ckpt", OLD=old)
     assert got == want, {s: (got[s], want[s]) for s in got if got[s] != want[s]}
 
 
