@@ -32,8 +32,10 @@ def test_skip_reasons(monkeypatch):
     monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 1000)
     assert "needs root" in missing_reason()
     monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 0)
-    monkeypatch.setenv("PATH", "/nonexistent")   # the daemons in /usr/sbin are still found
-    assert missing_reason().startswith("Slurm/munge binaries not found: sbatch, squeue, scontrol")
+    monkeypatch.setenv("PATH", "/nonexistent")   # daemons installed in /usr/sbin would still be found
+    reason = missing_reason()
+    assert reason.startswith("Slurm/munge binaries not found: ") and "\n" not in reason
+    assert "sbatch, squeue, scontrol" in reason and reason.endswith("(install with scripts/setup_env.sh --cluster)")
 
 
 @pytest.fixture(scope="module")
