@@ -4,12 +4,17 @@ clip 1.0, fp32). Measured in one process, interleaved in rounds after warm-up; m
 rounds. Achieved model FLOP/s (PaLM 6N + 12LHQT) is also shown as a fraction of fp32 torch.mm
 FLOP/s measured in the same run.
 
+``--bf16`` adds megagpt under DeepSpeed ZeRO-1 with ``bf16.enabled`` (bf16 weights and activations,
+fp32 master weights and Adam state in DeepSpeed's bf16 optimizer), next to the same engine in
+fp32, with bf16 ``torch.mm`` FLOP/s measured in the same rounds: its MFU is against the bf16 peak,
+the fp32 contenders' against the fp32 peak (AMX CPUs run bf16 matmuls several times faster).
+
 ``--compile`` adds megagpt with ``train.compile`` (each block under torch.compile) next to the same
 engine eager, under ZeRO-0 and ZeRO-3; the first (compiling) step of each is timed apart and
 reported as compile time, never averaged into the step times.
 
     python benchmarks/train_throughput.py [--layers 4 --width 256 --seq 256 --batch 8 --rounds 7 --steps 4]
-                                          [--compile]
+                                          [--compile] [--bf16]
 """
 import argparse
 import json
@@ -27,8 +32,8 @@ from megagpt.train.compile import compile_blocks  # noqa: E402
 from megagpt.train.optim import param_groups  # noqa: E402
 
 
-def matmul_flops(m, k, n, reps=10):
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def matmul_flops(m, k, n, reps=10, dtype=torch.float32):
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     return 2 * m * k * n / bench({"mm": lambda: torch.mm(a, b)}, reps)["mm"]
 
 
@@ -72,9 +77,9 @@ class Bare:
 class Engine:
     """megagpt under deepspeed.initialize (optimizer, clipping from the ds config)."""
 
-    def __init__(self, model, stage, batch):
+    def __init__(self, model, stage, batch, bf16=False):
         import deepspeed
-        ds = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "train_batch_size": batch,
+        ds = {"bf16": {"enabled": bf16},"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "train_batch_size": batch,
               "gradient_clipping": 1.0, "steps_per_print": 10**9, "zero_optimization": {"stage": stage},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
                                                        "weight_decay": 0.01}}}
@@ -96,6 +101,8 @@ def main():
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--compile", action="store_true", help="add train.compile contenders (ZeRO-0 and ZeRO-3, eager "
                                                           "and compiled) and report their compile time")
+    p.add_argument("--bf16", action="store_true", help="add megagpt + DeepSpeed ZeRO-1 in bf16 (MFU against the "
+                                                       "bf16 matmul peak)")
     a = p.parse_args()
 
     from megagpt.train.distributed import init_distributed
@@ -108,6 +115,9 @@ def main():
     contenders = {z0: Engine(make_megagpt(a), 0, a.batch), z1: Engine(make_megagpt(a), 1, a.batch),
                   bare: Bare(make_megagpt(a)), hf: Bare(make_hf(a), hf=True)}
     z3, c0, c3 = "megagpt + DeepSpeed ZeRO-3", "megagpt + DeepSpeed ZeRO-0, compiled", "megagpt + DeepSpeed ZeRO-3, compiled"
+    b1 = "megagpt + DeepSpeed ZeRO-1, bf16"
+    if a.bf16:
+        contenders[b1] = Engine(make_megagpt(a), 1, a.batch, bf16=True)
     if a.compile:
         contenders.update({z3: Engine(make_megagpt(a), 3, a.batch), c0: Engine(make_megagpt(a, True), 0, a.batch),
                            c3: Engine(make_megagpt(a, True), 3, a.batch)})
@@ -127,14 +137,18 @@ def main():
         first[name] = run(c, 1)
         run(c, a.warmup)
     times = {k: [] for k in contenders}
-    mm = []
+    mm, mm_bf16 = [], []
     for r in range(a.rounds):
         mm.append(matmul_flops(1024, 1024, 1024))
+        if a.bf16:
+            mm_bf16.append(matmul_flops(1024, 1024, 1024, dtype=torch.bfloat16))
         order = list(contenders.items())
         order = order[r % len(order):] + order[:r % len(order)]  # rotate so no one always goes first
         for name, c in order:
             times[name].append(run(c, a.steps))
     peak = statistics.median(mm)
+    peaks = {k: statistics.median(mm_bf16) if k == b1 else peak for k in contenders}   # the dtype's own peak
+    best_peaks = {k: max(mm_bf16) if k == b1 else max(mm) for k in contenders}
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     # the machine may be shared: ratios taken within each round (seconds apart) are steadier
@@ -145,12 +159,18 @@ def main():
     print(f"config: {a.layers} layers, width {a.width}, {a.width // 64} heads, seq {a.seq}, batch {a.batch}, "
           f"vocab {a.vocab}; {ref.num_params():,} params; {flops_per_step / 1e9:.2f} GFLOP/step (PaLM)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"fp32 torch.mm 1024^3: {peak / 1e9:.1f} GFLOP/s (median of {a.rounds})")
-    print_table(["contender", "median ms/step", "tokens/s", "GFLOP/s", "% of mm", "best ms/step", "best % of mm",
-                 "speed vs ZeRO-0 eager"],
+          f"fp32 torch.mm 1024^3: {peak / 1e9:.1f} GFLOP/s (median of {a.rounds})"
+          + (f"; bf16: {statistics.median(mm_bf16) / 1e9:.1f} GFLOP/s ({statistics.median(mm_bf16) / peak:.2f}x)"
+             if a.bf16 else ""))
+    print_table(["contender", "median ms/step", "tokens/s", "GFLOP/s", "% of its dtype's mm", "best ms/step",
+                 "best % of mm", "speed vs ZeRO-0 eager"],
                 [(k, f"{1e3 * t:.1f}", f"{tok / t:,.0f}", f"{flops_per_step / t / 1e9:.1f}",
-                  f"{100 * flops_per_step / t / peak:.1f}%", f"{1e3 * best[k]:.1f}",
-                  f"{100 * flops_per_step / best[k] / max(mm):.1f}%", f"{ratio(z0, k):.2f}x") for k, t in med.items()])
+                  f"{100 * flops_per_step / t / peaks[k]:.1f}%", f"{1e3 * best[k]:.1f}",
+                  f"{100 * flops_per_step / best[k] / best_peaks[k]:.1f}%", f"{ratio(z0, k):.2f}x")
+                 for k, t in med.items()])
+    if a.bf16:
+        print(f"bf16 vs fp32, megagpt + DeepSpeed ZeRO-1: {ratio(z1, b1):.2f}x the tokens/s "
+              f"(median per-round ratio; target >= 2x, aim 2.5x)")
     if a.compile:
         print_table(["contender", "first step s", "median step s", "compile s (first - median)",
                      "compiled vs eager, same stage (median per-round ratio)"],
@@ -164,7 +184,7 @@ def main():
     print(f"achieved/matmul, ZeRO-0: median {100 * flops_per_step / med[z0] / peak:.1f}%, best step vs best mm "
           f"{100 * flops_per_step / best[z0] / max(mm):.1f}% (target >= 60%)")
     if a.json:
-        json.dump({"ms_per_step": {k: 1e3 * v for k, v in med.items()}, "mm_flops": peak,
+        json.dump({"ms_per_step": {k: 1e3 * v for k, v in med.items()}, "mm_flops": peak, "mm_flops_bf16": mm_bf16,
                    "first_step_s": first,
                    "flops_per_step": flops_per_step, "rounds": times}, open(a.json, "w"), indent=1)
 
