@@ -154,6 +154,8 @@ def pretrain_stage(out: Path, tok: str, sources: dict, a) -> Path:
     write_text_atomic(cfg_path, yaml.safe_dump(cfg))
     from megagpt.checkpoint.tags import complete_tags
     if save.is_dir() and any(s == a.steps for s, _ in complete_tags(save)):
+        if not (save / "report.html").is_file():
+            run_report(save)
         return save
     cmd = [sys.executable, str(REPO / "megagpt/train/pretrain.py"), "--config", str(cfg_path),
            "--deepspeed_config", str(REPO / "ds_configs/zero1.json"), "--save", str(save)]
@@ -166,9 +168,13 @@ def pretrain_stage(out: Path, tok: str, sources: dict, a) -> Path:
     if r.returncode:
         raise MegaGPTError(f"pretraining failed (exit {r.returncode}); see {out / 'pretrain.log'}")
     log(f"pretrain done in {time.time() - t0:.0f}s")
-    subprocess.run([sys.executable, str(REPO / "tools/report.py"), str(save)], check=False,
-                   stdout=subprocess.DEVNULL)
+    run_report(save)
     return save
+
+
+def run_report(save: Path):
+    """tools/report.py's page of the pretraining run (loss, LR, throughput, MFU against steps)."""
+    subprocess.run([sys.executable, str(REPO / "tools/report.py"), str(save)], check=False, stdout=subprocess.DEVNULL)
 
 
 def zero_shot_stage(res: Results, save: Path, tok: str, a):
@@ -259,6 +265,18 @@ def mean_spread(xs):
     return statistics.mean(xs), (max(xs) - min(xs)) / 2
 
 
+def layer_scores(runs, a, task):
+    """Figure 2 left for one task: ({k blocks transferred: scores}, random-init scores), λ = 0.5,
+    the layer seeds; k = n_layer is the Table 5 pretrained run."""
+    def table5(init):
+        return [r["score"] for r in runs if r["kind"] == "table5" and r["task"] == task and r["init"] == init
+                and r["lm_coef"] == 0.5 and r["seed"] in a.layer_seeds]
+    by_k = {k: [r["score"] for r in runs if r["kind"] == "layers" and r["task"] == task and r["layers"] == k]
+            for k in range(a.n_layer)}
+    by_k[a.n_layer] = table5("pretrained")
+    return by_k, table5("random")
+
+
 def report(res: Results, out: Path, a, sources, started) -> str:
     runs = res.data["runs"]
     lines = [f"corpus: {sum(t for _, t in sources.values()):,} tokens ("
@@ -300,16 +318,8 @@ def report(res: Results, out: Path, a, sources, started) -> str:
                   "| task | " + " | ".join(map(str, range(a.n_layer + 1))) + " | random init |",
                   "|---|" + "---|" * (a.n_layer + 2)]
         for t in a.layer_tasks:
-            cells = []
-            for k in range(a.n_layer + 1):
-                if k == a.n_layer:
-                    xs = [r["score"] for r in runs if r["kind"] == "table5" and r["task"] == t
-                          and r["init"] == "pretrained" and r["lm_coef"] == 0.5 and r["seed"] in a.layer_seeds]
-                else:
-                    xs = [r["score"] for r in ly if r["task"] == t and r["layers"] == k]
-                cells.append("%.1f" % statistics.mean(xs) if xs else "–")
-            rnd = [r["score"] for r in runs if r["kind"] == "table5" and r["task"] == t and r["init"] == "random"
-                   and r["lm_coef"] == 0.5 and r["seed"] in a.layer_seeds]
+            by_k, rnd = layer_scores(runs, a, t)
+            cells = ["%.1f" % statistics.mean(by_k[k]) if by_k.get(k) else "–" for k in range(a.n_layer + 1)]
             rnd_cell = f"{statistics.mean(rnd):.1f}" if rnd else "–"
             lines.append(f"| {t} | " + " | ".join(cells) + f" | {rnd_cell} |")
     lines += ["", f"wall time of this invocation: {time.time() - started:.0f} s"]
@@ -317,6 +327,18 @@ def report(res: Results, out: Path, a, sources, started) -> str:
     write_text_atomic(out / "report.md", text)
     plots(runs, out, a)
     return text
+
+
+def finish(fig, ax, xlabel, ylabel, title, path):
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plots(runs, out: Path, a):
@@ -332,37 +354,20 @@ def plots(runs, out: Path, a):
                           ("storycloze", "Story Cloze (mean token log-prob)")):
             ax.plot(steps, [100 * r[key] for r in zs], marker="o", label=name)
         ax.axhline(50, color="grey", ls=":", lw=1, label="chance")
-        ax.set_xlabel("pretraining step")
-        ax.set_ylabel("zero-shot dev accuracy (%)")
-        ax.set_title("Zero-shot heuristics during pretraining")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "fig2_right.png", dpi=120)
-        plt.close(fig)
+        finish(fig, ax, "pretraining step", "zero-shot dev accuracy (%)", "Zero-shot heuristics during pretraining",
+               out / "fig2_right.png")
     ly = [r for r in runs if r["kind"] == "layers"]
     if ly:
         fig, ax = plt.subplots(figsize=(6, 4))
         for t in a.layer_tasks:
-            xs, ys = [], []
-            for k in range(a.n_layer + 1):
-                pool = ([r for r in runs if r["kind"] == "table5" and r["task"] == t and r["init"] == "pretrained"
-                         and r["lm_coef"] == 0.5 and r["seed"] in a.layer_seeds] if k == a.n_layer
-                        else [r for r in ly if r["task"] == t and r["layers"] == k])
-                if pool:
-                    xs.append(k)
-                    ys.append(statistics.mean(r["score"] for r in pool))
-            line, = ax.plot(xs, ys, marker="o", label=f"{t.upper()} (pretrained, first k blocks)")
-            rnd = [r["score"] for r in runs if r["kind"] == "table5" and r["task"] == t and r["init"] == "random"
-                   and r["lm_coef"] == 0.5 and r["seed"] in a.layer_seeds]
+            by_k, rnd = layer_scores(runs, a, t)
+            xs = [k for k in range(a.n_layer + 1) if by_k.get(k)]
+            line, = ax.plot(xs, [statistics.mean(by_k[k]) for k in xs], marker="o",
+                            label=f"{t.upper()} (pretrained, first k blocks)")
             if rnd:
                 ax.axhline(statistics.mean(rnd), color=line.get_color(), ls="--", lw=1, label=f"{t.upper()} random init")
-        ax.set_xlabel("blocks transferred (0 = embeddings only)")
-        ax.set_ylabel("dev accuracy (%)")
-        ax.set_title("Transferring more layers")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "fig2_left.png", dpi=120)
-        plt.close(fig)
+        finish(fig, ax, "blocks transferred (0 = embeddings only)", "dev accuracy (%)", "Transferring more layers",
+               out / "fig2_left.png")
 
 
 # -------------------------------------------------------------------------------------------- main
