@@ -32,6 +32,7 @@ PAD, UNK, BOS, EOS, DELIM, CLS = "<pad>", "<unk>", "<s>", "</s>", "<delim>", "<c
 SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "delim": 4, "cls": 5}
 GPT2_EOT = "<|endoftext|>"
 GPT2_FILES = ("encoder.json", "vocab.bpe")
+HF_TOKENIZER_JSON = "tokenizer.json"   # the same BPE as HF's one-file fast tokenizer (GPT-2's, saved by transformers)
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 SKIP_IN_FOLDERS = (".bin", ".idx")
@@ -203,7 +204,7 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """sha256 of the files that define the ids (the .model, or encoder.json + vocab.bpe): two
         tokenizers of the same vocabulary size still differ here, so a shard can say which made it."""
-        files = [self.path] if self.type == "sentencepiece" else [os.path.join(self.path, f) for f in GPT2_FILES]
+        files = [self.path] if self.type == "sentencepiece" else [os.path.join(self.path, f) for f in self.files]
         return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()
 
     def encode(self, text: str) -> list[int]:
@@ -268,7 +269,9 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class GPT2BPETokenizer(Tokenizer):
-    """GPT-2's byte-level BPE from ``encoder.json`` + ``vocab.bpe`` via HF ``tokenizers``."""
+    """GPT-2's byte-level BPE via HF ``tokenizers``, from ``encoder.json`` + ``vocab.bpe`` or, in a
+    folder without them, from HF's ``tokenizer.json`` (only its BPE model is taken: the
+    pre-tokenizer, specials and decoder are GPT-2's, set here, so both give the same ids)."""
 
     type = "gpt2-bpe"
 
@@ -276,10 +279,17 @@ class GPT2BPETokenizer(Tokenizer):
         from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
         self.path = str(path)
+        self.files = gpt2_files(self.path)   # the files that define the ids
         try:
-            bpe = models.BPE.from_file(*(os.path.join(self.path, f) for f in GPT2_FILES))
+            if self.files == GPT2_FILES:
+                bpe = models.BPE.from_file(*(os.path.join(self.path, f) for f in GPT2_FILES))
+            else:
+                bpe = HFTokenizer.from_file(os.path.join(self.path, HF_TOKENIZER_JSON)).model
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
-            raise MegaGPTError(f"{self.path}: cannot load GPT-2 BPE from encoder.json + vocab.bpe ({e})") from None
+            raise MegaGPTError(f"{self.path}: cannot load GPT-2 BPE from {' + '.join(self.files)} ({e})") from None
+        if not isinstance(bpe, models.BPE):
+            raise MegaGPTError(f"{self.path}/{HF_TOKENIZER_JSON}: a {type(bpe).__name__} model, not GPT-2's "
+                               f"byte-level BPE")
         tok = HFTokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -289,7 +299,7 @@ class GPT2BPETokenizer(Tokenizer):
         self.hf = tok
         ids = {t: tok.token_to_id(t) for t in (GPT2_EOT, PAD, DELIM, CLS)}
         if ids[GPT2_EOT] != 50256 or ids[PAD] != 50257:
-            raise MegaGPTError(f"{self.path}: encoder.json is not GPT-2's 50257-token vocabulary "
+            raise MegaGPTError(f"{self.path}: {self.files[0]} is not GPT-2's 50257-token vocabulary "
                                f"({GPT2_EOT} has id {ids[GPT2_EOT]}, expected 50256)")
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self.eos_id = ids[GPT2_EOT]
@@ -407,14 +417,24 @@ def _unverified(texts: list[str]) -> list[bool]:
     return (seen[ends] > seen[ends - [len(t) for t in texts]]).tolist()
 
 
+def gpt2_files(folder) -> tuple:
+    """The files of a GPT-2 BPE folder that define its ids: ``encoder.json`` + ``vocab.bpe`` when it
+    has them, else ``tokenizer.json``."""
+    if all(os.path.isfile(os.path.join(folder, f)) for f in GPT2_FILES):
+        return GPT2_FILES
+    return (HF_TOKENIZER_JSON,)
+
+
 def load_tokenizer(path) -> Tokenizer:
-    """A sentencepiece ``.model`` file, or a folder holding GPT-2's ``encoder.json`` + ``vocab.bpe``."""
+    """A sentencepiece ``.model`` file, or a folder holding GPT-2's ``encoder.json`` + ``vocab.bpe``
+    (or HF's ``tokenizer.json`` of the same BPE)."""
     path = str(path)
     if os.path.isdir(path):
         missing = [f for f in GPT2_FILES if not os.path.isfile(os.path.join(path, f))]
-        if missing:
+        if missing and not os.path.isfile(os.path.join(path, HF_TOKENIZER_JSON)):
             raise MegaGPTError(f"{path}: tokenizer folder lacks {' and '.join(missing)} "
-                               f"(expected GPT-2 encoder.json + vocab.bpe, or pass a sentencepiece .model)")
+                               f"(expected GPT-2 encoder.json + vocab.bpe, or {HF_TOKENIZER_JSON}, "
+                               f"or pass a sentencepiece .model)")
         return GPT2BPETokenizer(path)
     if not os.path.isfile(path):
         raise MegaGPTError(f"{path}: tokenizer not found (expected a sentencepiece .model file or a "

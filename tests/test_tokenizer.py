@@ -154,3 +154,64 @@ def test_cli(tmp_path, shakespeare_lines, capsys):
                           "--output-prefix", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "absent.txt: no such file or folder" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def gpt2_json_dir(tmp_path_factory, shared_data):
+    """GPT-2 as one HF ``tokenizer.json`` (saved by transformers from the shared files), nothing else."""
+    from transformers import GPT2TokenizerFast
+
+    d, slow = tmp_path_factory.mktemp("gpt2json"), tmp_path_factory.mktemp("gpt2files")
+    src = shared_data / "tokenizers" / "gpt2"
+    (slow / "vocab.json").write_bytes((src / "encoder.json").read_bytes())
+    (slow / "merges.txt").write_bytes((src / "vocab.bpe").read_bytes())
+    GPT2TokenizerFast.from_pretrained(str(slow)).save_pretrained(str(d))
+    assert len(json.loads((d / "tokenizer.json").read_text())["model"]["vocab"]) == 50257
+    for f in d.iterdir():
+        if f.name != "tokenizer.json":
+            f.unlink()
+    return d
+
+
+def test_gpt2_from_tokenizer_json_gives_the_same_ids_and_shards(gpt2, gpt2_json_dir, shakespeare_txt, tmp_path):
+    import numpy as np
+
+    from megagpt.data.preprocess import preprocess
+
+    tj = load_tokenizer(gpt2_json_dir)
+    assert (tj.type, tj.files, tj.vocab_size, tj.eos_id, tj.pad_id) == \
+        ("gpt2-bpe", ("tokenizer.json",), gpt2.vocab_size, gpt2.eos_id, gpt2.pad_id)
+    texts = shakespeare_txt.read_text(encoding="utf-8")[:200_000].split("\n\n") + UNSEEN + ["<|endoftext|> literal"]
+    assert tj.encode_batch(texts) == gpt2.encode_batch(texts) == gpt2.encode_batch_hf(texts)
+    assert tj.decode(tj.encode(UNSEEN[0])) == UNSEEN[0]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    for name, tok in (("pair", gpt2.path), ("json", str(gpt2_json_dir))):
+        preprocess([str(corpus)], str(tmp_path / name), tok, workers=2)
+    for ext in (".bin", ".idx"):
+        a, b = (np.fromfile(tmp_path / f"{n}_text_document{ext}", dtype=np.uint8) for n in ("pair", "json"))
+        assert np.array_equal(a, b), ext
+
+
+def test_tokenizer_json_travels_with_checkpoints_and_exports(gpt2_json_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from megagpt.checkpoint.tokenizer_files import bundled_tokenizer, write_tokenizer
+    from megagpt.export.hf_tokenizer import export_tokenizer
+
+    write_tokenizer(gpt2_json_dir, tmp_path / "ckpt" / "tokenizer")
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "tokenizer").iterdir()) == ["spec.json", "tokenizer.json"]
+    inside = load_tokenizer(bundled_tokenizer(tmp_path / "ckpt"))
+    assert inside.fingerprint() == load_tokenizer(gpt2_json_dir).fingerprint()
+    (tmp_path / "hf").mkdir()
+    export_tokenizer(gpt2_json_dir, tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert [hf.encode(t, add_special_tokens=False) for t in UNSEEN] == inside.encode_batch(UNSEEN)
+
+
+def test_tokenizer_json_of_another_model_is_one_line(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer, models
+
+    HFTokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(MegaGPTError, match="tokenizer.json: a WordLevel model, not GPT-2's byte-level BPE"):
+        load_tokenizer(tmp_path)

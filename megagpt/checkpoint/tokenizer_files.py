@@ -1,5 +1,6 @@
 """The tokenizer inside a checkpoint, one layout: ``tokenizer/`` with ``tokenizer.model`` (sentencepiece)
-or ``encoder.json`` + ``vocab.bpe`` (GPT-2 BPE), and ``spec.json``. A consolidated checkpoint holds it at
+or ``encoder.json`` + ``vocab.bpe`` (GPT-2 BPE; or its ``tokenizer.json`` when that is what the user had), and
+``spec.json``. A consolidated checkpoint holds it at
 its root; a DeepSpeed one in every tag, written before the ``complete`` marker, so each tag stays whole
 on its own (``keep_last`` pruning, copying one tag) for a few hundred KB. Older checkpoints only name the
 user's file in their client state (``{"tokenizer": {"type", "path"}}``); ``recorded_tokenizer`` reads those.
@@ -22,9 +23,11 @@ def write_tokenizer(tokenizer_path, dest) -> None:
     if src.is_file():
         shutil.copyfile(src, dest / "tokenizer.model")
         spec = {"type": "sentencepiece", "file": "tokenizer.model"}
-    elif (src / "encoder.json").is_file() and (src / "vocab.bpe").is_file():
-        shutil.copyfile(src / "encoder.json", dest / "encoder.json")
-        shutil.copyfile(src / "vocab.bpe", dest / "vocab.bpe")
+    elif src.is_dir():
+        from megagpt.tokenizer import gpt2_files
+
+        for name in gpt2_files(src):   # the files that define the ids, as the folder has them
+            shutil.copyfile(src / name, dest / name)
         spec = {"type": "gpt2-bpe", "dir": "."}
     else:
         raise MegaGPTError(f"{src}: not a sentencepiece .model file nor a dir with encoder.json + vocab.bpe")
@@ -36,7 +39,7 @@ def bundled_tokenizer(holder) -> str | None:
     tdir = Path(holder) / TOKENIZER_DIR
     if (tdir / "tokenizer.model").is_file():
         return str(tdir / "tokenizer.model")
-    if (tdir / "encoder.json").is_file():
+    if (tdir / "encoder.json").is_file() or (tdir / "tokenizer.json").is_file():
         return str(tdir)
     return None
 

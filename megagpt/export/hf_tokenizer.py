@@ -54,11 +54,14 @@ def _sentencepiece_fast(model_path: str):
         clean_up_tokenization_spaces=False, add_bos_token=False, add_eos_token=False, model_max_length=None)
 
 
-def _gpt2_fast(bpe_dir: str, dest: Path):
+def _gpt2_fast(ours, dest: Path):
     from transformers import GPT2TokenizerFast
 
-    shutil.copyfile(Path(bpe_dir) / "encoder.json", dest / "vocab.json")
-    shutil.copyfile(Path(bpe_dir) / "vocab.bpe", dest / "merges.txt")
+    if "encoder.json" in ours.files:
+        shutil.copyfile(Path(ours.path) / "encoder.json", dest / "vocab.json")
+        shutil.copyfile(Path(ours.path) / "vocab.bpe", dest / "merges.txt")
+    else:   # from a tokenizer.json: its BPE model writes the same two files
+        ours.hf.model.save(str(dest))
     return GPT2TokenizerFast.from_pretrained(
         str(dest), bos_token=GPT2_EOT, eos_token=GPT2_EOT, unk_token=GPT2_EOT, pad_token=PAD,
         additional_special_tokens=[DELIM, CLS], split_special_tokens=True,
@@ -73,7 +76,7 @@ def export_tokenizer(tokenizer_path, dest, max_length: int | None = None) -> Non
         hf = _sentencepiece_fast(ours.path)
         shutil.copyfile(ours.path, dest / "tokenizer.model")
     else:
-        hf = _gpt2_fast(ours.path, dest)
+        hf = _gpt2_fast(ours, dest)
     if max_length:
         hf.model_max_length = max_length
     hf.save_pretrained(str(dest))
