@@ -202,7 +202,7 @@ class Tokenizer:
         return {"type": self.type, "path": self.path}
 
     def fingerprint(self) -> str:
-        """sha256 of the files that define the ids (the .model, or encoder.json + vocab.bpe): two
+        """sha256 of the files that define the ids (the .model, or encoder.json + vocab.bpe, or tokenizer.json): two
         tokenizers of the same vocabulary size still differ here, so a shard can say which made it."""
         files = [self.path] if self.type == "sentencepiece" else [os.path.join(self.path, f) for f in self.files]
         return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()
@@ -438,5 +438,5 @@ def load_tokenizer(path) -> Tokenizer:
         return GPT2BPETokenizer(path)
     if not os.path.isfile(path):
         raise MegaGPTError(f"{path}: tokenizer not found (expected a sentencepiece .model file or a "
-                           f"folder with GPT-2 encoder.json + vocab.bpe)")
+                           f"folder with GPT-2 encoder.json + vocab.bpe or tokenizer.json)")
     return SentencePieceTokenizer(path)
