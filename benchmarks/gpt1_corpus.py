@@ -211,7 +211,8 @@ def build_corpus(out: Path, data_root: Path, debs: Path | None = None) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the JSONL files and manifest.json")
-    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"), help="holds glue/ (default: %(default)s)")
+    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"),
+                   help="holds glue/ (default: %(default)s)")
     p.add_argument("--debs", default=None, help="folder of downloaded .deb files to reuse (default: OUT/debs)")
     a = p.parse_args()
     build_corpus(Path(a.out), Path(a.data_root), Path(a.debs) if a.debs else None)

@@ -365,7 +365,8 @@ def plots(runs, out: Path, a):
             line, = ax.plot(xs, [statistics.mean(by_k[k]) for k in xs], marker="o",
                             label=f"{t.upper()} (pretrained, first k blocks)")
             if rnd:
-                ax.axhline(statistics.mean(rnd), color=line.get_color(), ls="--", lw=1, label=f"{t.upper()} random init")
+                ax.axhline(statistics.mean(rnd), color=line.get_color(), ls="--", lw=1,
+                           label=f"{t.upper()} random init")
         finish(fig, ax, "blocks transferred (0 = embeddings only)", "dev accuracy (%)", "Transferring more layers",
                out / "fig2_left.png")
 
@@ -377,7 +378,8 @@ def main():
     arg = p.add_argument
     arg("--out", default="/tmp/megagpt_gpt1", help="work folder; its stages are reused (default: %(default)s)")
     arg("--quick", action="store_true", help="tiny sizes and no download: checks the whole script (~1 min)")
-    arg("--data-root", default=str(REPO.parent / "shared" / "data"), help="glue/, copa/, storycloze/ (default: %(default)s)")
+    arg("--data-root", default=str(REPO.parent / "shared" / "data"),
+        help="glue/, copa/, storycloze/ (default: %(default)s)")
     arg("--debs", default=None, help="already downloaded .deb files for the corpus (default: OUT/corpus/debs)")
     arg("--vocab", type=int, default=8000, help="sentencepiece vocabulary (default: %(default)s)")
     arg("--tokenizer-sentences", type=int, default=400000, help="sentences sampled to train it (default: %(default)s)")

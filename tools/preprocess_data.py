@@ -20,7 +20,8 @@ def parse_args(argv=None):
                         "per line; anything else is plain text (one document per file, see --split-paragraphs)")
     p.add_argument("--output-prefix", required=True, help="outputs are PREFIX_{key}_document.bin/.idx")
     p.add_argument("--tokenizer-model", required=True,
-                   help="sentencepiece .model, or a folder with GPT-2 encoder.json + vocab.bpe (or its HF tokenizer.json)")
+                   help="sentencepiece .model, or a folder with GPT-2 encoder.json + vocab.bpe "
+                        "(or its HF tokenizer.json)")
     p.add_argument("--json-keys", nargs="+", default=["text"],
                    help="jsonl keys to tokenize, one output per key (default: text)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
