@@ -25,6 +25,7 @@ interrupted study resumes where it stopped; ``results.json`` is rewritten after 
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -256,8 +257,18 @@ def finetune_stage(res, a, tok, save):
             raise MegaGPTError(f"finetuning worker(s) {failed} failed; rerun to resume (finished runs are kept)")
         res.data = res._read()
         return
+    spawn = multiprocessing.get_context("spawn")
     for key, extra in plan:
-        finetune_run(res, key, a, tok, save, **extra)
+        if res.find(**key):
+            continue
+        # each run in a fresh process: finetune() in a plain process leaves its gloo groups behind, and a
+        # worker's transport threads piled up run after run (190 threads, CPU taken from later runs)
+        child = spawn.Process(target=finetune_run, args=(res, key, a, tok, save), kwargs=extra)
+        child.start()
+        child.join()
+        if child.exitcode:
+            raise MegaGPTError(f"finetuning run {key} failed (exit {child.exitcode}); rerun to resume")
+    res.data = res._read()
 
 
 # ------------------------------------------------------------------------------------------ report
