@@ -205,8 +205,6 @@ def zero_shot_stage(res: Results, save: Path, tok: str, a):
 
 
 def finetune_run(res: Results, key: dict, a, tok: str, save: Path, **extra):
-    if res.find(**key):
-        return
     from megagpt.config import FinetuneConfig
     from megagpt.finetune.loop import finetune
 
@@ -255,8 +253,7 @@ def finetune_stage(res, a, tok, save):
         failed = [k for k, p in enumerate(procs) if p.wait()]
         if failed:
             raise MegaGPTError(f"finetuning worker(s) {failed} failed; rerun to resume (finished runs are kept)")
-        res.data = res._read()
-        return
+        plan = []   # the workers ran it
     spawn = multiprocessing.get_context("spawn")
     for key, extra in plan:
         if res.find(**key):
