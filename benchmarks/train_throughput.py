@@ -5,9 +5,12 @@ rounds. Achieved model FLOP/s (PaLM 6N + 12LHQT) is also shown as a fraction of 
 FLOP/s measured in the same run.
 
 ``--bf16`` adds megagpt under DeepSpeed ZeRO-1 with ``bf16.enabled`` (bf16 weights and activations,
-fp32 master weights and Adam state in DeepSpeed's bf16 optimizer), next to the same engine in
-fp32, with bf16 ``torch.mm`` FLOP/s measured in the same rounds: its MFU is against the bf16 peak,
-the fp32 contenders' against the fp32 peak (AMX CPUs run bf16 matmuls several times faster).
+fp32 master weights and Adam state in DeepSpeed's bf16 optimizer), eager and with ``train.compile``,
+next to the same engine in fp32, with bf16 ``torch.mm`` FLOP/s measured in the same rounds: their
+MFU is against the bf16 peak, the fp32 contenders' against the fp32 peak (AMX CPUs run bf16 matmuls
+several times faster). On a shared host the bf16 (AMX) matmul rate can swing 2x within seconds
+while fp32 holds steady, so each round also prints its own bf16/fp32 ``torch.mm`` ratio beside
+its bf16/fp32 step ratios.
 
 ``--compile`` adds megagpt with ``train.compile`` (each block under torch.compile) next to the same
 engine eager, under ZeRO-0 and ZeRO-3; the first (compiling) step of each is timed apart and
@@ -79,7 +82,8 @@ class Engine:
 
     def __init__(self, model, stage, batch, bf16=False):
         import deepspeed
-        ds = {"bf16": {"enabled": bf16},"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "train_batch_size": batch,
+        ds = {"bf16": {"enabled": bf16}, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+              "train_batch_size": batch,
               "gradient_clipping": 1.0, "steps_per_print": 10**9, "zero_optimization": {"stage": stage},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
                                                        "weight_decay": 0.01}}}
@@ -114,10 +118,12 @@ def main():
                         "HF GPT2LMHeadModel bare loop")
     contenders = {z0: Engine(make_megagpt(a), 0, a.batch), z1: Engine(make_megagpt(a), 1, a.batch),
                   bare: Bare(make_megagpt(a)), hf: Bare(make_hf(a), hf=True)}
-    z3, c0, c3 = "megagpt + DeepSpeed ZeRO-3", "megagpt + DeepSpeed ZeRO-0, compiled", "megagpt + DeepSpeed ZeRO-3, compiled"
-    b1 = "megagpt + DeepSpeed ZeRO-1, bf16"
+    z3, c0, c3 = ("megagpt + DeepSpeed ZeRO-3", "megagpt + DeepSpeed ZeRO-0, compiled",
+                  "megagpt + DeepSpeed ZeRO-3, compiled")
+    b1, b1c = "megagpt + DeepSpeed ZeRO-1, bf16", "megagpt + DeepSpeed ZeRO-1, bf16, compiled"
     if a.bf16:
         contenders[b1] = Engine(make_megagpt(a), 1, a.batch, bf16=True)
+        contenders[b1c] = Engine(make_megagpt(a, True), 1, a.batch, bf16=True)
     if a.compile:
         contenders.update({z3: Engine(make_megagpt(a), 3, a.batch), c0: Engine(make_megagpt(a, True), 0, a.batch),
                            c3: Engine(make_megagpt(a, True), 3, a.batch)})
@@ -147,8 +153,9 @@ def main():
         for name, c in order:
             times[name].append(run(c, a.steps))
     peak = statistics.median(mm)
-    peaks = {k: statistics.median(mm_bf16) if k == b1 else peak for k in contenders}   # the dtype's own peak
-    best_peaks = {k: max(mm_bf16) if k == b1 else max(mm) for k in contenders}
+    bf16s = (b1, b1c)
+    peaks = {k: statistics.median(mm_bf16) if k in bf16s else peak for k in contenders}   # the dtype's own peak
+    best_peaks = {k: max(mm_bf16) if k in bf16s else max(mm) for k in contenders}
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     # the machine may be shared: ratios taken within each round (seconds apart) are steadier
@@ -169,8 +176,14 @@ def main():
                   f"{100 * flops_per_step / best[k] / best_peaks[k]:.1f}%", f"{ratio(z0, k):.2f}x")
                  for k, t in med.items()])
     if a.bf16:
-        print(f"bf16 vs fp32, megagpt + DeepSpeed ZeRO-1: {ratio(z1, b1):.2f}x the tokens/s "
-              f"(median per-round ratio; target >= 2x, aim 2.5x)")
+        print(f"bf16 vs fp32, megagpt + DeepSpeed ZeRO-1 (median per-round ratio of tokens/s; target >= 2x, aim "
+              f"2.5x): eager {ratio(z1, b1):.2f}x, compiled {ratio(z1, b1c):.2f}x; compiled vs eager bf16 "
+              f"{ratio(b1, b1c):.2f}x; compile s (first step - median) {first[b1c] - med[b1c]:.1f}")
+        print_table(["round", "fp32 mm GFLOP/s", "bf16 mm GFLOP/s", "bf16/fp32 mm", "bf16 eager vs fp32",
+                     "bf16 compiled vs fp32"],
+                    [(str(r + 1), f"{mm[r] / 1e9:.0f}", f"{mm_bf16[r] / 1e9:.0f}", f"{mm_bf16[r] / mm[r]:.2f}x",
+                      f"{times[z1][r] / times[b1][r]:.2f}x", f"{times[z1][r] / times[b1c][r]:.2f}x")
+                     for r in range(a.rounds)], title="bf16 per round (ZeRO-1 fp32 step time / bf16 step time)")
     if a.compile:
         print_table(["contender", "first step s", "median step s", "compile s (first - median)",
                      "compiled vs eager, same stage (median per-round ratio)"],

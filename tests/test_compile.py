@@ -5,8 +5,10 @@
          keeps it out of throughput.
   slow   one forked gloo rank: a real DeepSpeed engine under ZeRO-0/1/2/3 (checkpointing on at 1
          and 3) gives, compiled, the eager run's 10 losses within TOL, and dynamo compiled frames
-         only when on; then real in-process pretraining runs (pretrain.run, ZeRO-2) eager and
-         --compile: same logged losses, compile_s at step 1 of the compiled run only.
+         only when on; a bf16 ZeRO-1 engine (the CPU fast path: compiled bf16 blocks) stays in
+         bf16 and is as close to the fp32 run as eager bf16 is; then real in-process pretraining
+         runs (pretrain.run, ZeRO-2) eager and --compile: same logged losses, compile_s at step 1
+         of the compiled run only.
 """
 import json
 import time
@@ -74,7 +76,7 @@ def test_first_compiled_step_is_compile_s_and_not_in_throughput(tmp_path):
 
 
 # ------------------------------------------------------------------ real engines and runs, one forked rank
-def _engine_losses(stage, checkpointing, compiled):
+def _engine_losses(stage, checkpointing, compiled, bf16=False):
     import deepspeed
     from torch._dynamo.utils import counters
 
@@ -84,8 +86,8 @@ def _engine_losses(stage, checkpointing, compiled):
     torch.manual_seed(0)
     model = GPT(cfg)
     assert compile_blocks(model, compiled) == (cfg.n_layer if compiled else 0)
-    ds = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-          "steps_per_print": 10**9, "zero_optimization": {"stage": stage},
+    ds = {"bf16": {"enabled": bf16}, "train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
+          "gradient_clipping": 1.0, "steps_per_print": 10**9, "zero_optimization": {"stage": stage},
           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "eps": 1e-6, "weight_decay": 0.01}}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds)
     g = torch.Generator().manual_seed(1)
@@ -99,7 +101,8 @@ def _engine_losses(stage, checkpointing, compiled):
     engine.eval()
     with torch.no_grad():   # the trained weights, seen through their logits (ZeRO-3 gathers them for this)
         logits = engine(t[:, :-1])
-    return (out, logits, counters["frames"]["ok"] - frames, len(compiled_modules(engine.module)),
+    assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16 if bf16 else torch.float32}
+    return (out, logits.float(), counters["frames"]["ok"] - frames, len(compiled_modules(engine.module)),
             engine.zero_optimization_stage())
 
 
@@ -119,6 +122,7 @@ def _worker(rank, world, out, cfg_path):
     for stage in (0, 1, 2, 3):
         ckpt = stage in (1, 3)
         res["engines"][stage] = (ckpt, _engine_losses(stage, ckpt, False), _engine_losses(stage, ckpt, True))
+    res["bf16"] = {c: _engine_losses(1, False, c, bf16=True) for c in (False, True)}
     res["runs"] = {c: _pretrain(Path(out) / f"run_{c}", cfg_path, c) for c in (False, True)}
     torch.save(res, Path(out) / "res.pt")
 
@@ -141,6 +145,14 @@ def test_compiled_matches_eager_under_zero_0_to_3_and_in_pretraining(tmp_path, s
         torch.testing.assert_close(lc, le, **LOGIT_TOL, msg=lambda m: f"ZeRO-{stage} checkpointing={ckpt}, logits: {m}")
         assert len(set(eager)) == STEPS   # the weights move: the comparison is over 10 different steps
     assert compiled_frames > 0, "compile on, yet dynamo compiled nothing"
+    # bf16: compiled blocks fuse in fp32 and round once, eager rounds after every op, so they differ
+    # from each other; each must be a bf16 run (off the fp32 losses) and as close to fp32 as the other
+    fp32 = torch.tensor(res["engines"][0][1][0])   # ZeRO-0 eager, no checkpointing: the same math in fp32
+    (be, _, _, nb0, _), (bc, _, bframes, nb1, _) = res["bf16"][False], res["bf16"][True]
+    assert nb0 == 0 and nb1 == 2 and bframes > 0, (nb0, nb1, bframes)   # bf16 guards: a graph of its own
+    dev_e, dev_c = ((torch.tensor(x) - fp32).abs().max().item() for x in (be, bc))
+    assert 3e-5 < dev_e < 0.05 and 3e-5 < dev_c < 0.05, (dev_e, dev_c)   # measured 2.8e-4 and 5.1e-4; fp32: < 5e-6
+    assert dev_c < 2 * dev_e + 1e-3, f"compiled bf16 is {dev_c:.2e} off fp32, eager bf16 {dev_e:.2e}"
     eager, comp = res["runs"][False], res["runs"][True]
     assert not any("compile_s" in r for r in eager)
     assert [r["step"] for r in comp if "compile_s" in r] == [1] and comp[0]["compile_s"] > 0
