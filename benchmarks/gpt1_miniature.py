@@ -258,8 +258,8 @@ def finetune_stage(res, a, tok, save):
     for key, extra in plan:
         if res.find(**key):
             continue
-        # each run in a fresh process: finetune() in a plain process leaves its gloo groups behind, and a
-        # worker's transport threads piled up run after run (190 threads, CPU taken from later runs)
+        # each run in a fresh process, as the study was measured: memory and threads start clean (before
+        # build_parallel_state reused its groups, an in-process worker piled up 190 gloo threads)
         child = spawn.Process(target=finetune_run, args=(res, key, a, tok, save), kwargs=extra)
         child.start()
         child.join()

@@ -191,6 +191,33 @@ def test_plain_python_process_mrpc(tmp_path, sp_model, shared_data):
     assert info["epoch"] == best["epoch"] and info["main_metric"] == "f1"
 
 
+SWEEP = """
+import json, os, sys
+from megagpt.config import FinetuneConfig
+from megagpt.finetune.loop import finetune
+out = []
+for lr in (1e-3, 1e-3, 3e-3):
+    cfg = FinetuneConfig(task="sst2", data_root=sys.argv[1], init="random", preset="tiny", tokenizer=sys.argv[2],
+                         batch_size=4, epochs=1, seed=0, train_limit=16, eval_limit=8, log_interval=0, lr=lr)
+    h = finetune(cfg, log=lambda m: None)["history"]
+    out.append({"threads": len(os.listdir("/proc/self/task")), "history": [{k: v for k, v in e.items()
+                if k != "epoch_time_s"} for e in h]})
+print("SWEEP " + json.dumps(out))
+"""
+
+
+def test_finetune_called_in_a_loop_reuses_its_process_groups(sp_model, shared_data):
+    """A sweep in one plain process: finetune() three times. Each call used to add a layout's gloo
+    groups (12 OS threads) for good; the same layout now gets the same groups back, and a repeated
+    config gives the same history (nothing left over from the call before changes the next)."""
+    r = subprocess.run([sys.executable, "-c", SWEEP, str(shared_data), sp_model], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = json.loads(r.stdout.split("SWEEP ", 1)[1])
+    assert [x["threads"] for x in runs] == [runs[0]["threads"]] * 3, [x["threads"] for x in runs]
+    assert runs[0]["history"] == runs[1]["history"] and runs[2]["history"] != runs[0]["history"]
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     i = args.index("--worker")

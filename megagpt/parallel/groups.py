@@ -83,8 +83,27 @@ class ParallelState:
         return PipeModelDataParallelTopology(num_pp=self.pp_size, num_mp=self.tp_size, num_dp=self.dp_size)
 
 
+# The groups this process made, by (kind, members, timeout), for the default group under "world". A
+# process that builds the same layout again (finetune() called in a loop, a sweep) gets the same groups:
+# each new gloo group keeps transport threads for the life of the process, and DeepSpeed holds on to
+# the ones it was given, so they cannot be destroyed instead.
+_GROUPS: dict = {}
+
+
+def _group(kind: str, members: list, timeout):
+    world = dist.distributed_c10d._get_default_group()
+    if _GROUPS.get("world") is not world:   # the first layout, or a default group made anew
+        _GROUPS.clear()
+        _GROUPS["world"] = world
+    key = (kind, tuple(members), timeout)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(ranks=members, timeout=timeout)
+    return _GROUPS[key]
+
+
 def build_parallel_state(cfg: ParallelConfig, timeout=None) -> ParallelState:
-    """The groups of ``cfg``'s layout (``timeout``: a timedelta for their collectives; torch's default if None)."""
+    """The groups of ``cfg``'s layout (``timeout``: a timedelta for their collectives; torch's default if None).
+    Built again in the same process with the same default group, it hands back the same groups."""
     if not dist.is_initialized():
         raise MegaGPTError("build_parallel_state: torch.distributed is not initialised "
                            "(run under the deepspeed launcher or call deepspeed.init_distributed first)")
@@ -95,7 +114,7 @@ def build_parallel_state(cfg: ParallelConfig, timeout=None) -> ParallelState:
     groups, ranks = {}, {}
     for kind, lists in group_ranks(world, cfg.tensor_parallel, cfg.pipeline_parallel).items():
         for members in lists:                      # every rank creates every group, same order
-            g = dist.new_group(ranks=members, timeout=timeout)
+            g = _group(kind, members, timeout)
             if rank in members:
                 groups[kind], ranks[kind] = g, members
     coord = rank_to_coord(rank, world, cfg.tensor_parallel, cfg.pipeline_parallel)
