@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,14 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megagpt.errors import MegaGPTError, cli_main  # noqa: E402
+from megagpt.train.distributed import free_port  # noqa: E402
 
 TOL_CURVE, TOL_VAL, WINDOW, FROM_STEP = 0.03, 0.02, 20, 50
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare(out: Path):

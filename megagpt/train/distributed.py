@@ -123,7 +123,8 @@ def build_ds_config(path: str | None, optim, dp_world: int, *, micro_batch_size:
     return ds
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous started right after)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -133,7 +134,7 @@ def single_process_env() -> None:
     """A plain ``python`` run (no launcher set RANK) becomes a 1-rank group on a free local port."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
 
 
 def init_distributed(timeout=None):
