@@ -88,3 +88,55 @@ def test_tools_publish_with_normal_permissions_and_log_without_carriage_returns(
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
     for res in (tok, pre):
         assert "\r" not in res.stdout + res.stderr
+
+
+def test_cpu_info_is_asked_once_per_cpu(monkeypatch, tmp_path):
+    """py-cpuinfo is asked once: its answer is kept in a file of this CPU, and each caller gets its
+    own copy. The file is keyed by what identifies the CPU (not its clock)."""
+    import json
+
+    import cpuinfo
+
+    answer, asked = {"arch": "X86_64", "flags": ["avx2", "avx512f"], "vendor_id_raw": "AuthenticAMD"}, []
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: asked.append(1) or json.loads(json.dumps(answer)))
+    envsetup.cache_cpu_info()
+    envsetup.cache_cpu_info()   # a second call does not wrap the wrapper
+    cpuinfo.get_cpu_info()["flags"].append("changed by a caller")
+    assert cpuinfo.get_cpu_info() == answer and len(asked) == 1
+    [kept] = tmp_path.glob("cpuinfo-*.json")
+    assert json.loads(kept.read_text()) == answer
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: asked.append(1) or answer)   # the next process
+    envsetup.cache_cpu_info()
+    assert cpuinfo.get_cpu_info() == answer and len(asked) == 1
+    kept.write_text('{"arch": "X86')   # a torn file: asked again, and rewritten
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: asked.append(1) or answer)
+    envsetup.cache_cpu_info()
+    assert cpuinfo.get_cpu_info() == answer and len(asked) == 2 and json.loads(kept.read_text()) == answer
+
+    def proc(mhz, flags):
+        f = tmp_path / f"cpuinfo-{mhz}-{flags}"
+        f.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\ncpu MHz\t\t: {mhz}\n"
+                     f"flags\t\t: fpu {flags}\n")
+        return envsetup.cpu_info_path(str(f))
+    assert proc(2400.1, "avx2") == proc(3100.7, "avx2") != proc(2400.1, "avx2 avx512f")
+    assert envsetup.cpu_info_path(str(tmp_path / "no-such-file")) is None
+
+
+def test_deepspeed_op_builders_read_the_kept_cpu_info(tmp_path):
+    """Through DeepSpeed's own CPU op builder: the same compiler flags, py-cpuinfo run once for a
+    fresh cache (twice without megagpt's cache) and not at all by the next process."""
+    script = (
+        "import cpuinfo.cpuinfo as c; runs = []; ask = c.get_cpu_info_json\n"
+        "c.get_cpu_info_json = lambda: runs.append(1) or ask()\n"
+        "from deepspeed.ops.op_builder.cpu import FusedAdamBuilder\n"
+        "import sys; from megagpt.envsetup import prepare_deepspeed\n"
+        "plain = FusedAdamBuilder().cxx_args() if sys.argv[1] == 'first' else None; before = len(runs)\n"
+        "prepare_deepspeed(); cached = FusedAdamBuilder().cxx_args()\n"
+        "print(before, len(runs) - before, plain == cached or plain is None, ' '.join(cached))\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    first, second = (subprocess.run([sys.executable, "-c", script, leg], cwd=REPO, env=env, capture_output=True,
+                                    text=True, check=True).stdout.splitlines()[-1].split(maxsplit=3)
+                     for leg in ("first", "second"))
+    assert first[:3] == ["2", "1", "True"] and second[:3] == ["0", "0", "True"], (first, second)
+    assert first[3] == second[3] and "-march=native" in first[3]

@@ -19,9 +19,9 @@ import argparse
 import logging
 
 from megagpt.errors import cli_main
-from megagpt.envsetup import set_torch_extensions_dir
+from megagpt.envsetup import prepare_deepspeed
 
-set_torch_extensions_dir()   # before deepspeed loads: this environment's JIT-built ops cache
+prepare_deepspeed()   # before deepspeed loads: its per-environment caches
 
 
 def parse_args(argv=None):

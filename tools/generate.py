@@ -13,9 +13,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megagpt.errors import MegaGPTError, cli_main  # noqa: E402
-from megagpt.envsetup import set_torch_extensions_dir  # noqa: E402
+from megagpt.envsetup import prepare_deepspeed  # noqa: E402
 
-set_torch_extensions_dir()   # before deepspeed loads: this environment's JIT-built ops cache
+prepare_deepspeed()   # before deepspeed loads: its per-environment caches
 
 
 def _ids(text: str) -> list[int]:

@@ -28,9 +28,9 @@ if __package__ in (None, ""):  # run as a file by the deepspeed launcher
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megagpt.errors import MegaGPTError, cli_main, first_line  # noqa: E402
-from megagpt.envsetup import set_torch_extensions_dir  # noqa: E402
+from megagpt.envsetup import prepare_deepspeed  # noqa: E402
 
-set_torch_extensions_dir()   # before deepspeed loads: this environment's JIT-built ops cache
+prepare_deepspeed()   # before deepspeed loads: its per-environment caches
 
 
 def build_parser():
