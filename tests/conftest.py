@@ -1,4 +1,5 @@
 """Session-wide fixtures: the shared real data, a small real tokenizer, real shards of it."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,10 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# the per-environment DeepSpeed ops cache that scripts/setup_env.sh pre-built (megagpt/envsetup.py)
-from megagpt.envsetup import set_torch_extensions_dir  # noqa: E402
+# the per-environment DeepSpeed caches (megagpt/envsetup.py): the ops scripts/setup_env.sh pre-built
+from megagpt.envsetup import prepare_deepspeed  # noqa: E402
 
-set_torch_extensions_dir()
+prepare_deepspeed()
 
 
 def interpreter_ready() -> bool:
@@ -34,6 +35,23 @@ def interpreter_ready() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(standard.sum, InterpretedFunction)
+
+
+def interpreted_or_rerun(module_globals: dict) -> bool:
+    """A kernel test module's preamble, called before it imports triton: skips the module without
+    triton; True if this process interprets the kernels; else False, after adding the module's one
+    test, which reruns the whole file in an interpreter process."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed", allow_module_level=True)
+    if interpreter_ready():
+        return True
+
+    def test_in_triton_interpreter_subprocess():
+        rc, out = rerun_interpreted(module_globals["__file__"])
+        assert rc == 0, out[-6000:]
+
+    module_globals["test_in_triton_interpreter_subprocess"] = test_in_triton_interpreter_subprocess
+    return False
 
 
 def rerun_interpreted(test_file: str, timeout: float = 300):

@@ -4,23 +4,15 @@ See test_kernels_norms.py for how the interpreter is switched on (inline or subp
 tiny (the interpreter is slow) but cover block tails (T=1, 17, 100 with 32-wide fp32 tiles,
 64-wide bf16 tiles), GQA/MQA, the KV-cache bottom-right causal mask and non-causal attention.
 """
-import importlib.util
 
 import pytest
 import torch
 
-from conftest import interpreter_ready, rerun_interpreted
+from conftest import interpreted_or_rerun
 from megagpt_kernels import reference
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-# Before anything here imports triton: True if this process can interpret the kernels on CPU.
-INTERPRETED = interpreter_ready()
-
-if not INTERPRETED:
-    def test_in_triton_interpreter_subprocess():
-        rc, out = rerun_interpreted(__file__)
-        assert rc == 0, out[-6000:]
+# before anything here imports triton (see conftest.interpreted_or_rerun)
+INTERPRETED = interpreted_or_rerun(globals())
 
 TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 3e-2), torch.float16: (3e-3, 3e-3)}
 

@@ -2,22 +2,15 @@
 
 Triton's CPU interpreter is switched on as in test_kernels_norms.py (inline or subprocess).
 """
-import importlib.util
 
 import pytest
 import torch
 
-from conftest import interpreter_ready, rerun_interpreted
+from conftest import interpreted_or_rerun
 from megagpt_kernels import reference
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-INTERPRETED = interpreter_ready()
-
-if not INTERPRETED:
-    def test_in_triton_interpreter_subprocess():
-        rc, out = rerun_interpreted(__file__)
-        assert rc == 0, out[-6000:]
+# before anything here imports triton (see conftest.interpreted_or_rerun)
+INTERPRETED = interpreted_or_rerun(globals())
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,15 @@ the cross-entropy over the (padded-vocab slice of the) logits, a sequence
 length that is not a block multiple, and gradients flowing through every op into AdamW updates.
 Interpreter switching: same inline-or-subprocess scheme as test_kernels_norms.py.
 """
-import importlib.util
 
 import pytest
 import torch
 
-from conftest import interpreter_ready, rerun_interpreted
+from conftest import interpreted_or_rerun
 from megagpt_kernels import dispatch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-INTERPRETED = interpreter_ready()
-
-if not INTERPRETED:
-    def test_in_triton_interpreter_subprocess():
-        rc, out = rerun_interpreted(__file__)
-        assert rc == 0, out[-6000:]
+# before anything here imports triton (see conftest.interpreted_or_rerun)
+INTERPRETED = interpreted_or_rerun(globals())
 
 
 def _train(preset: str, backend: str, monkeypatch, steps: int = 2):

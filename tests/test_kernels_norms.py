@@ -8,23 +8,15 @@ If another test module already imported triton (e.g. via deepspeed) in the same 
 the inline tests skip and one test re-runs this whole file in a fresh subprocess with the variable
 set, failing with that run's output if any kernel test fails.
 """
-import importlib.util
 
 import pytest
 import torch
 
-from conftest import interpreter_ready, rerun_interpreted
+from conftest import interpreted_or_rerun
 from megagpt_kernels import reference
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-# Before anything here imports triton: True if this process can interpret the kernels on CPU.
-INTERPRETED = interpreter_ready()
-
-if not INTERPRETED:
-    def test_in_triton_interpreter_subprocess():
-        rc, out = rerun_interpreted(__file__)
-        assert rc == 0, out[-6000:]
+# before anything here imports triton (see conftest.interpreted_or_rerun)
+INTERPRETED = interpreted_or_rerun(globals())
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-10, 1e-10),
        torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
