@@ -25,7 +25,6 @@ interrupted study resumes where it stopped; ``results.json`` is rewritten after 
 import argparse
 import itertools
 import json
-import multiprocessing
 import os
 import statistics
 import subprocess
@@ -254,17 +253,9 @@ def finetune_stage(res, a, tok, save):
         if failed:
             raise MegaGPTError(f"finetuning worker(s) {failed} failed; rerun to resume (finished runs are kept)")
         plan = []   # the workers ran it
-    spawn = multiprocessing.get_context("spawn")
     for key, extra in plan:
-        if res.find(**key):
-            continue
-        # each run in a fresh process, as the study was measured: memory and threads start clean (before
-        # build_parallel_state reused its groups, an in-process worker piled up 190 gloo threads)
-        child = spawn.Process(target=finetune_run, args=(res, key, a, tok, save), kwargs=extra)
-        child.start()
-        child.join()
-        if child.exitcode:
-            raise MegaGPTError(f"finetuning run {key} failed (exit {child.exitcode}); rerun to resume")
+        if not res.find(**key):
+            finetune_run(res, key, a, tok, save, **extra)
     res.data = res._read()
 
 
