@@ -1,11 +1,13 @@
-"""What a new user running the README meets: the per-environment DeepSpeed ops cache, ignored
-output folders, tools' outputs published atomically with normal permissions, no progress-bar
-carriage returns in logs."""
+"""What a new user running the README meets: the per-environment DeepSpeed caches (ops, CPU
+description), ignored output folders, tools' outputs published atomically with normal permissions,
+no progress-bar carriage returns in logs."""
 import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from megagpt import envsetup
 
@@ -123,6 +125,7 @@ def test_cpu_info_is_asked_once_per_cpu(monkeypatch, tmp_path):
     assert envsetup.cpu_info_path(str(tmp_path / "no-such-file")) is None
 
 
+@pytest.mark.slow
 def test_deepspeed_op_builders_read_the_kept_cpu_info(tmp_path):
     """Through DeepSpeed's own CPU op builder: the same compiler flags, py-cpuinfo run once for a
     fresh cache (twice without megagpt's cache) and not at all by the next process."""
