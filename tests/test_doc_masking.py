@@ -162,6 +162,31 @@ def test_eod_mask_loss_gives_eod_inputs_no_gradient():
     assert abs(model(x, labels=y).item() - loss.item()) < 1e-6
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_step_weighs_every_counted_token_alike_at_any_split(seed):
+    """``loop.weights_of``: however the global batch is cut (micro-batches x accumulation x DP
+    ranks), equal-weight averaging of the weighted micro-batch means (what DeepSpeed does) is the
+    mean over every counted token of the batch; nothing masked: no factors (untouched)."""
+    from megagpt.train.loop import weights_of
+
+    g = torch.Generator().manual_seed(seed)
+    tokens, _ = random_pack(seed, batch=12)
+    x, y = split_batch(tokens, PackingOptions(EOD, eod_mask_loss=True))
+    per_token = torch.rand(y.shape, generator=g, dtype=torch.float64)
+    want = per_token[y != -100].mean()
+    for dp, ga in ((1, 1), (1, 12), (2, 3), (3, 2), (4, 3)):
+        rows = y.chunk(dp * ga)   # rank r holds micro-batches r*ga .. r*ga+ga-1
+        counts = [int((r != -100).sum()) for r in rows]
+        means = [per_token[i * len(rows[0]):(i + 1) * len(rows[0])][r != -100].mean() for i, r in enumerate(rows)]
+        got = 0.0
+        for r in range(dp):
+            w = weights_of(counts[r * ga:(r + 1) * ga], sum(counts), dp) or [1.0] * ga
+            got += sum(f * m for f, m in zip(w, means[r * ga:(r + 1) * ga])) / (ga * dp)
+        assert abs(got - want) < 1e-12, (dp, ga, got, want)
+    assert len(set(counts)) > 1   # the pack has ends of documents in some rows only
+    assert weights_of([40, 40], 160, 2) is None and weights_of([0, 0], 0, 1) is None
+
+
 def test_activation_checkpointing_carries_the_mask():
     """The recomputed blocks in backward see the same document ids (gradients equal)."""
     torch.manual_seed(0)

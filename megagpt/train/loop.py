@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megagpt.checkpoint.elastic import load_scheduler_state
 from megagpt.data import DistributedBatchSampler, describe_samples
 from megagpt.data.gpt_dataset import split_batch
+from megagpt.tp.cross_entropy import IGNORE_INDEX
 
 from .faults import FaultInjector
 
@@ -141,13 +142,46 @@ class Prefetcher:
         self.thread.join()
 
 
+def counted(labels) -> int:
+    """Tokens that carry loss (label not -100)."""
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def token_weights(micro_batches, dp_group) -> list | None:
+    """Each micro-batch's loss factor that makes a step's loss the mean over every counted token of
+    the global batch, however it is cut into micro-batches and data-parallel ranks.
+
+    DeepSpeed weighs micro-batches equally (1 / (accumulation x DP)), and a micro-batch's loss is the
+    mean over its counted labels (not -100). With ``data.eod_mask_loss`` the counts differ between
+    micro-batches, so equal weights would make the update depend on the split (seen as a loss gap
+    of 5e-3 between TP=2 at micro-batch 3 x 2 and the serial run at 1 x 6). Factor of a micro-batch
+    with c counted tokens: c x accumulation x DP / N, N the step's count over all ranks (one
+    all-reduce). None when every factor of this rank is exactly 1 (nothing masked): untouched."""
+    counts = [counted(y) for _, y in micro_batches]
+    total = torch.tensor([sum(counts)], dtype=torch.int64, device=micro_batches[0][1].device)
+    dist.all_reduce(total, group=dp_group)
+    return weights_of(counts, int(total.item()), dist.get_world_size(dp_group))
+
+
+def weights_of(counts: list, n: int, dp: int) -> list | None:
+    """``token_weights``'s factors from this rank's counts, the step's count ``n`` and the DP size."""
+    k = len(counts) * dp
+    if n == 0 or all(c * k == n for c in counts):
+        return None
+    return [c * k / n for c in counts]
+
+
 def train_step(engine, micro_batches, dp_group, poison=None) -> float:
-    """One optimizer step over ``micro_batches``; returns the dp-mean loss (NaN if a micro-batch's
-    was). ``poison`` (tests): a factor for the last micro-batch's loss (NaN, or a spike)."""
+    """One optimizer step over ``micro_batches``; returns the loss over the global batch (its
+    counted tokens' mean; NaN if a micro-batch's was). ``poison`` (tests): a factor for the last
+    micro-batch's loss (NaN, or a spike)."""
     total = 0.0
     world = dist.get_world_size(dp_group)
+    weights = token_weights(micro_batches, dp_group)
     for m, (x, y) in enumerate(micro_batches):
         loss = engine(x, labels=y)
+        if weights is not None:
+            loss = loss * weights[m]
         if poison is not None and m == len(micro_batches) - 1:
             loss = loss * poison
         s = loss.detach().float().clone()
@@ -159,13 +193,17 @@ def train_step(engine, micro_batches, dp_group, poison=None) -> float:
 
 
 def pipeline_step(engine, micro_batches, par, poison=None) -> float:
-    """One optimizer step by DeepSpeed's 1F1B schedule; the loss is the DP mean (on every stage).
-    ``poison``: a factor for every micro-batch's loss on the last stage (it flows back through all)."""
+    """One optimizer step by DeepSpeed's 1F1B schedule; the loss is the global batch's, as in
+    ``train_step`` (on every stage). The last stage weighs its micro-batches' losses in the order
+    the schedule computes them (``token_weights``). ``poison``: a factor for every micro-batch's
+    loss on the last stage (it flows back through all)."""
     from megagpt.parallel.layout import train_step as pp_train_step
 
     loss_fn = engine.module.loss_fn
-    if poison is not None:
-        engine.module.loss_fn = lambda *a: loss_fn(*a) * poison
+    weights = token_weights(micro_batches, par.dp_group) if micro_batches is not None else None
+    factors = iter(weights or [])
+    if weights is not None or poison is not None:
+        engine.module.loss_fn = lambda *a: loss_fn(*a) * next(factors, 1.0) * (1.0 if poison is None else poison)
     try:
         return pp_train_step(engine, iter(micro_batches) if micro_batches is not None else None, par).item()
     finally:
@@ -200,9 +238,11 @@ class SpikeDetector:
 
 @torch.no_grad()
 def evaluate(engine, valid_ds, micro_batch_size, eval_iters, par, device) -> float:
-    """Mean loss over the first ``eval_iters`` global micro-batches of the validation split: the
-    DP mean at every layout (pipelines: DeepSpeed's ``eval_batch``, already DP-averaged on every
-    stage; middle stages hold no dataset, so the sample count is agreed on first)."""
+    """Mean loss over every counted token of the first ``eval_iters`` global micro-batches of the
+    validation split, the same at every layout (as ``token_weights`` does for training). Pipelines:
+    DeepSpeed's ``eval_batch`` DP-averages each micro-batch's loss, so the last stage multiplies it
+    by its count; middle stages hold no dataset, so the sample count is agreed on first and the
+    token count taken from the stages that have it."""
     pipe, dp = par.pp_size > 1, par.dp_size
     n = eval_iters * micro_batch_size * dp
     if valid_ds is not None:
@@ -213,19 +253,28 @@ def evaluate(engine, valid_ds, micro_batch_size, eval_iters, par, device) -> flo
         n = int(nt.item())
     n -= n % (micro_batch_size * dp)
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for idx in DistributedBatchSampler(n, 0, micro_batch_size, par.dp_rank, dp):
+    total = torch.zeros(2, dtype=torch.float64, device=device)   # (sum of token losses, tokens)
+    loss_fn = engine.module.loss_fn if pipe else None
+    try:
+        for idx in DistributedBatchSampler(n, 0, micro_batch_size, par.dp_rank, dp):
+            if pipe:
+                batch = [to_batch(valid_ds, idx, device)] if par.needs_data else []
+                c = counted(batch[0][1]) if batch else 0
+                engine.module.loss_fn = lambda *a: loss_fn(*a) * c
+                total[0] += float(engine.eval_batch(iter(batch) if batch else None, num_micro_batches=1)) * dp
+            else:
+                x, y = to_batch(valid_ds, idx, device)
+                c = counted(y)
+                total[0] += engine(x, labels=y).double() * c
+            total[1] += c
+    finally:
         if pipe:
-            batch = iter([to_batch(valid_ds, idx, device)]) if par.needs_data else None
-            total[0] += float(engine.eval_batch(batch, num_micro_batches=1))
-        else:
-            x, y = to_batch(valid_ds, idx, device)
-            total[0] += engine(x, labels=y).double()
-        total[1] += 1
-    if not pipe:
-        dist.all_reduce(total, group=par.dp_group)
+            engine.module.loss_fn = loss_fn
+    dist.all_reduce(total[1:] if pipe else total, group=par.dp_group)
+    if pipe:   # the sums are on every stage already; the count only where there is data
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=par.pp_group)
     engine.train()
-    return (total[0] / total[1]).item()
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, device, save_fn,
