@@ -395,3 +395,26 @@ def test_modern_block_is_exactly_llama():
     x = _parity_input()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_masked_labels_count_nothing_and_a_fully_masked_chunk_adds_zero(chunk):
+    """The loss is the mean over labels != -100 (also computed ``chunk`` tokens at a time); a chunk
+    or a whole batch with no counted label adds 0 with a finite gradient, as the tensor-parallel
+    loss does, instead of F.cross_entropy's 0/0 = NaN."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny", vocab_size=300, max_seq_len=40))
+    model.loss_chunk_tokens = chunk
+    x, y = torch.randint(0, 300, (2, 40)), torch.randint(0, 300, (2, 40))
+    y[0, :20] = -100   # chunks 1-2 of 8 tokens hold no counted label
+    loss = model(x, labels=y)
+    loss.backward()
+    want = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert abs(loss.item() - want.item()) < 1e-5
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.zero_grad()
+    none = model(x, labels=torch.full_like(y, -100))
+    none.backward()
+    assert none.item() == 0.0 and all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
