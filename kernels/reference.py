@@ -40,10 +40,12 @@ def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None, 
 
 
 def cross_entropy(logits, labels, ignore_index: int = -100):
-    """Mean token cross-entropy over labels != ignore_index; logits (..., V), labels (...). fp32 loss."""
+    """Mean token cross-entropy over labels != ignore_index; logits (..., V), labels (...). fp32 loss.
+    No counted label: 0 with zero gradient (F.cross_entropy's mean would be 0/0), without a host sync."""
     x = logits.reshape(-1, logits.shape[-1])
     x = x if x.dtype == torch.float64 else x.float()
-    return F.cross_entropy(x, labels.reshape(-1), ignore_index=ignore_index)
+    y = labels.reshape(-1)
+    return F.cross_entropy(x, y, ignore_index=ignore_index, reduction="sum") / (y != ignore_index).sum().clamp(min=1)
 
 
 def bias_gelu(x, bias, approximate: str = "none"):

@@ -39,6 +39,17 @@ def test_cross_entropy_matches_reference(tk, dtype, v):
     assert out[1][0, :3].abs().max() == 0
 
 
+def test_cross_entropy_with_no_counted_label_is_zero_not_nan(tk):
+    """Every label ignored (a fully masked chunk of the LM loss): 0 and a zero gradient in both, as the
+    vocab-parallel loss gives, not the 0/0 of a plain mean."""
+    labels = torch.full((2, 5), -100)
+    for fn in (tk[0].cross_entropy, reference.cross_entropy):
+        x = torch.randn(2, 5, 300).requires_grad_()
+        loss = fn(x, labels)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0, fn
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bias_gelu_matches_reference(tk, dtype, approximate):

@@ -70,7 +70,7 @@ class CrossEntropyFn(torch.autograd.Function):
         block = _block_v(v)
         _ce_fwd[(n,)](x, y, loss, lse, v, x.stride(0), ignore_index, ACC=acc_dtype(x.dtype), BLOCK_V=block,
                       num_warps=8 if block >= 2048 else 4)
-        n_valid = (y != ignore_index).sum().to(acc)
+        n_valid = (y != ignore_index).sum().clamp(min=1).to(acc)   # none valid: loss 0, not 0/0
         ctx.save_for_backward(x, y, lse, n_valid)
         ctx.ignore_index, ctx.shape = ignore_index, shape
         return (loss.sum() / n_valid).to(logits.dtype if logits.dtype == torch.float64 else torch.float32)

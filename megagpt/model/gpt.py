@@ -52,8 +52,6 @@ log = logging.getLogger("megagpt.model")
 def lm_loss(logits_local, labels, cfg, tp=SERIAL):
     """Mean token cross-entropy over labels != -100 of this rank's vocab slice of the logits."""
     if tp.size == 1:   # fused (Triton) on CUDA; the reference is F.cross_entropy in fp32
-        if not bool((labels != -100).any()):   # nothing counted (a masked chunk): 0 as at tp > 1, not 0/0
-            return logits_local.float().sum() * 0.0
         return dispatch.cross_entropy(logits_local[..., : cfg.vocab_size], labels, -100)
     vocab_start = tp.rank * (cfg.padded_vocab_size // tp.size)
     return vocab_parallel_cross_entropy(logits_local, labels, tp.group, vocab_start, cfg.vocab_size)
