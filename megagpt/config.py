@@ -58,7 +58,8 @@ class TrainConfig(OptimConfig):
     seed: int = field(1234, help="seed of weights, dropout and data order")
     log_interval: int = field(10, min=1, help="log loss/throughput every N steps")
     eval_interval: int = field(100, min=0, help="validate every N steps, 0 = never")
-    eval_iters: int = field(10, min=0, help="validation micro-batches per evaluation")
+    eval_iters: int = field(10, min=0, help="validation global batches per evaluation (eval_iters x the global "
+                                             "batch samples: the same validation set at every layout)")
     save: Optional[str] = field(None, help="checkpoint directory")
     load: Optional[str] = field(None, help="resume from the newest complete checkpoint here")
     save_interval: int = field(0, min=0, help="save every N steps; 0 = only at the end / on SIGTERM / on NaN stop")

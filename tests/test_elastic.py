@@ -14,14 +14,14 @@ import shutil
 import pytest
 import yaml
 
-from test_layouts import LAYOUT_TOL, legacy, legacy_data  # noqa: F401  (legacy_data: the fixture)
+from test_layouts import LAYOUT_TOL, legacy, legacy_data, val_losses  # noqa: F401  (legacy_data: the fixture)
 from test_train_runs import launch, losses, ok
 
 pytestmark = pytest.mark.slow
 
 
 def config(path, data, **kw):
-    legacy.config(path, *data, save_interval=0, keep_last=0, **kw)
+    legacy.config(path, *data, save_interval=0, keep_last=0, eval_interval=3, eval_iters=1, **kw)
     cfg = yaml.safe_load(path.read_text())
     cfg["debug"] = {"sample_ids": True}
     path.write_text(yaml.safe_dump(cfg))
@@ -43,6 +43,9 @@ def assert_continues(straight, moved, n_steps):
     gaps = {s: abs(got[s] - want[s]) for s in want}
     print(f"elastic: max |loss gap| {max(gaps.values()):.3g} over {n_steps} steps")   # docs/parallelism.md
     assert max(gaps.values()) < LAYOUT_TOL, gaps
+    want, got = val_losses(straight), val_losses(moved)   # the same validation samples after the move too
+    assert sorted(got) == sorted(want) and len(want) >= 2, (want, got)
+    assert max(abs(got[s] - want[s]) for s in want) < LAYOUT_TOL, (want, got)
     ids = sample_ids(moved)
     assert ids == sample_ids(straight), "the moved run saw other samples"
     every = [i for s in sorted(ids) for i in ids[s]]

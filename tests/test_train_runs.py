@@ -171,7 +171,7 @@ def test_validation_loss_is_the_mean_over_every_data_parallel_rank(zero2_referen
               if r.get("step") == 12 and "val_loss" in r]
     cfg = load_config(save.parent / "c.yaml", {("train", "save"): str(save)})
     t, dp = cfg.train, 2
-    n = t.eval_iters * t.micro_batch_size * dp
+    n = t.eval_iters * t.micro_batch_size * t.gradient_accumulation_steps * dp
     _, valid, _ = build_gpt_datasets(cfg.data, (t.train_iters * t.micro_batch_size * dp, n, 0), cfg.model.vocab_size)
     model = load_model(save)[0].eval()
     losses = []

@@ -237,14 +237,15 @@ class SpikeDetector:
 
 
 @torch.no_grad()
-def evaluate(engine, valid_ds, micro_batch_size, eval_iters, par, device) -> float:
-    """Mean loss over every counted token of the first ``eval_iters`` global micro-batches of the
-    validation split, the same at every layout (as ``token_weights`` does for training). Pipelines:
+def evaluate(engine, valid_ds, micro_batch_size, n_samples, par, device) -> float:
+    """Mean loss over every counted token of the first ``n_samples`` validation samples (``eval_iters``
+    global batches, so the same samples at every layout and micro-batch split; the mean is taken as
+    ``token_weights`` takes it for training). Pipelines:
     DeepSpeed's ``eval_batch`` DP-averages each micro-batch's loss, so the last stage multiplies it
     by its count; middle stages hold no dataset, so the sample count is agreed on first and the
     token count taken from the stages that have it."""
     pipe, dp = par.pp_size > 1, par.dp_size
-    n = eval_iters * micro_batch_size * dp
+    n = n_samples
     if valid_ds is not None:
         n = min(n, len(valid_ds))
     if pipe:
@@ -341,7 +342,7 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
                          state.skipped_steps, log=state.step % t.log_interval == 0, data_wait=waited)
             last = state.step == t.train_iters
             if t.eval_interval and (valid_ds is not None or pipe) and (state.step % t.eval_interval == 0 or last):
-                metrics.eval(state.step, evaluate(engine, valid_ds, mbs, t.eval_iters, par, device))
+                metrics.eval(state.step, evaluate(engine, valid_ds, mbs, t.eval_iters * gbs, par, device))
                 metrics.reset_timer()
             if harness is not None and harness.due(state.step, last):
                 harness.run(engine, state.step, metrics)

@@ -155,7 +155,7 @@ def run(cfg, ds_config, init_src=None) -> int:
         lr_scheduler=lambda opt: build_scheduler(opt, schedule))
 
     gbs = t.micro_batch_size * t.gradient_accumulation_steps * dp_size
-    n_valid = t.eval_iters * t.micro_batch_size * dp_size if t.eval_interval else 0
+    n_valid = t.eval_iters * gbs if t.eval_interval else 0
     train_ds = valid_ds = None
     if par.needs_data:  # middle pipeline stages never read data
         spare = t.max_rollbacks * gbs if t.spike_policy == "rollback" else 0   # samples that replace skipped ones
