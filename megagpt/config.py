@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
+
+import yaml
 
 from megagpt.data.config import DataConfig
 from megagpt.errors import MegaGPTError
@@ -41,6 +44,11 @@ class OptimConfig(Section):
     def _check(self) -> None:
         if not self.lr > 0:
             raise MegaGPTError(f"lr={self.lr!r} must be > 0", key="lr")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise MegaGPTError(f"{name}={getattr(self, name)!r} must be in [0, 1)", key=name)
+        if not self.adam_eps > 0:   # eps 0 divides by zero on the first update of an unused weight
+            raise MegaGPTError(f"adam_eps={self.adam_eps!r} must be > 0", key="adam_eps")
 
 
 @dataclass
@@ -119,6 +127,10 @@ class TrainConfig(OptimConfig):
             raise MegaGPTError(f"peak_tflops={self.peak_tflops!r} must be > 0", key="peak_tflops")
         if self.spike_factor <= 1:
             raise MegaGPTError(f"spike_factor={self.spike_factor!r} must be > 1", key="spike_factor")
+        for name in ("save", "load", "tensorboard_dir"):   # a file there would fail only after start-up
+            path = getattr(self, name)
+            if path and os.path.exists(path) and not os.path.isdir(path):
+                raise MegaGPTError(f"{path}: is a file, not a directory", key=name)
         known = sorted(f[:-5] for f in os.listdir(os.path.join(os.path.dirname(__file__), "eval", "tasks"))
                        if f.endswith(".yaml"))   # the task files themselves: config does not import megagpt.eval
         unknown = [t for t in self.eval_harness_tasks if t not in known]
@@ -373,13 +385,20 @@ class MegaGPTConfig:
 
 
 # ------------------------------------------------------------------------------ files
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: ``3e-3`` is a number, not the string YAML 1.1 makes it."""
+
+
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def _yaml_with_lines(text: str, path: str):
     """Parse YAML and remember the line of every ``section`` and ``section.key`` for error messages."""
-    import yaml
 
     try:
         node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YAMLLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise MegaGPTError(f"not valid YAML: {str(e).splitlines()[0]}", file=path,
@@ -407,7 +426,9 @@ def read_config_file(path) -> tuple[dict, dict]:
         except json.JSONDecodeError as e:
             raise MegaGPTError(f"not valid JSON: {e.msg}", file=path, line=e.lineno) from None
     raw, lines = _yaml_with_lines(text, path)
-    return raw if raw is not None else {}, lines
+    if raw is None:   # an empty file would silently train the default model
+        raise MegaGPTError("config file is empty", file=path)
+    return raw, lines
 
 
 def load_config(path, overrides: dict | None = None) -> MegaGPTConfig:

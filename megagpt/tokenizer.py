@@ -68,6 +68,15 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(files))
 
 
+def unique_json_keys(keys) -> tuple:
+    """``keys`` as a tuple; a key given twice would read (and write) every document twice."""
+    keys = tuple(keys)
+    twice = [k for i, k in enumerate(keys) if k in keys[:i]]
+    if twice:
+        raise MegaGPTError(f"--json-keys: {twice[0]!r} is given twice")
+    return keys
+
+
 def is_json_file(path: str) -> bool:
     return str(path).endswith(JSON_SUFFIXES)
 
@@ -139,6 +148,7 @@ def train_sentencepiece(inputs: list[str], output_prefix: str, vocab_size: int, 
     if vocab_size < minimum:
         raise MegaGPTError(f"vocab_size {vocab_size} is too small: the specials"
                            f"{' and 256 byte pieces' if byte_fallback else ''} alone need {minimum - 1}")
+    json_keys = unique_json_keys(json_keys)
     files = expand_inputs(inputs)  # fail on missing inputs before sentencepiece starts
     with writing(output_prefix):
         Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)

@@ -114,3 +114,14 @@ def test_read_only_folder_is_one_line(tmp_path, shakespeare_prefix, capsys):
     finally:
         ro.chmod(0o700)
     assert f"{ro / 'm'}: cannot write" in line and "Permission denied" in line
+
+
+def test_a_json_key_given_twice_is_refused_before_any_output(tmp_path, sp_model, shakespeare_txt, capsys):
+    """``--json-keys text text`` wrote every document twice into the same shard."""
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "some words"}) + "\n")
+    line = cli_error(capsys, "preprocess_data", "--input", tmp_path / "d.jsonl", "--json-keys", "text", "text",
+                     "--tokenizer-model", sp_model, "--output-prefix", tmp_path / "out" / "x")
+    assert line == "error: --json-keys: 'text' is given twice" and not (tmp_path / "out").exists()
+    line = cli_error(capsys, "train_tokenizer", "--input", tmp_path / "d.jsonl", "--json-keys", "text", "text",
+                     "--vocab-size", 300, "--output-prefix", tmp_path / "tok" / "t")
+    assert line == "error: --json-keys: 'text' is given twice" and not (tmp_path / "tok").exists()

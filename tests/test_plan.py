@@ -162,6 +162,14 @@ def test_cli_gpu_presets(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         cli.main(args + ["--efficiency", "1.5"])
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: --efficiency must be in (0, 1], got 1.5\n"
+    explicit = ["--layers", "12", "--hidden", "768", "--heads", "12", "--vocab", "1000", "--ffn", "3072"]
+    for bad, line in ((args[:2] + ["--seq-length", "0"] + args[4:], "--seq-length must be >= 1, got 0"),
+                      (args[:2] + ["--seq-length", "-5"] + args[4:], "--seq-length must be >= 1, got -5"),
+                      (args + ["--kv-heads", "0"], "--kv-heads must be >= 1, got 0"),
+                      (explicit[:5] + ["0"] + explicit[6:] + args[2:], "--heads must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as exit_:   # not a ZeroDivisionError, nor 1024 / negative memory
+            cli.main(bad)
+        assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {line}\n", bad
 
 
 def test_cli_help_shows_every_default():

@@ -49,8 +49,14 @@ def test_config_loads_preset_overrides_and_vocab_from_tokenizer(tmp_path, shakes
     ({"data": {"tokenizer": "/nonexistent/tok.model"}}, "data.tokenizer"),
     ({"data": {"seq_length": 4096}}, "exceeds model max_seq_len"),
     ({"train": {"nan_policy": "ignore"}}, "nan_policy"),
+    ({"train": {"adam_beta1": 1.5}}, "key 'train.adam_beta1': adam_beta1=1.5 must be in [0, 1)"),
+    ({"train": {"adam_beta2": 1.0}}, "key 'train.adam_beta2'"),
+    ({"train": {"adam_eps": 0.0}}, "key 'train.adam_eps': adam_eps=0.0 must be > 0"),
+    ({"train": {"save": "c.yaml"}}, "c.yaml: is a file, not a directory"),
+    ({"train": {"load": "c.yaml"}}, "key 'train.load'"),
 ])
-def test_config_errors_name_key_and_file(tmp_path, shakespeare_prefix, sp_model, sections, fragment):
+def test_config_errors_name_key_and_file(tmp_path, shakespeare_prefix, sp_model, sections, fragment, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # "c.yaml" in a section is the config file itself
     path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model, **sections)
     with pytest.raises(MegaGPTError) as e:
         load_config(path)
@@ -267,3 +273,34 @@ def test_pretrain_error_after_parse_is_printed_by_rank_0_only(tmp_path, shakespe
         err = capsys.readouterr().err
         assert e.value.code == 2 and bool(err) == printed
     assert err == "error: --seq-length 99, key 'data.seq_length': seq_length=99 exceeds model max_seq_len=64\n"
+
+
+def test_yaml_exponent_floats_are_numbers_and_an_empty_file_is_refused(tmp_path, shakespeare_prefix, sp_model):
+    """YAML 1.1 (PyYAML's default) reads ``3e-3`` as a string, which the type check then refused; an empty
+    file would train the default 124M model without a word."""
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model)
+    Path(path).write_text(Path(path).read_text() + "  lr: 3e-3\n  min_lr: 1E-5\n")
+    t = load_config(path).train
+    assert (t.lr, t.min_lr) == (3e-3, 1e-5)
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(MegaGPTError, match="empty.yaml: config file is empty"):
+        load_config(tmp_path / "empty.yaml")
+
+
+def test_deepspeed_json_that_is_not_an_object_and_fp16_without_a_device_are_one_line(tmp_path, shakespeare_prefix,
+                                                                                    sp_model):
+    from megagpt.train.distributed import check_device
+
+    cfg = load_config(write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(MegaGPTError, match="list.json: the top level must be a JSON object"):
+        ds_config_for(str(tmp_path / "list.json"), cfg.train, dp_world=1)
+    fp16 = str(REPO / "ds_configs/zero1_fp16.json")
+    ds = ds_config_for(fp16, cfg.train, dp_world=1)   # a valid file: the device decides
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this device runs fp16")
+    with pytest.raises(MegaGPTError, match="zero1_fp16.json, key 'fp16.enabled': fp16 is not supported on this "
+                                           "device \\(cpu\\)"):
+        check_device(ds, fp16)
+    check_device(ds_config_for(str(REPO / "ds_configs/zero1_bf16.json"), cfg.train, dp_world=1), fp16)

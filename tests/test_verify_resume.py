@@ -42,3 +42,13 @@ def test_first_difference_names_the_tensor(tmp_path):
     torch.save(sd, f)
     diff, _ = first_difference(a, b)
     assert diff.startswith(f"{f.name} ") and "exp_avg" in diff and "1 of" in diff, diff
+
+
+def test_a_launcher_that_does_not_exist_is_one_line_before_any_run(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "verify_resume.py"), "--config", "c.yaml",
+                        "--deepspeed_config", "ds.json", "--launcher", "nosuchlauncher --num_gpus 2",
+                        "--work", str(tmp_path / "w")], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == ("error: --launcher 'nosuchlauncher --num_gpus 2': "
+                                                      "nosuchlauncher: command not found"), r.stderr
+    assert not (tmp_path / "w").exists()

@@ -80,10 +80,15 @@ def model_shape(a):
     return ModelShape(**sizes, seq_length=a.seq_length, kv_heads=a.kv_heads or 0, activation=a.activation or "gelu")
 
 
-def check(a, m):
-    for name in ("global_batch", "micro_batch", "gpus", "gpus_per_node"):
-        if getattr(a, name) < 1:
+def check_sizes(a):
+    """Every given count is >= 1 (before the model's shape is read from them)."""
+    for name in ("global_batch", "micro_batch", "gpus", "gpus_per_node", "layers", "hidden", "heads", "vocab", "ffn",
+                 "kv_heads", "seq_length"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise MegaGPTError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+
+
+def check(a, m):
     if m.hidden % m.heads or m.heads % m.kv:
         raise MegaGPTError(f"--hidden {m.hidden} must divide by --heads {m.heads}, and heads by kv heads {m.kv}")
     if a.zero_stage not in ("0", "1", "2", "3", "all"):
@@ -108,6 +113,7 @@ def row_text(stage, r):
 @cli_main
 def main(argv=None):
     a = build_parser().parse_args(argv)
+    check_sizes(a)
     m = model_shape(a)
     check(a, m)
     given = {f.name: getattr(a, f.name) for f in fields(Cluster) if getattr(a, f.name, None) is not None}

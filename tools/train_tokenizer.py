@@ -13,7 +13,7 @@ from pathlib import Path
 
 from megagpt.atomic import refuse_existing, write_bytes_atomic, writing
 from megagpt.errors import MegaGPTError, cli_main
-from megagpt.tokenizer import load_tokenizer, train_sentencepiece
+from megagpt.tokenizer import load_tokenizer, train_sentencepiece, unique_json_keys
 
 
 def parse_args(argv=None):
@@ -45,6 +45,7 @@ def main(argv=None):
     out = Path(args.output_prefix)
     if not args.force:
         refuse_existing([f"{out}.model", f"{out}.vocab"])
+    json_keys = unique_json_keys(args.json_keys)   # before the output folder is made
     # sentencepiece writes PREFIX.model/.vocab in place: train into a hidden scratch dir beside the
     # output, then publish each file atomically (.model last: it is the one loaded)
     with writing(out):
@@ -52,7 +53,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as scratch:
             staged = Path(scratch) / out.name
             train_sentencepiece(args.input, str(staged), vocab_size=args.vocab_size,
-                                model_type=args.model_type, json_keys=tuple(args.json_keys),
+                                model_type=args.model_type, json_keys=json_keys,
                                 byte_fallback=args.byte_fallback, input_sentence_size=args.input_sentence_size,
                                 num_threads=args.workers, verbose=args.verbose)
             for ext in (".vocab", ".model"):

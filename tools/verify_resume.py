@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,9 @@ def parse_args(argv=None):
         raise MegaGPTError(f"--resume-at {a.resume_at}: must be between 0 and --steps {a.steps}")
     if os.path.lexists(a.work):
         raise MegaGPTError(f"{a.work}: already exists; pass another --work directory")
+    launcher = shlex.split(a.launcher)
+    if not launcher or not shutil.which(launcher[0]):
+        raise MegaGPTError(f"--launcher {a.launcher!r}: {launcher[0] if launcher else 'empty'}: command not found")
     return a, extra
 
 
@@ -55,8 +59,10 @@ def run(a, extra, save, *flags):
     print("$ " + shlex.join(cmd), flush=True)
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        tail = (r.stdout + r.stderr).strip().splitlines()[-5:]
-        raise MegaGPTError(f"run in {save} failed (exit {r.returncode}): " + " | ".join(tail))
+        lines = (r.stdout + r.stderr).strip().splitlines()
+        said = [ln for ln in lines if ln.startswith("error: ")]   # pretraining's own one-line error, if it gave one
+        raise MegaGPTError(f"run in {save} failed (exit {r.returncode}): "
+                           + (said[0][len("error: "):] if said else " | ".join(lines[-5:])))
     lines = (Path(save) / "train_log.jsonl").read_text().splitlines()
     return {j["step"]: j["loss"] for j in map(json.loads, lines) if "loss" in j}, r.stdout
 

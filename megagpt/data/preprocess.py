@@ -40,7 +40,8 @@ import numpy as np
 from megagpt.atomic import publish, temp_sibling, write_text_atomic, writing
 from megagpt.data.indexed import IndexedDatasetWriter, bin_path, dtype_for_vocab, idx_path, meta_path, shard_meta
 from megagpt.errors import MegaGPTError
-from megagpt.tokenizer import LONE_SURROGATE, expand_inputs, is_json_file, load_tokenizer, open_binary
+from megagpt.tokenizer import (LONE_SURROGATE, expand_inputs, is_json_file, load_tokenizer, open_binary,
+                               unique_json_keys)
 
 CHUNK_BYTES = 1 << 18
 CHUNK_ITEMS = 2048
@@ -298,7 +299,7 @@ def preprocess(inputs, output_prefix, tokenizer_path, json_keys=("text",), worke
     if shard_size_tokens < 0:
         raise MegaGPTError(f"shard_size_tokens must be >= 0, got {shard_size_tokens}")
     files = expand_inputs(inputs)
-    json_keys = tuple(json_keys)
+    json_keys = unique_json_keys(json_keys)
     txt = [f for f in files if not is_json_file(f)]
     if txt and json_keys != ("text",):  # a txt document is one text, written under key "text"
         raise MegaGPTError(f"plain-text input {txt[0]} has no json keys {list(json_keys)}: --json-keys "

@@ -103,7 +103,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     from megagpt.parallel.groups import build_parallel_state
     from megagpt.parallel.layout import deepspeed_mpu, seed_all
     from megagpt.parallel.topology import ParallelConfig
-    from megagpt.train.distributed import build_ds_config
+    from megagpt.train.distributed import build_ds_config, check_device
     from megagpt.train.optim import param_groups
     from megagpt.train.schedule import Schedule, build_scheduler
 
@@ -138,6 +138,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     zero_stage = 1 if cfg.zero_stage is None and not cfg.deepspeed_config else cfg.zero_stage
     ds_config = build_ds_config(cfg.deepspeed_config, cfg, world, micro_batch_size=micro,
                                 global_batch_size=cfg.batch_size, zero_stage=zero_stage, required=False)
+    check_device(ds_config, cfg.deepspeed_config)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage > 2:
         raise MegaGPTError(f"zero_optimization.stage={stage} is not supported for finetuning (0, 1 or 2: the "

@@ -75,6 +75,9 @@ def build_ds_config(path: str | None, optim, dp_world: int, *, micro_batch_size:
                 ds = json.load(f)
         except json.JSONDecodeError as e:
             raise MegaGPTError(f"not valid JSON: {e.msg}", file=path, line=e.lineno) from None
+    if not isinstance(ds, dict):
+        raise MegaGPTError(f"the top level must be a JSON object of DeepSpeed keys, not a {type(ds).__name__}",
+                           file=path)
     ds = copy.deepcopy(ds)
     unknown = sorted(set(ds) - _DS_KEYS)
     if unknown:
@@ -121,6 +124,15 @@ def build_ds_config(path: str | None, optim, dp_world: int, *, micro_batch_size:
         first = str(e).strip().splitlines()
         raise MegaGPTError(' '.join(first[:3]), file=path, key="zero_optimization") from None
     return ds
+
+
+def check_device(ds: dict, path: str | None) -> None:
+    """What this machine's accelerator cannot run, in one line (DeepSpeed says it in a traceback per rank)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if ds.get("fp16", {}).get("enabled") and not get_accelerator().is_fp16_supported():
+        raise MegaGPTError(f"fp16 is not supported on this device ({get_accelerator().device_name()}): use a "
+                           f"bf16 config (ds_configs/*bf16*.json) or fp32", file=path, key="fp16.enabled")
 
 
 def free_port() -> int:
