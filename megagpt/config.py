@@ -281,15 +281,12 @@ def _sections(raw, names: tuple, origins: _Origins, overrides: dict) -> dict:
     return out
 
 
-def resolve_model(section: dict, tokenizer) -> ModelConfig:
-    """``model:`` (preset + overrides) → ModelConfig; vocab_size from the tokenizer when not given."""
+def resolve_model(section: dict) -> ModelConfig:
+    """``model:`` (preset + overrides) → ModelConfig."""
     from megagpt.model.presets import get_preset
 
     m = {str(k): v for k, v in section.items()}
     preset = m.pop("preset", None)
-    if "vocab_size" not in m and isinstance(tokenizer, str) and os.path.exists(tokenizer):
-        from megagpt.tokenizer import load_tokenizer
-        m["vocab_size"] = load_tokenizer(tokenizer).vocab_size
     return get_preset(preset, **m) if preset is not None else ModelConfig.from_dict(m)
 
 
@@ -323,7 +320,14 @@ class MegaGPTConfig:
         raw = _sections(raw, cls.SECTIONS, origins, overrides)
         train = origins.build("train", TrainConfig.from_dict, raw["train"])
         debug = origins.build("debug", DebugConfig.from_dict, raw["debug"])
-        model = origins.build("model", lambda m: resolve_model(m, raw["data"].get("tokenizer")), raw["model"])
+        tok = raw["data"].get("tokenizer")
+        if "vocab_size" not in raw["model"] and isinstance(tok, str) and os.path.exists(tok):   # the tokenizer's
+            from megagpt.tokenizer import load_tokenizer
+            try:
+                raw["model"]["vocab_size"] = load_tokenizer(tok).vocab_size
+            except MegaGPTError as e:
+                raise origins.error("data.tokenizer", e.reason) from None
+        model = origins.build("model", resolve_model, raw["model"])
         if raw["data"].get("seq_length") is None:   # defaults to the model's
             raw["data"]["seq_length"] = model.max_seq_len
         data = origins.build("data", DataConfig.from_dict, raw["data"])

@@ -54,6 +54,7 @@ def test_config_loads_preset_overrides_and_vocab_from_tokenizer(tmp_path, shakes
     ({"train": {"adam_eps": 0.0}}, "key 'train.adam_eps': adam_eps=0.0 must be > 0"),
     ({"train": {"save": "c.yaml"}}, "c.yaml: is a file, not a directory"),
     ({"train": {"load": "c.yaml"}}, "key 'train.load'"),
+    ({"data": {"tokenizer": "c.yaml"}}, "key 'data.tokenizer': c.yaml: not a valid sentencepiece model"),
 ])
 def test_config_errors_name_key_and_file(tmp_path, shakespeare_prefix, sp_model, sections, fragment, monkeypatch):
     monkeypatch.chdir(tmp_path)   # "c.yaml" in a section is the config file itself
@@ -122,6 +123,16 @@ def test_cli_error_is_one_line_exit_2_before_process_group(tmp_path, shakespeare
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert r.returncode == 2 and "error: " in r.stderr and "train.micro_batch_sizes" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_model_parallel_size_the_world_cannot_hold_names_its_flag(tmp_path, shakespeare_prefix, sp_model, capsys):
+    from megagpt.train.pretrain import main
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model)
+    with pytest.raises(SystemExit) as e:
+        main(["--config", path, "--deepspeed_config", str(REPO / "ds_configs/zero1.json"), "--tensor-parallel", "2"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: --tensor-parallel 2, key 'parallel.tensor_parallel': world "
+                                                "size 1 is not divisible"), err
 
 
 def test_lr_schedule_warmup_cosine_constant():

@@ -258,8 +258,9 @@ def main(argv=None) -> int:
     init_src = check_init_from(cfg) if cfg.train.init_from else None
     try:
         dp = cfg.parallel.data_parallel_size(dp_world_from_env())
-    except MegaGPTError as e:
-        raise cfg.error("parallel", e.reason) from None
+    except MegaGPTError as e:   # the model-parallel size that does not fit (its flag or file line)
+        raise cfg.error("parallel.tensor_parallel" if cfg.parallel.tensor_parallel > 1 else
+                        "parallel.pipeline_parallel", e.reason) from None
     try:
         ds_config = build_ds_config(cfg.train.deepspeed_config, cfg.train, dp, **cfg.train.batch_sizes())
         check_zero_stage(ds_config, cfg.parallel.pipeline_parallel)
