@@ -2,6 +2,8 @@
 DeepSpeed engine on one gloo rank), the one state-dict normalisation, and the tokenizer that travels
 inside checkpoints."""
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,8 +151,13 @@ def test_consolidated_checkpoint_carries_its_tokenizer(tmp_path, sp_model):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
     small = save_consolidated(tmp_path / "small", GPT(get_preset("tiny", vocab_size=300)).state_dict(),
                               get_preset("tiny", vocab_size=300))
-    with pytest.raises(MegaGPTError, match="has 1000 ids but the model of .* only 300: wrong tokenizer"):
+    with pytest.raises(MegaGPTError, match="has 1000 ids but the model of .* has 300 .*: wrong tokenizer"):
         load_model(small, tokenizer=sp_model)
+    # fewer ids than the model: it would sample ids the tokenizer cannot decode (IndexError in sentencepiece)
+    legacy_tok = Path(__file__).parent / "fixtures" / "legacy_v0" / "tokenizer.model"   # 400 ids
+    with pytest.raises(MegaGPTError, match=re.escape(f"tokenizer {legacy_tok} has 400 ids but the model of {out} has "
+                                                     f"1000 (it can sample ids the tokenizer cannot decode)")):
+        load_model(out, tokenizer=legacy_tok)
     with pytest.raises(MegaGPTError, match="--tag only applies to DeepSpeed checkpoints"):
         load_model(out, tag="global_step1")
 
@@ -168,3 +175,35 @@ def test_resume_refuses_a_deepspeed_only_dir_and_deletes_nothing(tmp_path):
     with pytest.raises(MegaGPTError, match="without megagpt's completion markers.*nothing was deleted"):
         engine.load(None, str(tmp_path))
     assert (tmp_path / "global_step3" / "mp_rank_00_model_states.pt").is_file()
+
+
+def _unmarked_worker(rank, world, tmp):
+    from megagpt.checkpoint import engine
+
+    run, other = Path(tmp) / "run", Path(tmp) / "other"
+    for root in (run, other):
+        _tags(root, incomplete=(2, 3))
+        (root / "global_step3" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    (run / "global_step3.incomplete").mkdir()   # an earlier leftover: the name is taken
+    assert engine.load(None, str(other), save_dir=str(run)) is None
+    assert sorted(os.listdir(other)) == ["global_step2", "global_step3"]
+    assert (other / "global_step3" / "mp_rank_00_model_states.pt").read_bytes() == b"weights"
+    assert engine.load(None, str(run), save_dir=str(run)) is None
+    assert sorted(os.listdir(run)) == ["global_step2.incomplete", "global_step3.incomplete",
+                                       "global_step3.incomplete1"]
+    assert (run / "global_step3.incomplete1" / "mp_rank_00_model_states.pt").read_bytes() == b"weights"
+
+
+def test_resume_never_deletes_unmarked_tags(tmp_path, capfd):
+    """Tags without the marker (a save that did not finish, or a whole one that lost it) are never
+    deleted: in another --load dir left as they are, in this run's --save dir renamed aside under a
+    free name; one line says which."""
+    from test_parallel_harness import spawn
+
+    spawn(_unmarked_worker, 1, str(tmp_path), tmp_path=tmp_path)
+    lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("warning: ")]
+    assert lines == [f"warning: {tmp_path / 'other'}: skipping global_step2, global_step3 (no 'complete' marker: a "
+                     f"save that did not finish); left as they are",
+                     f"warning: {tmp_path / 'run'}: no 'complete' marker in global_step2, global_step3 (a save that "
+                     f"did not finish): not resumed from; renamed global_step2 -> global_step2.incomplete, "
+                     f"global_step3 -> global_step3.incomplete1"], lines

@@ -249,6 +249,52 @@ def test_cli_converts_and_errors_are_one_line(tmp_path, capsys):
         assert flag in helptext
 
 
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def _cli_error(main, capsys, args) -> str:
+    """``main(args)`` exits 2 with one ``error:`` line (returned), no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_cli_never_writes_over_its_input_even_with_force(tmp_path, capsys, sp_model):
+    """--output naming the input, a folder inside it (a tag of a training run) or the folder holding it
+    would replace the input under --force: refused in one line, the input byte-identical."""
+    model = _random_model("tiny-gpt2")
+    cons = save_consolidated(tmp_path / "work" / "cons", model.state_dict(), model.cfg.to_dict(),
+                             tokenizer_path=sp_model)
+    (tmp_path / "alias").symlink_to(cons)
+    before, main = _files(tmp_path / "work"), _tool().main
+    for out, how in ((cons, "is"), (tmp_path / "alias", "is"), (cons / "tokenizer", "is inside"),
+                     (cons / "new", "is inside"), (tmp_path / "work", "contains")):
+        err = _cli_error(main, capsys, ["--input", str(cons), "--to", "hf", "--output", str(out), "--force"])
+        assert err == f"error: --output {out}: {how} the --input {cons}; write the conversion elsewhere (not even " \
+                      f"--force replaces the input)", err
+        assert _files(tmp_path / "work") == before and not (cons / "new").exists()
+
+
+def test_cli_checks_the_shard_size_and_the_tokenizer_before_writing(tmp_path, capsys, sp_model):
+    model = _random_model("tiny-gpt2")   # 1000 ids
+    cons = save_consolidated(tmp_path / "cons", model.state_dict(), model.cfg.to_dict(), tokenizer_path=sp_model)
+    main, out = _tool().main, tmp_path / "hf"
+    for size in ("0", "abc", "5", "-1GB", "1.5XB"):
+        err = _cli_error(main, capsys, ["--input", str(cons), "--to", "hf", "--output", str(out),
+                                        f"--max-shard-size={size}"])
+        assert err == f"error: --max-shard-size {size}: expected a positive size with a unit KB, MB, GB or TB, " \
+                      f"e.g. 2GB or 500MB", err
+    small = REPO / "tests" / "fixtures" / "legacy_v0" / "tokenizer.model"   # 400 ids
+    err = _cli_error(main, capsys, ["--input", str(cons), "--to", "hf", "--output", str(out), "--tokenizer",
+                                    str(small)])
+    assert f"tokenizer {small} has 400 ids but the model of {cons} has 1000" in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["cons"]
+
+
 def test_convert_detects_formats_and_rejects_foreign_hf(tmp_path):
     bert = tmp_path / "bert"
     transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -256,7 +302,7 @@ def test_convert_detects_formats_and_rejects_foreign_hf(tmp_path):
     with pytest.raises(MegaGPTError, match="not importable; supported: GPT2LMHeadModel"):
         convert(bert, tmp_path / "out", "megagpt")
     with pytest.raises(MegaGPTError, match="not a DeepSpeed checkpoint"):
-        convert(tmp_path, tmp_path / "out2", "hf")
+        convert(tmp_path, tmp_path.parent / f"{tmp_path.name}-out2", "hf")   # (not inside: that is refused first)
 
 
 def test_imports_old_hub_gpt2_layout(tmp_path):

@@ -186,3 +186,33 @@ def test_generate_cli_refuses_a_tag_without_the_complete_marker(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: {tmp_path / 'global_step3'}: incomplete checkpoint"), r.stderr
     assert "the newest complete tag is global_step2" in r.stderr
+
+
+def _one_error(r) -> str:
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: "), r.stderr
+    return r.stderr.strip()
+
+
+def test_generate_cli_refuses_a_tokenizer_with_fewer_ids_than_the_model(tmp_path, sp_model):
+    """A 400-id tokenizer for a 1000-id model: one line naming both sizes and the tokenizer, before any
+    sampling (not sentencepiece's IndexError when the model samples an id past 399)."""
+    from pathlib import Path
+
+    from megagpt.checkpoint.consolidated import save_consolidated
+
+    model = _model("tiny-gpt2")
+    cons = save_consolidated(tmp_path / "cons", model.state_dict(), model.cfg, tokenizer_path=sp_model)
+    small = Path(__file__).parent / "fixtures" / "legacy_v0" / "tokenizer.model"   # 400 ids
+    err = _one_error(_cli(cons, "--prompt", "x", "--tokenizer", small, "--max-new-tokens", "20"))
+    assert f"tokenizer {small} has 400 ids but the model of {cons} has 1000" in err, err
+
+
+def test_generate_cli_given_a_tag_dir_names_its_parent_and_tag(tmp_path):
+    for step in (2, 3):
+        (tmp_path / "ck" / f"global_step{step}").mkdir(parents=True)
+        (tmp_path / "ck" / f"global_step{step}" / "complete").write_text("ok\n")
+    tag = tmp_path / "ck" / "global_step3"
+    err = _one_error(_cli(tag, "--prompt", "a"))
+    assert err == f"error: {tag}: a tag of the DeepSpeed checkpoint {tmp_path / 'ck'}, not a checkpoint itself: " \
+                  f"pass {tmp_path / 'ck'} with --tag global_step3", err

@@ -17,11 +17,22 @@ transformers equivalent, e.g. post-LN with RoPE, LayerNorm with SwiGLU, GQA in a
 """
 import argparse
 import logging
+import re
 
-from megagpt.errors import cli_main
+from megagpt.errors import MegaGPTError, cli_main
 from megagpt.envsetup import prepare_deepspeed
 
 prepare_deepspeed()   # before deepspeed loads: its per-environment caches
+
+
+def shard_size(text: str) -> str:
+    """--max-shard-size, checked as it is parsed: huggingface_hub would refuse it only after the weights
+    were read, with a traceback."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*[KMGT]B\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise MegaGPTError("expected a positive size with a unit KB, MB, GB or TB, e.g. 2GB or 500MB",
+                           flag=f"--max-shard-size {text}")
+    return text
 
 
 def parse_args(argv=None):
@@ -41,7 +52,8 @@ def parse_args(argv=None):
                         "own; needed for checkpoints that only name a tokenizer file which has since moved")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="HF output only: weight dtype (default float32)")
-    p.add_argument("--max-shard-size", default="5GB", help="HF output only: largest safetensors shard (default: 5GB)")
+    p.add_argument("--max-shard-size", default="5GB", type=shard_size,
+                   help="HF output only: largest safetensors shard, e.g. 2GB or 500MB (default: 5GB)")
     p.add_argument("--approximate-gelu", action="store_true",
                    help="HF output only: export a post-LN model with exact GELU (activation: gelu) as OpenAIGPT, "
                         "whose only GELU is the tanh approximation (up to 4.7e-4 off per activation; gpt1/tiny use it)")

@@ -4,10 +4,11 @@ Save: every rank writes its shard (``engine.save_checkpoint(..., save_latest=Fal
 the tag dir; after a barrier rank 0 checks the expected files exist, copies the tokenizer into the
 tag (``tokenizer/``: a checkpoint is self-contained), writes ``manifest.json`` (size and sha256 of
 every file), ``complete`` and then ``latest`` (each published atomically), and prunes old tags. A
-run SIGKILLed anywhere in between leaves a tag without ``complete``, which load ignores and
-removes; a failed write removes its tag at once; a complete tag damaged later fails its manifest
-on resume and the previous one is used — so a resume always starts from a checkpoint that was
-whole. Which tag readers take is ``tags.resolve_tag``'s rule.
+run SIGKILLed anywhere in between leaves a tag without ``complete``, which load ignores and, in the
+run's own --save dir, renames ``<tag>.incomplete`` (never deletes: it may be a whole checkpoint that
+lost its marker); a failed write removes its tag at once; a complete tag damaged later fails its
+manifest on resume and the previous one is used — so a resume always starts from a checkpoint that
+was whole. Which tag readers take is ``tags.resolve_tag``'s rule.
 
 Per-rank RNG states go to ``rng_rank{R}.pt`` beside DeepSpeed's files because DeepSpeed keeps only
 rank 0's client state (ZeRO <= 2) and dropout streams differ per rank.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -122,8 +124,8 @@ def save(engine, save_dir: str, step: int, client_state: dict, keep_last: int = 
     if os.path.isfile(os.path.join(tag_dir, COMPLETE)):  # this very step is already saved whole
         dist.barrier()                                   # (e.g. a NaN stop right after an interval
         return tag                                       # save): never rewrite a good checkpoint
-    if rank == 0 and os.path.isdir(tag_dir):  # a half-written leftover of the same step
-        shutil.rmtree(tag_dir)
+    if rank == 0 and os.path.isdir(tag_dir):  # a leftover of the same step without its marker
+        _set_aside_unmarked(save_dir, [tag], "saving that step again")
     dist.barrier()
     failure = None
     try:
@@ -204,6 +206,22 @@ def check_global_batch(where: str, client: dict, engine) -> None:
                        f"with the same global batch ({fix})")
 
 
+def _set_aside(ckpt_dir: str, tag: str, why: str) -> str:
+    """Rename ``tag`` to ``<tag>.<why>`` (``<tag>.<why>1``, ... when taken): kept for inspection, and
+    no longer a ``global_stepN`` that readers, pruning or the next save of that step would touch."""
+    aside = next(name for name in (f"{tag}.{why}{n or ''}" for n in itertools.count())
+                 if not os.path.lexists(os.path.join(ckpt_dir, name)))
+    os.replace(os.path.join(ckpt_dir, tag), os.path.join(ckpt_dir, aside))
+    return aside
+
+
+def _set_aside_unmarked(save_dir: str, tags: list[str], why: str) -> None:
+    """Tags of this run's --save dir without ``complete`` (a save that did not finish) → ``<tag>.incomplete``."""
+    moved = [f"{t} -> {_set_aside(save_dir, t, 'incomplete')}" for t in tags]
+    print(f"warning: {save_dir}: no '{COMPLETE}' marker in {', '.join(tags)} (a save that did not finish): {why}; "
+          f"renamed {', '.join(moved)}", flush=True)
+
+
 def choose_tag(load_dir: str, fallback: bool = True) -> str | None:
     """The newest complete tag whose files match its manifest (collective: rank 0 checks, every
     rank gets its answer). Damaged newer tags are renamed ``<tag>.damaged`` (kept for inspection,
@@ -223,9 +241,7 @@ def choose_tag(load_dir: str, fallback: bool = True) -> str | None:
             choice = [None, f"{damaged[0][1]}; not resuming ({why}): move it away to resume from an earlier "
                             f"tag, or from scratch"]
         for tag, msg in damaged if choice[0] else []:
-            aside = next(f"{tag}.damaged{n or ''}" for n in range(1000)
-                         if not os.path.exists(os.path.join(load_dir, f"{tag}.damaged{n or ''}")))
-            os.replace(os.path.join(load_dir, tag), os.path.join(load_dir, aside))
+            aside = _set_aside(load_dir, tag, "damaged")
             print(f"warning: {msg}; renamed it {aside}, resuming from {choice[0]}", flush=True)
     dist.broadcast_object_list(choice, src=0)
     if choice[1]:
@@ -233,13 +249,15 @@ def choose_tag(load_dir: str, fallback: bool = True) -> str | None:
     return choice[0]
 
 
-def load(engine, load_dir: str, expect_model: dict | None = None, par=None, fallback: bool = True):
+def load(engine, load_dir: str, expect_model: dict | None = None, par=None, fallback: bool = True,
+         save_dir: str | None = None):
     """Load the newest complete tag into ``engine``; returns its client state (None: fresh start).
 
-    Rank 0 first deletes tag dirs without a ``complete`` marker (work lost to a crash mid-save) —
-    only in a directory megagpt wrote: one saved by DeepSpeed alone (a ``latest`` and no marker
-    anywhere) is refused with one line, never touched. A tag failing its manifest is set aside
-    (``choose_tag``). A tag of another layout (``par``: this
+    Tag dirs without a ``complete`` marker (a save that did not finish) are never read nor deleted:
+    rank 0 renames them ``<tag>.incomplete`` when ``load_dir`` is this run's ``save_dir`` (so that
+    step can be saved again), and elsewhere only says it skips them. A directory DeepSpeed saved
+    alone (a ``latest`` and no marker anywhere) is refused with one line, never touched. A tag
+    failing its manifest is set aside (``choose_tag``). A tag of another layout (``par``: this
     run's ParallelState) resumes through ``elastic.load_elastic``; the same layout through
     DeepSpeed's own load, with every rank's RNG state."""
     from .deepspeed_files import read_client_state
@@ -251,10 +269,13 @@ def load(engine, load_dir: str, expect_model: dict | None = None, par=None, fall
     if not done and os.path.isfile(os.path.join(load_dir, LATEST)):
         raise MegaGPTError(f"{load_dir}: a DeepSpeed checkpoint without megagpt's completion markers (not "
                            f"written by megagpt pretraining); not resuming from it, and nothing was deleted")
-    if dist.get_rank() == 0:
-        for _, t in step_tags(load_dir):
-            if t not in done:
-                shutil.rmtree(os.path.join(load_dir, t), ignore_errors=True)
+    unmarked = [t for _, t in step_tags(load_dir) if t not in done]
+    if unmarked and dist.get_rank() == 0:
+        if save_dir and os.path.realpath(save_dir) == os.path.realpath(load_dir):
+            _set_aside_unmarked(load_dir, unmarked, "not resumed from")
+        else:
+            print(f"warning: {load_dir}: skipping {', '.join(unmarked)} (no '{COMPLETE}' marker: a save that did "
+                  f"not finish); left as they are", flush=True)
     dist.barrier()
     tag = choose_tag(load_dir, fallback)
     if tag is None:

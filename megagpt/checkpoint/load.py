@@ -31,6 +31,9 @@ def detect_format(path) -> str:
     for fmt, holds in (("deepspeed", is_deepspeed_checkpoint), ("consolidated", is_consolidated), ("hf", is_hf_dir)):
         if holds(p):
             return fmt
+    if step_of(p.name) is not None and is_deepspeed_checkpoint(p.parent):
+        raise MegaGPTError(f"{p}: a tag of the DeepSpeed checkpoint {p.parent}, not a checkpoint itself: pass "
+                           f"{p.parent} with --tag {p.name}")
     raise MegaGPTError(f"{p}: not a DeepSpeed checkpoint (global_stepN/), a consolidated megagpt checkpoint "
                        f"(config.json with format megagpt-consolidated), nor an HF transformers dir "
                        f"(config.json with model_type)")
@@ -112,6 +115,24 @@ def _open_hf(root: Path, tag, tokenizer) -> CheckpointSource:
                             lambda: read_hf_weights(root, cfg, target), scratch)
 
 
+def checked_tokenizer(src: CheckpointSource, more_ok: bool = False):
+    """``src``'s tokenizer, loaded (None: it has none), its size checked against the model's vocabulary.
+    Fewer ids: the model samples ids the tokenizer cannot decode. More: text encodes to ids the model
+    has no row for — ``more_ok`` for conversions (an HF export leaves the ids past the vocabulary out of
+    its config: GPT-2 BPE's 3 appended specials, 50260 ids, beside HF gpt2's 50257)."""
+    from megagpt.tokenizer import load_tokenizer
+
+    if src.tokenizer_path is None:
+        return None
+    tok = load_tokenizer(src.tokenizer_path)
+    n, vocab = tok.vocab_size, src.cfg.vocab_size
+    if n < vocab or (n > vocab and not more_ok):
+        why = "it can sample ids the tokenizer cannot decode" if n < vocab else "text encodes to ids it has no row for"
+        raise MegaGPTError(f"tokenizer {src.tokenizer_path} has {n} ids but the model of {src.where} has {vocab} "
+                           f"({why}): wrong tokenizer for this checkpoint?")
+    return tok
+
+
 class LoadedModel(NamedTuple):
     model: Any        # megagpt.model.GPT, eval mode, fp32
     tokenizer: Any    # megagpt.tokenizer.Tokenizer, or None when the checkpoint has none
@@ -123,15 +144,9 @@ def load_model(path, tag: str | None = None, tokenizer: str | None = None, tp=SE
     this rank's tensor-parallel slice instead (a TPContext; collective-free). A GPT-2 tokenizer from
     an HF dir is loaded from a temporary copy: ``meta["tokenizer_path"]`` is then None."""
     from megagpt.model import GPT
-    from megagpt.tokenizer import load_tokenizer
 
     src = open_checkpoint(path, tag, tokenizer)
-    tok = None
-    if src.tokenizer_path is not None:   # before the (slow) weights: a wrong tokenizer fails fast
-        tok = load_tokenizer(src.tokenizer_path)
-        if tok.vocab_size > src.cfg.vocab_size:
-            raise MegaGPTError(f"tokenizer {src.tokenizer_path} has {tok.vocab_size} ids but the model of "
-                               f"{src.where} only {src.cfg.vocab_size}: wrong tokenizer for this checkpoint?")
+    tok = checked_tokenizer(src)   # before the (slow) weights: a wrong tokenizer fails fast
     model = GPT(src.cfg, tp, init=False)
     model.load_full_state_dict(src.state_dict())
     return LoadedModel(model.float().eval(), tok, src.meta())

@@ -165,7 +165,7 @@ def run(cfg, ds_config, init_src=None) -> int:
     state = loop.TrainState()
     if t.load:
         client = checkpoint.load(engine, t.load, expect_model=cfg.model.to_dict(), par=par,
-                                 fallback=t.checkpoint_fallback)
+                                 fallback=t.checkpoint_fallback, save_dir=t.save)
         if client is not None:
             state = loop.TrainState.from_client(client)
             schedule, note = resume_schedule(engine.lr_scheduler, Schedule.from_saved(client), schedule,
@@ -191,7 +191,8 @@ def run(cfg, ds_config, init_src=None) -> int:
 
     def rollback_fn(st, span):
         """Reload the newest complete checkpoint of this run; the spike's samples ``span`` are skipped from now on."""
-        client = checkpoint.load(engine, t.save, expect_model=cfg.model.to_dict(), par=par) if t.save else None
+        client = checkpoint.load(engine, t.save, expect_model=cfg.model.to_dict(), par=par,
+                                 save_dir=t.save) if t.save else None
         if client is None:
             raise MegaGPTError(f"loss spike at step {st.step + 1} and no complete checkpoint in "
                                f"{t.save or '(no --save)'} to roll back to (spike_policy=rollback)")
