@@ -60,6 +60,15 @@ def refuse_existing(paths) -> None:
             raise _exists_error(p)
 
 
+def check_output_file(path, force: bool, flag: str | None = None) -> None:
+    """Before the work: an existing file is replaced only with ``--force``, a directory never (found at
+    the write, either would cost the whole run)."""
+    if os.path.isdir(path):
+        raise MegaGPTError("is a directory, not a file", file=str(path), flag=flag and f"{flag} {path}")
+    if not force:
+        refuse_existing([path])
+
+
 @contextlib.contextmanager
 def writing(path):
     """An OSError in the block (read-only or full disk, a file where a folder should be) becomes

@@ -202,6 +202,7 @@ class FinetuneConfig(OptimConfig):
                                             "the rest eval")
     skip_bad: bool = field(False, help="skip (and count) malformed rows instead of failing")
     save: Optional[str] = field(None, help="writes best/ (best eval by the task's main metric) and history.json")
+    force: bool = field(False, help="replace the best/ and history.json an earlier run left in --save")
     log_interval: int = field(50, min=0, flags=("--log-interval", "--log-every"),
                               help="print the training loss every N steps, 0 = never")
 
@@ -233,6 +234,17 @@ class FinetuneConfig(OptimConfig):
             raise MegaGPTError(f"{self.init}: no such checkpoint directory (or pass 'random')", key="init")
         if not os.path.isdir(self.data_root):
             raise MegaGPTError(f"{self.data_root}: no such directory", key="data_root")
+        if self.save:
+            self._check_save()
+
+    def _check_save(self) -> None:
+        """Checked before training: found only when the first epoch's best/ is written, it would cost that epoch."""
+        if os.path.exists(self.save) and not os.path.isdir(self.save):
+            raise MegaGPTError(f"{self.save}: is a file, not a directory", key="save")
+        earlier = [n for n in ("best/", "history.json") if os.path.lexists(os.path.join(self.save, n.rstrip("/")))]
+        if earlier and not self.force:
+            raise MegaGPTError(f"{self.save}: already holds a finetuning run ({', '.join(earlier)}); pass --force "
+                               f"to replace it", key="save")
 
 
 # ------------------------------------------------------------------------------ where values came from

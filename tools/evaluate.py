@@ -23,6 +23,7 @@ prepare_deepspeed()
 
 @cli_main
 def main(argv=None) -> int:
+    from megagpt.atomic import check_output_file
     from megagpt.eval import check_tasks, task_names
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--output", help="write the results (and per-document samples with --log-samples) as JSON")
     p.add_argument("--log-samples", action="store_true", help="keep every request and response in --output")
+    p.add_argument("--force", action="store_true", help="replace an existing --output file")
     a = p.parse_args(argv)
 
     tasks = check_tasks(a.tasks)   # before the (slow) model
@@ -47,6 +49,12 @@ def main(argv=None) -> int:
         raise MegaGPTError(f"--batch-size {a.batch_size}: must be >= 1")
     if a.lambada_text and not os.path.isfile(a.lambada_text):
         raise MegaGPTError(f"--lambada-text {a.lambada_text}: no such file")
+    if a.lambada_text and "lambada_local" in tasks:
+        from megagpt.eval.lambada import read_lambada
+
+        read_lambada(a.lambada_text)   # read again by the task; a bad file fails here, before the model loads
+    if a.output:
+        check_output_file(a.output, a.force, "--output")
     from megagpt.eval.tasks.utils import resolve_data_dir
 
     data_dir = resolve_data_dir(a.data_dir)
@@ -65,11 +73,12 @@ def main(argv=None) -> int:
                        log_samples=a.log_samples)
     print(make_table(results), flush=True)
     if a.output:
-        from megagpt.atomic import write_text_atomic
+        from megagpt.atomic import write_text_atomic, writing
 
         keep = {k: results[k] for k in ("results", "versions", "n-samples", "configs", "samples") if k in results}
         keep["checkpoint"] = os.path.abspath(a.checkpoint)
-        write_text_atomic(a.output, json.dumps(keep, indent=1, default=str) + "\n")
+        with writing(a.output):   # a read-only folder: one line; force=False refuses a file made meanwhile
+            write_text_atomic(a.output, json.dumps(keep, indent=1, default=str) + "\n", force=a.force)
         print(f"results -> {a.output}")
     return 0
 

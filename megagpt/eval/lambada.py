@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from megagpt.errors import MegaGPTError
+from megagpt.finetune.readers import read_text   # finetuning's reader: a binary file is one error naming file:line
 
 # the passage's last word: letters after whitespace, then only punctuation ("green;" yes, "to-day" no)
 _LAST_WORD = re.compile(r"(?<=\s)([A-Za-z]+)[^\w\s]*$")
@@ -42,9 +43,9 @@ def read_lambada(path) -> list[dict]:
     """Documents from a ``.jsonl`` written by ``write_lambada``, or cut from a text file."""
     p = Path(path)
     if p.suffix != ".jsonl":
-        return lambada_docs(p.read_text(encoding="utf-8"))
+        return lambada_docs(read_text(p))
     docs = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(p).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -53,23 +54,23 @@ def read_lambada(path) -> list[dict]:
         except (ValueError, AttributeError):
             ok = False
         if not ok:
-            raise MegaGPTError(f"{p}:{n}: expected a JSON object with string fields 'context' and 'target'")
+            raise MegaGPTError(f"{p}:{n}: expected a JSON object with string fields 'context' and 'target' "
+                               f"(as python -m megagpt.eval.lambada writes; plain text goes in a .txt)")
         docs.append({"context": doc["context"], "target": doc["target"]})
     return docs
 
 
-def write_lambada(text_path, out_path, tail_fraction: float = 0.1, min_words: int = 24) -> int:
-    """Write ``lambada_docs`` of a text file as jsonl (published atomically); returns the count."""
+def write_lambada(text_path, out_path, tail_fraction: float = 0.1, min_words: int = 24, force: bool = True) -> int:
+    """Write ``lambada_docs`` of a text file as jsonl (published atomically; an existing one only with
+    ``force``); returns the count."""
     from megagpt.atomic import write_text_atomic
 
     src = Path(text_path)
-    if not src.is_file():
-        raise MegaGPTError(f"{src}: no such file")
-    docs = lambada_docs(src.read_text(encoding="utf-8"), tail_fraction, min_words)
+    docs = lambada_docs(read_text(src), tail_fraction, min_words)
     if not docs:
         raise MegaGPTError(f"{src}: no paragraph of >= {min_words} words ending in a word in its last "
                            f"{tail_fraction:.0%}")
-    write_text_atomic(out_path, "".join(json.dumps(d) + "\n" for d in docs))
+    write_text_atomic(out_path, "".join(json.dumps(d) + "\n" for d in docs), force)
     return len(docs)
 
 
@@ -85,8 +86,12 @@ if __name__ == "__main__":
         ap.add_argument("output", help="the jsonl to write")
         ap.add_argument("--tail-fraction", type=float, default=0.1, help="use the last fraction of paragraphs")
         ap.add_argument("--min-words", type=int, default=24, help="shortest passage, in words")
+        ap.add_argument("--force", action="store_true", help="replace an existing output file")
         a = ap.parse_args(argv)
-        print(f"{write_lambada(a.text, a.output, a.tail_fraction, a.min_words)} passages -> {a.output}")
+        from megagpt.atomic import check_output_file
+
+        check_output_file(a.output, a.force)
+        print(f"{write_lambada(a.text, a.output, a.tail_fraction, a.min_words, a.force)} passages -> {a.output}")
         return 0
 
     sys.exit(main())

@@ -34,7 +34,8 @@ class ReadStats:
     skipped_where: list[str] = field(default_factory=list)
 
 
-def _read_text(path) -> str:
+def read_text(path) -> str:
+    """The whole file as UTF-8; a stray byte (a binary file given by mistake) is one error naming file:line."""
     p = Path(path)
     if not p.is_file():
         raise MegaGPTError(f"{p}: no such file")
@@ -119,7 +120,7 @@ def read_glue(path, task: str, skip_bad: bool = False) -> tuple[list[Example], R
     if task not in GLUE_FORMATS:
         raise MegaGPTError(f"no GLUE reader for task {task!r} (have {', '.join(GLUE_FORMATS)})")
     texts, label, parse = GLUE_FORMATS[task]
-    lines = (line.rstrip("\r\n") for line in io.StringIO(_read_text(path), newline=""))
+    lines = (line.rstrip("\r\n") for line in io.StringIO(read_text(path), newline=""))
     rows = enumerate((line.split("\t") if line else [] for line in lines), 1)
     return _read_table(path, rows, (*texts, label), "tab", lambda c: Example([c[k] for k in texts], parse(c[label])),
                        skip_bad, task)
@@ -145,7 +146,7 @@ def _copa_item(item) -> Example:
 def read_copa(path, skip_bad: bool = False) -> tuple[list[Example], ReadStats]:
     """COPA XML: ``<item asks-for=cause|effect most-plausible-alternative=1|2><p/><a1/><a2/>`` →
     context ``premise + " " + COPA_QUESTIONS[asks-for]``, choices [a1, a2], label 0 or 1."""
-    text = _read_text(path)
+    text = read_text(path)
     try:
         root = ET.fromstring(text.encode("utf-8"))
     except ET.ParseError as e:
@@ -172,7 +173,7 @@ def _story(c) -> Example:
 
 def read_storycloze(path, skip_bad: bool = False) -> tuple[list[Example], ReadStats]:
     """Story Cloze CSV: context = the four sentences joined by spaces, choices = the two endings."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
     rows = ((reader.line_num, row) for row in reader)   # line_num: the line where the row ends
     return _read_table(path, rows, STORYCLOZE_COLUMNS, "comma", _story, skip_bad, "storycloze")
 
