@@ -5,10 +5,11 @@ we call ``engine(...)``, ``engine.backward`` and ``engine.step`` (the engine upd
 accumulation boundary). With pipeline parallelism DeepSpeed owns the micro-batch schedule too
 (``engine.train_batch`` / ``eval_batch`` via ``megagpt.parallel.layout.train_step``). We own what
 DeepSpeed does not know: the sample position (``consumed_samples``) and its prefetch, the
-bad-step and loss-spike policies, SIGTERM and when to evaluate or save.
+bad-step and loss-spike policies, SIGTERM and SIGINT (Ctrl-C) and when to evaluate or save.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -45,19 +46,42 @@ class NonFiniteLoss(Exception):
 
 
 class StopFlag:
-    """Set by SIGTERM (slurm preemption); read collectively so every rank stops at the same step."""
+    """Set by SIGTERM (slurm preemption) or a first SIGINT (Ctrl-C); read collectively so every rank
+    stops at the same step. A first SIGINT announces itself on rank 0 and puts back the SIGINT handler
+    it replaced (Python's KeyboardInterrupt), so a second one aborts at once, without saving. A SIGINT
+    that was ignored when training started (SIG_IGN: nohup, a background job) stays ignored."""
 
-    def __init__(self):
-        self.set = False
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)   # the order of the agreed flags and of the names in the stop line
+
+    def __init__(self, announce: bool = False, saving: bool = True, bar: bool = False):
+        self.got = set()
+        self.note = ((b"\n" if bar else b"") + b"SIGINT: stopping after this step" +
+                     (b" and saving (Ctrl-C again to abort without saving)\n" if saving else
+                      b" (Ctrl-C again to abort at once)\n")) if announce else b""
         signal.signal(signal.SIGTERM, self._handler)
+        self.int_before = signal.getsignal(signal.SIGINT)
+        if self.int_before not in (signal.SIG_IGN, None):   # None: a handler not set from Python
+            signal.signal(signal.SIGINT, self._handler)
 
     def _handler(self, signum, frame):
-        self.set = True
+        self.got.add(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self.int_before)
+            try:   # os.write: a print() here could re-enter one the main thread is in the middle of
+                os.write(2, self.note)
+            except OSError:
+                pass
 
-    def any_rank(self, group, device) -> bool:
-        t = torch.tensor([1.0 if self.set else 0.0], device=device)
+    def any_rank(self, group, device) -> str:
+        """The signals any rank has got ('SIGINT', 'SIGTERM', 'SIGINT and SIGTERM'), '' for none."""
+        t = torch.tensor([1.0 if s in self.got else 0.0 for s in self.SIGNALS], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return bool(t.item())
+        return " and ".join(s.name for s, v in zip(self.SIGNALS, t.tolist()) if v)
+
+    def close(self) -> None:
+        """Training is over: SIGINT is the usual KeyboardInterrupt again (SIGTERM stays caught)."""
+        if signal.getsignal(signal.SIGINT) == self._handler:
+            signal.signal(signal.SIGINT, self.int_before)
 
 
 def to_batch(dataset, indices, device):
@@ -297,7 +321,8 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
         from megagpt.eval.periodic import PeriodicEval
         harness = PeriodicEval(cfg, device)
     it = None
-    stop = StopFlag()
+    bar = getattr(metrics, "bar", None)   # a live tqdm line on the terminal: the SIGINT note starts a new line
+    stop = StopFlag(announce=dist.get_rank() == 0, saving=bool(t.save), bar=bar is not None and not bar.disable)
     engine.train()
     try:
         while state.step < t.train_iters:
@@ -353,10 +378,11 @@ def train(cfg, engine, train_ds, valid_ds, state: TrainState, metrics, par, devi
                 save_fn(state, kill=dbg.sigkill_in_save_at_step == state.step)
                 metrics.reset_timer()
             if preempted or exiting:
-                why = "SIGTERM" if preempted else f"exit_interval={t.exit_interval}"
+                why = preempted or f"exit_interval={t.exit_interval}"
                 metrics.print(f"{why}: stopped after step {state.step}" + (", checkpoint saved" if t.save else ""))
                 return "preempted" if preempted else "exit_interval"
-    finally:   # the prefetch thread
+    finally:   # the prefetch thread; Ctrl-C after the loop is a plain KeyboardInterrupt again
+        stop.close()
         if it is not None:
             it.close()
     return "done"
