@@ -70,7 +70,8 @@ class TrainConfig(OptimConfig):
                                              "batch samples: the same validation set at every layout)")
     save: Optional[str] = field(None, help="checkpoint directory")
     load: Optional[str] = field(None, help="resume from the newest complete checkpoint here")
-    save_interval: int = field(0, min=0, help="save every N steps; 0 = only at the end / on SIGTERM / on NaN stop")
+    save_interval: int = field(0, min=0, help="save every N steps; 0 = only at the end / on SIGTERM or Ctrl-C / "
+                                              "on NaN stop")
     keep_last: int = field(0, min=0, help="keep only the newest N checkpoints, 0 = all")
     checkpoint_fallback: bool = field(True, help="on resume, a newest tag whose files fail its manifest is renamed "
                                                  "<tag>.damaged and the previous complete tag is used (false: stop)")
@@ -131,6 +132,10 @@ class TrainConfig(OptimConfig):
             path = getattr(self, name)
             if path and os.path.exists(path) and not os.path.isdir(path):
                 raise MegaGPTError(f"{path}: is a file, not a directory", key=name)
+        if self.load and not os.path.exists(self.load) and not (self.save and os.path.realpath(self.save) ==
+                                                                os.path.realpath(self.load)):
+            raise MegaGPTError(f"{self.load}: no such directory (only a first run whose --load is its own --save "
+                               f"starts without one)", key="load")   # a typo would restart the run silently
         known = sorted(f[:-5] for f in os.listdir(os.path.join(os.path.dirname(__file__), "eval", "tasks"))
                        if f.endswith(".yaml"))   # the task files themselves: config does not import megagpt.eval
         unknown = [t for t in self.eval_harness_tasks if t not in known]
@@ -222,6 +227,14 @@ class FinetuneConfig(OptimConfig):
             if not self.tokenizer:
                 raise MegaGPTError("missing: init 'random' needs a tokenizer (a sentencepiece .model or GPT-2 BPE "
                                    "dir)", key="tokenizer")
+            if "vocab_size" in self.model_overrides:   # build_model passes the tokenizer's, and cannot take both
+                from megagpt.tokenizer import load_tokenizer
+                try:
+                    n = load_tokenizer(self.tokenizer).vocab_size
+                except MegaGPTError as e:
+                    raise MegaGPTError(e.reason, key="tokenizer") from None
+                raise MegaGPTError(f"vocab_size comes from the tokenizer ({n} ids); remove it from "
+                                   f"--model-override", key="model_overrides")
             from megagpt.model.presets import get_preset
             try:   # the model it will build (vocab_size comes from the tokenizer)
                 get_preset(self.preset, **{str(k): v for k, v in self.model_overrides.items()})
@@ -232,6 +245,9 @@ class FinetuneConfig(OptimConfig):
                                "transferred)", key="transfer_layers")
         if self.init != "random" and not os.path.isdir(self.init):
             raise MegaGPTError(f"{self.init}: no such checkpoint directory (or pass 'random')", key="init")
+        if self.init != "random" and self.model_overrides:   # build_model would ignore them
+            raise MegaGPTError(f"--model-override applies to --init random only; the model of {self.init} is "
+                               f"used as it is", key="model_overrides")
         if not os.path.isdir(self.data_root):
             raise MegaGPTError(f"{self.data_root}: no such directory", key="data_root")
         if self.save:
@@ -361,6 +377,9 @@ class MegaGPTConfig:
                 check_tokenizer(prefix, tok)
         except MegaGPTError as e:
             raise self.error("data.tokenizer", e.reason) from None
+        if m.vocab_size < tok.vocab_size:
+            raise self.error("model.vocab_size", f"vocab_size={m.vocab_size} is smaller than the {tok.vocab_size} "
+                                                 f"ids of the tokenizer {d.tokenizer}")
         if d.seq_length > m.max_seq_len:
             raise self.error("data.seq_length", f"seq_length={d.seq_length} exceeds model max_seq_len={m.max_seq_len}")
         if t.save_interval and not t.save:
@@ -391,6 +410,10 @@ class MegaGPTConfig:
         if self.train.loss_chunk_tokens and pp > 1:
             raise self.error("train.loss_chunk_tokens", "applies to the GPT's own loss, not a pipeline's last stage: "
                                                         "set it to 0 with pipeline_parallel > 1")
+        if m.activation_checkpointing and pp > 1:   # the pipeline recomputes by its own interval, not per block
+            raise self.error("model.activation_checkpointing", "pipelines recompute by "
+                                                               "parallel.activation_checkpoint_interval (e.g. 1: every "
+                                                               "layer): set that instead, and this to false")
         if self.train.compile and (tp > 1 or pp > 1):   # collectives inside the blocks: not traced or tested
             raise self.error("train.compile", f"needs tensor_parallel=pipeline_parallel=1 (got {tp} and {pp}); "
                                               f"it works with any ZeRO stage and activation checkpointing")
@@ -420,12 +443,19 @@ def _yaml_with_lines(text: str, path: str):
         raise MegaGPTError(f"not valid YAML: {str(e).splitlines()[0]}", file=path,
                            line=mark.line + 1 if mark else None) from None
     lines = {}
+
+    def note(key, k):   # PyYAML keeps the last of two equal keys without a word
+        if key in lines:
+            raise MegaGPTError(f"given twice (first at line {lines[key]})", file=path, key=key,
+                               line=k.start_mark.line + 1)
+        lines[key] = k.start_mark.line + 1
+
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            lines[k.value] = k.start_mark.line + 1
+            note(k.value, k)
             if isinstance(v, yaml.MappingNode):
                 for k2, _ in v.value:
-                    lines[f"{k.value}.{k2.value}"] = k2.start_mark.line + 1
+                    note(f"{k.value}.{k2.value}", k2)
     return data, lines
 
 

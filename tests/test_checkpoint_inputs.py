@@ -71,3 +71,44 @@ def test_a_leftover_in_the_save_dir_is_set_aside_under_a_free_name(tmp_path, thr
     assert len(said) == 1 and said[0].startswith("warning: ") and "no 'complete' marker" in said[0], r.stdout
     assert (save / "global_step3.incomplete" / "mine").read_text() == "an earlier one\n"
     assert (save / "global_step3" / "complete").is_file() and (save / "latest").read_text() == "global_step3"
+
+
+def test_a_fresh_start_never_writes_over_a_run_in_its_save_dir(tmp_path, three_steps):
+    """No --load (or a --load holding nothing) into a --save that holds a run: refused, nothing touched."""
+    cfg, ckpt = three_steps
+    save = tmp_path / "run"
+    shutil.copytree(ckpt, save)
+    before = snapshot(save)
+    r = pretrain(cfg, save)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
+    assert errors[0].endswith(f"key 'train.save': {save} already holds a run (global_step3): resume it with --load "
+                              f"{save}, or save this one elsewhere"), errors
+    assert snapshot(save) == before
+
+
+def test_a_resume_refuses_another_tokenizer_and_reports_other_data(tmp_path, three_steps, shakespeare_txt):
+    """Shards and tokenizer both replaced by another pair that agree with each other: the checkpoint's
+    weights would read other ids (refused before launch). Another data split or seed is allowed (a data
+    switch mid-run can be meant) but said, key by key."""
+    from megagpt.data.preprocess import preprocess
+    from megagpt.tokenizer import train_sentencepiece
+
+    cfg, ckpt = three_steps
+    other = str(tmp_path / "other")
+    train_sentencepiece([str(shakespeare_txt)], other, vocab_size=1000, model_type="unigram")
+    preprocess([str(shakespeare_txt)], str(tmp_path / "shards"), other + ".model", split_paragraphs=True, workers=1)
+    save = tmp_path / "run"
+    shutil.copytree(ckpt, save)
+    before = snapshot(save)
+    r = pretrain(cfg, save, "--load", str(save), "--train-iters", "4", "--tokenizer", other + ".model",
+                 "--data-path", str(tmp_path / "shards_text_document"))
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "key 'data.tokenizer'" in errors[0] and "is not the tokenizer" in errors[0] and "global_step3" in errors[0]
+    assert snapshot(save) == before
+    r = pretrain(cfg, save, "--load", str(save), "--train-iters", "4", "--split", "900,100,0", "--data-seed", "9")
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [ln for ln in r.stdout.splitlines() if ln.startswith("warning: resuming with other data settings")]
+    assert len(said) == 1 and "split '949,50,1' -> '900,100,0'" in said[0] and "seed 1234 -> 9" in said[0], said
+    assert "resumed from" in r.stdout and (save / "global_step4" / "complete").is_file()

@@ -55,6 +55,10 @@ def test_config_loads_preset_overrides_and_vocab_from_tokenizer(tmp_path, shakes
     ({"train": {"save": "c.yaml"}}, "c.yaml: is a file, not a directory"),
     ({"train": {"load": "c.yaml"}}, "key 'train.load'"),
     ({"data": {"tokenizer": "c.yaml"}}, "key 'data.tokenizer': c.yaml: not a valid sentencepiece model"),
+    ({"model": {"vocab_size": 500}}, "key 'model.vocab_size': vocab_size=500 is smaller than the 1000 ids"),
+    ({"model": {"activation_checkpointing": True}, "parallel": {"pipeline_parallel": 2}},
+     "key 'model.activation_checkpointing': pipelines recompute by parallel.activation_checkpoint_interval"),
+    ({"train": {"load": "ckpt_typo", "save": "ckpt"}}, "key 'train.load': ckpt_typo: no such directory"),
 ])
 def test_config_errors_name_key_and_file(tmp_path, shakespeare_prefix, sp_model, sections, fragment, monkeypatch):
     monkeypatch.chdir(tmp_path)   # "c.yaml" in a section is the config file itself
@@ -284,6 +288,19 @@ def test_pretrain_error_after_parse_is_printed_by_rank_0_only(tmp_path, shakespe
         err = capsys.readouterr().err
         assert e.value.code == 2 and bool(err) == printed
     assert err == "error: --seq-length 99, key 'data.seq_length': seq_length=99 exceeds model max_seq_len=64\n"
+
+
+def test_a_first_run_loads_nothing_from_its_own_save_dir_and_a_yaml_key_given_twice_is_refused(
+        tmp_path, shakespeare_prefix, sp_model):
+    path = write_cfg(tmp_path / "c.yaml", shakespeare_prefix, sp_model,
+                     train={"save": str(tmp_path / "new"), "load": str(tmp_path / "new")})
+    assert load_config(path).train.load == str(tmp_path / "new")   # the README's first run: nothing to load yet
+    text = Path(path).read_text().replace("model:\n", "model:\n  n_layer: 2\n  n_layer: 3\n")
+    Path(path).write_text(text)
+    first = text.splitlines().index("  n_layer: 2") + 1
+    with pytest.raises(MegaGPTError, match=f"c.yaml, line {first + 1}, key 'model.n_layer': given twice "
+                                           f"\\(first at line {first}\\)"):
+        load_config(path)
 
 
 def test_yaml_exponent_floats_are_numbers_and_an_empty_file_is_refused(tmp_path, shakespeare_prefix, sp_model):

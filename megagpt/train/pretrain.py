@@ -101,6 +101,39 @@ def check_init_from(cfg):
     return src
 
 
+def check_run_dirs(cfg) -> None:
+    """Before launch: a fresh start never writes over another run's checkpoints in ``--save``, and a
+    resume never feeds the weights the ids of another tokenizer (refused; other data is only reported,
+    after the load: switching data mid-run can be meant)."""
+    from megagpt.checkpoint.tags import newest_complete_tag, resolve_tag
+    from megagpt.checkpoint.tokenizer_files import bundled_tokenizer
+    from megagpt.tokenizer import load_tokenizer
+
+    t = cfg.train
+    resuming = bool(t.load) and has_checkpoint(t.load)
+    held = newest_complete_tag(t.save) if t.save and os.path.isdir(t.save) else None
+    if held and not resuming:
+        raise cfg.error("train.save", f"{t.save} already holds a run ({held}): resume it with --load {t.save}, or "
+                                      f"save this one elsewhere")
+    if not resuming:
+        return
+    tag = os.path.join(t.load, resolve_tag(t.load))
+    theirs = bundled_tokenizer(tag)
+    if theirs and load_tokenizer(theirs).fingerprint() != load_tokenizer(cfg.data.tokenizer).fingerprint():
+        raise cfg.error("data.tokenizer", f"{cfg.data.tokenizer} is not the tokenizer {tag} was trained with (its "
+                                          f"copy: {theirs}): resuming would feed the weights other token ids; give "
+                                          f"that tokenizer, or start a new run from the weights (--init-from)")
+
+
+def data_changes(saved: dict, cfg) -> str | None:
+    """The line to print when a resume reads other data than the checkpoint's run did, else None."""
+    now = cfg.data.to_dict()
+    keys = ("data_path", "split", "seq_length", "seed", "eod_mask_loss", "reset_attention_mask", "reset_position_ids")
+    diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in keys if k in saved and saved[k] != now[k]]
+    return (f"warning: resuming with other data settings than the checkpoint's run ({'; '.join(diff)}): the run "
+            f"continues at the same sample count in the new stream") if diff else None
+
+
 def init_weights(model, src) -> None:
     """Copy a checked CheckpointSource's full weights into this rank's model (any TP/PP layout: each rank
     keeps its own slices), before DeepSpeed wraps it."""
@@ -170,8 +203,10 @@ def run(cfg, ds_config, init_src=None) -> int:
             state = loop.TrainState.from_client(client)
             schedule, note = resume_schedule(engine.lr_scheduler, Schedule.from_saved(client), schedule,
                                              t.override_lr_schedule)
-            if note and rank == 0:
-                print(note, flush=True)
+            data_note = data_changes(client.get("config", {}).get("data", {}), cfg)
+            for line in (note, data_note) if rank == 0 else ():
+                if line:
+                    print(line, flush=True)
             if rank == 0:
                 print(f"resumed from {t.load}/{client['_tag']} at step {state.step}", flush=True)
         elif rank == 0:   # say so: a typo in --load would otherwise restart a run silently
@@ -257,6 +292,7 @@ def main(argv=None) -> int:
         except MegaGPTError as e:
             raise cfg.error("train.wandb_project", e.reason) from None
     init_src = check_init_from(cfg) if cfg.train.init_from else None
+    check_run_dirs(cfg)
     try:
         dp = cfg.parallel.data_parallel_size(dp_world_from_env())
     except MegaGPTError as e:   # the model-parallel size that does not fit (its flag or file line)
