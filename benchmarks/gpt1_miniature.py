@@ -209,8 +209,9 @@ def finetune_run(res: Results, key: dict, a, tok: str, save: Path, **extra):
 
     t0 = time.time()
     task = key["task"]
-    cfg = FinetuneConfig(task=task, data_root=a.data_root, init=str(save) if key["init"] == "pretrained" else "random",
-                         preset="gpt1", model_overrides=model_overrides(a), tokenizer=tok, lr=a.ft_lr,
+    fresh = key["init"] != "pretrained"   # the overrides shape a random model only (a checkpoint has its own)
+    cfg = FinetuneConfig(task=task, data_root=a.data_root, init="random" if fresh else str(save),
+                         preset="gpt1", model_overrides=model_overrides(a) if fresh else {}, tokenizer=tok, lr=a.ft_lr,
                          batch_size=a.ft_batch, epochs=a.ft_epochs, lm_coef=key["lm_coef"], seed=key["seed"],
                          train_limit=a.train_limit.get(task), eval_limit=a.eval_limit, log_interval=0, **extra)
     out = finetune(cfg, log=lambda m: None)

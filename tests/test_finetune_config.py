@@ -61,12 +61,29 @@ def test_help_lists_every_field_with_key_and_default():
     (["--zero-stage", "3"], "--zero-stage 3, key 'finetune.zero_stage': zero_stage=3 must be one of 0, 1, 2"),
     (["--task", "cola"], "--task cola, key 'finetune.task': task='cola' must be one of"),
     (["--model-override", "n_layers=2"], "--model-override n_layers=2, key 'finetune.model_overrides': unknown key"),
+    (["--init", str(REPO), "--model-override", "n_layer=5"],   # was silently ignored: the checkpoint's model is used
+     f"--model-override n_layer=5, key 'finetune.model_overrides': --model-override applies to --init random only; "
+     f"the model of {REPO} is used as it is"),
 ])
 def test_errors_name_the_flag(base, extra, start):
     with pytest.raises(MegaGPTError) as e:
         config(base + extra)
     assert str(e.value).startswith(start), str(e.value)
     assert e.value.key == start.split("key '")[1].split("'")[0] and e.value.flag and e.value.file is None
+
+
+def test_vocab_size_override_is_refused_naming_the_tokenizers_size(base, sp_model):
+    """build_model passes the tokenizer's vocab_size and the overrides: get_preset got it twice (TypeError)."""
+    from megagpt.tokenizer import load_tokenizer
+
+    n = load_tokenizer(sp_model).vocab_size
+    with pytest.raises(MegaGPTError) as e:
+        config(base + ["--tokenizer", sp_model, "--model-override", "vocab_size=500"])
+    assert str(e.value) == (f"--model-override vocab_size=500, key 'finetune.model_overrides': vocab_size comes "
+                            f"from the tokenizer ({n} ids); remove it from --model-override")
+    with pytest.raises(MegaGPTError) as e:   # a tokenizer it cannot read is named as that
+        config(base + ["--model-override", "vocab_size=500"])
+    assert e.value.key == "finetune.tokenizer" and "tok.model: tokenizer not found" in str(e.value)
 
 
 def test_missing_value_names_the_flag_to_pass(tmp_path):

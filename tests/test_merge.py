@@ -78,6 +78,23 @@ def test_refusals_are_clear_and_leave_nothing(tmp_path, merge_tool, shakespeare_
         merge_tool.find_prefixes([str(tmp_path)], "x*")
 
 
+def test_a_shard_given_twice_is_refused_before_any_output(tmp_path, merge_tool, monkeypatch, capsys):
+    """``--input X X`` merged every document twice; spellings of one shard count as the same."""
+    monkeypatch.chdir(tmp_path)
+    with IndexedDatasetWriter("data/c_text_document", np.uint16) as w:
+        w.add_document([1, 2, 3])
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    for inputs, named in ((["data/c_text_document", "data/c_text_document"], "data/c_text_document"),
+                          (["data/c_text_document", "./data/c_text_document"], "./data/c_text_document"),
+                          (["data/c_text_document.idx", "link/c_text_document.bin"], "link/c_text_document"),
+                          (["data/c_text_document", "data"], "data/c_text_document")):
+        with pytest.raises(SystemExit) as e:
+            merge_tool.main(["--input", *inputs, "--output-prefix", "m/twice"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err == [f"error: --input {named} is given twice"], (inputs, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "link"]
+
+
 def test_cli(tmp_path, shakespeare_prefix):
     h = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
     assert h.returncode == 0 and "--input" in h.stdout and "--output-prefix" in h.stdout and "--pattern" in h.stdout

@@ -59,6 +59,6 @@ def test_merge_refuses_shards_of_different_tokenizers(tmp_path, shakespeare_txt,
     assert r.returncode == 2 and "were made with different tokenizers" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.glob("m.*"))
     ok = subprocess.run([sys.executable, str(REPO / "tools" / "merge_datasets.py"), "--input", shakespeare_prefix,
-                         shakespeare_prefix, "--output-prefix", str(out)], capture_output=True, text=True, timeout=120)
+                         "--output-prefix", str(out)], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and json.loads((tmp_path / "m.meta.json").read_text()) == \
         json.loads(open(meta_path(shakespeare_prefix)).read())

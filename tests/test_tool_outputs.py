@@ -3,6 +3,7 @@ and merge_datasets refuse an existing output with one line naming it (exit 2, be
 the file untouched); with --force they replace it, and preprocess_data removes the stale numbered
 shards of an earlier, longer run so they cannot be read as part of the new one."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -59,9 +60,10 @@ def test_preprocess_refuses_then_forces_and_drops_stale_shards(tmp_path, shakesp
 
 
 def test_merge_refuses_then_forces(tmp_path, shakespeare_prefix):
-    out = tmp_path / "merged"
-    assert tool("merge_datasets.py", "--input", shakespeare_prefix, shakespeare_prefix,
-                "--output-prefix", out).returncode == 0
+    out, twin = tmp_path / "merged", tmp_path / "twin"
+    for ext in (".bin", ".idx", ".meta.json"):   # the same shard under another prefix (one prefix twice is refused)
+        shutil.copyfile(shakespeare_prefix + ext, f"{twin}{ext}")
+    assert tool("merge_datasets.py", "--input", shakespeare_prefix, twin, "--output-prefix", out).returncode == 0
     size = (tmp_path / "merged.bin").stat().st_size
     assert refused(tool("merge_datasets.py", "--input", shakespeare_prefix, "--output-prefix", out),
                    f"{out}.bin")

@@ -18,7 +18,8 @@ from megagpt.errors import MegaGPTError, cli_main
 
 
 def find_prefixes(inputs, pattern="*") -> list[str]:
-    """Shard prefixes from prefixes and/or folders (each folder: its *.idx matching ``pattern``, sorted)."""
+    """Shard prefixes from prefixes and/or folders (each folder: its *.idx matching ``pattern``, sorted);
+    each shard at most once (``merge_datasets`` itself may be given one twice, on purpose)."""
     prefixes = []
     for arg in map(str, inputs):
         if os.path.isdir(arg):
@@ -29,6 +30,12 @@ def find_prefixes(inputs, pattern="*") -> list[str]:
             prefixes += found
         else:
             prefixes.append(arg[:-4] if arg.endswith((".bin", ".idx")) else arg)
+    seen = set()
+    for p in prefixes:   # a shard given twice (as a prefix, a .bin/.idx or within a folder) would be merged twice
+        real = os.path.realpath(p)
+        if real in seen:
+            raise MegaGPTError(f"--input {p} is given twice")
+        seen.add(real)
     return prefixes
 
 
