@@ -112,6 +112,14 @@ def test_srun_task_env():
            "SLURM_NTASKS": "16", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "8"}
     assert srun_task_env(env) == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
                                   "MASTER_ADDR": "n1", "MASTER_PORT": "20007"}
+    with pytest.raises(MegaGPTError, match=r"^SLURM_PROCID=16 outside 0..15 \(SLURM_NTASKS=16\)$"):
+        srun_task_env({**env, "SLURM_PROCID": "16"})   # would wait for a rendezvous that never completes
+
+
+def test_slurm_job_refuses_a_node_count_its_node_list_does_not_have():
+    assert slurm_job({**SLURM_ENV, "SLURM_NNODES": "3"})["num_nodes"] == 3
+    with pytest.raises(MegaGPTError, match=r"^SLURM_NNODES=2 but the node list names 3 node\(s\)$"):
+        slurm_job({**SLURM_ENV, "SLURM_NNODES": "2"})
 
 
 @pytest.mark.parametrize("name", ["pretrain_deepspeed.sbatch", "pretrain_srun.sbatch", "requeue.sh"])

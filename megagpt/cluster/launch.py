@@ -121,6 +121,9 @@ def slurm_job(env, gpus_per_node=None):
     if not gpus:
         raise MegaGPTError("GPUs per node unknown: set --gpus-per-node or #SBATCH --gpus-per-node=N")
     job_id = _env_int(env, "SLURM_JOB_ID")
+    n_nodes = _env_int(env, "SLURM_NNODES", len(hosts))
+    if n_nodes != len(hosts):   # two views of one allocation that disagree: a hand-set or stale variable
+        raise MegaGPTError(f"SLURM_NNODES={n_nodes} but the node list names {len(hosts)} node(s)")
     return {
         "hosts": hosts,
         "num_nodes": len(hosts),
@@ -169,9 +172,12 @@ def srun_task_env(env):
     """torch.distributed env for one srun task per GPU (no launcher in between: signals from
     srun reach the trainer directly)."""
     hosts = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "")
+    rank, world = _env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS")
+    if not 0 <= rank < world:   # a rank outside the world would wait for the rendezvous forever
+        raise MegaGPTError(f"SLURM_PROCID={rank} outside 0..{world - 1} (SLURM_NTASKS={world})")
     return {
-        "RANK": str(_env_int(env, "SLURM_PROCID")),
-        "WORLD_SIZE": str(_env_int(env, "SLURM_NTASKS")),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
         "LOCAL_RANK": str(_env_int(env, "SLURM_LOCALID")),
         "LOCAL_WORLD_SIZE": str(_env_int(env, "SLURM_NTASKS_PER_NODE", 0)
                                 or _env_int(env, "SLURM_TASKS_PER_NODE", 1)),
