@@ -332,3 +332,7 @@ def test_deepspeed_json_that_is_not_an_object_and_fp16_without_a_device_are_one_
                                            "device \\(cpu\\)"):
         check_device(ds, fp16)
     check_device(ds_config_for(str(REPO / "ds_configs/zero1_bf16.json"), cfg.train, dp_world=1), fp16)
+    from megagpt.train.pretrain import main   # the entry, before any process group
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(tmp_path / "c.yaml"), "--deepspeed_config", fp16])
+    assert e.value.code == 2 and not dist.is_initialized()

@@ -160,6 +160,7 @@ def run(cfg, ds_config, init_src=None) -> int:
     from megagpt.parallel.layout import build_model, deepspeed_mpu, model_stats, prepare_ds_config
 
     t = cfg.train
+    distributed.check_device(ds_config, t.deepspeed_config)   # this machine's (a dry run elsewhere skips run)
     timeout = datetime.timedelta(minutes=t.distributed_timeout_minutes)
     rank, world = distributed.init_distributed(timeout)
     device = distributed.device()
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
     discover_dist_env()  # under mpirun: RANK/WORLD_SIZE/... from OMPI_*/PMI_* (before anything reads them)
     from megagpt.config import load_config
     from megagpt.parallel.layout import check_zero_stage
-    from megagpt.train.distributed import build_ds_config, check_device, dp_world_from_env
+    from megagpt.train.distributed import build_ds_config, dp_world_from_env
 
     cfg = load_config(a.config, overrides)
     if cfg.train.wandb_project:
@@ -301,7 +302,6 @@ def main(argv=None) -> int:
     try:
         ds_config = build_ds_config(cfg.train.deepspeed_config, cfg.train, dp, **cfg.train.batch_sizes())
         check_zero_stage(ds_config, cfg.parallel.pipeline_parallel)
-        check_device(ds_config, cfg.train.deepspeed_config)
     except MegaGPTError as e:   # a train key (file, line or flag), or the DeepSpeed JSON itself
         raise (e if e.file else cfg.error(f"train.{e.key}", e.reason) if e.key else
                e.located(file=cfg.train.deepspeed_config)) from None
