@@ -51,6 +51,14 @@ class OptimConfig(Section):
             raise MegaGPTError(f"adam_eps={self.adam_eps!r} must be > 0", key="adam_eps")
 
 
+def _refuse_files(section, names) -> None:
+    """Directory settings that name an existing file: found only when the run first writes there."""
+    for name in names:
+        path = getattr(section, name)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise MegaGPTError(f"{path}: is a file, not a directory", key=name)
+
+
 @dataclass
 class TrainConfig(OptimConfig):
     micro_batch_size: int = field(4, min=1, help="samples per rank per micro-batch")
@@ -128,10 +136,7 @@ class TrainConfig(OptimConfig):
             raise MegaGPTError(f"peak_tflops={self.peak_tflops!r} must be > 0", key="peak_tflops")
         if self.spike_factor <= 1:
             raise MegaGPTError(f"spike_factor={self.spike_factor!r} must be > 1", key="spike_factor")
-        for name in ("save", "load", "tensorboard_dir"):   # a file there would fail only after start-up
-            path = getattr(self, name)
-            if path and os.path.exists(path) and not os.path.isdir(path):
-                raise MegaGPTError(f"{path}: is a file, not a directory", key=name)
+        _refuse_files(self, ("save", "load", "tensorboard_dir"))
         if self.load and not os.path.exists(self.load) and not (self.save and os.path.realpath(self.save) ==
                                                                 os.path.realpath(self.load)):
             raise MegaGPTError(f"{self.load}: no such directory (only a first run whose --load is its own --save "
@@ -255,8 +260,7 @@ class FinetuneConfig(OptimConfig):
 
     def _check_save(self) -> None:
         """Checked before training: found only when the first epoch's best/ is written, it would cost that epoch."""
-        if os.path.exists(self.save) and not os.path.isdir(self.save):
-            raise MegaGPTError(f"{self.save}: is a file, not a directory", key="save")
+        _refuse_files(self, ("save",))
         earlier = [n for n in ("best/", "history.json") if os.path.lexists(os.path.join(self.save, n.rstrip("/")))]
         if earlier and not self.force:
             raise MegaGPTError(f"{self.save}: already holds a finetuning run ({', '.join(earlier)}); pass --force "

@@ -110,14 +110,16 @@ def check_run_dirs(cfg) -> None:
     from megagpt.tokenizer import load_tokenizer
 
     t = cfg.train
-    resuming = bool(t.load) and has_checkpoint(t.load)
+    try:
+        tag = os.path.join(t.load, resolve_tag(t.load)) if t.load else None   # the tag a resume reads
+    except MegaGPTError:
+        tag = None
     held = newest_complete_tag(t.save) if t.save and os.path.isdir(t.save) else None
-    if held and not resuming:
+    if held and not tag:
         raise cfg.error("train.save", f"{t.save} already holds a run ({held}): resume it with --load {t.save}, or "
                                       f"save this one elsewhere")
-    if not resuming:
+    if not tag:
         return
-    tag = os.path.join(t.load, resolve_tag(t.load))
     theirs = bundled_tokenizer(tag)
     if theirs and load_tokenizer(theirs).fingerprint() != load_tokenizer(cfg.data.tokenizer).fingerprint():
         raise cfg.error("data.tokenizer", f"{cfg.data.tokenizer} is not the tokenizer {tag} was trained with (its "
@@ -127,9 +129,9 @@ def check_run_dirs(cfg) -> None:
 
 def data_changes(saved: dict, cfg) -> str | None:
     """The line to print when a resume reads other data than the checkpoint's run did, else None."""
-    now = cfg.data.to_dict()
-    keys = ("data_path", "split", "seq_length", "seed", "eod_mask_loss", "reset_attention_mask", "reset_position_ids")
-    diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in keys if k in saved and saved[k] != now[k]]
+    now = cfg.data.to_dict()   # every key but where indices are cached and the tokenizer (checked by content)
+    diff = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items()
+            if k not in ("tokenizer", "cache_dir") and k in saved and saved[k] != v]
     return (f"warning: resuming with other data settings than the checkpoint's run ({'; '.join(diff)}): the run "
             f"continues at the same sample count in the new stream") if diff else None
 
